@@ -1,0 +1,7 @@
+"""hfmi_kit: a notebook-first research environment for scientific foundation models."""
+
+__version__ = "0.1.0"
+
+from hfmi_kit.train.pretrained import load_pretrained, save_pretrained  # noqa: E402
+
+__all__ = ["__version__", "load_pretrained", "save_pretrained"]

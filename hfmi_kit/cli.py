@@ -1,0 +1,246 @@
+"""The ``hfmi`` command: thin, it parses flags and calls the package.
+
+Every sub-command has ``--help``; errors exit non-zero with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hfmi_kit.errors import HfmiError
+
+
+def _domain(name: str) -> Any:
+    from hfmi_kit.domains import get_domain
+
+    return get_domain(name)
+
+
+def _data_or_example(dom: Any, data: str | None, out: Path, seed: int) -> Path:
+    if data:
+        return Path(data)
+    p = dom.example_data(out / "data", seed=seed)
+    print(f"no --data given: generated example data at {p}")
+    return p
+
+
+def _print_metrics(metrics: dict[str, float], out: Path, keys: Sequence[str] | None = None) -> None:
+    shown = {k: v for k, v in metrics.items() if keys is None or k in keys}
+    for k, v in shown.items():
+        print(f"  {k:32s} {v:.4g}")
+    print(f"metrics: {out / 'metrics.json'}")
+
+
+HEADLINE = ("rmse", "rmse_persistence", "rmse_climatology", "acc", "acc_persistence", "seaice_extent_mae",
+            "extent_mae", "extent_mae_persistence", "extent_mae_climatology", "pattern_correlation",
+            "amplitude_ratio")
+
+
+def cmd_pretrain(a: argparse.Namespace) -> None:
+    dom = _domain(a.domain)
+    out = Path(a.out)
+    data = _data_or_example(dom, a.data, out, a.seed)
+    kw: dict[str, Any] = {"config": a.config, "steps": a.steps, "seed": a.seed, "resume": a.resume,
+                          "batch_size": a.batch_size, "lr": a.lr, "precision": a.precision, "device": a.device}
+    if a.variables:
+        kw["variables"] = a.variables.split(",")
+    ck = dom.pretrain(data=data, out=out, **kw)
+    print(f"checkpoint: {ck}")
+
+
+def _ckpt_data(ckpt: str) -> str:
+    from hfmi_kit.train import read_config
+
+    cfg = read_config(ckpt)
+    data = cfg.get("training", {}).get("data")
+    if not data:
+        raise HfmiError(f"{ckpt}: no data recorded in the checkpoint; pass --data")
+    return str(data)
+
+
+def cmd_finetune(a: argparse.Namespace) -> None:
+    dom = _domain(a.domain)
+    out = Path(a.out)
+    scratch = a.from_ == "scratch"
+    data = a.data or (_data_or_example(dom, None, out, a.seed) if scratch else _ckpt_data(a.from_))
+    kw: dict[str, Any] = {"steps": a.steps, "seed": a.seed, "label_fraction": a.label_fraction,
+                          "mode": a.mode, "batch_size": a.batch_size, "lr": a.lr, "precision": a.precision,
+                          "device": a.device}
+    if a.task:
+        if a.task not in dom.tasks:
+            raise HfmiError(f"unknown task {a.task!r} for {a.domain}; expected one of {list(dom.tasks)}")
+        kw["task"] = a.task
+    if a.config:
+        kw["config"] = a.config
+    m = dom.finetune(ckpt=None if scratch else a.from_, data=data, out=out, **kw)
+    print(f"checkpoint: {out / 'model'}")
+    _print_metrics(m, out, HEADLINE)
+
+
+def cmd_evaluate(a: argparse.Namespace) -> None:
+    dom = _domain(a.domain)
+    out = Path(a.out)
+    m = dom.evaluate(ckpt=a.ckpt, data=a.data or _ckpt_data(a.ckpt), out=out)
+    _print_metrics(m, out, HEADLINE)
+
+
+def cmd_whatif(a: argparse.Namespace) -> None:
+    dom = _domain(a.domain)
+    if a.domain != "climate":
+        raise HfmiError(f"what-if experiments are defined for climate, not {a.domain!r}")
+    from hfmi_kit.domains.climate import whatif
+
+    out = Path(a.out)
+    m = whatif(ckpt=a.ckpt, data=a.data or _ckpt_data(a.ckpt), out=out, co2_factor=a.co2_factor,
+               months=a.months, members=a.members, seed=a.seed)
+    del dom
+    print(f"what-if: {out / 'whatif.nc'}")
+    _print_metrics(m, out)
+
+
+def cmd_info(a: argparse.Namespace) -> None:
+    from hfmi_kit.train.pretrained import CARD, read_config
+
+    cfg = read_config(a.ckpt)
+    card = Path(a.ckpt) / CARD
+    print(card.read_text(encoding="utf-8") if card.is_file() else f"(no {CARD})")
+    print("## config.json\n")
+    print(json.dumps({k: v for k, v in cfg.items() if k != "card"}, indent=2, default=str)[:20000])
+
+
+def _parse_params(pairs: Sequence[Sequence[str]] | None) -> dict[str, Any]:
+    params = {}
+    for name, value in pairs or []:
+        try:
+            params[name] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise HfmiError(f"-p {name}: cannot parse {value!r} as YAML ({e})") from e
+    return params
+
+
+def cmd_run(a: argparse.Namespace) -> None:
+    from hfmi_kit.launch.notebook import run_notebook
+
+    out = run_notebook(a.notebook, _parse_params(a.p), output=a.o)
+    print(f"executed notebook: {out}")
+
+
+def cmd_demo(a: argparse.Namespace) -> None:
+    dom = _domain("climate")
+    out = Path(a.out)
+    t0 = time.time()
+    from hfmi_kit.domains.climate import GeneratorConfig, generate, write_dataset
+
+    data = write_dataset(generate(GeneratorConfig(years=a.years, spinup_years=10, seed=a.seed)),
+                         out / "data" / "climate.zarr")
+    print(f"[1/3] data: {data} ({a.years} years of a synthetic coupled climate, CF Zarr)")
+    ck = dom.pretrain(data=data, out=out / "pretrain", steps=a.steps, seed=a.seed, progress=not a.quiet)
+    print(f"[2/3] pretrained checkpoint: {ck}")
+    ft = out / "finetune"
+    m = dom.finetune(ckpt=ck, data=data, out=ft, steps=a.steps, seed=a.seed, progress=not a.quiet)
+    print(f"[3/3] fine-tuned forecaster: {ft / 'model'}")
+    print(f"forecast (CF NetCDF): {ft / 'forecast.nc'}")
+    _print_metrics(m, ft, HEADLINE)
+    print(f"done in {time.time() - t0:.0f} s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hfmi", description="hfmi_kit: scientific foundation models")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def common_train(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--seed", type=int, default=0, help="the one seed of the run (default 0)")
+        sp.add_argument("--batch-size", type=int, default=16)
+        sp.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+        sp.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+        sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+
+    sp = sub.add_parser("pretrain", help="pretrain a foundation model on unlabelled data")
+    sp.add_argument("domain", help="climate")
+    sp.add_argument("--out", required=True, help="output directory (checkpoints, metrics.jsonl, model/)")
+    sp.add_argument("--data", help="data in the domain's format (default: generated example data)")
+    sp.add_argument("--config", default="tiny", help="model size: tiny, small, base")
+    sp.add_argument("--steps", type=int, default=300)
+    sp.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    sp.add_argument("--variables", help="comma-separated variables to use (default: all on the grid)")
+    common_train(sp)
+    sp.set_defaults(fn=cmd_pretrain)
+
+    sp = sub.add_parser("finetune", help="fine-tune a pretrained model on a downstream task")
+    sp.add_argument("domain")
+    sp.add_argument("--from", dest="from_", required=True, metavar="CKPT",
+                    help="pretrained checkpoint directory, or 'scratch' for the same model untrained")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--data", help="data (default: the data recorded in the checkpoint)")
+    sp.add_argument("--task", help="downstream task (climate: forecast, seaice)")
+    sp.add_argument("--label-fraction", type=float, default=1.0, help="fraction of training labels (0, 1]")
+    sp.add_argument("--steps", type=int, default=300)
+    sp.add_argument("--mode", default="full", choices=["full", "frozen", "linear_probe"])
+    sp.add_argument("--config", help="model size when training from scratch")
+    common_train(sp)
+    sp.set_defaults(fn=cmd_finetune)
+
+    sp = sub.add_parser("evaluate", help="evaluate a fine-tuned checkpoint; writes metrics.json")
+    sp.add_argument("domain")
+    sp.add_argument("--ckpt", required=True)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--data")
+    sp.set_defaults(fn=cmd_evaluate)
+
+    sp = sub.add_parser("whatif", help="climate: ensemble what-if rollouts under a changed CO2 forcing")
+    sp.add_argument("domain")
+    sp.add_argument("--ckpt", required=True, help="fine-tuned forecaster")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--data")
+    sp.add_argument("--co2-factor", type=float, default=2.0)
+    sp.add_argument("--months", type=int, default=24)
+    sp.add_argument("--members", type=int, default=8)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(fn=cmd_whatif)
+
+    sp = sub.add_parser("info", help="print a checkpoint's model card and config")
+    sp.add_argument("ckpt")
+    sp.set_defaults(fn=cmd_info)
+
+    sp = sub.add_parser("run", help="run a notebook (.ipynb or paired .py) headless with papermill")
+    sp.add_argument("notebook")
+    sp.add_argument("-p", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                    help="parameter; VALUE is YAML (numbers, lists, dicts)")
+    sp.add_argument("-o", metavar="OUT", help="executed notebook path")
+    sp.set_defaults(fn=cmd_run)
+
+    sp = sub.add_parser("demo", help="the main job: generate data, pretrain, fine-tune, report")
+    sp.add_argument("--out", default="hfmi_demo")
+    sp.add_argument("--steps", type=int, default=300)
+    sp.add_argument("--years", type=int, default=16)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--quiet", action="store_true", help="no progress bars")
+    sp.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.fn(args)
+    except (HfmiError, FileNotFoundError, ImportError, ValueError, KeyboardInterrupt) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"hfmi: error: {msg}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

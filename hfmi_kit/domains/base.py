@@ -1,0 +1,66 @@
+"""The small contract every science module fills, and the registry of domains by name."""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+from hfmi_kit.errors import ConfigError
+
+# name -> module that defines DOMAIN; the core never imports a domain until it is asked for.
+_DOMAIN_MODULES: dict[str, str] = {
+    "climate": "hfmi_kit.domains.climate",
+}
+
+
+class Domain(ABC):
+    """What a science module provides to the CLI, the notebooks and the dashboards.
+
+    Attributes:
+        name: registry name (``climate``).
+        tasks: downstream tasks ``finetune`` accepts; the first is the default.
+        data_formats: what ``--data`` may point to.
+    """
+
+    name: ClassVar[str]
+    tasks: ClassVar[tuple[str, ...]]
+    data_formats: ClassVar[str]
+
+    @abstractmethod
+    def example_data(self, out_dir: str | Path, *, seed: int = 0, small: bool = True) -> Path:
+        """Generate (or copy shipped) example data into ``out_dir``; return the data path."""
+
+    @abstractmethod
+    def pretrain(self, *, data: str | Path, out: str | Path, **kw: Any) -> Path:
+        """Pretrain on unlabelled data; return the checkpoint directory."""
+
+    @abstractmethod
+    def finetune(self, *, ckpt: str | Path | None, data: str | Path, out: str | Path, **kw: Any) -> dict[str, float]:
+        """Fine-tune for a task; write ``out/metrics.json``; return the metrics."""
+
+    @abstractmethod
+    def evaluate(self, *, ckpt: str | Path, data: str | Path, out: str | Path, **kw: Any) -> dict[str, float]:
+        """Evaluate a fine-tuned checkpoint on ``data``; write ``out/metrics.json``."""
+
+
+def register_domain(name: str, module: str) -> None:
+    """Make ``module`` (which defines ``DOMAIN``) available as ``name``."""
+    _DOMAIN_MODULES[name] = module
+
+
+def list_domains() -> list[str]:
+    return sorted(_DOMAIN_MODULES)
+
+
+def get_domain(name: str) -> Domain:
+    """Import and return the domain registered as ``name``."""
+    if name not in _DOMAIN_MODULES:
+        raise ConfigError(f"unknown domain {name!r}; available: {list_domains()}")
+    try:
+        mod = importlib.import_module(_DOMAIN_MODULES[name])
+    except ImportError as e:
+        raise ImportError(f"domain {name!r} needs extra packages ({e}); "
+                          f"install them with `pip install hfmi_kit[{name}]`") from e
+    return mod.DOMAIN

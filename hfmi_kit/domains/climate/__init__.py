@@ -1,0 +1,39 @@
+"""Climate (HClimRep): coupled atmosphere-ocean-sea-ice foundation model, forecasts, what-ifs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+from hfmi_kit.domains.base import Domain
+from hfmi_kit.domains.climate import model as _model  # noqa: F401  (registers the model families)
+from hfmi_kit.domains.climate.data import ClimateData, ForecastWindows, load_climate, split_years
+from hfmi_kit.domains.climate.generator import GeneratorConfig, generate, write_dataset
+from hfmi_kit.domains.climate.tasks import evaluate, finetune, pretrain, whatif
+
+
+class ClimateDomain(Domain):
+    """CF NetCDF/Zarr on lat-lon grids; tasks: multi-step forecast and sea-ice extent."""
+
+    name: ClassVar[str] = "climate"
+    tasks: ClassVar[tuple[str, ...]] = ("forecast", "seaice")
+    data_formats: ClassVar[str] = "CF-convention NetCDF (.nc) or Zarr (.zarr) with time, lat, lon"
+
+    def example_data(self, out_dir: str | Path, *, seed: int = 0, small: bool = True) -> Path:
+        cfg = GeneratorConfig(years=20 if small else 60, seed=seed, spinup_years=10 if small else 20)
+        return write_dataset(generate(cfg), Path(out_dir) / "climate.zarr")
+
+    def pretrain(self, *, data: str | Path, out: str | Path, **kw: Any) -> Path:
+        return pretrain(data=data, out=out, **kw)
+
+    def finetune(self, *, ckpt: str | Path | None, data: str | Path, out: str | Path, **kw: Any) -> dict[str, float]:
+        return finetune(ckpt=ckpt, data=data, out=out, **kw)
+
+    def evaluate(self, *, ckpt: str | Path, data: str | Path, out: str | Path, **kw: Any) -> dict[str, float]:
+        return evaluate(ckpt=ckpt, data=data, out=out, **kw)
+
+
+DOMAIN = ClimateDomain()
+
+__all__ = ["DOMAIN", "ClimateData", "ClimateDomain", "ForecastWindows", "GeneratorConfig", "evaluate",
+           "finetune", "generate", "load_climate", "pretrain", "split_years", "whatif", "write_dataset"]

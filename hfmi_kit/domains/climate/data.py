@@ -1,0 +1,432 @@
+"""Climate data: CF NetCDF/Zarr -> validated, regridded, normalised arrays -> sample dicts.
+
+A sample (see :class:`ForecastWindows`) is a dict with the documented keys:
+
+- ``inputs``: (C, V, H, W) normalised state at t-C+1 .. t (C = context steps, V state variables);
+- ``forcing``: (K, F, H, W) normalised field forcings at t+1 .. t+K;
+- ``scalars``: (K, S) normalised scalar forcings (CO2 radiative forcing) at t+1 .. t+K;
+- ``target``: (K, V, H, W) normalised state at t+1 .. t+K;
+- ``mask``: (V, H, W) 1 where a variable is defined (ocean variables over the ocean), else 0;
+- ``meta``: (1,) index of time t in the dataset.
+
+Field forcings (insolation) and scalar forcings (CO2) are inputs the model never predicts: a
+what-if experiment changes them and rolls the model out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from torch.utils.data import Dataset
+
+from hfmi_kit.data.cf import check_time, find_axes, grid_dims, open_cf, regrid_bilinear, select_gridded
+from hfmi_kit.errors import DataError, GeometryMismatchError
+
+LOGGER = logging.getLogger(__name__)
+
+# standard_name -> (canonical units, accepted spellings, conversions to canonical)
+UNITS: dict[str, tuple[str, set[str], dict[str, tuple[float, float]]]] = {
+    "air_temperature": ("K", {"K", "kelvin"}, {"degC": (1.0, 273.15), "Celsius": (1.0, 273.15)}),
+    "sea_surface_temperature": ("K", {"K", "kelvin"}, {"degC": (1.0, 273.15)}),
+    "sea_ice_area_fraction": ("1", {"1", "", "fraction"}, {"%": (0.01, 0.0)}),
+    "toa_incoming_shortwave_flux": ("W m-2", {"W m-2", "W/m2", "W m**-2", "W/m^2"}, {}),
+    "mole_fraction_of_carbon_dioxide_in_air": ("1e-6", {"1e-6", "ppm", "ppmv"}, {"1": (1e6, 0.0)}),
+}
+FIELD_FORCINGS = {"toa_incoming_shortwave_flux"}
+SCALAR_FORCINGS = {"mole_fraction_of_carbon_dioxide_in_air"}
+C0_PPM = 280.0
+
+
+def co2_to_forcing(ppm: np.ndarray) -> np.ndarray:
+    """CO2 concentration [ppm] -> radiative forcing 5.35 ln(C/C0) [W m-2], C0 = 280 ppm."""
+    return 5.35 * np.log(np.asarray(ppm, dtype=np.float64) / C0_PPM)
+
+
+def sha256(path: str | Path) -> str:
+    """Checksum of a file, or of every file of a Zarr directory in a stable order."""
+    p = Path(path)
+    h = hashlib.sha256()
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    for f in files:
+        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+@dataclass
+class ClimateData:
+    """A validated climate dataset held as numpy arrays on one lat-lon grid."""
+
+    source: str
+    time: np.ndarray  # (T,) datetime64
+    lat: np.ndarray  # (H,)
+    lon: np.ndarray  # (W,)
+    state: dict[str, np.ndarray]  # var -> (T, H, W) physical units, NaN where undefined
+    forcing: dict[str, np.ndarray]  # var -> (T, H, W)
+    scalars: dict[str, np.ndarray]  # var -> (T,) (CO2 already as radiative forcing, W m-2)
+    valid: dict[str, np.ndarray]  # state var -> (H, W) bool
+    attrs: dict[str, dict[str, Any]]  # var -> CF attributes (units canonical)
+    global_attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def state_vars(self) -> list[str]:
+        return list(self.state)
+
+    @property
+    def months(self) -> np.ndarray:
+        return self.time.astype("datetime64[M]").astype(int) % 12
+
+    @property
+    def years(self) -> np.ndarray:
+        return self.time.astype("datetime64[Y]").astype(int) + 1970
+
+    def geometry(self, stats: dict[str, dict[str, float]]) -> dict[str, Any]:
+        """What a checkpoint records about the data it expects."""
+        return {
+            "state_variables": self.state_vars,
+            "field_forcings": list(self.forcing),
+            "scalar_forcings": list(self.scalars),
+            "units": {v: self.attrs[v].get("units", "") for v in [*self.state, *self.forcing, *self.scalars]},
+            "standard_names": {v: self.attrs[v].get("standard_name", "") for v in self.attrs},
+            "grid": {"lat": [float(x) for x in self.lat], "lon": [float(x) for x in self.lon]},
+            "valid_fraction": {v: float(m.mean()) for v, m in self.valid.items()},
+            "normalisation": stats,
+            "time_step": "1 month",
+        }
+
+
+def _convert_units(da: xr.DataArray, name: str, source: str) -> tuple[xr.DataArray, str]:
+    sn = str(da.attrs.get("standard_name", ""))
+    units = str(da.attrs.get("units", "")).strip()
+    if sn not in UNITS:
+        if not units:
+            raise DataError(f"{source}: variable {name!r} has no 'units' attribute")
+        return da, units
+    canon, ok, conv = UNITS[sn]
+    if units in ok:
+        return da, canon
+    if units in conv:
+        a, b = conv[units]
+        LOGGER.info("%s: converting %s from %s to %s", source, name, units, canon)
+        out = da * a + b
+        out.attrs = {**da.attrs, "units": canon}
+        return out, canon
+    raise DataError(
+        f"{source}: variable {name!r} ({sn}) has units {units!r}; expected {canon!r}"
+        + (f" or one of {sorted(conv)}" if conv else "")
+    )
+
+
+def load_climate(path: str | Path, *, variables: Sequence[str] | None = None,
+                 expect: dict[str, Any] | None = None) -> ClimateData:
+    """Read and validate a CF climate dataset.
+
+    Takes every data variable with a time axis and a lat-lon grid (or those named in
+    ``variables``); variables whose standard name is a known forcing (TOA insolation) become
+    forcings, a time-only CO2 series becomes a scalar forcing. Variables on another lat-lon grid
+    are regridded bilinearly onto the grid of the first state variable (or ``expect``'s grid).
+
+    Args:
+        path: NetCDF file or Zarr store.
+        variables: restrict to these variables (forcings are still picked up).
+        expect: a checkpoint's geometry; the data must provide its variables on its grid.
+
+    Raises:
+        DataError: missing/misnamed variable, no time axis, non-monotonic or duplicated times,
+            wrong units, NaNs outside the declared mask, a grid without lat/lon.
+        GeometryMismatchError: the data does not match ``expect``.
+    """
+    src = str(path)
+    ds = open_cf(path)
+    axes = find_axes(ds, source=src)
+    check_time(ds, axes.time, source=src)
+    if expect is not None:
+        variables = list(expect["state_variables"]) + list(expect["field_forcings"])
+    names = select_gridded(ds, axes, variables, source=src)
+    if not names:
+        raise DataError(f"{src}: no data variable has dims ({axes.time}, lat, lon)")
+    for v in names:
+        if axes.time not in ds[v].dims:
+            raise DataError(f"{src}: variable {v!r} has no time axis {axes.time!r}; dims are {ds[v].dims}")
+        if grid_dims(ds[v], ds) is None:
+            raise DataError(f"{src}: variable {v!r} is not on a lat-lon grid; dims are {ds[v].dims}")
+        if axes.level and axes.level in ds[v].dims:
+            raise DataError(f"{src}: variable {v!r} has a vertical axis {axes.level!r}; select a level first")
+    state_names = [v for v in names if ds[v].attrs.get("standard_name") not in FIELD_FORCINGS]
+    forcing_names = [v for v in names if ds[v].attrs.get("standard_name") in FIELD_FORCINGS]
+    if not state_names:
+        raise DataError(f"{src}: only forcings found ({forcing_names}); need at least one state variable")
+    scalar_names = [str(v) for v, da in ds.data_vars.items()
+                    if da.dims == (axes.time,) and da.attrs.get("standard_name") in SCALAR_FORCINGS]
+    if expect is not None:
+        missing = [v for v in expect["scalar_forcings"] if v not in scalar_names]
+        if missing:
+            raise GeometryMismatchError(f"{src}: scalar forcing(s) {missing} the model expects are missing")
+        scalar_names = list(expect["scalar_forcings"])
+    # target grid
+    lat_d, lon_d = grid_dims(ds[state_names[0]], ds)  # type: ignore[misc]
+    lat = np.asarray(ds[lat_d].values, dtype=np.float64)
+    lon = np.asarray(ds[lon_d].values, dtype=np.float64)
+    if expect is not None:
+        lat, lon = np.asarray(expect["grid"]["lat"]), np.asarray(expect["grid"]["lon"])
+    land = None
+    for v, da in ds.data_vars.items():
+        if da.attrs.get("standard_name") == "land_area_fraction":
+            dims = grid_dims(da, ds)
+            if dims and da.ndim == 2:
+                lf = da if dims == (lat_d, lon_d) else regrid_bilinear(da, *dims, lat, lon)
+                frac = np.asarray(lf.values, dtype=np.float64)
+                frac = frac / 100.0 if str(da.attrs.get("units", "%")).strip() == "%" else frac
+                land = frac >= 0.5
+    time = ds[axes.time].values
+    state, forcing, valid, attrs = {}, {}, {}, {}
+    for v in state_names + forcing_names:
+        da = ds[v].transpose(axes.time, *grid_dims(ds[v], ds))  # type: ignore[misc]
+        da, units = _convert_units(da, v, src)
+        g = grid_dims(ds[v], ds)
+        if g != (lat_d, lon_d) or expect is not None:
+            same = (ds[g[0]].size == lat.size and ds[g[1]].size == lon.size
+                    and np.allclose(ds[g[0]].values, lat) and np.allclose(ds[g[1]].values, lon))
+            if not same:
+                if expect is not None and g == (lat_d, lon_d) and ds[g[0]].size * ds[g[1]].size != lat.size * lon.size:
+                    LOGGER.info("%s: regridding %s onto the checkpoint's grid", src, v)
+                da = regrid_bilinear(da, g[0], g[1], lat, lon)
+        arr = np.asarray(da.values, dtype=np.float32)
+        if arr.shape[1:] != (lat.size, lon.size):
+            raise DataError(f"{src}: variable {v!r} has grid {arr.shape[1:]}, expected {(lat.size, lon.size)}")
+        bad = ~np.isfinite(arr)
+        where_sea = "where sea" in str(ds[v].attrs.get("cell_methods", ""))
+        if bad.any():
+            if where_sea and land is not None:
+                outside = bad & ~land[None]
+                if outside.any():
+                    t, i, j = np.argwhere(outside)[0]
+                    raise DataError(
+                        f"{src}: variable {v!r} has {int(outside.sum())} NaN/inf value(s) over the ocean "
+                        f"(outside its declared land mask), first at time={time[t]}, lat={lat[i]:.2f}, "
+                        f"lon={lon[j]:.2f}"
+                    )
+            else:
+                t, i, j = np.argwhere(bad)[0]
+                declared = "declared 'where sea' but no land_area_fraction variable" if where_sea else \
+                    "no declared mask (cell_methods 'area: mean where sea' + land_area_fraction)"
+                raise DataError(
+                    f"{src}: variable {v!r} has {int(bad.sum())} NaN/inf value(s) and {declared}; "
+                    f"first at time={time[t]}, lat={lat[i]:.2f}, lon={lon[j]:.2f}"
+                )
+        attrs[v] = {**{k: ds[v].attrs[k] for k in ("standard_name", "long_name", "cell_methods")
+                       if k in ds[v].attrs}, "units": units}
+        if v in forcing_names:
+            forcing[v] = arr
+        else:
+            state[v] = arr
+            valid[v] = ~land if (where_sea and land is not None) else np.ones((lat.size, lon.size), bool)
+    scalars = {}
+    for v in scalar_names:
+        da, units = _convert_units(ds[v], v, src)
+        arr = np.asarray(da.values, dtype=np.float64)
+        if not np.isfinite(arr).all():
+            raise DataError(f"{src}: scalar forcing {v!r} has NaN/inf values")
+        if (arr <= 0).any():
+            raise DataError(f"{src}: CO2 concentration {v!r} must be positive [ppm], got min {arr.min()}")
+        scalars[v] = co2_to_forcing(arr).astype(np.float32)
+        attrs[v] = {"standard_name": ds[v].attrs.get("standard_name", ""), "units": units,
+                    "long_name": "CO2 radiative forcing 5.35 ln(C/280 ppm) [W m-2] as model input"}
+    if expect is not None:
+        exp_units = expect.get("units", {})
+        for v, a in attrs.items():
+            if v in exp_units and exp_units[v] != a["units"]:
+                raise GeometryMismatchError(
+                    f"{src}: variable {v!r} has units {a['units']!r}; the checkpoint expects {exp_units[v]!r}"
+                )
+    ga = dict(ds.attrs)
+    ds.close()
+    return ClimateData(source=src, time=np.asarray(time).astype("datetime64[ns]"), lat=lat, lon=lon,
+                       state=state, forcing=forcing, scalars=scalars, valid=valid, attrs=attrs,
+                       global_attrs=ga)
+
+
+def compute_stats(path: str | Path, data: ClimateData,
+                  time_index: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+    """Per-variable mean and standard deviation, computed lazily with dask chunks.
+
+    Reads the file (so it scales past memory), restricted to ``time_index`` (the training
+    years) when given; CO2 statistics are those of its radiative forcing.
+    """
+    ds = open_cf(path, chunks={})
+    if time_index is not None:
+        tdim = find_axes(ds, source=str(path)).time
+        ds = ds.isel({tdim: np.asarray(time_index)})
+    stats = {}
+    for v in [*data.state, *data.forcing]:
+        da = ds[v]
+        a = data.attrs[v]
+        _, canon, conv = UNITS.get(a.get("standard_name", ""), ("", set(), {}))
+        mean, std = float(da.mean(skipna=True).compute()), float(da.std(skipna=True).compute())
+        units = str(da.attrs.get("units", "")).strip()
+        if units in conv:
+            s, o = conv[units]
+            mean, std = mean * s + o, std * abs(s)
+        stats[v] = {"mean": mean, "std": max(std, 1e-6)}
+    ds.close()
+    for v, arr in data.scalars.items():
+        a = arr if time_index is None else arr[np.asarray(time_index)]
+        stats[v] = {"mean": float(a.mean()), "std": max(float(a.std()), 1.0)}
+    return stats
+
+
+def residual_scale(tens: Tensors, index: np.ndarray) -> list[float]:
+    """Std of one-step tendencies (normalised units) per state variable over valid cells of ``index``."""
+    idx = np.asarray(index)
+    pairs = idx[np.isin(idx + 1, idx)]
+    d = tens.state[pairs + 1] - tens.state[pairs]  # (N, V, H, W)
+    m = tens.mask[None].expand_as(d)
+    out = []
+    for v in range(d.shape[1]):
+        x = d[:, v][m[:, v] > 0]
+        out.append(float(max(x.std().item(), 1e-3)) if x.numel() > 1 else 1.0)
+    return out
+
+
+def main_variable(data: ClimateData) -> str:
+    """The headline variable: near-surface air temperature when present, else the first."""
+    for v in data.state:
+        if data.attrs[v].get("standard_name") == "air_temperature":
+            return v
+    return data.state_vars[0]
+
+
+def check_geometry(data: ClimateData, geometry: dict[str, Any]) -> None:
+    """Fail with a clear message when data and a checkpoint's geometry disagree."""
+    src = data.source
+    exp_vars = geometry["state_variables"]
+    if data.state_vars != exp_vars:
+        raise GeometryMismatchError(f"{src}: state variables {data.state_vars}; the checkpoint expects {exp_vars}")
+    glat, glon = np.asarray(geometry["grid"]["lat"]), np.asarray(geometry["grid"]["lon"])
+    if data.lat.shape != glat.shape or data.lon.shape != glon.shape or not (
+        np.allclose(data.lat, glat) and np.allclose(data.lon, glon)
+    ):
+        raise GeometryMismatchError(
+            f"{src}: grid {data.lat.size}x{data.lon.size} differs from the checkpoint's {glat.size}x{glon.size}"
+        )
+
+
+class Normaliser:
+    """Per-variable (x - mean) / std with the statistics stored in the checkpoint."""
+
+    def __init__(self, stats: dict[str, dict[str, float]]) -> None:
+        self.stats = stats
+
+    def norm(self, name: str, x: np.ndarray) -> np.ndarray:
+        s = self.stats[name]
+        return (x - s["mean"]) / s["std"]
+
+    def denorm(self, name: str, x: np.ndarray | torch.Tensor) -> Any:
+        s = self.stats[name]
+        return x * s["std"] + s["mean"]
+
+
+@dataclass
+class Tensors:
+    """Normalised arrays of a whole dataset, NaN replaced by 0 (masked out of losses)."""
+
+    state: torch.Tensor  # (T, V, H, W)
+    forcing: torch.Tensor  # (T, F, H, W)
+    scalars: torch.Tensor  # (T, S)
+    mask: torch.Tensor  # (V, H, W)
+
+
+def to_tensors(data: ClimateData, normaliser: Normaliser) -> Tensors:
+    """Normalise ``data`` into dense tensors for the models."""
+    T, H, W = data.time.size, data.lat.size, data.lon.size
+
+    def stack(d: dict[str, np.ndarray], shape: tuple[int, ...]) -> torch.Tensor:
+        if not d:
+            return torch.zeros(shape)
+        arr = np.stack([np.nan_to_num(normaliser.norm(k, v), nan=0.0) for k, v in d.items()], axis=1)
+        return torch.from_numpy(arr.astype(np.float32))
+
+    return Tensors(
+        state=stack(data.state, (T, 0, H, W)),
+        forcing=stack(data.forcing, (T, 0, H, W)),
+        scalars=stack(data.scalars, (T, 0)),
+        mask=torch.from_numpy(np.stack([data.valid[v] for v in data.state]).astype(np.float32)),
+    )
+
+
+@dataclass(frozen=True)
+class Split:
+    """Time indices of the train, validation and test years."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    train_years: tuple[int, ...]
+    val_years: tuple[int, ...]
+    test_years: tuple[int, ...]
+
+
+def split_years(data: ClimateData, *, test_fraction: float = 0.2, val_fraction: float = 0.1) -> Split:
+    """Held-out years at the end: test = last ``test_fraction``, val before it, train the rest."""
+    years = np.unique(data.years)
+    n = years.size
+    if n < 3:
+        raise DataError(f"{data.source}: {n} year(s) of data; at least 3 are needed for train/val/test")
+    n_test = max(1, int(round(n * test_fraction)))
+    n_val = max(1, int(round(n * val_fraction)))
+    if n - n_test - n_val < 1:
+        n_val, n_test = 1, 1
+    tr, va, te = years[: n - n_test - n_val], years[n - n_test - n_val : n - n_test], years[n - n_test :]
+
+    def idx(ys: np.ndarray) -> np.ndarray:
+        return np.flatnonzero(np.isin(data.years, ys))
+
+    return Split(idx(tr), idx(va), idx(te), tuple(map(int, tr)), tuple(map(int, va)), tuple(map(int, te)))
+
+
+def label_subset(data: ClimateData, split: Split, fraction: float, seed: int) -> np.ndarray:
+    """Time indices of a seeded random ``fraction`` of the training years (at least one year)."""
+    if not 0.0 < fraction <= 1.0:
+        raise DataError(f"label fraction must lie in (0, 1], got {fraction}")
+    years = np.asarray(split.train_years)
+    k = max(1, int(round(fraction * years.size)))
+    chosen = np.sort(np.random.default_rng(seed).choice(years, size=k, replace=False))
+    return np.flatnonzero(np.isin(data.years, chosen))
+
+
+class ForecastWindows(Dataset):
+    """Samples at times ``t`` whose context (t-C+1..t) and horizon (t+1..t+K) lie in ``indices``."""
+
+    def __init__(self, tensors: Tensors, indices: np.ndarray, *, context: int = 2, horizon: int = 1) -> None:
+        idx = set(int(i) for i in indices)
+        self.t = tensors
+        self.context, self.horizon = context, horizon
+        self.times = [t for t in sorted(idx) if all((t - c) in idx for c in range(context))
+                      and all((t + k) in idx for k in range(1, horizon + 1))]
+        if not self.times:
+            raise DataError(
+                f"no sample fits context={context} and horizon={horizon} in the {len(idx)} selected time steps"
+            )
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        t = self.times[i]
+        C, K = self.context, self.horizon
+        return {
+            "inputs": self.t.state[t - C + 1 : t + 1],  # (C, V, H, W)
+            "forcing": self.t.forcing[t + 1 : t + K + 1],  # (K, F, H, W)
+            "scalars": self.t.scalars[t + 1 : t + K + 1],  # (K, S)
+            "target": self.t.state[t + 1 : t + K + 1],  # (K, V, H, W)
+            "mask": self.t.mask,  # (V, H, W)
+            "meta": torch.tensor([t]),
+        }

@@ -1,0 +1,208 @@
+"""Climate models on the shared backbone: an MAE + next-step pretrainer, a forecaster, a sea-ice head.
+
+Token groups are named ``<var>@t0``, ``<var>@t-1`` (state at the context steps), ``<forcing>@t+1``
+(field forcings of the step being predicted) and the scalar ``<scalar>@t+1`` (CO2 forcing).
+All three families share parameter names under ``backbone.*`` so a pretrained backbone
+transfers into the forecaster or the sea-ice model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from hfmi_kit.models import (
+    Backbone,
+    DenseHead,
+    EncoderConfig,
+    GridTokenizer,
+    PooledHead,
+    TokenBatch,
+    mae_forward,
+    make_decoder,
+    register_model,
+)
+
+
+def state_group(var: str, lag: int) -> str:
+    return f"{var}@t{-lag}" if lag else f"{var}@t0"
+
+
+class ClimateNet(nn.Module):
+    """Backbone over the climate token groups; subclasses add heads."""
+
+    def __init__(self, *, size: EncoderConfig, variables: Sequence[str], field_forcings: Sequence[str],
+                 scalar_forcings: Sequence[str], grid: Sequence[int], patch: Sequence[int] = (4, 4),
+                 context: int = 2, lat: Sequence[float] | None = None,
+                 residual_scale: Sequence[float] | None = None) -> None:
+        super().__init__()
+        self.variables, self.field_forcings = list(variables), list(field_forcings)
+        self.scalar_forcings, self.context = list(scalar_forcings), context
+        groups = [state_group(v, c) for c in range(context) for v in self.variables]
+        groups += [f"{f}@t+1" for f in self.field_forcings]
+        tok = GridTokenizer(groups=groups, grid=grid, patch=patch, dim=size.dim,
+                            scalars=[f"{s}@t+1" for s in self.scalar_forcings])
+        self.backbone = Backbone(tok, size)
+        H = grid[0]
+        lat_t = torch.tensor(lat if lat is not None else [(-90 + 180 * (i + 0.5) / H) for i in range(H)])
+        w = torch.cos(torch.deg2rad(lat_t.float())).clamp_min(0)
+        self.register_buffer("lat_weight", (w / w.mean())[:, None], persistent=False)  # (H, 1)
+        # Heads predict one-step tendencies in units of their standard deviation (GraphCast style).
+        rs = torch.tensor(list(residual_scale) if residual_scale is not None else [1.0] * len(self.variables))
+        self.register_buffer("residual_scale", rs.float()[None, :, None, None], persistent=False)
+
+    def next_state(self, inputs: torch.Tensor, delta: dict[str, torch.Tensor]) -> torch.Tensor:
+        """x_t + scale * Δ from per-variable head outputs -> (B, V, H, W)."""
+        return inputs[:, -1] + self.residual_scale * torch.stack([delta[v] for v in self.variables], dim=1)
+
+    @property
+    def tokenizer(self) -> GridTokenizer:
+        return self.backbone.tokenizer
+
+    def tokenize(self, inputs: torch.Tensor, forcing: torch.Tensor, scalars: torch.Tensor) -> TokenBatch:
+        """``inputs`` (B, C, V, H, W), ``forcing`` (B, F, H, W), ``scalars`` (B, S)."""
+        C = inputs.shape[1]
+        fields = {}
+        for c in range(C):  # inputs[:, -1] is time t (lag 0)
+            for vi, v in enumerate(self.variables):
+                fields[state_group(v, C - 1 - c)] = inputs[:, c, vi]
+        for fi, f in enumerate(self.field_forcings):
+            fields[f"{f}@t+1"] = forcing[:, fi]
+        sc = {f"{s}@t+1": scalars[:, si] for si, s in enumerate(self.scalar_forcings)}
+        return self.tokenizer(fields, sc)
+
+    def weighted_mse(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Latitude- and validity-weighted MSE; pred/target (B, V, H, W), mask (B, V, H, W)."""
+        w = mask * self.lat_weight
+        return ((pred - target) ** 2 * w).sum() / w.sum().clamp_min(1.0)
+
+
+class ClimateForecaster(ClimateNet):
+    """Predict the state at t+1 as x_t + Δ; roll out autoregressively for lead times 1..K."""
+
+    def __init__(self, *, head_hidden: int = 0, **kw: Any) -> None:
+        super().__init__(**kw)
+        tok = self.tokenizer
+        self.head = DenseHead(dim=self.backbone.cfg.dim, outputs={v: state_group(v, 0) for v in self.variables},
+                              grid=tok.grid, patch=tok.patch, hidden=head_hidden)
+
+    def step(self, inputs: torch.Tensor, forcing: torch.Tensor, scalars: torch.Tensor,
+             mask: torch.Tensor) -> torch.Tensor:
+        """One step: (B, C, V, H, W) context -> (B, V, H, W) next state (0 where undefined)."""
+        tb = self.tokenize(inputs, forcing, scalars)
+        z = self.backbone.encode(tb)
+        delta = self.head(z, tb)
+        return self.next_state(inputs, delta) * mask
+
+    def rollout(self, inputs: torch.Tensor, forcing: torch.Tensor, scalars: torch.Tensor,
+                mask: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+        """Autoregressive rollout: forcing (B, K, F, H, W), scalars (B, K, S) -> (B, K, V, H, W)."""
+        K = steps or forcing.shape[1]
+        ctx, outs = inputs, []
+        for k in range(K):
+            nxt = self.step(ctx, forcing[:, k], scalars[:, k], mask)
+            outs.append(nxt)
+            ctx = torch.cat([ctx[:, 1:], nxt[:, None]], dim=1)
+        return torch.stack(outs, dim=1)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        pred = self.rollout(batch["inputs"], batch["forcing"], batch["scalars"], batch["mask"])
+        K = pred.shape[1]
+        mask = batch["mask"]
+        loss = sum(self.weighted_mse(pred[:, k], batch["target"][:, k], mask) for k in range(K)) / K
+        return {"loss": loss}
+
+
+class ClimatePretrainer(ClimateNet):
+    """Masked reconstruction across variables and space-time patches, plus next-step prediction."""
+
+    def __init__(self, *, mask_ratio: float = 0.6, mask_strategy: str = "mixed",
+                 next_step_weight: float = 1.0, **kw: Any) -> None:
+        super().__init__(**kw)
+        tok = self.tokenizer
+        self.decoder = make_decoder(self.backbone, num_groups=len(tok.groups) + len(tok.scalars),
+                                    num_positions=tok.num_patches, patch_numel=tok.patch_numel)
+        self.next_head = DenseHead(dim=self.backbone.cfg.dim,
+                                   outputs={v: state_group(v, 0) for v in self.variables},
+                                   grid=tok.grid, patch=tok.patch)
+        self.mask_ratio, self.mask_strategy, self.next_step_weight = mask_ratio, mask_strategy, next_step_weight
+
+    def _targets(self, tb: TokenBatch, inputs: torch.Tensor, forcing: torch.Tensor,
+                 mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch targets and validity weights (B, T, P) aligned with the token batch."""
+        tok = self.tokenizer
+        B, T, _ = tb.tokens.shape
+        tgt = torch.zeros(B, T, tok.patch_numel, device=inputs.device)
+        wts = torch.zeros_like(tgt)
+        C = inputs.shape[1]
+        for c in range(C):
+            for vi, v in enumerate(self.variables):
+                s, e = tb.layout[state_group(v, C - 1 - c)]
+                tgt[:, s:e] = tok.patchify(inputs[:, c, vi])
+                wts[:, s:e] = tok.patchify(mask[:, vi] * self.lat_weight)
+        for fi, f in enumerate(self.field_forcings):
+            s, e = tb.layout[f"{f}@t+1"]
+            tgt[:, s:e] = tok.patchify(forcing[:, fi])
+            wts[:, s:e] = tok.patchify(self.lat_weight.expand_as(forcing[:, fi]))
+        return tgt, wts
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        inputs, forcing, scalars = batch["inputs"], batch["forcing"][:, 0], batch["scalars"][:, 0]
+        mask = batch["mask"]
+        tb = self.tokenize(inputs, forcing, scalars)
+        tgt, wts = self._targets(tb, inputs, forcing, mask)
+        strategy = self.mask_strategy
+        if strategy == "mixed":  # alternate structured and random masking between steps
+            strategy = ("random", "block", "group")[int(torch.randint(0, 3, ()).item())]
+        mae_loss, _, _ = mae_forward(self.backbone, self.decoder, tb, tgt, wts,
+                                     mask_ratio=self.mask_ratio, strategy=strategy)
+        z = self.backbone.encode(tb)
+        delta = self.next_head(z, tb)
+        pred = self.next_state(inputs, delta)
+        next_loss = self.weighted_mse(pred, batch["target"][:, 0], mask)
+        return {"loss": mae_loss + self.next_step_weight * next_loss, "mae_loss": mae_loss.detach(),
+                "next_step_loss": next_loss.detach()}
+
+
+class SeaIceExtent(ClimateNet):
+    """Pooled head: normalised total sea-ice extent at t+1 from the state at t."""
+
+    def __init__(self, *, head_hidden: int = 64, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.head = PooledHead(dim=self.backbone.cfg.dim, out_dim=1, hidden=head_hidden)
+
+    def predict(self, inputs: torch.Tensor, forcing: torch.Tensor, scalars: torch.Tensor) -> torch.Tensor:
+        tb = self.tokenize(inputs, forcing, scalars)
+        return self.head(self.backbone.encode(tb), tb)[:, 0]  # (B,)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        pred = self.predict(batch["inputs"], batch["forcing"][:, 0], batch["scalars"][:, 0])
+        return {"loss": ((pred - batch["extent"]) ** 2).mean()}
+
+
+@register_model("climate_forecaster")
+def _forecaster(*, size: EncoderConfig, **kw: Any) -> nn.Module:
+    return ClimateForecaster(size=size, **kw)
+
+
+@register_model("climate_pretrainer")
+def _pretrainer(*, size: EncoderConfig, **kw: Any) -> nn.Module:
+    return ClimatePretrainer(size=size, **kw)
+
+
+@register_model("climate_seaice")
+def _seaice(*, size: EncoderConfig, **kw: Any) -> nn.Module:
+    return SeaIceExtent(size=size, **kw)
+
+
+def cell_area_km2(lat: Sequence[float], nlon: int) -> torch.Tensor:
+    """Area of each grid cell (H, 1) in km² for a regular grid of ``nlon`` columns."""
+    lat_t = torch.tensor(list(lat), dtype=torch.float64)
+    dlat = math.radians(180.0 / len(lat_t))
+    dlon = 2 * math.pi / nlon
+    R = 6371.0
+    return (R * R * dlat * dlon * torch.cos(torch.deg2rad(lat_t)))[:, None]

@@ -1,0 +1,541 @@
+"""Climate pretraining, fine-tuning, evaluation and what-if experiments, end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+
+from hfmi_kit.config import atomic_write_json
+from hfmi_kit.data.cf import open_cf, write_cf
+from hfmi_kit.domains.climate import data as cdata
+from hfmi_kit.domains.climate import metrics as M
+from hfmi_kit.domains.climate.model import ClimateForecaster, SeaIceExtent
+from hfmi_kit.errors import ConfigError, DataError
+from hfmi_kit.models import create_model, get_size
+from hfmi_kit.train import TrainConfig, Trainer, load_pretrained, read_config, save_pretrained
+from hfmi_kit.train.env import code_version
+
+LOGGER = logging.getLogger(__name__)
+LICENCE = "CC0-1.0 (synthetic data from hfmi_kit's generator); other data: see the file's own licence"
+
+
+def _card(data: cdata.ClimateData, summary: str, extra: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    src = Path(data.source)
+    return {
+        "summary": summary,
+        "data": [{"file": src.name, "path": str(src), "sha256": cdata.sha256(src),
+                  "licence": str(data.global_attrs.get("license", "unknown")),
+                  "description": str(data.global_attrs.get("title", ""))}, *(extra or [])],
+        "licence": "Apache-2.0 (weights and code)",
+    }
+
+
+def _model_kwargs(data: cdata.ClimateData, *, context: int, patch: tuple[int, int]) -> dict[str, Any]:
+    return {"variables": data.state_vars, "field_forcings": list(data.forcing),
+            "scalar_forcings": list(data.scalars), "grid": [int(data.lat.size), int(data.lon.size)],
+            "patch": list(patch), "context": context, "lat": [float(x) for x in data.lat]}
+
+
+def _patch_for(grid: tuple[int, int], patch: tuple[int, int] | None) -> tuple[int, int]:
+    if patch is not None:
+        if grid[0] % patch[0] or grid[1] % patch[1]:
+            raise ConfigError(f"patch {patch} does not divide the grid {grid}")
+        return patch
+    for p in (4, 3, 2, 1):
+        if grid[0] % p == 0 and grid[1] % p == 0:
+            return (p, p)
+    return (1, 1)
+
+
+def _train_cfg(**kw: Any) -> TrainConfig:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in kw.items() if k in fields and v is not None})
+
+
+def _fork_eval(fn: Any) -> Any:
+    """Run an evaluation without touching the training RNG (keeps resume exact)."""
+
+    def wrapped(model: torch.nn.Module) -> dict[str, float]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1234)
+            return fn(model)
+
+    return wrapped
+
+
+def _val_loss(ds: cdata.ForecastWindows, batch_size: int = 32) -> Any:
+    def fn(model: torch.nn.Module) -> dict[str, float]:
+        dev = next(model.parameters()).device
+        tot, n = 0.0, 0
+        for i in range(0, len(ds), batch_size):
+            items = [ds[j] for j in range(i, min(len(ds), i + batch_size))]
+            batch = {k: torch.stack([it[k] for it in items]).to(dev) for k in items[0]}
+            out = model(batch)
+            tot += float(out["loss"]) * len(items)
+            n += len(items)
+        return {"val_loss": tot / max(n, 1)}
+
+    return _fork_eval(fn)
+
+
+def pretrain(*, data: str | Path, out: str | Path, config: str = "tiny", steps: int = 300, seed: int = 0,
+             resume: bool = False, variables: list[str] | None = None, batch_size: int = 16,
+             lr: float = 1e-3, context: int = 2, patch: tuple[int, int] | None = None,
+             precision: str = "auto", device: str = "auto", progress: bool = True,
+             checkpoint_every: int = 0) -> Path:
+    """Pretrain the climate backbone (masked reconstruction + next step); returns ``out/model``."""
+    out = Path(out)
+    d = cdata.load_climate(data, variables=variables)
+    split = cdata.split_years(d)
+    stats = cdata.compute_stats(data, d, time_index=split.train)
+    norm = cdata.Normaliser(stats)
+    tens = cdata.to_tensors(d, norm)
+    train = cdata.ForecastWindows(tens, split.train, context=context)
+    val = cdata.ForecastWindows(tens, split.val, context=context)
+    mk = _model_kwargs(d, context=context, patch=_patch_for((d.lat.size, d.lon.size), patch))
+    mk["residual_scale"] = cdata.residual_scale(tens, split.train)
+    torch.manual_seed(seed)
+    model = create_model(f"climate_pretrainer.{config}", **mk)
+    tc = _train_cfg(steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision, device=device,
+                    progress=progress, eval_every=max(steps // 4, 1), warmup_steps=min(20, steps // 10 + 1),
+                    checkpoint_every=checkpoint_every or max(steps // 2, 1))
+    geometry = d.geometry(stats)
+    geometry["split"] = {"train_years": split.train_years, "val_years": split.val_years,
+                         "test_years": split.test_years}
+    mconf = {"domain": "climate", "task": "pretrain", "model_type": f"climate_pretrainer.{config}",
+             "model_kwargs": mk, "geometry": geometry,
+             "card": _card(d, "Climate foundation model pretrained by masked reconstruction across "
+                              "variables and space-time patches plus next-step prediction.")}
+    trainer = Trainer(model, train, config=tc, out_dir=out, evaluate=_val_loss(val), model_config=mconf)
+    res = trainer.fit(resume=resume)
+    mconf["training"] = {**dataclasses.asdict(tc), "seed": seed, "data": str(data)}
+    mconf["metrics"] = {"train_loss": res.last_loss, **{f"best_{k}": v for k, v in res.best.items()}}
+    path = save_pretrained(model, out / "model", config=mconf)
+    LOGGER.info("pretrained model written to %s", path)
+    return path
+
+
+def _load_with_geometry(ckpt: str | Path, data: str | Path) -> tuple[dict[str, Any], cdata.ClimateData]:
+    cfg = read_config(ckpt)
+    if cfg.get("domain") != "climate":
+        raise ConfigError(f"{ckpt}: a {cfg.get('domain')!r} checkpoint, not a climate one")
+    geom = cfg["geometry"]
+    d = cdata.load_climate(data, expect=geom)
+    cdata.check_geometry(d, geom)
+    return cfg, d
+
+
+def _extent_series(d: cdata.ClimateData) -> np.ndarray:
+    v = _seaice_var(d)
+    return M.sea_ice_extent(d.state[v], d.lat, d.valid[v])
+
+
+def _seaice_var(d: cdata.ClimateData) -> str:
+    for v in d.state:
+        if d.attrs[v].get("standard_name") == "sea_ice_area_fraction":
+            return v
+    raise DataError(f"{d.source}: the sea-ice task needs a variable with standard_name sea_ice_area_fraction")
+
+
+class _ExtentWindows(torch.utils.data.Dataset):
+    def __init__(self, base: cdata.ForecastWindows, extent_norm: np.ndarray) -> None:
+        self.base, self.ext = base, torch.from_numpy(extent_norm.astype(np.float32))
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = dict(self.base[i])
+        item["extent"] = self.ext[self.base.times[i] + 1]
+        return item
+
+
+def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task: str = "forecast",
+             label_fraction: float = 1.0, steps: int = 300, seed: int = 0, mode: str = "full",
+             config: str | None = None, batch_size: int = 16, lr: float = 1e-3, leads: int = 6,
+             rollout_train: int = 2, precision: str = "auto", device: str = "auto",
+             progress: bool = True) -> dict[str, float]:
+    """Fine-tune a forecaster (``task='forecast'``) or sea-ice extent model (``'seaice'``).
+
+    With ``ckpt=None`` the same architecture is trained from scratch on the same split
+    (``config`` gives the size; the data's statistics are computed here).
+    Writes ``out/model`` (checkpoint), ``out/metrics.json`` and, for forecasts,
+    ``out/forecast.nc`` (CF). Returns the metrics.
+    """
+    if task not in ("forecast", "seaice"):
+        raise ConfigError(f"unknown climate task {task!r}; expected 'forecast' or 'seaice'")
+    out = Path(out)
+    if ckpt is not None:
+        pcfg, d = _load_with_geometry(ckpt, data)
+        geom = pcfg["geometry"]
+        size = config or pcfg["model_type"].split(".", 1)[1]
+        mk = dict(pcfg["model_kwargs"])
+        for k in ("mask_ratio", "mask_strategy", "next_step_weight", "head_hidden"):
+            mk.pop(k, None)
+    else:
+        d = cdata.load_climate(data)
+        size = config or "tiny"
+        split0 = cdata.split_years(d)
+        geom = d.geometry(cdata.compute_stats(data, d, time_index=split0.train))
+        geom["split"] = {"train_years": split0.train_years, "val_years": split0.val_years,
+                         "test_years": split0.test_years}
+        mk = _model_kwargs(d, context=2, patch=_patch_for((d.lat.size, d.lon.size), None))
+    norm = cdata.Normaliser(geom["normalisation"])
+    tens = cdata.to_tensors(d, norm)
+    split = cdata.split_years(d)
+    if "residual_scale" not in mk:
+        mk["residual_scale"] = cdata.residual_scale(tens, split.train)
+    sub = cdata.label_subset(d, split, label_fraction, seed)
+    ctx = int(mk["context"])
+    dim = get_size(size).dim
+    hidden = 0 if mode == "linear_probe" else dim
+    torch.manual_seed(seed)
+    family = "climate_forecaster" if task == "forecast" else "climate_seaice"
+    model = create_model(f"{family}.{size}", head_hidden=hidden, **mk)
+    report = None
+    if ckpt is not None:
+        load_pretrained(ckpt, mode="transfer", model=model)
+        report = model.hfmi_load_report
+        LOGGER.info("transfer from %s: %s", ckpt, report.summary())
+    horizon = rollout_train if task == "forecast" else 1
+    train = cdata.ForecastWindows(tens, sub, context=ctx, horizon=horizon)
+    val = cdata.ForecastWindows(tens, split.val, context=ctx, horizon=horizon)
+    ext_stats = None
+    if task == "seaice":
+        ext = _extent_series(d)
+        tr_ext = ext[split.train]
+        ext_stats = {"mean": float(tr_ext.mean()), "std": float(max(tr_ext.std(), 1e-6))}
+        en = (ext - ext_stats["mean"]) / ext_stats["std"]
+        train, val = _ExtentWindows(train, en), _ExtentWindows(val, en)
+    tc = _train_cfg(steps=steps, batch_size=min(batch_size, len(train)), lr=lr, seed=seed, mode=mode,
+                    precision=precision, device=device, progress=progress, eval_every=max(steps // 5, 1),
+                    warmup_steps=min(20, steps // 10 + 1), early_stopping_patience=0)
+    geom = {**geom, "label_fraction": label_fraction, "label_years": sorted(set(d.years[sub].tolist()))}
+    if ext_stats:
+        geom["extent_normalisation"] = ext_stats
+    mconf = {"domain": "climate", "task": task, "model_type": f"{family}.{size}",
+             "model_kwargs": {**mk, "head_hidden": hidden}, "geometry": geom,
+             "card": _card(d, f"Climate {task} model fine-tuned ({mode}) from "
+                              f"{ckpt or 'scratch'} on {label_fraction:.0%} of the training years.")}
+    trainer = Trainer(model, train, config=tc, out_dir=out, evaluate=_val_loss(val), model_config=mconf)
+    trainer.fit()
+    model.eval()
+    if task == "forecast":
+        metrics, fc = evaluate_forecast(model, d, tens, norm, eval_idx=split.test, clim_idx=split.train,
+                                        leads=leads, context=ctx)
+        write_cf(fc, out / "forecast.nc")
+    else:
+        metrics = evaluate_seaice(model, d, tens, ext_stats, eval_idx=split.test, clim_idx=split.train,
+                                  context=ctx)
+    metrics["label_fraction"] = float(label_fraction)
+    metrics["train_samples"] = float(len(train))
+    if report is not None:
+        metrics["transferred_tensors"] = float(len(report.loaded))
+    mconf["training"] = {**dataclasses.asdict(tc), "from": str(ckpt) if ckpt else "scratch",
+                         "data": str(data), "rollout_train": rollout_train}
+    mconf["metrics"] = metrics
+    save_pretrained(model, out / "model", config=mconf)
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_forecast(model: ClimateForecaster, d: cdata.ClimateData, tens: cdata.Tensors,
+                      norm: cdata.Normaliser, *, eval_idx: np.ndarray, clim_idx: np.ndarray, leads: int = 6,
+                      context: int = 2, batch_size: int = 32) -> tuple[dict[str, float], xr.Dataset]:
+    """Roll out from every start time in ``eval_idx``; skill per variable and lead vs baselines.
+
+    Baselines: persistence (the state at t for every lead) and the monthly climatology of the
+    years in ``clim_idx`` (the training years). Metrics: latitude-weighted RMSE and ACC; the
+    sea-ice extent error at lead 1 when sea ice is present.
+    """
+    win = cdata.ForecastWindows(tens, eval_idx, context=context, horizon=leads)
+    dev = next(model.parameters()).device
+    preds = []
+    for i in range(0, len(win), batch_size):
+        items = [win[j] for j in range(i, min(len(win), i + batch_size))]
+        b = {k: torch.stack([it[k] for it in items]).to(dev) for k in items[0]}
+        preds.append(model.rollout(b["inputs"], b["forcing"], b["scalars"], b["mask"]).cpu())
+    pred_n = torch.cat(preds).numpy()  # (N, K, V, H, W) normalised
+    t0 = np.asarray(win.times)
+    months = d.months
+    metrics: dict[str, float] = {}
+    fields: dict[str, np.ndarray] = {}
+    for vi, v in enumerate(d.state_vars):
+        valid = d.valid[v]
+        truth_all = d.state[v]
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN land cells of ocean variables
+            clim = np.stack([np.nanmean(truth_all[clim_idx][months[clim_idx] == m], axis=0) for m in range(12)])
+        pred_phys = norm.denorm(v, pred_n[:, :, vi]).astype(np.float32)
+        pred_phys = np.where(valid, pred_phys, np.nan)
+        if d.attrs[v].get("standard_name") == "sea_ice_area_fraction":
+            pred_phys = np.clip(pred_phys, 0.0, 1.0)
+        fields[v] = pred_phys
+        for k in range(1, leads + 1):
+            tgt = truth_all[t0 + k]
+            cl = clim[months[t0 + k]]
+            p = pred_phys[:, k - 1]
+            metrics[f"rmse_{v}_lead{k}"] = M.rmse(p, tgt, d.lat, valid)
+            metrics[f"rmse_persistence_{v}_lead{k}"] = M.rmse(truth_all[t0], tgt, d.lat, valid)
+            metrics[f"rmse_climatology_{v}_lead{k}"] = M.rmse(cl, tgt, d.lat, valid)
+            metrics[f"acc_{v}_lead{k}"] = M.acc(p, tgt, cl, d.lat, valid)
+            metrics[f"acc_persistence_{v}_lead{k}"] = M.acc(truth_all[t0], tgt, cl, d.lat, valid)
+    main = cdata.main_variable(d)
+    metrics["rmse"] = metrics[f"rmse_{main}_lead1"]
+    metrics["rmse_persistence"] = metrics[f"rmse_persistence_{main}_lead1"]
+    metrics["rmse_climatology"] = metrics[f"rmse_climatology_{main}_lead1"]
+    metrics["acc"] = metrics[f"acc_{main}_lead1"]
+    metrics["acc_persistence"] = metrics[f"acc_persistence_{main}_lead1"]
+    try:
+        si = _seaice_var(d)
+    except DataError:
+        si = None
+    if si is not None:
+        ext_true = M.sea_ice_extent(d.state[si][t0 + 1], d.lat, d.valid[si])
+        ext_pred = M.sea_ice_extent(fields[si][:, 0], d.lat, d.valid[si])
+        ext_pers = M.sea_ice_extent(d.state[si][t0], d.lat, d.valid[si])
+        clim_ext = M.sea_ice_extent(d.state[si][clim_idx], d.lat, d.valid[si])
+        ce = np.array([clim_ext[months[clim_idx] == m].mean() for m in range(12)])
+        metrics["seaice_extent_mae"] = float(np.abs(ext_pred - ext_true).mean())
+        metrics["seaice_extent_mae_persistence"] = float(np.abs(ext_pers - ext_true).mean())
+        metrics["seaice_extent_mae_climatology"] = float(np.abs(ce[months[t0 + 1]] - ext_true).mean())
+    metrics["eval_samples"] = float(len(t0))
+    return metrics, forecast_dataset(d, fields, t0, leads)
+
+
+def forecast_dataset(d: cdata.ClimateData, fields: dict[str, np.ndarray], t0: np.ndarray, leads: int) -> xr.Dataset:
+    """CF-1.8 forecast Dataset: dims (init_time, lead, lat, lon) with a 2-d ``valid_time``."""
+    init = d.time[t0]
+    valid_time = np.stack([d.time[t0 + k] for k in range(1, leads + 1)], axis=1)
+    data_vars = {}
+    for v, arr in fields.items():
+        a = d.attrs[v]
+        attrs = {k: a[k] for k in ("standard_name", "long_name", "units") if k in a}
+        attrs["coordinates"] = "valid_time"
+        attrs["cell_methods"] = "time: mean" + (" area: mean where sea" if "where sea" in a.get("cell_methods", "") else "")
+        data_vars[v] = (("init_time", "lead", "lat", "lon"), arr.astype(np.float32), attrs)
+    ds = xr.Dataset(
+        data_vars,
+        coords={
+            "init_time": ("init_time", init, {"standard_name": "forecast_reference_time",
+                                              "long_name": "forecast initialisation time"}),
+            "lead": ("lead", np.arange(1, leads + 1, dtype=np.int32),
+                     {"long_name": "forecast lead in months", "units": "1"}),
+            "valid_time": (("init_time", "lead"), valid_time, {"standard_name": "time",
+                                                               "long_name": "validity time"}),
+            "lat": ("lat", d.lat, {"standard_name": "latitude", "units": "degrees_north", "axis": "Y",
+                                   "long_name": "latitude"}),
+            "lon": ("lon", d.lon, {"standard_name": "longitude", "units": "degrees_east", "axis": "X",
+                                   "long_name": "longitude"}),
+        },
+        attrs={"Conventions": "CF-1.8", "title": "hfmi_kit climate forecast",
+               "institution": "hfmi_kit", "source": f"hfmi_kit {code_version()} climate_forecaster",
+               "history": f"{np.datetime64('now')}: forecast from {Path(d.source).name}",
+               "references": "WeatherBench 2 metric definitions", "hfmi_input": Path(d.source).name},
+    )
+    for v in fields:
+        ds[v].encoding["_FillValue"] = np.float32(1e20)
+    for c in ("init_time", "valid_time"):
+        ds[c].encoding.update({"units": "days since 1970-01-01", "calendar": "standard"})
+    return ds
+
+
+@torch.no_grad()
+def evaluate_seaice(model: SeaIceExtent, d: cdata.ClimateData, tens: cdata.Tensors,
+                    ext_stats: dict[str, float] | None, *, eval_idx: np.ndarray, clim_idx: np.ndarray,
+                    context: int = 2) -> dict[str, float]:
+    """Sea-ice extent error at t+1 [10^6 km²] against persistence and monthly climatology."""
+    if ext_stats is None:
+        raise ConfigError("sea-ice evaluation needs the extent normalisation of the checkpoint")
+    ext = _extent_series(d)
+    win = cdata.ForecastWindows(tens, eval_idx, context=context)
+    b = {k: torch.stack([win[j][k] for j in range(len(win))]) for k in ("inputs", "forcing", "scalars")}
+    dev = next(model.parameters()).device
+    pred = model.predict(b["inputs"].to(dev), b["forcing"][:, 0].to(dev), b["scalars"][:, 0].to(dev)).cpu().numpy()
+    pred = pred * ext_stats["std"] + ext_stats["mean"]
+    t0 = np.asarray(win.times)
+    truth = ext[t0 + 1]
+    months = d.months
+    ce = np.array([ext[clim_idx][months[clim_idx] == m].mean() for m in range(12)])
+    return {
+        "extent_mae": float(np.abs(pred - truth).mean()),
+        "extent_mae_persistence": float(np.abs(ext[t0] - truth).mean()),
+        "extent_mae_climatology": float(np.abs(ce[months[t0 + 1]] - truth).mean()),
+        "eval_samples": float(len(t0)),
+    }
+
+
+def evaluate(*, ckpt: str | Path, data: str | Path, out: str | Path, leads: int = 6) -> dict[str, float]:
+    """Metrics of a fine-tuned checkpoint on ``data``: the years it did not train on.
+
+    Evaluation covers every year of the file outside the checkpoint's train and validation
+    years (all years for an independent file); the climatology baseline uses the file's
+    training years when present, else the evaluated years themselves (marked by
+    ``climatology_in_sample`` = 1).
+    """
+    out = Path(out)
+    cfg, d = _load_with_geometry(ckpt, data)
+    geom = cfg["geometry"]
+    model = load_pretrained(ckpt)
+    model.eval()
+    norm = cdata.Normaliser(geom["normalisation"])
+    tens = cdata.to_tensors(d, norm)
+    sp = geom.get("split", {})
+    seen = set(sp.get("train_years", ())) | set(sp.get("val_years", ()))
+    eval_idx = np.flatnonzero(~np.isin(d.years, list(seen)))
+    clim_idx = np.flatnonzero(np.isin(d.years, list(sp.get("train_years", ()))))
+    in_sample = clim_idx.size < 12
+    if in_sample:
+        clim_idx = eval_idx
+    if eval_idx.size == 0:
+        raise DataError(f"{data}: every year of this file was used to train {ckpt}; nothing left to evaluate")
+    ctx = int(cfg["model_kwargs"]["context"])
+    if isinstance(model, ClimateForecaster):
+        metrics, fc = evaluate_forecast(model, d, tens, norm, eval_idx=eval_idx, clim_idx=clim_idx,
+                                        leads=leads, context=ctx)
+        write_cf(fc, out / "forecast.nc")
+    elif isinstance(model, SeaIceExtent):
+        metrics = evaluate_seaice(model, d, tens, geom.get("extent_normalisation"), eval_idx=eval_idx,
+                                  clim_idx=clim_idx, context=ctx)
+    else:
+        raise ConfigError(f"{ckpt}: a {cfg.get('model_type')} checkpoint; evaluate needs a fine-tuned one")
+    metrics["climatology_in_sample"] = float(in_sample)
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+@torch.no_grad()
+def whatif(*, ckpt: str | Path, data: str | Path, out: str | Path, co2_factor: float = 2.0, months: int = 24,
+           members: int = 8, average_from: int = 12, perturbation: float = 0.05, truth: bool = True,
+           seed: int = 0) -> dict[str, float]:
+    """Ensemble what-if: change CO2 by ``co2_factor`` and roll the forecaster out.
+
+    Starts from the first test-year state; each member perturbs the normalised initial state
+    with Gaussian noise (``perturbation`` standard deviations). Baseline and changed runs use
+    the same perturbed states and the seasonal insolation of the data. The response is the
+    mean (changed - baseline) over months ``average_from``..``months``. When the data came from
+    the built-in generator and ``truth`` is set, the generator is re-run from its saved state with
+    the same change (``members`` weather realisations) and the pattern correlation and
+    amplitude ratio of the response are reported. Writes ``out/whatif.nc`` and
+    ``out/metrics.json``.
+    """
+    if co2_factor <= 0 or months < 1 or members < 1 or not 0 <= average_from < months:
+        raise ConfigError("whatif needs co2_factor > 0, months >= 1, members >= 1, 0 <= average_from < months")
+    out = Path(out)
+    cfg, d = _load_with_geometry(ckpt, data)
+    model = load_pretrained(ckpt)
+    if not isinstance(model, ClimateForecaster):
+        raise ConfigError(f"{ckpt}: what-if needs a fine-tuned forecaster, got {cfg.get('model_type')}")
+    model.eval()
+    geom = cfg["geometry"]
+    norm = cdata.Normaliser(geom["normalisation"])
+    tens = cdata.to_tensors(d, norm)
+    split = cdata.split_years(d)
+    ctx = int(cfg["model_kwargs"]["context"])
+    t0 = int(split.test[ctx - 1])
+    mo = d.months
+    # forcing for the rollout: seasonal insolation by month of year, CO2 held at its t0 value
+    f_by_month = torch.stack([tens.forcing[torch.from_numpy(mo == m)].mean(0) for m in range(12)])
+    steps_mo = (mo[t0] + 1 + np.arange(months)) % 12
+    forcing = f_by_month[torch.from_numpy(steps_mo)][None]  # (1, K, F, H, W)
+    sc_names = list(d.scalars)
+    if not sc_names:
+        raise DataError(f"{data}: no CO2 forcing variable; a what-if needs one")
+    base_ppm = float(280.0 * np.exp(d.scalars[sc_names[0]][t0] / 5.35))
+    new_ppm = base_ppm * co2_factor
+    s = geom["normalisation"][sc_names[0]]
+    base_s = torch.full((1, months, 1), (float(cdata.co2_to_forcing(base_ppm)) - s["mean"]) / s["std"])
+    new_s = torch.full((1, months, 1), (float(cdata.co2_to_forcing(new_ppm)) - s["mean"]) / s["std"])
+    gen = torch.Generator().manual_seed(seed)
+    x0 = tens.state[t0 - ctx + 1 : t0 + 1][None]  # (1, C, V, H, W)
+    mask = tens.mask[None]
+    x = (x0 + perturbation * torch.randn((members, *x0.shape[1:]), generator=gen)) * mask[:, None]
+    rb = model.rollout(x, forcing.expand(members, -1, -1, -1, -1), base_s.expand(members, -1, -1), mask)
+    rc = model.rollout(x, forcing.expand(members, -1, -1, -1, -1), new_s.expand(members, -1, -1), mask)
+    resp: dict[str, np.ndarray] = {}
+    for vi, v in enumerate(d.state_vars):
+        diff = (norm.denorm(v, rc[:, :, vi]) - norm.denorm(v, rb[:, :, vi])).numpy()  # (M, K, H, W)
+        resp[v] = np.where(d.valid[v], diff, np.nan)
+    metrics: dict[str, float] = {"co2_base_ppm": base_ppm, "co2_whatif_ppm": new_ppm,
+                                 "members": float(members), "months": float(months)}
+    data_vars: dict[str, Any] = {}
+    true_resp: dict[str, np.ndarray] = {}
+    gen_cfg = d.global_attrs.get("hfmi_generator_config")
+    if truth and gen_cfg:
+        true_resp = _generator_response(json.loads(gen_cfg), d, t0, months, base_ppm, new_ppm, members, seed,
+                                        average_from)
+    for v, r in resp.items():
+        window = r[:, average_from:].mean(axis=1)  # (M, H, W)
+        mean, spread = window.mean(0), window.std(0)
+        valid = d.valid[v]
+        a = d.attrs[v]
+        w = M.lat_weights(d.lat) * valid
+        metrics[f"{v}_response_global"] = float(np.nansum(mean * w) / w.sum())
+        metrics[f"{v}_response_spread"] = float(np.nansum(spread * w) / w.sum())
+        base = {"units": a.get("units", ""), "cell_methods": "time: mean"}
+        data_vars[f"{v}_response"] = (("lat", "lon"), mean.astype(np.float32),
+                                      {**base, "long_name": f"ensemble-mean response of {v} to CO2 x{co2_factor}"})
+        data_vars[f"{v}_response_spread"] = (("lat", "lon"), spread.astype(np.float32),
+                                             {**base, "long_name": f"ensemble spread of the {v} response"})
+        data_vars[f"{v}_response_monthly"] = (("month", "lat", "lon"), np.nanmean(r, 0).astype(np.float32),
+                                              {"units": base["units"],
+                                               "long_name": f"ensemble-mean {v} response by month after the change"})
+        if v in true_resp:
+            tr = true_resp[v]
+            metrics[f"{v}_pattern_correlation"] = M.pattern_correlation(np.nan_to_num(mean), np.nan_to_num(tr), d.lat, valid)
+            metrics[f"{v}_amplitude_ratio"] = M.amplitude_ratio(np.nan_to_num(mean), np.nan_to_num(tr), d.lat, valid)
+            metrics[f"{v}_response_global_true"] = float(np.nansum(tr * w) / w.sum())
+            data_vars[f"{v}_response_true"] = (("lat", "lon"), tr.astype(np.float32),
+                                               {**base, "long_name": f"generator's true response of {v}"})
+    if true_resp:
+        main = cdata.main_variable(d)
+        metrics["pattern_correlation"] = metrics[f"{main}_pattern_correlation"]
+        metrics["amplitude_ratio"] = metrics[f"{main}_amplitude_ratio"]
+    ds = xr.Dataset(
+        data_vars,
+        coords={"lat": ("lat", d.lat, {"standard_name": "latitude", "units": "degrees_north", "axis": "Y"}),
+                "lon": ("lon", d.lon, {"standard_name": "longitude", "units": "degrees_east", "axis": "X"}),
+                "month": ("month", np.arange(1, months + 1, dtype=np.int32),
+                          {"long_name": "months after the forcing change", "units": "1"})},
+        attrs={"Conventions": "CF-1.8", "title": "hfmi_kit what-if experiment",
+               "institution": "hfmi_kit", "source": f"hfmi_kit {code_version()} climate_forecaster",
+               "history": f"{np.datetime64('now')}: CO2 x{co2_factor} from {str(d.time[t0])[:10]}, "
+                          f"{members} members, months {average_from + 1}-{months} averaged",
+               "references": "CO2 forcing 5.35 ln(C/C0), Myhre et al. 1998"},
+    )
+    for v in ds.data_vars:
+        ds[v].encoding["_FillValue"] = np.float32(1e20)
+    write_cf(ds, out / "whatif.nc")
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def _generator_response(gcfg: dict[str, Any], d: cdata.ClimateData, t0: int, months: int, base_ppm: float,
+                        new_ppm: float, members: int, seed: int, avg_from: int) -> dict[str, np.ndarray]:
+    """True response from the generator: branch from the saved state after month t0."""
+    from hfmi_kit.domains.climate import generator as G
+
+    gcfg = dict(gcfg)
+    gcfg["co2_levels"] = tuple(gcfg.get("co2_levels", ()))
+    cfg = G.GeneratorConfig(**gcfg)
+    co2 = 280.0 * np.exp(d.scalars[list(d.scalars)[0]].astype(np.float64) / 5.35)
+    _, states = G.generate(cfg, co2_ppm=co2, return_states=True)
+    start = states[t0 + 1]
+    start_month = int(d.months[t0 + 1])
+    acc: dict[str, list[np.ndarray]] = {}
+    for m in range(members):
+        b = G.branch(cfg, start, np.full(months, base_ppm), start_month, seed=10_000 + seed * 100 + m)
+        c = G.branch(cfg, start, np.full(months, new_ppm), start_month, seed=10_000 + seed * 100 + m)
+        for v, key in (("tas", "tas"), ("tos", "tos"), ("siconc", "siconc")):
+            if v in d.state:
+                acc.setdefault(v, []).append((c[key][avg_from:] - b[key][avg_from:]).mean(0))
+    return {v: np.mean(a, axis=0) for v, a in acc.items()}

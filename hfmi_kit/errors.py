@@ -1,0 +1,35 @@
+"""Exceptions raised where bad input enters hfmi_kit.
+
+Every message names the file, variable or parameter and says what was expected and what was
+found, so a user can fix the input without reading the code.
+"""
+
+from __future__ import annotations
+
+
+class HfmiError(Exception):
+    """Base class of every error hfmi_kit raises on purpose."""
+
+
+class ConfigError(HfmiError, ValueError):
+    """A configuration or parameter value is invalid."""
+
+
+class DataError(HfmiError, ValueError):
+    """Input data is malformed: missing variable, wrong axis, NaNs, wrong units or shape."""
+
+
+class CheckpointError(HfmiError):
+    """A checkpoint directory is missing a file, is corrupt, or was written by a newer version."""
+
+
+class GeometryMismatchError(HfmiError, ValueError):
+    """Data does not match the geometry (variables, grid, units) a checkpoint expects."""
+
+
+class NonFiniteLossError(HfmiError, FloatingPointError):
+    """Training produced a NaN or infinite loss; training stops and checkpoints stay intact."""
+
+
+class NotebookError(HfmiError):
+    """A notebook run failed: a cell raised, or the kernel died."""

@@ -1,0 +1,90 @@
+"""Run notebooks headless with papermill; paired ``.py`` percent scripts are accepted directly."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from hfmi_kit.errors import NotebookError
+
+LOGGER = logging.getLogger(__name__)
+
+
+def read_notebook(path: str | Path) -> Any:
+    """Read an ``.ipynb`` or a jupytext ``.py`` (cell tags such as ``parameters`` survive)."""
+    import jupytext
+    import nbformat
+
+    p = Path(path)
+    if not p.is_file():
+        raise NotebookError(f"{p}: notebook not found")
+    try:
+        nb = jupytext.read(p) if p.suffix == ".py" else nbformat.read(p, as_version=4)
+    except Exception as e:
+        raise NotebookError(f"{p}: cannot be read as a notebook ({e})") from e
+    nb.metadata.setdefault("kernelspec", {"name": "python3", "display_name": "Python 3", "language": "python"})
+    return nb
+
+
+def has_parameters_cell(nb: Any) -> bool:
+    return any("parameters" in c.get("metadata", {}).get("tags", []) for c in nb.cells)
+
+
+def _running_cell(output: Path) -> str:
+    import nbformat
+
+    try:
+        nb = nbformat.read(output, as_version=4)
+    except Exception:  # noqa: BLE001 - best effort diagnostics
+        return "unknown cell"
+    for i, c in enumerate(nb.cells):
+        if c.get("metadata", {}).get("papermill", {}).get("status") == "running":
+            first = c.source.strip().splitlines()[0] if c.source.strip() else ""
+            return f"cell {i} ({first[:60]!r})"
+    return "unknown cell"
+
+
+def run_notebook(path: str | Path, parameters: Mapping[str, Any] | None = None, *,
+                 output: str | Path | None = None, cwd: str | Path | None = None,
+                 kernel_name: str = "python3", timeout: int | None = None) -> Path:
+    """Execute a notebook with papermill and return the executed ``.ipynb``.
+
+    Raises:
+        NotebookError: a cell raised (with the cell and error), or the kernel died (with the
+            cell that was running), or the notebook has no ``parameters`` cell while
+            parameters were given.
+    """
+    import nbformat
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    src = Path(path)
+    nb = read_notebook(src)
+    params = dict(parameters or {})
+    if params and not has_parameters_cell(nb):
+        raise NotebookError(f"{src}: no cell tagged 'parameters'; cannot inject {sorted(params)}")
+    out = Path(output) if output else src.with_name(f"{src.stem}.out.ipynb")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        inp = Path(tmp) / f"{src.stem}.ipynb"
+        nbformat.write(nb, inp)
+        try:
+            pm.execute_notebook(str(inp), str(out), parameters=params, kernel_name=kernel_name,
+                                cwd=str(cwd or src.parent), progress_bar=False, log_output=False,
+                                execution_timeout=timeout)
+        except PapermillExecutionError as e:
+            raise NotebookError(
+                f"{src}: cell {e.exec_count} raised {e.ename}: {e.evalue} (executed notebook: {out})"
+            ) from e
+        except Exception as e:
+            name = type(e).__name__
+            if "DeadKernel" in name or "dead" in str(e).lower():
+                raise NotebookError(
+                    f"{src}: the kernel died while running {_running_cell(out)} (killed, e.g. out of "
+                    f"memory?); partial output: {out}"
+                ) from e
+            raise NotebookError(f"{src}: notebook run failed ({name}: {e})") from e
+    return out
