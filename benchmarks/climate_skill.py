@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from hfmi_kit.domains.climate import DOMAIN, GeneratorConfig, finetune, generate, pretrain, whatif, write_dataset
+from hfmi_kit.domains.climate import GeneratorConfig, finetune, generate, pretrain, whatif, write_dataset
 
 
 def main() -> None:

@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from hfmi_kit.train.pretrained import load_pretrained, save_pretrained  # noqa: E402
+from hfmi_kit.train.pretrained import load_pretrained, save_pretrained
 
 __all__ = ["__version__", "load_pretrained", "save_pretrained"]

@@ -50,7 +50,9 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
     out = Path(a.out)
     data = _data_or_example(dom, a.data, out, a.seed)
     kw: dict[str, Any] = {"config": a.config, "steps": a.steps, "seed": a.seed, "resume": a.resume,
-                          "batch_size": a.batch_size, "lr": a.lr, "precision": a.precision, "device": a.device}
+                          "batch_size": a.batch_size, "precision": a.precision, "device": a.device}
+    if a.lr is not None:
+        kw["lr"] = a.lr
     if a.variables:
         kw["variables"] = a.variables.split(",")
     ck = dom.pretrain(data=data, out=out, **kw)
@@ -161,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     def common_train(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--seed", type=int, default=0, help="the one seed of the run (default 0)")
         sp.add_argument("--batch-size", type=int, default=16)
-        sp.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+        sp.add_argument("--lr", type=float, default=None,
+                        help="peak learning rate (default: the domain's choice for pretrain / fine-tune)")
         sp.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
         sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
 

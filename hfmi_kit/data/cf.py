@@ -79,13 +79,13 @@ def find_axis(ds: xr.Dataset | xr.DataArray, kind: str, *, source: str = "datase
         sn, ax, un = _attr(da, "standard_name"), _attr(da, "axis"), _attr(da, "units")
         lname = str(name).lower()
         if kind == "time" and (sn == "time" or ax == "t" or np.issubdtype(da.dtype, np.datetime64)
-                               or da.dtype == object and lname in ("time", "t")):
+                               or (da.dtype == object and lname in ("time", "t"))):
             cands.append(name)
-        elif kind == "lat" and (sn == "latitude" or ax == "y" and un in _LAT_UNITS or un in _LAT_UNITS
-                                or lname in ("lat", "latitude") and da.ndim == 1):
+        elif kind == "lat" and (sn == "latitude" or (ax == "y" and un in _LAT_UNITS) or un in _LAT_UNITS
+                                or (lname in ("lat", "latitude") and da.ndim == 1)):
             cands.append(name)
-        elif kind == "lon" and (sn == "longitude" or ax == "x" and un in _LON_UNITS or un in _LON_UNITS
-                                or lname in ("lon", "longitude") and da.ndim == 1):
+        elif kind == "lon" and (sn == "longitude" or (ax == "x" and un in _LON_UNITS) or un in _LON_UNITS
+                                or (lname in ("lon", "longitude") and da.ndim == 1)):
             cands.append(name)
         elif kind == "level" and (ax == "z" or "positive" in da.attrs or sn in ("air_pressure", "depth", "height")):
             cands.append(name)

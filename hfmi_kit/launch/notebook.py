@@ -38,7 +38,7 @@ def _running_cell(output: Path) -> str:
 
     try:
         nb = nbformat.read(output, as_version=4)
-    except Exception:  # noqa: BLE001 - best effort diagnostics
+    except Exception:
         return "unknown cell"
     for i, c in enumerate(nb.cells):
         if c.get("metadata", {}).get("papermill", {}).get("status") == "running":

@@ -13,11 +13,36 @@ from hfmi_kit.models.mae import (
     masked_mse,
 )
 from hfmi_kit.models.registry import create_model, list_models, register_model
-from hfmi_kit.models.tokenizers import GridTokenizer, SetTokenizer, TokenBatch, patchify, unpatchify
+from hfmi_kit.models.tokenizers import (
+    GridTokenizer,
+    SetTokenizer,
+    TokenBatch,
+    patchify,
+    unpatchify,
+)
 
 __all__ = [
-    "SIZES", "Backbone", "DenseHead", "Encoder", "EncoderConfig", "GridTokenizer", "MAEDecoder",
-    "MaskedAutoencoder", "PooledHead", "SequenceHead", "SetTokenizer", "TokenBatch", "create_model",
-    "get_size", "layer_id", "list_models", "mae_forward", "make_decoder", "mask_scores", "masked_mse", "patchify", "register_model",
+    "SIZES",
+    "Backbone",
+    "DenseHead",
+    "Encoder",
+    "EncoderConfig",
+    "GridTokenizer",
+    "MAEDecoder",
+    "MaskedAutoencoder",
+    "PooledHead",
+    "SequenceHead",
+    "SetTokenizer",
+    "TokenBatch",
+    "create_model",
+    "get_size",
+    "layer_id",
+    "list_models",
+    "mae_forward",
+    "make_decoder",
+    "mask_scores",
+    "masked_mse",
+    "patchify",
+    "register_model",
     "unpatchify",
 ]

@@ -69,7 +69,7 @@ class MAEDecoder(nn.Module):
 
     def forward(self, latent: torch.Tensor, keep_idx: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
         """``latent`` (B, K, De) of kept tokens at ``keep_idx`` (B, K) -> (B, T, P) predictions."""
-        B, K, _ = latent.shape
+        B = latent.shape[0]
         T = batch.group_ids.numel()
         x = self.mask_token.expand(B, T, -1).clone()  # (B, T, Dd)
         x.scatter_(1, keep_idx[..., None].expand(-1, -1, x.shape[-1]), self.embed(latent))

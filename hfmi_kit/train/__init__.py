@@ -1,7 +1,7 @@
 """The engine: training loop, checkpoints, seeding and distributed set-up."""
 
 from hfmi_kit.train.dist import DistInfo, init_distributed, pick_device
-from hfmi_kit.train.loop import ResumableSampler, Trainer, TrainConfig, TrainResult, param_groups
+from hfmi_kit.train.loop import ResumableSampler, TrainConfig, Trainer, TrainResult, param_groups
 from hfmi_kit.train.pretrained import (
     LoadReport,
     load_pretrained,

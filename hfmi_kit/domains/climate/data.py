@@ -125,6 +125,11 @@ def _convert_units(da: xr.DataArray, name: str, source: str) -> tuple[xr.DataArr
     )
 
 
+def _on_grid(ds: xr.Dataset, dims: tuple[str, str], lat: np.ndarray, lon: np.ndarray) -> bool:
+    a, b = ds[dims[0]].values, ds[dims[1]].values
+    return a.shape == lat.shape and b.shape == lon.shape and np.allclose(a, lat) and np.allclose(b, lon)
+
+
 def load_climate(path: str | Path, *, variables: Sequence[str] | None = None,
                  expect: dict[str, Any] | None = None) -> ClimateData:
     """Read and validate a CF climate dataset.
@@ -178,11 +183,11 @@ def load_climate(path: str | Path, *, variables: Sequence[str] | None = None,
     if expect is not None:
         lat, lon = np.asarray(expect["grid"]["lat"]), np.asarray(expect["grid"]["lon"])
     land = None
-    for v, da in ds.data_vars.items():
+    for da in ds.data_vars.values():
         if da.attrs.get("standard_name") == "land_area_fraction":
             dims = grid_dims(da, ds)
             if dims and da.ndim == 2:
-                lf = da if dims == (lat_d, lon_d) else regrid_bilinear(da, *dims, lat, lon)
+                lf = da if _on_grid(ds, dims, lat, lon) else regrid_bilinear(da, *dims, lat, lon)
                 frac = np.asarray(lf.values, dtype=np.float64)
                 frac = frac / 100.0 if str(da.attrs.get("units", "%")).strip() == "%" else frac
                 land = frac >= 0.5
@@ -192,13 +197,9 @@ def load_climate(path: str | Path, *, variables: Sequence[str] | None = None,
         da = ds[v].transpose(axes.time, *grid_dims(ds[v], ds))  # type: ignore[misc]
         da, units = _convert_units(da, v, src)
         g = grid_dims(ds[v], ds)
-        if g != (lat_d, lon_d) or expect is not None:
-            same = (ds[g[0]].size == lat.size and ds[g[1]].size == lon.size
-                    and np.allclose(ds[g[0]].values, lat) and np.allclose(ds[g[1]].values, lon))
-            if not same:
-                if expect is not None and g == (lat_d, lon_d) and ds[g[0]].size * ds[g[1]].size != lat.size * lon.size:
-                    LOGGER.info("%s: regridding %s onto the checkpoint's grid", src, v)
-                da = regrid_bilinear(da, g[0], g[1], lat, lon)
+        if not _on_grid(ds, g, lat, lon):  # another grid, or not the checkpoint's grid
+            LOGGER.info("%s: regridding %s bilinearly onto the %dx%d target grid", src, v, lat.size, lon.size)
+            da = regrid_bilinear(da, g[0], g[1], lat, lon)
         arr = np.asarray(da.values, dtype=np.float32)
         if arr.shape[1:] != (lat.size, lon.size):
             raise DataError(f"{src}: variable {v!r} has grid {arr.shape[1:]}, expected {(lat.size, lon.size)}")
@@ -269,7 +270,7 @@ def compute_stats(path: str | Path, data: ClimateData,
     for v in [*data.state, *data.forcing]:
         da = ds[v]
         a = data.attrs[v]
-        _, canon, conv = UNITS.get(a.get("standard_name", ""), ("", set(), {}))
+        conv = UNITS.get(a.get("standard_name", ""), ("", set(), {}))[2]
         mean, std = float(da.mean(skipna=True).compute()), float(da.std(skipna=True).compute())
         units = str(da.attrs.get("units", "")).strip()
         if units in conv:

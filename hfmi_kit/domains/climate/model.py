@@ -121,14 +121,15 @@ class ClimatePretrainer(ClimateNet):
     """Masked reconstruction across variables and space-time patches, plus next-step prediction."""
 
     def __init__(self, *, mask_ratio: float = 0.6, mask_strategy: str = "mixed",
-                 next_step_weight: float = 1.0, **kw: Any) -> None:
+                 next_step_weight: float = 1.0, head_hidden: int | None = None, **kw: Any) -> None:
         super().__init__(**kw)
         tok = self.tokenizer
+        head_hidden = self.backbone.cfg.dim if head_hidden is None else head_hidden
         self.decoder = make_decoder(self.backbone, num_groups=len(tok.groups) + len(tok.scalars),
                                     num_positions=tok.num_patches, patch_numel=tok.patch_numel)
-        self.next_head = DenseHead(dim=self.backbone.cfg.dim,
-                                   outputs={v: state_group(v, 0) for v in self.variables},
-                                   grid=tok.grid, patch=tok.patch)
+        # Named like the forecaster's head so next-step skill transfers with the backbone.
+        self.head = DenseHead(dim=self.backbone.cfg.dim, outputs={v: state_group(v, 0) for v in self.variables},
+                              grid=tok.grid, patch=tok.patch, hidden=head_hidden)
         self.mask_ratio, self.mask_strategy, self.next_step_weight = mask_ratio, mask_strategy, next_step_weight
 
     def _targets(self, tb: TokenBatch, inputs: torch.Tensor, forcing: torch.Tensor,
@@ -161,11 +162,13 @@ class ClimatePretrainer(ClimateNet):
         mae_loss, _, _ = mae_forward(self.backbone, self.decoder, tb, tgt, wts,
                                      mask_ratio=self.mask_ratio, strategy=strategy)
         z = self.backbone.encode(tb)
-        delta = self.next_head(z, tb)
+        delta = self.head(z, tb)
         pred = self.next_state(inputs, delta)
         next_loss = self.weighted_mse(pred, batch["target"][:, 0], mask)
+        with torch.no_grad():  # reference: the next-step loss of persistence (x_t+1 = x_t)
+            persistence = self.weighted_mse(inputs[:, -1], batch["target"][:, 0], mask)
         return {"loss": mae_loss + self.next_step_weight * next_loss, "mae_loss": mae_loss.detach(),
-                "next_step_loss": next_loss.detach()}
+                "next_step_loss": next_loss.detach(), "next_step_persistence": persistence}
 
 
 class SeaIceExtent(ClimateNet):

@@ -14,7 +14,7 @@ import torch
 import xarray as xr
 
 from hfmi_kit.config import atomic_write_json
-from hfmi_kit.data.cf import open_cf, write_cf
+from hfmi_kit.data.cf import write_cf
 from hfmi_kit.domains.climate import data as cdata
 from hfmi_kit.domains.climate import metrics as M
 from hfmi_kit.domains.climate.model import ClimateForecaster, SeaIceExtent
@@ -160,13 +160,15 @@ class _ExtentWindows(torch.utils.data.Dataset):
 
 def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task: str = "forecast",
              label_fraction: float = 1.0, steps: int = 300, seed: int = 0, mode: str = "full",
-             config: str | None = None, batch_size: int = 16, lr: float = 1e-3, leads: int = 6,
-             rollout_train: int = 2, precision: str = "auto", device: str = "auto",
-             progress: bool = True) -> dict[str, float]:
+             config: str | None = None, batch_size: int = 16, lr: float | None = None, leads: int = 6,
+             rollout_train: int = 2, layer_decay: float | None = None, precision: str = "auto",
+             device: str = "auto", progress: bool = True) -> dict[str, float]:
     """Fine-tune a forecaster (``task='forecast'``) or sea-ice extent model (``'seaice'``).
 
     With ``ckpt=None`` the same architecture is trained from scratch on the same split
-    (``config`` gives the size; the data's statistics are computed here).
+    (``config`` gives the size; the data's statistics are computed here). Defaults follow
+    common fine-tuning practice: a pretrained backbone gets LR 5e-4 with layer-wise decay 0.8,
+    a model from scratch LR 1e-3 without decay.
     Writes ``out/model`` (checkpoint), ``out/metrics.json`` and, for forecasts,
     ``out/forecast.nc`` (CF). Returns the metrics.
     """
@@ -215,7 +217,12 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
         ext_stats = {"mean": float(tr_ext.mean()), "std": float(max(tr_ext.std(), 1e-6))}
         en = (ext - ext_stats["mean"]) / ext_stats["std"]
         train, val = _ExtentWindows(train, en), _ExtentWindows(val, en)
+    if lr is None:
+        lr = 5e-4 if ckpt is not None else 1e-3
+    if layer_decay is None:
+        layer_decay = 0.8 if ckpt is not None and mode == "full" else 1.0
     tc = _train_cfg(steps=steps, batch_size=min(batch_size, len(train)), lr=lr, seed=seed, mode=mode,
+                    layer_decay=layer_decay,
                     precision=precision, device=device, progress=progress, eval_every=max(steps // 5, 1),
                     warmup_steps=min(20, steps // 10 + 1), early_stopping_patience=0)
     geom = {**geom, "label_fraction": label_fraction, "label_years": sorted(set(d.years[sub].tolist()))}
@@ -321,7 +328,8 @@ def forecast_dataset(d: cdata.ClimateData, fields: dict[str, np.ndarray], t0: np
         a = d.attrs[v]
         attrs = {k: a[k] for k in ("standard_name", "long_name", "units") if k in a}
         attrs["coordinates"] = "valid_time"
-        attrs["cell_methods"] = "time: mean" + (" area: mean where sea" if "where sea" in a.get("cell_methods", "") else "")
+        sea = "where sea" in a.get("cell_methods", "")
+        attrs["cell_methods"] = "area: mean where sea time: mean" if sea else "time: mean"
         data_vars[v] = (("init_time", "lead", "lat", "lon"), arr.astype(np.float32), attrs)
     ds = xr.Dataset(
         data_vars,
@@ -491,8 +499,9 @@ def whatif(*, ckpt: str | Path, data: str | Path, out: str | Path, co2_factor: f
                                                "long_name": f"ensemble-mean {v} response by month after the change"})
         if v in true_resp:
             tr = true_resp[v]
-            metrics[f"{v}_pattern_correlation"] = M.pattern_correlation(np.nan_to_num(mean), np.nan_to_num(tr), d.lat, valid)
-            metrics[f"{v}_amplitude_ratio"] = M.amplitude_ratio(np.nan_to_num(mean), np.nan_to_num(tr), d.lat, valid)
+            pm, pt = np.nan_to_num(mean), np.nan_to_num(tr)
+            metrics[f"{v}_pattern_correlation"] = M.pattern_correlation(pm, pt, d.lat, valid)
+            metrics[f"{v}_amplitude_ratio"] = M.amplitude_ratio(pm, pt, d.lat, valid)
             metrics[f"{v}_response_global_true"] = float(np.nansum(tr * w) / w.sum())
             data_vars[f"{v}_response_true"] = (("lat", "lon"), tr.astype(np.float32),
                                                {**base, "long_name": f"generator's true response of {v}"})

@@ -1,0 +1,67 @@
+"""Climate plots (HoloViews): forecast maps with a lead slider, skill vs lead, what-if maps.
+
+The notebooks and the dashboard call these same functions.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import xarray as xr
+
+from hfmi_kit.viz.core import curves, map_with_slider, single_map
+
+
+def forecast_maps(forecast: xr.Dataset | str | Path, var: str = "tas", init_index: int = 0) -> Any:
+    """Forecast of ``var`` from one initialisation, with a lead-time slider."""
+    ds = xr.open_dataset(forecast) if not isinstance(forecast, xr.Dataset) else forecast
+    da = ds[var].isel(init_time=init_index).load()
+    init = str(ds["init_time"].values[init_index])[:10]
+    return map_with_slider(da, "lead", cmap="viridis" if var != "siconc" else "Blues_r",
+                           title=f"{var} forecast from {init}")
+
+
+def skill_vs_lead(metrics: Mapping[str, float] | str | Path, var: str = "tas", metric: str = "rmse") -> Any:
+    """RMSE (or ACC) against lead time for the model and the persistence / climatology baselines."""
+    m = json.loads(Path(metrics).read_text()) if not isinstance(metrics, Mapping) else metrics
+    leads = sorted(int(k.rsplit("lead", 1)[1]) for k in m if k.startswith(f"{metric}_{var}_lead"))
+    series = {"model": (leads, [m[f"{metric}_{var}_lead{k}"] for k in leads])}
+    for base in ("persistence", "climatology"):
+        key = f"{metric}_{base}_{var}_lead1"
+        if key in m:
+            series[base] = (leads, [m[f"{metric}_{base}_{var}_lead{k}"] for k in leads])
+    label = "latitude-weighted RMSE" if metric == "rmse" else "anomaly correlation"
+    return curves(series, xlabel="lead [months]", ylabel=label, title=f"{var}: {label} vs lead")
+
+
+def whatif_maps(whatif: xr.Dataset | str | Path, var: str = "tas") -> Any:
+    """Predicted ensemble-mean response, its spread and (when known) the true response."""
+    ds = xr.open_dataset(whatif) if not isinstance(whatif, xr.Dataset) else whatif
+    resp = ds[f"{var}_response"].load()
+    panels = []
+    m = float(abs(resp).max())
+    if f"{var}_response_true" in ds:
+        m = max(m, float(abs(ds[f"{var}_response_true"]).max()))
+    panels.append(single_map(resp, clim=(-m, m), title=f"{var} response (model ensemble mean)"))
+    if f"{var}_response_true" in ds:
+        panels.append(single_map(ds[f"{var}_response_true"].load(), clim=(-m, m),
+                                 title=f"{var} response (generator truth)"))
+    panels.append(single_map(ds[f"{var}_response_spread"].load(), cmap="viridis",
+                             title=f"{var} response spread (ensemble std)"))
+    import holoviews as hv
+
+    return hv.Layout(panels).cols(2)
+
+
+def label_efficiency(rows: Sequence[Mapping[str, Any]], metric: str = "rmse") -> Any:
+    """Metric against label fraction for each method (rows: method, label_fraction, metric)."""
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for r in sorted(rows, key=lambda r: r["label_fraction"]):
+        xs, ys = series.setdefault(r["method"], ([], []))
+        xs.append(r["label_fraction"])
+        ys.append(r[metric])
+    return curves(series, xlabel="fraction of training years labelled", ylabel=metric,
+                  title=f"label efficiency ({metric})", logx=True)

@@ -1,0 +1,166 @@
+"""Climate reader, generator and bad-input errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from hfmi_kit.data.cf import write_cf
+from hfmi_kit.domains.climate import GeneratorConfig, generate, load_climate
+from hfmi_kit.domains.climate import data as cdata
+from hfmi_kit.domains.climate.generator import T_FREEZE
+from hfmi_kit.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def ds() -> xr.Dataset:
+    return generate(GeneratorConfig(years=4, spinup_years=6, seed=1))
+
+
+def test_generator_is_cf_and_physical(ds):
+    assert ds.attrs["Conventions"] == "CF-1.8"
+    for v in ds.data_vars:
+        assert ds[v].attrs["units"] is not None and ds[v].attrs["standard_name"], v
+    land = ds.sftlf.values >= 50
+    assert np.isnan(ds.tos.values[:, land]).all() and np.isfinite(ds.tos.values[:, ~land]).all()
+    assert np.isfinite(ds.tas.values).all()
+    ice = ds.siconc.values[:, ~land]
+    assert ice.min() >= 0 and ice.max() <= 1 and ice.max() > 0.5  # sea ice forms
+    # a mostly ice-covered month has its mixed layer near freezing (monthly means)
+    assert (ds.tos.values[:, ~land][ice > 0.5] < T_FREEZE + 2.0).all()
+    # seasonal cycle: NH high latitudes colder in January than July
+    nh = ds.tas.sel(lat=slice(45, 90)).mean(("lat", "lon"))
+    assert float(nh.isel(time=6)) - float(nh.isel(time=0)) > 5
+    # poles colder than the tropics
+    zonal = ds.tas.mean(("time", "lon"))
+    assert float(zonal.sel(lat=0, method="nearest")) - float(zonal.isel(lat=-1)) > 20
+
+
+def test_more_co2_warms_the_generator():
+    cfg = GeneratorConfig(years=3, spinup_years=5, seed=2)
+    lo = generate(cfg, co2_ppm=np.full(36, 280.0))
+    hi = generate(cfg, co2_ppm=np.full(36, 1120.0))
+    w = np.cos(np.deg2rad(lo.lat))
+    d = float((hi.tas - lo.tas).isel(time=slice(24, 36)).weighted(w).mean())
+    assert 0.5 < d < 8.0  # 7.4 W m-2 of forcing warms by a few K within three years
+
+
+def test_reads_zarr_and_netcdf_alike(ds, tmp_path):
+    z = write_cf(ds, tmp_path / "c.zarr")
+    n = write_cf(ds, tmp_path / "c.nc")
+    a, b = load_climate(z), load_climate(n)
+    assert sorted(a.state_vars) == sorted(b.state_vars) == ["siconc", "tas", "tos"]
+    assert list(a.forcing) == ["rsdt"] and list(a.scalars) == ["co2"]
+    np.testing.assert_allclose(a.state["tas"], b.state["tas"])
+    assert a.valid["tos"].sum() == (ds.sftlf.values < 50).sum()
+    np.testing.assert_allclose(a.scalars["co2"], 5.35 * np.log(ds.co2.values / 280.0), rtol=1e-5)
+
+
+def test_axes_found_by_cf_attributes_not_names(ds, tmp_path):
+    r = ds.rename({"lat": "y", "lon": "x", "time": "t"})
+    p = write_cf(r, tmp_path / "renamed.nc", time_dim="t")
+    d = load_climate(p)
+    assert d.lat.size == ds.lat.size and d.time.size == ds.time.size
+
+
+def test_variables_flag_and_missing_variable(ds, tmp_path):
+    p = write_cf(ds, tmp_path / "c.nc")
+    assert load_climate(p, variables=["tas"]).state_vars == ["tas"]
+    with pytest.raises(DataError, match=r"c\.nc: variable\(s\) \['psl'\] not found"):
+        load_climate(p, variables=["tas", "psl"])
+
+
+def _bad(ds, tmp_path, name, fn):
+    return write_cf(fn(ds.copy(deep=True)), tmp_path / f"{name}.nc")
+
+
+def test_bad_inputs_give_clear_errors(ds, tmp_path):
+    p = _bad(ds, tmp_path, "notime", lambda d: d.isel(time=0).drop_vars("time"))
+    with pytest.raises(DataError, match=r"notime\.nc: no time axis"):
+        load_climate(p)
+    p = _bad(ds, tmp_path, "dup", lambda d: d.isel(time=[0, 1, 1, 2, 3]))
+    with pytest.raises(DataError, match=r"dup\.nc: duplicated time"):
+        load_climate(p)
+    p = _bad(ds, tmp_path, "rev", lambda d: d.isel(time=[0, 2, 1, 3]))
+    with pytest.raises(DataError, match=r"rev\.nc: non-monotonic time"):
+        load_climate(p)
+
+    def wrong_units(d):
+        d["tas"].attrs["units"] = "m"
+        return d
+
+    with pytest.raises(DataError, match=r"variable 'tas' \(air_temperature\) has units 'm'; expected 'K'"):
+        load_climate(_bad(ds, tmp_path, "units", wrong_units))
+
+    def nan_over_ocean(d):
+        ocean = np.argwhere(d.sftlf.values < 50)[0]
+        d["tos"].values[5, ocean[0], ocean[1]] = np.nan
+        return d
+
+    with pytest.raises(DataError, match=r"variable 'tos' has 1 NaN.*over the ocean"):
+        load_climate(_bad(ds, tmp_path, "nanocean", nan_over_ocean))
+
+    def nan_in_tas(d):
+        d["tas"].values[3, 2, 2] = np.nan
+        return d
+
+    with pytest.raises(DataError, match=r"variable 'tas' has 1 NaN.*no declared mask"):
+        load_climate(_bad(ds, tmp_path, "nantas", nan_in_tas))
+
+    def no_lon(d):
+        d = d.rename({"lon": "x"})
+        d["x"].attrs = {}
+        return d
+
+    with pytest.raises(DataError, match=r"nolon\.nc: grid without longitude"):
+        load_climate(_bad(ds, tmp_path, "nolon", no_lon))
+    corrupt = tmp_path / "corrupt.nc"
+    corrupt.write_bytes(b"CDF\x01garbage" * 10)
+    with pytest.raises(DataError, match=r"corrupt\.nc: cannot be read"):
+        load_climate(corrupt)
+    with pytest.raises(DataError, match="no such file"):
+        load_climate(tmp_path / "missing.zarr")
+
+
+def test_celsius_is_converted(ds, tmp_path):
+    d = ds.copy(deep=True)
+    d["tas"] = d["tas"] - 273.15
+    d["tas"].attrs = {**ds["tas"].attrs, "units": "degC"}
+    got = load_climate(write_cf(d, tmp_path / "degc.nc"))
+    np.testing.assert_allclose(got.state["tas"], ds["tas"].values, atol=1e-3)
+    assert got.attrs["tas"]["units"] == "K"
+
+
+def test_variable_on_another_grid_is_regridded(ds, tmp_path):
+    coarse = ds["tas"].coarsen(lon=2).mean()
+    coarse = coarse.rename({"lon": "lon_c"}).rename("tas_coarse")
+    coarse["lon_c"].attrs = {"standard_name": "longitude", "units": "degrees_east"}
+    coarse.attrs = {**ds["tas"].attrs, "long_name": "tas on a coarser grid"}
+    d = ds[["tas", "rsdt", "co2", "sftlf"]].assign(tas_coarse=coarse)
+    got = load_climate(write_cf(d, tmp_path / "twogrids.nc"))
+    assert got.state["tas_coarse"].shape == got.state["tas"].shape
+    err = np.abs(got.state["tas_coarse"] - got.state["tas"]).mean()
+    assert err < 2.0  # bilinear interpolation of a 2x coarser zonal grid stays close
+
+
+def test_real_enso_sst_from_statsmodels_reads_as_cf(tmp_path):
+    """Real data shipped in an installed package: monthly El Niño SST 1950-2010 (statsmodels)."""
+    from statsmodels.datasets import elnino
+
+    df = elnino.load_pandas().data
+    sst = df.drop(columns="YEAR").to_numpy().reshape(-1)  # monthly, degC
+    time = np.array([np.datetime64(f"{int(y)}-{m:02d}-01", "ns") for y in df.YEAR for m in range(1, 13)])
+    ds_real = xr.Dataset(
+        {"sst": (("time", "lat", "lon"), sst[:, None, None].astype("float32"),
+                 {"standard_name": "sea_surface_temperature", "units": "degC"})},
+        coords={"time": ("time", time, {"standard_name": "time"}),
+                "lat": ("lat", [0.0], {"standard_name": "latitude", "units": "degrees_north"}),
+                "lon": ("lon", [240.0], {"standard_name": "longitude", "units": "degrees_east"})},
+        attrs={"Conventions": "CF-1.8", "source": "statsmodels.datasets.elnino"},
+    )
+    got = load_climate(write_cf(ds_real, tmp_path / "elnino.nc"))
+    assert got.time.size == 61 * 12 and got.attrs["sst"]["units"] == "K"
+    assert 293 < got.state["sst"].mean() < 303  # ~24-27 degC in K
+    split = cdata.split_years(got)
+    assert split.test_years == tuple(range(1999, 2011))  # the last 20 % of 61 years

@@ -1,0 +1,122 @@
+"""Climate end to end through the CLI: pretrain, fine-tune, evaluate, what-if, CF compliance."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from hfmi_kit.cli import main
+from hfmi_kit.domains.climate import GeneratorConfig, generate, write_dataset
+from hfmi_kit.errors import GeometryMismatchError
+from hfmi_kit.train import load_pretrained, read_config
+
+
+def test_pretrain_writes_a_usable_checkpoint(climate_runs):
+    ck = climate_runs["pre"] / "model"
+    cfg = read_config(ck)
+    assert cfg["domain"] == "climate" and cfg["model_type"] == "climate_pretrainer.tiny"
+    geom = cfg["geometry"]
+    assert sorted(geom["state_variables"]) == ["siconc", "tas", "tos"]
+    assert geom["units"]["tas"] == "K" and set(geom["normalisation"]) >= {"tas", "tos", "siconc", "rsdt", "co2"}
+    card = (ck / "MODEL_CARD.md").read_text()
+    assert "climate.zarr" in card and "sha256" in card and "code_version" in card
+    hist = [json.loads(x) for x in (climate_runs["pre"] / "metrics.jsonl").read_text().splitlines()]
+    tr = [h for h in hist if h["split"] == "train"]
+    assert tr[-1]["next_step_loss"] < 0.5 * tr[-1]["next_step_persistence"]  # it learned dynamics
+    assert tr[-1]["mae_loss"] < tr[0]["mae_loss"]
+    model = load_pretrained(ck)
+    assert model.hfmi_config["task"] == "pretrain"
+
+
+def test_finetune_metrics_beat_persistence(climate_runs):
+    m = json.loads((climate_runs["ft"] / "metrics.json").read_text())
+    for k in ("rmse", "rmse_persistence", "rmse_climatology", "acc", "rmse_tas_lead6", "acc_tas_lead1",
+              "seaice_extent_mae"):
+        assert k in m and np.isfinite(m[k]), k
+    assert all(isinstance(v, float) for v in m.values())
+    assert m["rmse"] < m["rmse_persistence"]  # lead 1, held-out years
+    assert m["rmse_tas_lead3"] < m["rmse_persistence_tas_lead3"]
+    assert m["transferred_tensors"] > 0
+
+
+def test_forecast_is_cf_compliant(climate_runs):
+    from compliance_checker.runner import CheckSuite, ComplianceChecker
+
+    nc = climate_runs["ft"] / "forecast.nc"
+    fc = xr.open_dataset(nc)
+    assert fc["tas"].dims == ("init_time", "lead", "lat", "lon") and fc["tas"].attrs["units"] == "K"
+    assert fc["tas"].attrs["standard_name"] == "air_temperature" and "history" in fc.attrs
+    assert np.isnan(fc["tos"].values).any() and np.isfinite(fc["tas"].values).all()
+    fc.close()
+    CheckSuite.load_all_available_checkers()
+    out = climate_runs["root"] / "cf_report.json"
+    _, errors = ComplianceChecker.run_checker(str(nc), ["cf:1.8"], 0, "normal", str(out), "json")
+    report = json.loads(out.read_text())["cf:1.8"]
+    high = report.get("high_priorities", [])
+    assert not errors and not high, high
+
+
+def test_evaluate_and_info(climate_runs, capsys):
+    out = climate_runs["root"] / "eval"
+    assert main(["evaluate", "climate", "--ckpt", str(climate_runs["ft"] / "model"), "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    ft = json.loads((climate_runs["ft"] / "metrics.json").read_text())
+    assert m["rmse"] == pytest.approx(ft["rmse"], rel=1e-5)  # same held-out years, same model
+    assert main(["info", str(climate_runs["ft"] / "model")]) == 0
+    text = capsys.readouterr().out
+    assert "climate_forecaster.tiny" in text and "## Metrics" in text and "schema_version" in text
+
+
+def test_whatif_writes_cf_response(climate_runs):
+    out = climate_runs["root"] / "whatif"
+    assert main(["whatif", "climate", "--ckpt", str(climate_runs["ft"] / "model"), "--out", str(out),
+                 "--months", "12", "--members", "3"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert {"pattern_correlation", "amplitude_ratio", "tas_response_global", "tas_response_spread"} <= set(m)
+    assert m["tas_response_global_true"] > 0  # the generator warms under doubled CO2
+    ds = xr.open_dataset(out / "whatif.nc")
+    assert {"tas_response", "tas_response_spread", "tas_response_true"} <= set(ds.data_vars)
+    ds.close()
+
+
+def test_geometry_mismatch_is_a_clear_error(climate_runs, tmp_path):
+    other = write_dataset(generate(GeneratorConfig(nlat=8, nlon=16, years=3, spinup_years=2)),
+                          tmp_path / "coarse.zarr")
+    from hfmi_kit.domains.climate import evaluate
+
+    ds = xr.open_zarr(other)
+    assert ds.sizes["lat"] == 8
+    # a grid the model was not trained on is regridded onto its grid, never silently misread
+    m = evaluate(ckpt=climate_runs["ft"] / "model", data=other, out=tmp_path / "ev")
+    assert np.isfinite(m["rmse"])
+    dropped = write_dataset(xr.open_zarr(climate_runs["data"]).drop_vars("co2"), tmp_path / "noco2.zarr")
+    with pytest.raises(GeometryMismatchError, match="scalar forcing.*co2"):
+        evaluate(ckpt=climate_runs["ft"] / "model", data=dropped, out=tmp_path / "ev2")
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "hfmi_kit.cli", "evaluate", "climate", "--ckpt",
+                        str(tmp_path / "nope"), "--out", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert r.stderr.strip().count("\n") == 0 and "checkpoint directory not found" in r.stderr
+    for cmd in ("pretrain", "finetune", "evaluate", "info", "run", "demo", "whatif"):
+        h = subprocess.run([sys.executable, "-m", "hfmi_kit.cli", cmd, "--help"], capture_output=True, text=True)
+        assert h.returncode == 0 and "usage: hfmi" in h.stdout, cmd
+
+
+def test_finetune_from_scratch_and_seaice_task(climate_runs, tmp_path):
+    assert main(["finetune", "climate", "--from", "scratch", "--data", str(climate_runs["data"]),
+                 "--out", str(tmp_path / "scratch"), "--steps", "30"]) == 0
+    m = json.loads((tmp_path / "scratch" / "metrics.json").read_text())
+    assert "transferred_tensors" not in m and np.isfinite(m["rmse"])
+    assert main(["finetune", "climate", "--from", str(climate_runs["pre"] / "model"), "--task", "seaice",
+                 "--out", str(tmp_path / "ice"), "--steps", "60", "--mode", "frozen"]) == 0
+    s = json.loads((tmp_path / "ice" / "metrics.json").read_text())
+    assert {"extent_mae", "extent_mae_persistence", "extent_mae_climatology"} <= set(s)
+    assert main(["finetune", "climate", "--from", str(climate_runs["pre"] / "model"), "--task", "nope",
+                 "--out", str(tmp_path / "x")]) == 1

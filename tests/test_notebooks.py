@@ -1,0 +1,86 @@
+"""Notebooks: paired and in sync, a parameters cell each, and they run headless via papermill."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jupytext
+import nbformat
+import pytest
+
+from hfmi_kit.cli import main
+from hfmi_kit.errors import NotebookError
+from hfmi_kit.launch.notebook import has_parameters_cell, run_notebook
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((REPO / "notebooks").rglob("*.py"))
+
+
+def _code(nb) -> list[tuple[str, str]]:
+    return [(c.cell_type, c.source.strip()) for c in nb.cells]
+
+
+@pytest.mark.parametrize("py", SCRIPTS, ids=lambda p: str(p.relative_to(REPO)))
+def test_pairs_are_in_sync_and_have_parameters(py: Path):
+    ipynb = py.with_suffix(".ipynb")
+    assert ipynb.is_file(), f"{py} has no paired {ipynb.name}; run `jupytext --sync {py}`"
+    a, b = jupytext.read(py), nbformat.read(ipynb, as_version=4)
+    assert _code(a) == _code(b), f"{py} and {ipynb.name} are out of sync; run `jupytext --sync {py}`"
+    assert has_parameters_cell(a) and has_parameters_cell(b)
+
+
+def test_every_notebook_has_a_pair():
+    for nb in (REPO / "notebooks").rglob("*.ipynb"):
+        if ".ipynb_checkpoints" in nb.parts:
+            continue
+        assert nb.with_suffix(".py").is_file(), nb
+
+
+def test_quickstart_runs_headless_from_the_py(tmp_path):
+    out = run_notebook(REPO / "notebooks" / "00_quickstart.py",
+                       {"out_dir": str(tmp_path / "qs"), "years": 6, "pretrain_steps": 20, "finetune_steps": 20},
+                       output=tmp_path / "qs.ipynb")
+    nb = nbformat.read(out, as_version=4)
+    text = json.dumps([c.get("outputs", []) for c in nb.cells])
+    assert "rmse_persistence" in text
+    assert (tmp_path / "qs" / "finetune" / "forecast.nc").is_file()
+
+
+def test_climate_notebooks_chain_through_hfmi_run(tmp_path):
+    nbdir = REPO / "notebooks" / "climate"
+    pre, ft = tmp_path / "pre", tmp_path / "ft"
+    assert main(["run", str(nbdir / "01_pretrain.py"), "-p", "out_dir", str(pre), "-p", "steps", "20",
+                 "-p", "years", "6", "-p", "variables", "[tas, tos, siconc, rsdt]",
+                 "-o", str(tmp_path / "01.ipynb")]) == 0
+    assert (pre / "model" / "model.safetensors").is_file()
+    assert main(["run", str(nbdir / "02_finetune.py"), "-p", "pretrained", str(pre / "model"), "-p", "steps", "20",
+                 "-p", "out_dir", str(ft), "-p", "whatif_members", "2", "-o", str(tmp_path / "02.ipynb")]) == 0
+    assert json.loads((ft / "pretrained" / "metrics.json").read_text())["label_fraction"] == 0.25
+    assert (ft / "scratch" / "metrics.json").is_file() and (ft / "whatif" / "whatif.nc").is_file()
+    assert main(["run", str(nbdir / "03_visualize.py"), "-p", "run_dir", str(ft / "pretrained"),
+                 "-p", "whatif_dir", str(ft / "whatif"), "-o", str(tmp_path / "03.ipynb")]) == 0
+    nb = nbformat.read(tmp_path / "03.ipynb", as_version=4)
+    assert any("application/vnd.holoviews_exec.v0+json" in o.get("data", {})
+               for c in nb.cells for o in c.get("outputs", []))
+
+
+def test_failing_cell_and_dead_kernel_are_reported(tmp_path):
+    nb = tmp_path / "bad.py"
+    nb.write_text("# %% tags=[\"parameters\"]\nx = 1\n\n# %%\nraise ValueError(f'bad x={x}')\n")
+    with pytest.raises(NotebookError, match=r"cell .* raised ValueError: bad x=5"):
+        run_notebook(nb, {"x": 5}, output=tmp_path / "bad.ipynb")
+    dead = tmp_path / "dead.py"
+    dead.write_text("# %% tags=[\"parameters\"]\nx = 1\n\n# %%\n"
+                    "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    r = subprocess.run([sys.executable, "-m", "hfmi_kit.cli", "run", str(dead), "-o", str(tmp_path / "d.ipynb")],
+                       capture_output=True, text=True, timeout=300, env={**os.environ})
+    assert r.returncode == 1
+    assert "kernel died while running cell 1" in r.stderr and "import os, signal" in r.stderr
+    with pytest.raises(NotebookError, match="no cell tagged 'parameters'"):
+        noparam = tmp_path / "np.py"
+        noparam.write_text("# %%\nx = 1\n")
+        run_notebook(noparam, {"x": 2})
