@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--fractions", default="0.05,0.25,1.0")
     ap.add_argument("--leads", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--base-ppm", type=float, default=420.0, help="what-if baseline CO2 (doubled)")
     a = ap.parse_args()
     out = Path(a.out)
     t = time.time()
@@ -53,7 +54,8 @@ def main() -> None:
               f"{full[f'rmse_persistence_tas_lead{k}']:.3f}  climatology {full[f'rmse_climatology_tas_lead{k}']:.3f}"
               f"  acc {full[f'acc_tas_lead{k}']:.3f}")
     t = time.time()
-    w = whatif(ckpt=out / "ft_pretrained_1.0" / "model", data=data, out=out / "whatif", co2_factor=2.0)
+    w = whatif(ckpt=out / "ft_pretrained_1.0" / "model", data=data, out=out / "whatif", co2_factor=2.0,
+               base_ppm=a.base_ppm)
     print(f"\nwhat-if CO2 x2 ({time.time() - t:.0f} s): " + json.dumps({k: round(v, 3) for k, v in w.items()}))
     summary = {f"{n}_{f}": {k: v for k, v in m.items() if "lead" not in k} for f, n, m in rows}
     summary["whatif"] = w

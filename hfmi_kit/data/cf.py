@@ -150,9 +150,10 @@ def regrid_bilinear(da: xr.DataArray, lat_dim: str, lon_dim: str, target_lat: np
     left = src.isel(_lon=[-1]).assign_coords(_lon=[src["_lon"].values[-1] - 360.0])
     right = src.isel(_lon=[0]).assign_coords(_lon=[src["_lon"].values[0] + 360.0])
     src = xr.concat([left, src, right], dim="_lon")
-    out = src.interp(_lat=xr.DataArray(target_lat, dims=out_lat),
-                     _lon=xr.DataArray(np.asarray(target_lon) % 360.0, dims=out_lon),
-                     method="linear", kwargs={"fill_value": None})
+    # beyond the source's outermost rows (towards the poles) take the nearest row
+    tlat = np.clip(np.asarray(target_lat), float(src["_lat"].min()), float(src["_lat"].max()))
+    out = src.interp(_lat=xr.DataArray(tlat, dims=out_lat),
+                     _lon=xr.DataArray(np.asarray(target_lon) % 360.0, dims=out_lon), method="linear")
     out = out.assign_coords({out_lat: target_lat, out_lon: target_lon})
     out.attrs = dict(da.attrs)
     return out
@@ -166,11 +167,15 @@ def write_cf(ds: xr.Dataset, path: str | Path, *, time_chunk: int = 1, time_dim:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    ds = ds.copy()
+    for c in ds.coords:  # CF: coordinates carry no _FillValue; times as float64 (no int64 in CF)
+        ds[c].encoding["_FillValue"] = None
+        if np.issubdtype(ds[c].dtype, np.datetime64):
+            ds[c].encoding["dtype"] = "float64"
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent)) / path.name
     try:
         if path.suffix == ".zarr":
             _need("zarr", "climate")
-            ds = ds.copy()
             for v in ds.variables:
                 ds[v].encoding.pop("chunks", None)
                 ds[v].encoding.pop("preferred_chunks", None)

@@ -40,11 +40,13 @@ def _running_cell(output: Path) -> str:
         nb = nbformat.read(output, as_version=4)
     except Exception:
         return "unknown cell"
-    for i, c in enumerate(nb.cells):
-        if c.get("metadata", {}).get("papermill", {}).get("status") == "running":
-            first = c.source.strip().splitlines()[0] if c.source.strip() else ""
-            return f"cell {i} ({first[:60]!r})"
-    return "unknown cell"
+    # papermill closes the dying cell as "completed"; the last cell it started is the one
+    started = [i for i, c in enumerate(nb.cells) if c.get("metadata", {}).get("papermill", {}).get("start_time")]
+    if not started:
+        return "unknown cell"
+    c = nb.cells[started[-1]]
+    first = c.source.strip().splitlines()[0] if c.source.strip() else ""
+    return f"cell {started[-1]} ({first[:60]!r})"
 
 
 def run_notebook(path: str | Path, parameters: Mapping[str, Any] | None = None, *,

@@ -75,6 +75,8 @@ class GridTokenizer(nn.Module):
         patch: patch size per axis; must divide ``grid``.
         dim: token width D.
         scalars: names of scalar inputs (one token each, never masked).
+        condition_on_scalars: also add each scalar's embedding to every gridded token, so a
+            global forcing (CO2, a lead time) reaches every position directly.
     """
 
     def __init__(
@@ -85,10 +87,12 @@ class GridTokenizer(nn.Module):
         patch: Sequence[int],
         dim: int,
         scalars: Sequence[str] = (),
+        condition_on_scalars: bool = False,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self.condition_on_scalars = condition_on_scalars
         self.groups = list(groups)
         self.scalars = list(scalars)
         self.grid = tuple(int(g) for g in grid)
@@ -147,11 +151,14 @@ class GridTokenizer(nn.Module):
         parts, gids, pids, maskable, layout = [], [], [], [], {}
         start = 0
         dev = self.weight.device
+        cond = 0.0
         for si, name in enumerate(self.scalars):  # scalar tokens first, never masked
             if name not in scalars:
                 continue
             v = scalars[name]
             tok = v[:, None, None].to(self.scalar_proj.dtype) * self.scalar_proj[si] + self.scalar_bias[si]
+            if self.condition_on_scalars:
+                cond = cond + tok  # (B, 1, D), broadcast onto every gridded token below
             gi = len(self.groups) + si
             parts.append(tok + self.group_embed[gi])  # (B, 1, D)
             gids.append(torch.full((1,), gi, device=dev))
@@ -169,7 +176,7 @@ class GridTokenizer(nn.Module):
                 )
             p = self.patchify(x.to(self.weight.dtype))  # (B, N, P)
             tok = p @ self.weight[gi] + self.bias[gi]  # (B, N, D)
-            tok = tok + self.pos_embed.to(tok.dtype) + self.group_embed[gi]
+            tok = tok + self.pos_embed.to(tok.dtype) + self.group_embed[gi] + cond
             parts.append(tok)
             N = self.num_patches
             gids.append(torch.full((N,), gi, device=dev))

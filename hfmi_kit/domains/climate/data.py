@@ -197,17 +197,24 @@ def load_climate(path: str | Path, *, variables: Sequence[str] | None = None,
         da = ds[v].transpose(axes.time, *grid_dims(ds[v], ds))  # type: ignore[misc]
         da, units = _convert_units(da, v, src)
         g = grid_dims(ds[v], ds)
+        where_sea = "where sea" in str(ds[v].attrs.get("cell_methods", ""))
+        mask_v = land
         if not _on_grid(ds, g, lat, lon):  # another grid, or not the checkpoint's grid
             LOGGER.info("%s: regridding %s bilinearly onto the %dx%d target grid", src, v, lat.size, lon.size)
+            if where_sea and land is not None:  # check NaNs against the variable's own mask first
+                own = np.asarray(ds[v].values)
+                if (~np.isfinite(own) & ~(np.isnan(own).all(axis=0))[None]).any():
+                    raise DataError(f"{src}: variable {v!r} has NaN/inf values over the ocean on its own grid")
             da = regrid_bilinear(da, g[0], g[1], lat, lon)
         arr = np.asarray(da.values, dtype=np.float32)
         if arr.shape[1:] != (lat.size, lon.size):
             raise DataError(f"{src}: variable {v!r} has grid {arr.shape[1:]}, expected {(lat.size, lon.size)}")
         bad = ~np.isfinite(arr)
-        where_sea = "where sea" in str(ds[v].attrs.get("cell_methods", ""))
+        if where_sea and land is not None and not _on_grid(ds, g, lat, lon):
+            mask_v = land | bad.all(axis=0)  # coast cells the regridded ocean field does not reach
         if bad.any():
-            if where_sea and land is not None:
-                outside = bad & ~land[None]
+            if where_sea and mask_v is not None:
+                outside = bad & ~mask_v[None]
                 if outside.any():
                     t, i, j = np.argwhere(outside)[0]
                     raise DataError(
@@ -229,7 +236,7 @@ def load_climate(path: str | Path, *, variables: Sequence[str] | None = None,
             forcing[v] = arr
         else:
             state[v] = arr
-            valid[v] = ~land if (where_sea and land is not None) else np.ones((lat.size, lon.size), bool)
+            valid[v] = ~mask_v if (where_sea and mask_v is not None) else np.ones((lat.size, lon.size), bool)
     scalars = {}
     for v in scalar_names:
         da, units = _convert_units(ds[v], v, src)

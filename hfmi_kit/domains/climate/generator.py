@@ -55,8 +55,8 @@ class GeneratorConfig:
     spinup_years: int = 15  # years run before output starts
     start_year: int = 2000  # calendar year of the first written month
     seed: int = 0  # seed of the weather noise and the CO2 path
-    co2_levels: tuple[float, ...] = (280.0, 350.0, 450.0, 560.0, 700.0)  # ppm, path steps between these
-    co2_hold_years: int = 3  # years between CO2 changes
+    co2_levels: tuple[float, ...] = (280.0, 350.0, 420.0, 500.0, 600.0, 700.0, 850.0, 1000.0)  # ppm
+    co2_hold_years: int = 1  # years between CO2 changes (a stepped path samples the response)
     noise_wm2: float = 60.0  # amplitude of the stochastic weather forcing [W m-2]
     wind_ms: float = 10.0  # peak westerly wind [m s-1]
     diffusivity: float = 3.0e6  # horizontal eddy diffusivity [m2 s-1]

@@ -45,7 +45,7 @@ class ClimateNet(nn.Module):
         groups = [state_group(v, c) for c in range(context) for v in self.variables]
         groups += [f"{f}@t+1" for f in self.field_forcings]
         tok = GridTokenizer(groups=groups, grid=grid, patch=patch, dim=size.dim,
-                            scalars=[f"{s}@t+1" for s in self.scalar_forcings])
+                            scalars=[f"{s}@t+1" for s in self.scalar_forcings], condition_on_scalars=True)
         self.backbone = Backbone(tok, size)
         H = grid[0]
         lat_t = torch.tensor(lat if lat is not None else [(-90 + 180 * (i + 0.5) / H) for i in range(H)])
@@ -76,9 +76,14 @@ class ClimateNet(nn.Module):
         return self.tokenizer(fields, sc)
 
     def weighted_mse(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Latitude- and validity-weighted MSE; pred/target (B, V, H, W), mask (B, V, H, W)."""
+        """Latitude- and validity-weighted MSE in units of each variable's one-step tendency std.
+
+        pred/target (B, V, H, W), mask (B, V, H, W). Measuring errors in tendency units keeps
+        every variable's loss O(1) (persistence scores about 1), as GraphCast does.
+        """
         w = mask * self.lat_weight
-        return ((pred - target) ** 2 * w).sum() / w.sum().clamp_min(1.0)
+        err = (pred - target) / self.residual_scale
+        return (err**2 * w).sum() / w.sum().clamp_min(1.0)
 
 
 class ClimateForecaster(ClimateNet):

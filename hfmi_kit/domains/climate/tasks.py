@@ -385,10 +385,10 @@ def evaluate_seaice(model: SeaIceExtent, d: cdata.ClimateData, tens: cdata.Tenso
 def evaluate(*, ckpt: str | Path, data: str | Path, out: str | Path, leads: int = 6) -> dict[str, float]:
     """Metrics of a fine-tuned checkpoint on ``data``: the years it did not train on.
 
-    Evaluation covers every year of the file outside the checkpoint's train and validation
-    years (all years for an independent file); the climatology baseline uses the file's
-    training years when present, else the evaluated years themselves (marked by
-    ``climatology_in_sample`` = 1).
+    When ``data`` is the file the checkpoint was trained on (same sha256 as in its model card),
+    evaluation covers the years outside its train and validation years and the climatology
+    baseline uses the training years. An independent file is evaluated on all its years, with
+    the climatology of those years (in-sample, marked by ``climatology_in_sample`` = 1).
     """
     out = Path(out)
     cfg, d = _load_with_geometry(ckpt, data)
@@ -398,12 +398,15 @@ def evaluate(*, ckpt: str | Path, data: str | Path, out: str | Path, leads: int 
     norm = cdata.Normaliser(geom["normalisation"])
     tens = cdata.to_tensors(d, norm)
     sp = geom.get("split", {})
-    seen = set(sp.get("train_years", ())) | set(sp.get("val_years", ()))
-    eval_idx = np.flatnonzero(~np.isin(d.years, list(seen)))
-    clim_idx = np.flatnonzero(np.isin(d.years, list(sp.get("train_years", ()))))
-    in_sample = clim_idx.size < 12
-    if in_sample:
-        clim_idx = eval_idx
+    trained_on = {f.get("sha256") for f in cfg.get("card", {}).get("data", [])}
+    if cdata.sha256(data) in trained_on:
+        seen = set(sp.get("train_years", ())) | set(sp.get("val_years", ()))
+        eval_idx = np.flatnonzero(~np.isin(d.years, list(seen)))
+        clim_idx = np.flatnonzero(np.isin(d.years, list(sp.get("train_years", ()))))
+        in_sample = False
+    else:
+        eval_idx = clim_idx = np.arange(d.time.size)
+        in_sample = True
     if eval_idx.size == 0:
         raise DataError(f"{data}: every year of this file was used to train {ckpt}; nothing left to evaluate")
     ctx = int(cfg["model_kwargs"]["context"])
@@ -424,10 +427,11 @@ def evaluate(*, ckpt: str | Path, data: str | Path, out: str | Path, leads: int 
 @torch.no_grad()
 def whatif(*, ckpt: str | Path, data: str | Path, out: str | Path, co2_factor: float = 2.0, months: int = 24,
            members: int = 8, average_from: int = 12, perturbation: float = 0.05, truth: bool = True,
-           seed: int = 0) -> dict[str, float]:
+           base_ppm: float | None = None, seed: int = 0) -> dict[str, float]:
     """Ensemble what-if: change CO2 by ``co2_factor`` and roll the forecaster out.
 
-    Starts from the first test-year state; each member perturbs the normalised initial state
+    Starts from the first test-year state; the baseline holds CO2 at ``base_ppm`` (default: its
+    value at that time) and the what-if at ``base_ppm * co2_factor``; each member perturbs the normalised initial state
     with Gaussian noise (``perturbation`` standard deviations). Baseline and changed runs use
     the same perturbed states and the seasonal insolation of the data. The response is the
     mean (changed - baseline) over months ``average_from``..``months``. When the data came from
@@ -458,8 +462,13 @@ def whatif(*, ckpt: str | Path, data: str | Path, out: str | Path, co2_factor: f
     sc_names = list(d.scalars)
     if not sc_names:
         raise DataError(f"{data}: no CO2 forcing variable; a what-if needs one")
-    base_ppm = float(280.0 * np.exp(d.scalars[sc_names[0]][t0] / 5.35))
+    if base_ppm is None:
+        base_ppm = float(280.0 * np.exp(d.scalars[sc_names[0]][t0] / 5.35))
     new_ppm = base_ppm * co2_factor
+    seen = 280.0 * np.exp(d.scalars[sc_names[0]][split.train] / 5.35)
+    if not seen.min() * 0.999 <= new_ppm <= seen.max() * 1.001:
+        LOGGER.warning("what-if CO2 %.0f ppm lies outside the training range %.0f-%.0f ppm: extrapolation",
+                       new_ppm, seen.min(), seen.max())
     s = geom["normalisation"][sc_names[0]]
     base_s = torch.full((1, months, 1), (float(cdata.co2_to_forcing(base_ppm)) - s["mean"]) / s["std"])
     new_s = torch.full((1, months, 1), (float(cdata.co2_to_forcing(new_ppm)) - s["mean"]) / s["std"])
@@ -494,7 +503,7 @@ def whatif(*, ckpt: str | Path, data: str | Path, out: str | Path, co2_factor: f
                                       {**base, "long_name": f"ensemble-mean response of {v} to CO2 x{co2_factor}"})
         data_vars[f"{v}_response_spread"] = (("lat", "lon"), spread.astype(np.float32),
                                              {**base, "long_name": f"ensemble spread of the {v} response"})
-        data_vars[f"{v}_response_monthly"] = (("month", "lat", "lon"), np.nanmean(r, 0).astype(np.float32),
+        data_vars[f"{v}_response_monthly"] = (("month", "lat", "lon"), r.mean(0).astype(np.float32),
                                               {"units": base["units"],
                                                "long_name": f"ensemble-mean {v} response by month after the change"})
         if v in true_resp:
