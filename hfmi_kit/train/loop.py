@@ -344,9 +344,7 @@ class Trainer:
         """
         c = self.cfg
         stop_at = min(c.steps, until) if until is not None else c.steps
-        if resume:
-            self.resume()
-        else:
+        if not (resume and self.resume()):
             seed_everything(c.seed)
         self.model.train()
         from tqdm.auto import tqdm

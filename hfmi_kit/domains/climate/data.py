@@ -7,6 +7,7 @@ A sample (see :class:`ForecastWindows`) is a dict with the documented keys:
 - ``scalars``: (K, S) normalised scalar forcings (CO2 radiative forcing) at t+1 .. t+K;
 - ``target``: (K, V, H, W) normalised state at t+1 .. t+K;
 - ``mask``: (V, H, W) 1 where a variable is defined (ocean variables over the ocean), else 0;
+- ``month``: () month of year (0-11) of t+1;
 - ``meta``: (1,) index of time t in the dataset.
 
 Field forcings (insolation) and scalar forcings (CO2) are inputs the model never predicts: a
@@ -350,6 +351,7 @@ class Tensors:
     forcing: torch.Tensor  # (T, F, H, W)
     scalars: torch.Tensor  # (T, S)
     mask: torch.Tensor  # (V, H, W)
+    months: torch.Tensor  # (T,) month of year 0-11
 
 
 def to_tensors(data: ClimateData, normaliser: Normaliser) -> Tensors:
@@ -367,7 +369,20 @@ def to_tensors(data: ClimateData, normaliser: Normaliser) -> Tensors:
         forcing=stack(data.forcing, (T, 0, H, W)),
         scalars=stack(data.scalars, (T, 0)),
         mask=torch.from_numpy(np.stack([data.valid[v] for v in data.state]).astype(np.float32)),
+        months=torch.from_numpy(data.months.astype(np.int64)),
     )
+
+
+def monthly_climatology(tens: Tensors, index: np.ndarray) -> torch.Tensor:
+    """(12, V, H, W) normalised mean state of each month of year over the time steps ``index``."""
+    idx = torch.from_numpy(np.asarray(index))
+    out = torch.zeros(12, *tens.state.shape[1:])
+    for m in range(12):
+        sel = idx[tens.months[idx] == m]
+        if sel.numel() == 0:
+            raise DataError(f"month {m + 1} has no data in the training years; cannot form a climatology")
+        out[m] = tens.state[sel].mean(0)
+    return out
 
 
 @dataclass(frozen=True)
@@ -436,5 +451,6 @@ class ForecastWindows(Dataset):
             "scalars": self.t.scalars[t + 1 : t + K + 1],  # (K, S)
             "target": self.t.state[t + 1 : t + K + 1],  # (K, V, H, W)
             "mask": self.t.mask,  # (V, H, W)
+            "month": self.t.months[t + 1],  # () month of year of t+1
             "meta": torch.tensor([t]),
         }

@@ -57,15 +57,15 @@ class GeneratorConfig:
     seed: int = 0  # seed of the weather noise and the CO2 path
     co2_levels: tuple[float, ...] = (280.0, 350.0, 420.0, 500.0, 600.0, 700.0, 850.0, 1000.0)  # ppm
     co2_hold_years: int = 1  # years between CO2 changes (a stepped path samples the response)
-    noise_wm2: float = 60.0  # amplitude of the stochastic weather forcing [W m-2]
+    noise_wm2: float = 30.0  # amplitude of the stochastic weather forcing [W m-2]
     wind_ms: float = 10.0  # peak westerly wind [m s-1]
-    diffusivity: float = 3.0e6  # horizontal eddy diffusivity [m2 s-1]
+    diffusivity: float = 2.0e6  # horizontal eddy diffusivity [m2 s-1]
     mixed_layer_m: float = 40.0  # ocean mixed-layer depth [m]
     gamma: float = 30.0  # air-sea heat exchange [W m-2 K-1]
     deep_uptake: float = 1.0  # mixed layer -> deep ocean exchange [W m-2 K-1]
     ice_heat_k: float = 6.0  # mixed-layer warming [K] equivalent to melting a full cell of ice
     steps_per_day: int = 1  # sub-steps per day
-    cloud_albedo: float = 0.18  # albedo added by clouds everywhere
+    cloud_albedo: float = 0.16  # albedo added by clouds everywhere
 
 
 @dataclass

@@ -54,10 +54,21 @@ class ClimateNet(nn.Module):
         # Heads predict one-step tendencies in units of their standard deviation (GraphCast style).
         rs = torch.tensor(list(residual_scale) if residual_scale is not None else [1.0] * len(self.variables))
         self.register_buffer("residual_scale", rs.float()[None, :, None, None], persistent=False)
+        # Monthly climatology of the training years (normalised), saved with the weights: a step
+        # starts from x_t plus the climatological change of the month, so an untrained head is
+        # the anomaly-persistence forecast and the network learns what differs from it.
+        self.register_buffer("climatology", torch.zeros(12, len(self.variables), *grid))
 
-    def next_state(self, inputs: torch.Tensor, delta: dict[str, torch.Tensor]) -> torch.Tensor:
-        """x_t + scale * Δ from per-variable head outputs -> (B, V, H, W)."""
-        return inputs[:, -1] + self.residual_scale * torch.stack([delta[v] for v in self.variables], dim=1)
+    def set_climatology(self, clim: torch.Tensor) -> None:
+        """Set the (12, V, H, W) normalised monthly climatology of the training years."""
+        if tuple(clim.shape) != tuple(self.climatology.shape):
+            raise ValueError(f"climatology shape {tuple(clim.shape)}, expected {tuple(self.climatology.shape)}")
+        self.climatology.copy_(clim)
+
+    def next_state(self, inputs: torch.Tensor, delta: dict[str, torch.Tensor], month: torch.Tensor) -> torch.Tensor:
+        """x_t + (clim[m+1] - clim[m]) + scale * Δ -> (B, V, H, W); ``month`` (B,) is that of t+1."""
+        seasonal = self.climatology[month] - self.climatology[(month - 1) % 12]
+        return inputs[:, -1] + seasonal + self.residual_scale * torch.stack([delta[v] for v in self.variables], dim=1)
 
     @property
     def tokenizer(self) -> GridTokenizer:
@@ -96,26 +107,27 @@ class ClimateForecaster(ClimateNet):
                               grid=tok.grid, patch=tok.patch, hidden=head_hidden)
 
     def step(self, inputs: torch.Tensor, forcing: torch.Tensor, scalars: torch.Tensor,
-             mask: torch.Tensor) -> torch.Tensor:
+             mask: torch.Tensor, month: torch.Tensor) -> torch.Tensor:
         """One step: (B, C, V, H, W) context -> (B, V, H, W) next state (0 where undefined)."""
         tb = self.tokenize(inputs, forcing, scalars)
         z = self.backbone.encode(tb)
         delta = self.head(z, tb)
-        return self.next_state(inputs, delta) * mask
+        return self.next_state(inputs, delta, month) * mask
 
     def rollout(self, inputs: torch.Tensor, forcing: torch.Tensor, scalars: torch.Tensor,
-                mask: torch.Tensor, steps: int | None = None) -> torch.Tensor:
-        """Autoregressive rollout: forcing (B, K, F, H, W), scalars (B, K, S) -> (B, K, V, H, W)."""
+                mask: torch.Tensor, month: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+        """Autoregressive rollout: forcing (B, K, F, H, W), scalars (B, K, S), ``month`` (B,) of
+        the first predicted step -> (B, K, V, H, W)."""
         K = steps or forcing.shape[1]
         ctx, outs = inputs, []
         for k in range(K):
-            nxt = self.step(ctx, forcing[:, k], scalars[:, k], mask)
+            nxt = self.step(ctx, forcing[:, k], scalars[:, k], mask, (month + k) % 12)
             outs.append(nxt)
             ctx = torch.cat([ctx[:, 1:], nxt[:, None]], dim=1)
         return torch.stack(outs, dim=1)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        pred = self.rollout(batch["inputs"], batch["forcing"], batch["scalars"], batch["mask"])
+        pred = self.rollout(batch["inputs"], batch["forcing"], batch["scalars"], batch["mask"], batch["month"])
         K = pred.shape[1]
         mask = batch["mask"]
         loss = sum(self.weighted_mse(pred[:, k], batch["target"][:, k], mask) for k in range(K)) / K
@@ -168,7 +180,7 @@ class ClimatePretrainer(ClimateNet):
                                      mask_ratio=self.mask_ratio, strategy=strategy)
         z = self.backbone.encode(tb)
         delta = self.head(z, tb)
-        pred = self.next_state(inputs, delta)
+        pred = self.next_state(inputs, delta, batch["month"])
         next_loss = self.weighted_mse(pred, batch["target"][:, 0], mask)
         with torch.no_grad():  # reference: the next-step loss of persistence (x_t+1 = x_t)
             persistence = self.weighted_mse(inputs[:, -1], batch["target"][:, 0], mask)

@@ -104,6 +104,7 @@ def pretrain(*, data: str | Path, out: str | Path, config: str = "tiny", steps: 
     mk["residual_scale"] = cdata.residual_scale(tens, split.train)
     torch.manual_seed(seed)
     model = create_model(f"climate_pretrainer.{config}", **mk)
+    model.set_climatology(cdata.monthly_climatology(tens, split.train))
     tc = _train_cfg(steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision, device=device,
                     progress=progress, eval_every=max(steps // 4, 1), warmup_steps=min(20, steps // 10 + 1),
                     checkpoint_every=checkpoint_every or max(steps // 2, 1))
@@ -203,6 +204,7 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
     family = "climate_forecaster" if task == "forecast" else "climate_seaice"
     model = create_model(f"{family}.{size}", head_hidden=hidden, **mk)
     report = None
+    model.set_climatology(cdata.monthly_climatology(tens, split.train))
     if ckpt is not None:
         load_pretrained(ckpt, mode="transfer", model=model)
         report = model.hfmi_load_report
@@ -270,7 +272,7 @@ def evaluate_forecast(model: ClimateForecaster, d: cdata.ClimateData, tens: cdat
     for i in range(0, len(win), batch_size):
         items = [win[j] for j in range(i, min(len(win), i + batch_size))]
         b = {k: torch.stack([it[k] for it in items]).to(dev) for k in items[0]}
-        preds.append(model.rollout(b["inputs"], b["forcing"], b["scalars"], b["mask"]).cpu())
+        preds.append(model.rollout(b["inputs"], b["forcing"], b["scalars"], b["mask"], b["month"]).cpu())
     pred_n = torch.cat(preds).numpy()  # (N, K, V, H, W) normalised
     t0 = np.asarray(win.times)
     months = d.months
@@ -476,8 +478,9 @@ def whatif(*, ckpt: str | Path, data: str | Path, out: str | Path, co2_factor: f
     x0 = tens.state[t0 - ctx + 1 : t0 + 1][None]  # (1, C, V, H, W)
     mask = tens.mask[None]
     x = (x0 + perturbation * torch.randn((members, *x0.shape[1:]), generator=gen)) * mask[:, None]
-    rb = model.rollout(x, forcing.expand(members, -1, -1, -1, -1), base_s.expand(members, -1, -1), mask)
-    rc = model.rollout(x, forcing.expand(members, -1, -1, -1, -1), new_s.expand(members, -1, -1), mask)
+    month = torch.full((members,), int(steps_mo[0]))
+    rb = model.rollout(x, forcing.expand(members, -1, -1, -1, -1), base_s.expand(members, -1, -1), mask, month)
+    rc = model.rollout(x, forcing.expand(members, -1, -1, -1, -1), new_s.expand(members, -1, -1), mask, month)
     resp: dict[str, np.ndarray] = {}
     for vi, v in enumerate(d.state_vars):
         diff = (norm.denorm(v, rc[:, :, vi]) - norm.denorm(v, rb[:, :, vi])).numpy()  # (M, K, H, W)
