@@ -21,7 +21,8 @@ SCRIPT = textwrap.dedent('''
     gathered = [torch.zeros_like(w) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, w)
     assert all(torch.equal(g, gathered[0]) for g in gathered), "replicas diverged"
-    print("RANK", dist.get_rank(), "WORLD", dist.get_world_size(), "STEP", res.step, flush=True)
+    sys.stdout.write(f"RANK {{dist.get_rank()}} WORLD {{dist.get_world_size()}} STEP {{res.step}}\\n")
+    sys.stdout.flush()
     dist.destroy_process_group()
 ''')
 

@@ -72,7 +72,8 @@ class MAEDecoder(nn.Module):
         B = latent.shape[0]
         T = batch.group_ids.numel()
         x = self.mask_token.expand(B, T, -1).clone()  # (B, T, Dd)
-        x.scatter_(1, keep_idx[..., None].expand(-1, -1, x.shape[-1]), self.embed(latent))
+        emb = self.embed(latent)  # (B, K, Dd); bf16 under autocast
+        x = x.to(emb.dtype).scatter(1, keep_idx[..., None].expand(-1, -1, x.shape[-1]), emb)
         x = x + self.group_embed[batch.group_ids] + self.pos_embed[batch.pos_ids + 1]
         for blk in self.blocks:
             x = blk(x)

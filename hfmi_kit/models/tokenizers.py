@@ -112,12 +112,16 @@ class GridTokenizer(nn.Module):
         self.weight = nn.Parameter(torch.empty(G, self.patch_numel, dim, **kw))  # (G, P, D)
         self.bias = nn.Parameter(torch.zeros(G, dim, **kw))
         self.group_embed = nn.Parameter(torch.zeros(G + len(self.scalars), dim, **kw))
-        self.scalar_proj = nn.Parameter(torch.empty(len(self.scalars), dim, **kw))
-        self.scalar_bias = nn.Parameter(torch.zeros(len(self.scalars), dim, **kw))
+        if self.scalars:  # no empty parameters: DDP would find them unused
+            self.scalar_proj = nn.Parameter(torch.empty(len(self.scalars), dim, **kw))
+            self.scalar_bias = nn.Parameter(torch.zeros(len(self.scalars), dim, **kw))
+            nn.init.trunc_normal_(self.scalar_proj, std=1.0)
+        else:
+            self.register_parameter("scalar_proj", None)
+            self.register_parameter("scalar_bias", None)
         self.register_buffer("pos_embed", sincos_grid(self.patch_grid, dim), persistent=False)
         nn.init.trunc_normal_(self.weight, std=1.0 / math.sqrt(self.patch_numel))
         nn.init.trunc_normal_(self.group_embed, std=0.02)
-        nn.init.trunc_normal_(self.scalar_proj, std=1.0)
 
     @property
     def num_groups(self) -> int:
