@@ -33,9 +33,10 @@ def test_environment_files_are_valid():
 
 
 def test_no_code_executing_loads():
+    needle = "torch." + "load("  # spelled apart so this file does not match itself
     for py in (REPO / "hfmi_kit").rglob("*.py"):
         text = py.read_text()
-        assert "pickle.load" not in text, py
+        assert "pickle." + "load" not in text, py
         for line in text.splitlines():
-            if "torch.load(" in line:
+            if needle in line:
                 assert "weights_only=True" in line, f"{py}: {line.strip()}"
