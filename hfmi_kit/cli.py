@@ -40,11 +40,6 @@ def _print_metrics(metrics: dict[str, float], out: Path, keys: Sequence[str] | N
     print(f"metrics: {out / 'metrics.json'}")
 
 
-HEADLINE = ("rmse", "rmse_persistence", "rmse_climatology", "acc", "acc_persistence", "seaice_extent_mae",
-            "extent_mae", "extent_mae_persistence", "extent_mae_climatology", "pattern_correlation",
-            "amplitude_ratio")
-
-
 def cmd_pretrain(a: argparse.Namespace) -> None:
     dom = _domain(a.domain)
     out = Path(a.out)
@@ -85,27 +80,22 @@ def cmd_finetune(a: argparse.Namespace) -> None:
         kw["config"] = a.config
     m = dom.finetune(ckpt=None if scratch else a.from_, data=data, out=out, **kw)
     print(f"checkpoint: {out / 'model'}")
-    _print_metrics(m, out, HEADLINE)
+    _print_metrics(m, out, dom.headline_metrics)
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
     dom = _domain(a.domain)
     out = Path(a.out)
     m = dom.evaluate(ckpt=a.ckpt, data=a.data or _ckpt_data(a.ckpt), out=out)
-    _print_metrics(m, out, HEADLINE)
+    _print_metrics(m, out, dom.headline_metrics)
 
 
 def cmd_whatif(a: argparse.Namespace) -> None:
     dom = _domain(a.domain)
-    if a.domain != "climate":
-        raise HfmiError(f"what-if experiments are defined for climate, not {a.domain!r}")
-    from hfmi_kit.domains.climate import whatif
-
     out = Path(a.out)
-    m = whatif(ckpt=a.ckpt, data=a.data or _ckpt_data(a.ckpt), out=out, co2_factor=a.co2_factor,
-               months=a.months, members=a.members, seed=a.seed, base_ppm=a.base_ppm,
-               average_from=a.months // 2 if a.average_from is None else a.average_from)
-    del dom
+    m = dom.whatif(ckpt=a.ckpt, data=a.data or _ckpt_data(a.ckpt), out=out, co2_factor=a.co2_factor,
+                   months=a.months, members=a.members, seed=a.seed, base_ppm=a.base_ppm,
+                   average_from=a.months // 2 if a.average_from is None else a.average_from)
     print(f"what-if: {out / 'whatif.nc'}")
     _print_metrics(m, out)
 
@@ -141,18 +131,16 @@ def cmd_demo(a: argparse.Namespace) -> None:
     dom = _domain("climate")
     out = Path(a.out)
     t0 = time.time()
-    from hfmi_kit.domains.climate import GeneratorConfig, generate, write_dataset
-
-    data = write_dataset(generate(GeneratorConfig(years=a.years, spinup_years=10, seed=a.seed)),
-                         out / "data" / "climate.zarr")
+    data = dom.example_data(out / "data", seed=a.seed, years=a.years)
     print(f"[1/3] data: {data} ({a.years} years of a synthetic coupled climate, CF Zarr)")
     ck = dom.pretrain(data=data, out=out / "pretrain", steps=a.steps, seed=a.seed, progress=not a.quiet)
     print(f"[2/3] pretrained checkpoint: {ck}")
     ft = out / "finetune"
     m = dom.finetune(ckpt=ck, data=data, out=ft, steps=a.steps, seed=a.seed, progress=not a.quiet)
-    print(f"[3/3] fine-tuned forecaster: {ft / 'model'}")
-    print(f"forecast (CF NetCDF): {ft / 'forecast.nc'}")
-    _print_metrics(m, ft, HEADLINE)
+    print(f"[3/3] fine-tuned model: {ft / 'model'}")
+    for name in dom.example_outputs:
+        print(f"output: {ft / name}")
+    _print_metrics(m, ft, dom.headline_metrics)
     print(f"done in {time.time() - t0:.0f} s")
 
 

@@ -69,7 +69,7 @@ def _attr(da: xr.DataArray, key: str) -> str:
     return str(da.attrs.get(key, "")).strip().lower().replace(" ", "")
 
 
-def find_axis(ds: xr.Dataset | xr.DataArray, kind: str, *, source: str = "dataset") -> str | None:
+def find_axis(ds: xr.Dataset | xr.DataArray, kind: str) -> str | None:
     """Name of the coordinate that is the CF ``kind`` axis (time, lat, lon, level), or None."""
     cands = []
     for name in list(ds.coords) + list(getattr(ds, "dims", [])):

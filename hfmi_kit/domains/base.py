@@ -22,14 +22,19 @@ class Domain(ABC):
         name: registry name (``climate``).
         tasks: downstream tasks ``finetune`` accepts; the first is the default.
         data_formats: what ``--data`` may point to.
+        headline_metrics: the metrics (with their baselines) the CLI prints after a run.
+        example_outputs: files a fine-tuning run writes besides the checkpoint, for the demo.
     """
 
     name: ClassVar[str]
     tasks: ClassVar[tuple[str, ...]]
     data_formats: ClassVar[str]
+    headline_metrics: ClassVar[tuple[str, ...]] = ()
+    example_outputs: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
-    def example_data(self, out_dir: str | Path, *, seed: int = 0, small: bool = True) -> Path:
+    def example_data(self, out_dir: str | Path, *, seed: int = 0, small: bool = True,
+                     years: int | None = None) -> Path:
         """Generate (or copy shipped) example data into ``out_dir``; return the data path."""
 
     @abstractmethod
@@ -43,6 +48,10 @@ class Domain(ABC):
     @abstractmethod
     def evaluate(self, *, ckpt: str | Path, data: str | Path, out: str | Path, **kw: Any) -> dict[str, float]:
         """Evaluate a fine-tuned checkpoint on ``data``; write ``out/metrics.json``."""
+
+    def whatif(self, *, ckpt: str | Path, data: str | Path, out: str | Path, **kw: Any) -> dict[str, float]:
+        """Counterfactual experiment (change an input, roll the model out); optional per domain."""
+        raise ConfigError(f"what-if experiments are not defined for the {self.name!r} domain")
 
 
 def register_domain(name: str, module: str) -> None:

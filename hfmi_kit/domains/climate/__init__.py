@@ -18,9 +18,14 @@ class ClimateDomain(Domain):
     name: ClassVar[str] = "climate"
     tasks: ClassVar[tuple[str, ...]] = ("forecast", "seaice")
     data_formats: ClassVar[str] = "CF-convention NetCDF (.nc) or Zarr (.zarr) with time, lat, lon"
+    headline_metrics: ClassVar[tuple[str, ...]] = (
+        "rmse", "rmse_persistence", "rmse_climatology", "acc", "acc_persistence", "seaice_extent_mae",
+        "extent_mae", "extent_mae_persistence", "extent_mae_climatology")
+    example_outputs: ClassVar[tuple[str, ...]] = ("forecast.nc",)
 
-    def example_data(self, out_dir: str | Path, *, seed: int = 0, small: bool = True) -> Path:
-        cfg = GeneratorConfig(years=20 if small else 60, seed=seed, spinup_years=10 if small else 20)
+    def example_data(self, out_dir: str | Path, *, seed: int = 0, small: bool = True,
+                     years: int | None = None) -> Path:
+        cfg = GeneratorConfig(years=years or (20 if small else 60), seed=seed, spinup_years=10 if small else 20)
         return write_dataset(generate(cfg), Path(out_dir) / "climate.zarr")
 
     def pretrain(self, *, data: str | Path, out: str | Path, **kw: Any) -> Path:
@@ -31,6 +36,9 @@ class ClimateDomain(Domain):
 
     def evaluate(self, *, ckpt: str | Path, data: str | Path, out: str | Path, **kw: Any) -> dict[str, float]:
         return evaluate(ckpt=ckpt, data=data, out=out, **kw)
+
+    def whatif(self, *, ckpt: str | Path, data: str | Path, out: str | Path, **kw: Any) -> dict[str, float]:
+        return whatif(ckpt=ckpt, data=data, out=out, **kw)
 
 
 DOMAIN = ClimateDomain()

@@ -200,7 +200,8 @@ def load_climate(path: str | Path, *, variables: Sequence[str] | None = None,
         g = grid_dims(ds[v], ds)
         where_sea = "where sea" in str(ds[v].attrs.get("cell_methods", ""))
         mask_v = land
-        if not _on_grid(ds, g, lat, lon):  # another grid, or not the checkpoint's grid
+        regrid = not _on_grid(ds, g, lat, lon)  # another grid, or not the checkpoint's grid
+        if regrid:
             LOGGER.info("%s: regridding %s bilinearly onto the %dx%d target grid", src, v, lat.size, lon.size)
             if where_sea and land is not None:  # check NaNs against the variable's own mask first
                 own = np.asarray(ds[v].values)
@@ -211,7 +212,7 @@ def load_climate(path: str | Path, *, variables: Sequence[str] | None = None,
         if arr.shape[1:] != (lat.size, lon.size):
             raise DataError(f"{src}: variable {v!r} has grid {arr.shape[1:]}, expected {(lat.size, lon.size)}")
         bad = ~np.isfinite(arr)
-        if where_sea and land is not None and not _on_grid(ds, g, lat, lon):
+        if where_sea and land is not None and regrid:
             mask_v = land | bad.all(axis=0)  # coast cells the regridded ocean field does not reach
         if bad.any():
             if where_sea and mask_v is not None:

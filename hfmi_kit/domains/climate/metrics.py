@@ -45,7 +45,8 @@ def sea_ice_extent(conc: np.ndarray, lat: np.ndarray, valid: np.ndarray | None =
     area = (6371.0**2 * dlat * dlon * np.cos(np.deg2rad(np.asarray(lat))))[:, None] * np.ones((1, W))
     if valid is not None:
         area = area * valid
-    return (np.nan_to_num(conc) >= threshold).astype(np.float64).__mul__(area).sum(axis=(-2, -1)) / 1e6
+    covered = np.nan_to_num(conc) >= threshold
+    return (covered * area).sum(axis=(-2, -1)) / 1e6
 
 
 def pattern_correlation(pred: np.ndarray, truth: np.ndarray, lat: np.ndarray,

@@ -186,14 +186,14 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
     else:
         d = cdata.load_climate(data)
         size = config or "tiny"
-        split0 = cdata.split_years(d)
-        geom = d.geometry(cdata.compute_stats(data, d, time_index=split0.train))
-        geom["split"] = {"train_years": split0.train_years, "val_years": split0.val_years,
-                         "test_years": split0.test_years}
+    split = cdata.split_years(d)
+    if ckpt is None:
+        geom = d.geometry(cdata.compute_stats(data, d, time_index=split.train))
+        geom["split"] = {"train_years": split.train_years, "val_years": split.val_years,
+                         "test_years": split.test_years}
         mk = _model_kwargs(d, context=2, patch=_patch_for((d.lat.size, d.lon.size), None))
     norm = cdata.Normaliser(geom["normalisation"])
     tens = cdata.to_tensors(d, norm)
-    split = cdata.split_years(d)
     if "residual_scale" not in mk:
         mk["residual_scale"] = cdata.residual_scale(tens, split.train)
     sub = cdata.label_subset(d, split, label_fraction, seed)
@@ -556,7 +556,7 @@ def _generator_response(gcfg: dict[str, Any], d: cdata.ClimateData, t0: int, mon
     for m in range(members):
         b = G.branch(cfg, start, np.full(months, base_ppm), start_month, seed=10_000 + seed * 100 + m)
         c = G.branch(cfg, start, np.full(months, new_ppm), start_month, seed=10_000 + seed * 100 + m)
-        for v, key in (("tas", "tas"), ("tos", "tos"), ("siconc", "siconc")):
+        for v in ("tas", "tos", "siconc"):  # the generator's own variable names
             if v in d.state:
-                acc.setdefault(v, []).append((c[key][avg_from:] - b[key][avg_from:]).mean(0))
+                acc.setdefault(v, []).append((c[v][avg_from:] - b[v][avg_from:]).mean(0))
     return {v: np.mean(a, axis=0) for v, a in acc.items()}
