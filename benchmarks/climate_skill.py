@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--fractions", default="0.05,0.25,1.0")
     ap.add_argument("--leads", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rollout-train", type=int, default=2, help="lead times in the fine-tuning loss")
     ap.add_argument("--base-ppm", type=float, default=420.0, help="what-if baseline CO2 (doubled)")
     a = ap.parse_args()
     out = Path(a.out)
@@ -42,7 +43,8 @@ def main() -> None:
         for name, src in (("pretrained", ck), ("scratch", None)):
             t = time.time()
             m = finetune(ckpt=src, data=data, out=out / f"ft_{name}_{frac}", steps=a.finetune_steps,
-                         label_fraction=frac, seed=a.seed, leads=a.leads, config=a.config, progress=False)
+                         label_fraction=frac, seed=a.seed, leads=a.leads, config=a.config, progress=False,
+                         rollout_train=a.rollout_train)
             rows.append((frac, name, m))
             print(f"finetune {name:10s} frac={frac:<5} {time.time() - t:4.0f} s  rmse={m['rmse']:.3f} "
                   f"pers={m['rmse_persistence']:.3f} clim={m['rmse_climatology']:.3f} acc={m['acc']:.3f}",
@@ -52,6 +54,7 @@ def main() -> None:
     for k in range(1, a.leads + 1):
         print(f"  lead {k}: model {full[f'rmse_tas_lead{k}']:.3f}  persistence "
               f"{full[f'rmse_persistence_tas_lead{k}']:.3f}  climatology {full[f'rmse_climatology_tas_lead{k}']:.3f}"
+              f"  damped-pers {full[f'rmse_damped_persistence_tas_lead{k}']:.3f}"
               f"  acc {full[f'acc_tas_lead{k}']:.3f}")
     t = time.time()
     w = whatif(ckpt=out / "ft_pretrained_1.0" / "model", data=data, out=out / "whatif", co2_factor=2.0,

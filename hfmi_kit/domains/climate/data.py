@@ -386,6 +386,25 @@ def monthly_climatology(tens: Tensors, index: np.ndarray) -> torch.Tensor:
     return out
 
 
+def anomaly_damping(tens: Tensors, index: np.ndarray, clim: torch.Tensor) -> torch.Tensor:
+    """(V, H, W) lag-1 regression coefficient of monthly anomalies over consecutive steps of ``index``.
+
+    The least-squares ``a`` in ``anom[t+1] ≈ a * anom[t]`` per cell and variable, clipped to
+    [0, 1]: the damped-anomaly-persistence forecast, the classical statistical baseline that the
+    forecaster starts from. Cells outside the mask get 1.
+    """
+    idx = np.asarray(index)
+    pairs = idx[np.isin(idx + 1, idx)]
+    if pairs.size < 2:
+        raise DataError("fewer than two consecutive training steps; cannot fit the anomaly damping")
+    p = torch.from_numpy(pairs)
+    a0 = tens.state[p] - clim[tens.months[p]]
+    a1 = tens.state[p + 1] - clim[tens.months[p + 1]]
+    num, den = (a0 * a1).sum(0), (a0 * a0).sum(0)
+    out = torch.where(den > 1e-8, num / den.clamp_min(1e-8), torch.ones_like(den)).clamp(0.0, 1.0)
+    return torch.where(tens.mask > 0, out, torch.ones_like(out))
+
+
 @dataclass(frozen=True)
 class Split:
     """Time indices of the train, validation and test years."""

@@ -58,6 +58,10 @@ class ClimateNet(nn.Module):
         # starts from x_t plus the climatological change of the month, so an untrained head is
         # the anomaly-persistence forecast and the network learns what differs from it.
         self.register_buffer("climatology", torch.zeros(12, len(self.variables), *grid))
+        # Lag-1 regression of anomalies on the training years (damped anomaly persistence): the
+        # skip path decays an anomaly towards climatology at the rate the data shows, so the
+        # untrained forecaster already beats climatology wherever anomalies persist at all.
+        self.register_buffer("damping", torch.ones(len(self.variables), *grid))
 
     def set_climatology(self, clim: torch.Tensor) -> None:
         """Set the (12, V, H, W) normalised monthly climatology of the training years."""
@@ -65,10 +69,17 @@ class ClimateNet(nn.Module):
             raise ValueError(f"climatology shape {tuple(clim.shape)}, expected {tuple(self.climatology.shape)}")
         self.climatology.copy_(clim)
 
+    def set_damping(self, damping: torch.Tensor) -> None:
+        """Set the (V, H, W) lag-1 anomaly regression coefficients (1 = plain anomaly persistence)."""
+        if tuple(damping.shape) != tuple(self.damping.shape):
+            raise ValueError(f"damping shape {tuple(damping.shape)}, expected {tuple(self.damping.shape)}")
+        self.damping.copy_(damping)
+
     def next_state(self, inputs: torch.Tensor, delta: dict[str, torch.Tensor], month: torch.Tensor) -> torch.Tensor:
-        """x_t + (clim[m+1] - clim[m]) + scale * Δ -> (B, V, H, W); ``month`` (B,) is that of t+1."""
-        seasonal = self.climatology[month] - self.climatology[(month - 1) % 12]
-        return inputs[:, -1] + seasonal + self.residual_scale * torch.stack([delta[v] for v in self.variables], dim=1)
+        """clim[m+1] + a * (x_t - clim[m]) + scale * Δ -> (B, V, H, W); ``month`` (B,) is that of t+1."""
+        prev = self.climatology[(month - 1) % 12]
+        skip = self.climatology[month] + self.damping * (inputs[:, -1] - prev)
+        return skip + self.residual_scale * torch.stack([delta[v] for v in self.variables], dim=1)
 
     @property
     def tokenizer(self) -> GridTokenizer:

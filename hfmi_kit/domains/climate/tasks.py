@@ -104,7 +104,9 @@ def pretrain(*, data: str | Path, out: str | Path, config: str = "tiny", steps: 
     mk["residual_scale"] = cdata.residual_scale(tens, split.train)
     torch.manual_seed(seed)
     model = create_model(f"climate_pretrainer.{config}", **mk)
-    model.set_climatology(cdata.monthly_climatology(tens, split.train))
+    clim = cdata.monthly_climatology(tens, split.train)
+    model.set_climatology(clim)
+    model.set_damping(cdata.anomaly_damping(tens, split.train, clim))
     tc = _train_cfg(steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision, device=device,
                     progress=progress, eval_every=max(steps // 4, 1), warmup_steps=min(20, steps // 10 + 1),
                     checkpoint_every=checkpoint_every or max(steps // 2, 1))
@@ -204,7 +206,9 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
     family = "climate_forecaster" if task == "forecast" else "climate_seaice"
     model = create_model(f"{family}.{size}", head_hidden=hidden, **mk)
     report = None
-    model.set_climatology(cdata.monthly_climatology(tens, split.train))
+    clim = cdata.monthly_climatology(tens, split.train)
+    model.set_climatology(clim)
+    model.set_damping(cdata.anomaly_damping(tens, split.train, clim))
     if ckpt is not None:
         load_pretrained(ckpt, mode="transfer", model=model)
         report = model.hfmi_load_report
@@ -262,9 +266,10 @@ def evaluate_forecast(model: ClimateForecaster, d: cdata.ClimateData, tens: cdat
                       context: int = 2, batch_size: int = 32) -> tuple[dict[str, float], xr.Dataset]:
     """Roll out from every start time in ``eval_idx``; skill per variable and lead vs baselines.
 
-    Baselines: persistence (the state at t for every lead) and the monthly climatology of the
-    years in ``clim_idx`` (the training years). Metrics: latitude-weighted RMSE and ACC; the
-    sea-ice extent error at lead 1 when sea ice is present.
+    Baselines: persistence (the state at t for every lead), the monthly climatology of the
+    years in ``clim_idx`` (the training years) and damped anomaly persistence (climatology plus
+    the initial anomaly times the model's fitted lag-1 coefficient to the power k). Metrics:
+    latitude-weighted RMSE and ACC; the sea-ice extent error at lead 1 when sea ice is present.
     """
     win = cdata.ForecastWindows(tens, eval_idx, context=context, horizon=leads)
     dev = next(model.parameters()).device
@@ -289,6 +294,8 @@ def evaluate_forecast(model: ClimateForecaster, d: cdata.ClimateData, tens: cdat
         if d.attrs[v].get("standard_name") == "sea_ice_area_fraction":
             pred_phys = np.clip(pred_phys, 0.0, 1.0)
         fields[v] = pred_phys
+        a = model.damping[vi].cpu().numpy()  # regression coefficients are invariant to normalisation
+        anom0 = truth_all[t0] - clim[months[t0]]
         for k in range(1, leads + 1):
             tgt = truth_all[t0 + k]
             cl = clim[months[t0 + k]]
@@ -296,12 +303,14 @@ def evaluate_forecast(model: ClimateForecaster, d: cdata.ClimateData, tens: cdat
             metrics[f"rmse_{v}_lead{k}"] = M.rmse(p, tgt, d.lat, valid)
             metrics[f"rmse_persistence_{v}_lead{k}"] = M.rmse(truth_all[t0], tgt, d.lat, valid)
             metrics[f"rmse_climatology_{v}_lead{k}"] = M.rmse(cl, tgt, d.lat, valid)
+            metrics[f"rmse_damped_persistence_{v}_lead{k}"] = M.rmse(cl + a**k * anom0, tgt, d.lat, valid)
             metrics[f"acc_{v}_lead{k}"] = M.acc(p, tgt, cl, d.lat, valid)
             metrics[f"acc_persistence_{v}_lead{k}"] = M.acc(truth_all[t0], tgt, cl, d.lat, valid)
     main = cdata.main_variable(d)
     metrics["rmse"] = metrics[f"rmse_{main}_lead1"]
     metrics["rmse_persistence"] = metrics[f"rmse_persistence_{main}_lead1"]
     metrics["rmse_climatology"] = metrics[f"rmse_climatology_{main}_lead1"]
+    metrics["rmse_damped_persistence"] = metrics[f"rmse_damped_persistence_{main}_lead1"]
     metrics["acc"] = metrics[f"acc_{main}_lead1"]
     metrics["acc_persistence"] = metrics[f"acc_persistence_{main}_lead1"]
     try:
