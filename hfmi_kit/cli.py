@@ -45,7 +45,9 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
     out = Path(a.out)
     data = _data_or_example(dom, a.data, out, a.seed)
     kw: dict[str, Any] = {"config": a.config, "steps": a.steps, "seed": a.seed, "resume": a.resume,
-                          "batch_size": a.batch_size, "precision": a.precision, "device": a.device}
+                          "precision": a.precision, "device": a.device}
+    if a.batch_size is not None:
+        kw["batch_size"] = a.batch_size
     if a.lr is not None:
         kw["lr"] = a.lr
     if a.variables:
@@ -70,14 +72,20 @@ def cmd_finetune(a: argparse.Namespace) -> None:
     scratch = a.from_ == "scratch"
     data = a.data or (_data_or_example(dom, None, out, a.seed) if scratch else _ckpt_data(a.from_))
     kw: dict[str, Any] = {"steps": a.steps, "seed": a.seed, "label_fraction": a.label_fraction,
-                          "mode": a.mode, "batch_size": a.batch_size, "lr": a.lr, "precision": a.precision,
-                          "device": a.device}
+                          "mode": a.mode, "lr": a.lr, "precision": a.precision, "device": a.device}
+    if a.batch_size is not None:
+        kw["batch_size"] = a.batch_size
     if a.task:
         if a.task not in dom.tasks:
             raise HfmiError(f"unknown task {a.task!r} for {a.domain}; expected one of {list(dom.tasks)}")
         kw["task"] = a.task
     if a.config:
         kw["config"] = a.config
+    for opt, val in (("labels", a.labels), ("baselines", a.baselines or None)):
+        if val is not None:
+            if opt not in dom.finetune_options:
+                raise HfmiError(f"--{opt} is not an option of {a.domain} fine-tuning")
+            kw[opt] = val
     m = dom.finetune(ckpt=None if scratch else a.from_, data=data, out=out, **kw)
     print(f"checkpoint: {out / 'model'}")
     _print_metrics(m, out, dom.headline_metrics)
@@ -151,14 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common_train(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--seed", type=int, default=0, help="the one seed of the run (default 0)")
-        sp.add_argument("--batch-size", type=int, default=16)
+        sp.add_argument("--batch-size", type=int, default=None,
+                        help="samples per step (default: the domain's choice; climate 16, radiology 8/4)")
         sp.add_argument("--lr", type=float, default=None,
                         help="peak learning rate (default: the domain's choice for pretrain / fine-tune)")
         sp.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
         sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
 
     sp = sub.add_parser("pretrain", help="pretrain a foundation model on unlabelled data")
-    sp.add_argument("domain", help="climate")
+    sp.add_argument("domain", help="climate or radiology")
     sp.add_argument("--out", required=True, help="output directory (checkpoints, metrics.jsonl, model/)")
     sp.add_argument("--data", help="data in the domain's format (default: generated example data)")
     sp.add_argument("--config", default="tiny", help="model size: tiny, small, base")
@@ -174,8 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="pretrained checkpoint directory, or 'scratch' for the same model untrained")
     sp.add_argument("--out", required=True)
     sp.add_argument("--data", help="data (default: the data recorded in the checkpoint)")
-    sp.add_argument("--task", help="downstream task (climate: forecast, seaice)")
+    sp.add_argument("--task", help="downstream task (climate: forecast, seaice; radiology: segment)")
     sp.add_argument("--label-fraction", type=float, default=1.0, help="fraction of training labels (0, 1]")
+    sp.add_argument("--labels", type=int, help="number of labelled cases to train on (radiology; default all)")
+    sp.add_argument("--baselines", action="store_true",
+                    help="also train the baselines on the same split (radiology: scratch and U-Net)")
     sp.add_argument("--steps", type=int, default=300)
     sp.add_argument("--mode", default="full", choices=["full", "frozen", "linear_probe"])
     sp.add_argument("--config", help="model size when training from scratch")

@@ -12,6 +12,7 @@ from hfmi_kit.errors import ConfigError
 # name -> module that defines DOMAIN; the core never imports a domain until it is asked for.
 _DOMAIN_MODULES: dict[str, str] = {
     "climate": "hfmi_kit.domains.climate",
+    "radiology": "hfmi_kit.domains.radiology",
 }
 
 
@@ -24,6 +25,8 @@ class Domain(ABC):
         data_formats: what ``--data`` may point to.
         headline_metrics: the metrics (with their baselines) the CLI prints after a run.
         example_outputs: files a fine-tuning run writes besides the checkpoint, for the demo.
+        finetune_options: extra keyword options of ``finetune`` the CLI may pass (``labels``:
+            a number of labelled examples; ``baselines``: also train the baselines).
     """
 
     name: ClassVar[str]
@@ -31,6 +34,7 @@ class Domain(ABC):
     data_formats: ClassVar[str]
     headline_metrics: ClassVar[tuple[str, ...]] = ()
     example_outputs: ClassVar[tuple[str, ...]] = ()
+    finetune_options: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def example_data(self, out_dir: str | Path, *, seed: int = 0, small: bool = True,

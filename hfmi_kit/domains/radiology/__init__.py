@@ -1,0 +1,49 @@
+"""Radiology (Human Radiome): 3-D CT/MRI foundation model for few-label tumour segmentation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+from hfmi_kit.domains.base import Domain
+from hfmi_kit.domains.radiology import model as _model  # noqa: F401  (registers the model families)
+from hfmi_kit.domains.radiology.data import Subject, discover, prepare, split_subjects
+from hfmi_kit.domains.radiology.io import Volume, load_dicom_series, load_nifti, load_volume, save_nifti
+from hfmi_kit.domains.radiology.synth import StudyConfig, generate_study
+from hfmi_kit.domains.radiology.tasks import evaluate, finetune, predict, pretrain
+
+
+class RadiologyDomain(Domain):
+    """NIfTI files or DICOM series of CT/MR; task: tumour segmentation and localisation."""
+
+    name: ClassVar[str] = "radiology"
+    tasks: ClassVar[tuple[str, ...]] = ("segment",)
+    data_formats: ClassVar[str] = ("a folder of NIfTI files (<subject>_<modality>.nii.gz, labels <subject>_seg) "
+                                   "and/or DICOM series, or a study with dataset.json")
+    headline_metrics: ClassVar[tuple[str, ...]] = (
+        "dice", "dice_std", "hd95_mm", "centroid_error_mm", "dice_core", "dice_scratch", "hd95_mm_scratch",
+        "dice_unet", "hd95_mm_unet", "labelled_cases", "test_cases")
+    example_outputs: ClassVar[tuple[str, ...]] = ("predictions/", "cases.json")
+    finetune_options: ClassVar[tuple[str, ...]] = ("labels", "baselines")
+
+    def example_data(self, out_dir: str | Path, *, seed: int = 0, small: bool = True,
+                     years: int | None = None) -> Path:
+        cfg = (StudyConfig(unlabelled=6, labelled=8, spacing_scale=1.4, seed=seed) if small
+               else StudyConfig(seed=seed))
+        return generate_study(Path(out_dir) / "radiology_study", cfg)
+
+    def pretrain(self, *, data: str | Path, out: str | Path, **kw: Any) -> Path:
+        return pretrain(data=data, out=out, **kw)
+
+    def finetune(self, *, ckpt: str | Path | None, data: str | Path, out: str | Path, **kw: Any) -> dict[str, float]:
+        return finetune(ckpt=ckpt, data=data, out=out, **kw)
+
+    def evaluate(self, *, ckpt: str | Path, data: str | Path, out: str | Path, **kw: Any) -> dict[str, float]:
+        return evaluate(ckpt=ckpt, data=data, out=out, **kw)
+
+
+DOMAIN = RadiologyDomain()
+
+__all__ = ["DOMAIN", "RadiologyDomain", "StudyConfig", "Subject", "Volume", "discover", "evaluate", "finetune",
+           "generate_study", "load_dicom_series", "load_nifti", "load_volume", "predict", "prepare", "pretrain",
+           "save_nifti", "split_subjects"]

@@ -1,0 +1,295 @@
+"""Studies on disk -> subjects -> preprocessed volumes on the model grid -> dictionary samples.
+
+A study folder holds either a ``dataset.json`` (as written by :mod:`.synth`, in the spirit of
+the Medical Segmentation Decathlon / nnU-Net files) or plain files named
+``<subject>_<modality>.nii[.gz]`` (labels: ``<subject>_seg.nii[.gz]``) and DICOM series
+folders, found recursively. Preprocessing (MONAI-style dictionary samples with ``image``,
+``label``, ``modality`` keys) resamples every modality of a subject onto one isotropic model
+grid (the first modality's, see :mod:`.geometry`), and normalises intensities: CT by a fixed
+HU window, MR by z-scoring over the head (the nnU-Net conventions).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from hfmi_kit.domains.radiology.geometry import model_grid, resample, to_model_grid
+from hfmi_kit.domains.radiology.io import NIFTI_SUFFIXES, Volume, is_dicom_dir, is_nifti, load_volume
+from hfmi_kit.errors import DataError
+
+LABEL_SUFFIXES = ("seg", "label", "labels", "mask")
+CT_WINDOW = (-100.0, 200.0)  # HU; brain window wide enough for oedema (~15 HU) to haemorrhage (~80 HU)
+
+
+@dataclass
+class Subject:
+    """One subject: modality -> image path (NIfTI file or DICOM folder), optional label path."""
+
+    id: str
+    images: dict[str, str]
+    label: str | None = None
+    dicom: dict[str, str] = field(default_factory=dict)  # modality -> DICOM series of the same scan
+
+
+def _strip(name: str) -> str:
+    for s in NIFTI_SUFFIXES:
+        if name.lower().endswith(s):
+            return name[: -len(s)]
+    return name
+
+
+def discover(root: str | Path) -> list[Subject]:
+    """Subjects of a study folder (see the module docstring), sorted by id."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{root}: no such study folder")
+    if root.is_file():
+        raise DataError(f"{root}: expected a folder of NIfTI files or DICOM series, got a file")
+    meta = root / "dataset.json"
+    if meta.is_file():
+        try:
+            js = json.loads(meta.read_text(encoding="utf-8"))
+            subs = [Subject(id=s["id"], images={m: str(root / p) for m, p in s["images"].items()},
+                            label=str(root / s["label"]) if s.get("label") else None,
+                            dicom={m: str(root / p) for m, p in s.get("dicom", {}).items()})
+                    for s in js["subjects"]]
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise DataError(f"{meta}: not a valid study description ({type(e).__name__}: {e})") from e
+        return sorted(subs, key=lambda s: s.id)
+    found: dict[str, Subject] = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and is_nifti(p):
+            stem = _strip(p.name)
+            sid, _, mod = stem.rpartition("_")
+            if not sid:
+                sid, mod = stem, "image"
+            sub = found.setdefault(sid, Subject(id=sid, images={}))
+            if mod.lower() in LABEL_SUFFIXES:
+                sub.label = str(p)
+            elif mod in sub.images:
+                raise DataError(f"{p}: a second {mod!r} image for subject {sid!r} ({sub.images[mod]})")
+            else:
+                sub.images[mod] = str(p)
+        elif p.is_dir() and is_dicom_dir(p):
+            import pydicom
+
+            first = next(f for f in sorted(p.iterdir()) if f.is_file() and not f.name.startswith("."))
+            ds = pydicom.dcmread(first, stop_before_pixels=True)
+            mod = "ct" if str(getattr(ds, "Modality", "")).upper() == "CT" else str(getattr(ds, "Modality", "MR"))
+            sid = p.parent.name if p.parent != root else p.name
+            sub = found.setdefault(sid, Subject(id=sid, images={}))
+            if mod in sub.images:  # a NIfTI of the same scan exists; keep the DICOM for DICOM-SEG output
+                sub.dicom[mod] = str(p)
+            else:
+                sub.images[mod] = str(p)
+    subs = [s for s in found.values() if s.images]
+    if not subs:
+        raise DataError(f"{root}: no NIfTI files (.nii, .nii.gz) or DICOM series found")
+    return sorted(subs, key=lambda s: s.id)
+
+
+def normalise(data: np.ndarray, modality: str, where: str = "") -> tuple[np.ndarray, float]:
+    """CT: clip to the HU window and scale; MR: z-score over the head. Returns (image, air value)."""
+    if modality.lower() == "ct":
+        lo, hi = CT_WINDOW
+        return ((np.clip(data, lo, hi) - 40.0) / 60.0).astype(np.float32), (lo - 40.0) / 60.0
+    pos = data[data > 0]
+    if pos.size < 10:
+        raise DataError(f"{where or modality}: empty image (fewer than 10 positive voxels)")
+    thr = 0.1 * float(np.percentile(pos, 99))
+    fg = data[data > thr]
+    mu, sd = float(fg.mean()), float(fg.std()) + 1e-6
+    return ((data - mu) / sd).astype(np.float32), -mu / sd
+
+
+@dataclass
+class Prepared:
+    """A subject on its model grid: ``image`` (M, I, J, K), ``label`` (I, J, K) or None."""
+
+    id: str
+    modalities: list[str]
+    image: np.ndarray
+    affine: np.ndarray
+    label: np.ndarray | None = None
+    background: list[float] = field(default_factory=list)  # normalised air value per modality
+    label_ref: Volume | None = None  # the label on its original grid (for metrics in input space)
+    ref: Volume | None = None  # the reference image on its original grid (header for outputs)
+    dicom: dict[str, str] = field(default_factory=dict)
+
+
+def _same_grid(a: Volume, b: Volume, tol: float = 1e-3) -> bool:
+    return a.data.shape == b.data.shape and bool(np.allclose(a.affine, b.affine, atol=tol))
+
+
+def prepare(sub: Subject, modalities: Sequence[str], spacing: float, *, with_label: bool = True,
+            keep_ref: bool = False) -> Prepared:
+    """Load, co-register (by world coordinates) and normalise one subject's ``modalities``."""
+    missing = [m for m in modalities if m not in sub.images]
+    if missing:
+        raise DataError(f"subject {sub.id}: no {missing} image(s); it has {sorted(sub.images)}")
+    vols = [load_volume(sub.images[m], modality=m) for m in modalities]
+    grid = model_grid(vols[0].affine, vols[0].data.shape, spacing)
+    chans, bgs = [], []
+    for m, v in zip(modalities, vols):
+        x, bg = normalise(v.data, m, v.path)
+        chans.append(to_model_grid(Volume(x, v.affine, v.path, m), spacing, grid=grid, cval=bg).data)
+        bgs.append(bg)
+    out = Prepared(id=sub.id, modalities=list(modalities), image=np.stack(chans), affine=grid[0],
+                   background=bgs, dicom=dict(sub.dicom))
+    if keep_ref:
+        out.ref = vols[0]
+    if with_label and sub.label:
+        lab = load_volume(sub.label)
+        if not any(_same_grid(lab, v) for v in vols):
+            raise DataError(f"{sub.label}: label grid (shape {lab.data.shape}) matches none of subject "
+                            f"{sub.id}'s images {[v.data.shape for v in vols]}; a label must share its image's "
+                            "shape and affine")
+        vals = np.unique(lab.data)
+        if np.any(vals < 0) or np.any(vals != np.round(vals)):
+            raise DataError(f"{sub.label}: label values must be non-negative integers, got {vals[:8]}")
+        lab.data = lab.data.astype(np.uint8)
+        out.label = resample(lab.data, lab.affine, grid[0], grid[1], order=0)
+        out.label_ref = lab
+    return out
+
+
+def pad_to(x: np.ndarray, size: int, value: float | Sequence[float]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Pad the last three axes of ``x`` to at least ``size`` (centred); returns the padding."""
+    pads = [(0, 0)] * (x.ndim - 3)
+    sp = []
+    for n in x.shape[-3:]:
+        extra = max(size - n, 0)
+        sp.append((extra // 2, extra - extra // 2))
+    if not any(a or b for a, b in sp):
+        return x, sp
+    if isinstance(value, int | float):
+        return np.pad(x, pads + sp, constant_values=value), sp
+    return np.stack([np.pad(c, sp, constant_values=v) for c, v in zip(x, value)]), sp
+
+
+class PretrainCrops(Dataset):
+    """Random ``crop``-cubes from single-modality volumes: ``{"image": (1, c, c, c), "modality": ()}``.
+
+    Item ``i`` is a fixed function of (seed, i): volume ``i mod n`` and a crop centred on a random
+    head voxel, with random flips, so a resumed run sees the same samples.
+    """
+
+    def __init__(self, volumes: Sequence[tuple[np.ndarray, int, float]], *, crop: int = 32, length: int = 100_000,
+                 seed: int = 0) -> None:
+        if not volumes:
+            raise DataError("no volumes to pretrain on")
+        self.vols = [pad_to(v, crop, bg)[0] for v, _, bg in volumes]
+        self.mods = [m for _, m, _ in volumes]
+        self.fg = [np.argwhere(v > bg + 0.5) for v, (_, _, bg) in zip(self.vols, volumes)]
+        self.crop, self.length, self.seed = crop, length, seed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, i])
+        k = i % len(self.vols)
+        v = self.vols[k]
+        fg = self.fg[k]
+        c = fg[rng.integers(len(fg))] if len(fg) else np.array(v.shape) // 2
+        x = _crop(v[None], c, self.crop)[0]
+        for ax in range(3):
+            if rng.random() < 0.5:
+                x = np.flip(x, ax)
+        return {"image": torch.from_numpy(np.ascontiguousarray(x))[None], "modality": torch.tensor(self.mods[k])}
+
+
+def _crop(x: np.ndarray, centre: np.ndarray, size: int) -> np.ndarray:
+    """A ``size``-cube of the last three axes around ``centre``, kept inside the volume."""
+    sl = []
+    for c, n in zip(centre, x.shape[-3:]):
+        s = int(np.clip(int(c) - size // 2, 0, n - size))
+        sl.append(slice(s, s + size))
+    return x[(Ellipsis, *sl)]
+
+
+class SegCrops(Dataset):
+    """Crops with all modalities and the label: ``{"image": (M, c, c, c), "label": (c, c, c)}``.
+
+    Half of the crops are centred on a tumour voxel (foreground oversampling, as nnU-Net), the
+    rest anywhere in the head; random flips along each axis.
+    """
+
+    def __init__(self, subjects: Sequence[Prepared], *, crop: int = 32, length: int = 100_000, seed: int = 0,
+                 fg_fraction: float = 0.5) -> None:
+        if not subjects or any(s.label is None for s in subjects):
+            raise DataError("fine-tuning needs labelled subjects")
+        self.items = []
+        for s in subjects:
+            bg = s.background
+            img, _ = pad_to(s.image, crop, bg)
+            lab, _ = pad_to(s.label, crop, 0)
+            self.items.append((img, lab, np.argwhere(lab > 0), np.argwhere(img[0] > bg[0] + 0.5)))
+        self.crop, self.length, self.seed, self.fg_fraction = crop, length, seed, fg_fraction
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, i])
+        img, lab, fg, head = self.items[i % len(self.items)]
+        pool = fg if (len(fg) and rng.random() < self.fg_fraction) else head
+        c = pool[rng.integers(len(pool))] if len(pool) else np.array(lab.shape) // 2
+        x, y = _crop(img, c, self.crop), _crop(lab, c, self.crop)
+        for ax in range(3):
+            if rng.random() < 0.5:
+                x, y = np.flip(x, ax + 1), np.flip(y, ax)
+        return {"image": torch.from_numpy(np.ascontiguousarray(x)),
+                "label": torch.from_numpy(np.ascontiguousarray(y).astype(np.int64))}
+
+
+def split_subjects(subjects: Sequence[Subject], *, test_fraction: float = 0.3) -> tuple[list[Subject], list[Subject]]:
+    """(pool, test) of the labelled subjects: the test set is the last ``test_fraction`` by id.
+
+    Deterministic and independent of the seed and the label budget, so every run and baseline
+    is scored on the same cases.
+    """
+    lab = [s for s in subjects if s.label]
+    if len(lab) < 3:
+        raise DataError(f"{len(lab)} labelled subject(s); fine-tuning needs at least 3 (training + test)")
+    n_test = max(1, int(round(test_fraction * len(lab))))
+    return lab[:-n_test], lab[-n_test:]
+
+
+def choose_cases(pool: Sequence[Subject], n: int | None, seed: int) -> list[Subject]:
+    """``n`` cases of ``pool`` (all when None): a prefix of one seeded permutation, so budgets nest."""
+    if n is None:
+        return list(pool)
+    if not 1 <= n <= len(pool):
+        raise DataError(f"label budget {n} outside 1..{len(pool)} (the training pool)")
+    order = np.random.default_rng(seed).permutation(len(pool))
+    return [pool[i] for i in sorted(order[:n])]
+
+
+def modality_order(subjects: Sequence[Subject]) -> list[str]:
+    """Modalities every subject has, in a stable order (T1w first when present)."""
+    common = set.intersection(*(set(s.images) for s in subjects)) if subjects else set()
+    pref = ["T1w", "T2w", "FLAIR", "T1ce", "ct", "MR"]
+    return sorted(common, key=lambda m: (pref.index(m) if m in pref else len(pref), m))
+
+
+def sample_id(subject: Subject) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", subject.id)
+
+
+def describe(subjects: Sequence[Subject]) -> dict[str, Any]:
+    """Counts for logs and model cards."""
+    mods: dict[str, int] = {}
+    for s in subjects:
+        for m in s.images:
+            mods[m] = mods.get(m, 0) + 1
+    return {"subjects": len(subjects), "labelled": sum(1 for s in subjects if s.label), "modalities": mods}

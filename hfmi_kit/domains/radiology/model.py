@@ -1,0 +1,262 @@
+"""3-D models: the masked-autoencoder pretrainer, the segmenter on the same backbone, a U-Net baseline.
+
+Every modality is cut into the same 3-D patches by one shared patch embedding; a learned
+modality token (an embedding added to each of its patch tokens) tells the encoder which
+contrast it sees. The pretrainer sees one volume of any modality per sample; the segmenter
+sees all of a subject's modalities at once (their tokens concatenated, so attention can
+combine contrasts), averages the encoder outputs of each patch over modalities and decodes
+them to voxels with a small convolutional decoder that also takes the full-resolution image
+(UNETR-style). Inference runs over whole volumes with :func:`sliding_window_labels`, which
+keeps one confidence and one label per voxel instead of a float buffer per class.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hfmi_kit.models import Backbone, EncoderConfig, GridTokenizer, TokenBatch, register_model
+from hfmi_kit.models.mae import mae_forward, make_decoder
+
+
+class RadiologyNet(nn.Module):
+    """Shared 3-D patch tokenizer + modality tokens + encoder."""
+
+    def __init__(self, *, size: EncoderConfig, modalities: Sequence[str], crop: int = 32, patch: int = 4,
+                 spacing: float = 3.0) -> None:
+        super().__init__()
+        self.modalities, self.crop, self.patch, self.spacing = list(modalities), crop, patch, spacing
+        tok = GridTokenizer(groups=["image"], grid=(crop,) * 3, patch=(patch,) * 3, dim=size.dim)
+        self.backbone = Backbone(tok, size)
+        self.modality_embed = nn.Embedding(len(self.modalities), size.dim)
+        nn.init.normal_(self.modality_embed.weight, std=0.02)
+
+    @property
+    def tokenizer(self) -> GridTokenizer:
+        return self.backbone.tokenizer  # type: ignore[return-value]
+
+    def tokens(self, image: torch.Tensor, modality: torch.Tensor) -> TokenBatch:
+        """One volume per sample: ``image`` (B, c, c, c), ``modality`` (B,) -> tokens (B, N, D)."""
+        tb = self.tokenizer({"image": image})
+        tb.tokens = tb.tokens + self.modality_embed(modality)[:, None, :].to(tb.tokens.dtype)
+        return tb
+
+    def multi_tokens(self, image: torch.Tensor, ids: Sequence[int]) -> TokenBatch:
+        """Several modalities: ``image`` (B, M, c, c, c) with modality ids ``ids`` -> (B, M*N, D)."""
+        B, M = image.shape[:2]
+        parts = [self.tokens(image[:, i], torch.full((B,), m, dtype=torch.long, device=image.device)).tokens
+                 for i, m in enumerate(ids)]
+        N = self.tokenizer.num_patches
+        dev = image.device
+        return TokenBatch(tokens=torch.cat(parts, 1), group_ids=torch.zeros(M * N, dtype=torch.long, device=dev),
+                          pos_ids=torch.arange(N, device=dev).repeat(M),
+                          maskable=torch.ones(M * N, dtype=torch.bool, device=dev),
+                          layout={self.modalities[m]: (i * N, (i + 1) * N) for i, m in enumerate(ids)})
+
+
+class RadiologyMAE(RadiologyNet):
+    """3-D masked autoencoder over single-modality crops (targets: the normalised voxels of each patch)."""
+
+    def __init__(self, *, mask_ratio: float = 0.75, **kw: Any) -> None:
+        super().__init__(**kw)
+        tok = self.tokenizer
+        self.decoder = make_decoder(self.backbone, num_groups=1, num_positions=tok.num_patches,
+                                    patch_numel=tok.patch_numel)
+        self.mask_ratio = mask_ratio
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        img = batch["image"][:, 0]
+        tb = self.tokens(img, batch["modality"])
+        tgt = self.tokenizer.patchify(img)
+        loss, _, _ = mae_forward(self.backbone, self.decoder, tb, tgt, mask_ratio=self.mask_ratio, strategy="random")
+        return {"loss": loss}
+
+    @torch.no_grad()
+    def reconstruct(self, image: torch.Tensor, modality: torch.Tensor, *, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Masked input, reconstruction and mask as volumes (B, c, c, c), for the notebooks."""
+        tb = self.tokens(image, modality)
+        tgt = self.tokenizer.patchify(image)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            _, pred, masked = mae_forward(self.backbone, self.decoder, tb, tgt, mask_ratio=self.mask_ratio)
+        m = masked[..., None].expand_as(tgt).to(image.dtype)
+        tok = self.tokenizer
+        return {"masked_input": tok.unpatchify(tgt * (1 - m)),
+                "reconstruction": tok.unpatchify(pred * m + tgt * (1 - m)), "mask": tok.unpatchify(m)}
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv3d(cin, cout, 3, padding=1, bias=False), nn.InstanceNorm3d(cout, affine=True),
+                         nn.LeakyReLU(0.01, inplace=True), nn.Conv3d(cout, cout, 3, padding=1, bias=False),
+                         nn.InstanceNorm3d(cout, affine=True), nn.LeakyReLU(0.01, inplace=True))
+
+
+class SegDecoder(nn.Module):
+    """Token grid (B, D, n, n, n) + image (B, M, c, c, c) -> logits (B, K, c, c, c); c = n * patch."""
+
+    def __init__(self, *, dim: int, in_channels: int, classes: int, patch: int, width: int = 16) -> None:
+        super().__init__()
+        ups = int(round(math.log2(patch)))
+        if 2**ups != patch:
+            raise ValueError(f"patch {patch} must be a power of two")
+        chans = [width * 2 ** (ups - 1 - i) for i in range(ups)]  # e.g. patch 4: [64, 32]
+        self.ups = nn.ModuleList()
+        self.skips = nn.ModuleList()
+        self.blocks = nn.ModuleList()
+        cin = dim
+        for i, c in enumerate(chans):
+            stride = 2 ** (ups - 1 - i)  # skip from the image at this level's resolution
+            self.ups.append(nn.ConvTranspose3d(cin, c, 2, stride=2))
+            self.skips.append(nn.Sequential(nn.Conv3d(in_channels, c, 3, stride=stride, padding=1, bias=False),
+                                            nn.InstanceNorm3d(c, affine=True), nn.LeakyReLU(0.01, inplace=True)))
+            self.blocks.append(_block(2 * c, c))
+            cin = c
+        self.out = nn.Conv3d(cin, classes, 1)
+
+    def forward(self, grid: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        x = grid
+        for up, skip, block in zip(self.ups, self.skips, self.blocks):
+            x = up(x)
+            x = block(torch.cat([x, skip(image)], 1))
+        return self.out(x)
+
+
+def seg_loss(logits: torch.Tensor, label: torch.Tensor, classes: int) -> torch.Tensor:
+    """Cross-entropy plus soft Dice over the foreground classes (batch Dice, as nnU-Net)."""
+    ce = F.cross_entropy(logits.float(), label)
+    prob = logits.float().softmax(1)
+    onehot = F.one_hot(label, classes).permute(0, 4, 1, 2, 3).float()
+    dims = (0, 2, 3, 4)
+    inter = (prob * onehot).sum(dims)[1:]
+    denom = (prob + onehot).sum(dims)[1:]
+    dice = (2 * inter + 1e-5) / (denom + 1e-5)
+    return ce + (1 - dice.mean())
+
+
+class RadiologySegmenter(RadiologyNet):
+    """Tumour segmentation on the pretrained backbone (``classes`` = background + tumour classes).
+
+    ``modalities`` is the modality-token table (the pretrainer's); ``input_modalities`` the
+    image channels, in order (default: all of the table).
+    """
+
+    def __init__(self, *, classes: int = 3, decoder_width: int = 16, input_modalities: Sequence[str] | None = None,
+                 **kw: Any) -> None:
+        super().__init__(**kw)
+        self.classes = classes
+        self.input_modalities = list(input_modalities or self.modalities)
+        unknown = [m for m in self.input_modalities if m not in self.modalities]
+        if unknown:
+            raise ValueError(f"input modalities {unknown} are not in the modality table {self.modalities}")
+        self.input_ids = [self.modalities.index(m) for m in self.input_modalities]
+        self.seg_decoder = SegDecoder(dim=self.backbone.cfg.dim, in_channels=len(self.input_modalities),
+                                      classes=classes, patch=self.patch, width=decoder_width)
+
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        """``image`` (B, M, c, c, c) -> (B, classes, c, c, c)."""
+        B, M = image.shape[:2]
+        tb = self.multi_tokens(image, self.input_ids)
+        z = self.backbone.encode(tb)  # (B, M*N, D)
+        n = self.crop // self.patch
+        z = z.view(B, M, n**3, -1).mean(1)  # average each patch over modalities
+        grid = z.transpose(1, 2).reshape(B, -1, n, n, n)
+        return self.seg_decoder(grid, image)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"loss": seg_loss(self.logits(batch["image"]), batch["label"], self.classes)}
+
+
+class UNetBaseline(nn.Module):
+    """MONAI DynUNet configured in the nnU-Net manner (3x3x3 convolutions, instance norm, leaky ReLU,
+    stride-2 downsampling, transposed-convolution upsampling), the supervised reference."""
+
+    def __init__(self, *, modalities: Sequence[str], classes: int = 3, crop: int = 32,
+                 filters: Sequence[int] = (16, 32, 64, 128), spacing: float = 3.0,
+                 input_modalities: Sequence[str] | None = None, **_: Any) -> None:
+        super().__init__()
+        from monai.networks.nets import DynUNet
+
+        self.modalities, self.classes, self.crop, self.spacing = list(modalities), classes, crop, spacing
+        self.input_modalities = list(input_modalities or self.modalities)
+        n = len(filters)
+        self.net = DynUNet(spatial_dims=3, in_channels=len(self.input_modalities), out_channels=classes,
+                           kernel_size=[3] * n, strides=[1] + [2] * (n - 1), upsample_kernel_size=[2] * (n - 1),
+                           filters=list(filters), norm_name=("instance", {"affine": True}),
+                           act_name=("leakyrelu", {"negative_slope": 0.01, "inplace": True}), res_block=False)
+
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        return self.net(image)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"loss": seg_loss(self.logits(batch["image"]), batch["label"], self.classes)}
+
+
+@register_model("radiology_mae")
+def _mae(*, size: EncoderConfig, **kw: Any) -> nn.Module:
+    return RadiologyMAE(size=size, **kw)
+
+
+@register_model("radiology_segmenter")
+def _seg(*, size: EncoderConfig, **kw: Any) -> nn.Module:
+    return RadiologySegmenter(size=size, **kw)
+
+
+@register_model("radiology_unet")
+def _unet(*, size: EncoderConfig, **kw: Any) -> nn.Module:
+    return UNetBaseline(**kw)
+
+
+def _starts(n: int, w: int, step: int) -> list[int]:
+    s = list(range(0, max(n - w, 0) + 1, step))
+    if s[-1] != max(n - w, 0):
+        s.append(n - w)
+    return s
+
+
+def _importance(w: int) -> torch.Tensor:
+    ax = torch.arange(w, dtype=torch.float32) - (w - 1) / 2
+    g = torch.exp(-(ax**2) / (2 * (w / 4) ** 2))
+    return g[:, None, None] * g[None, :, None] * g[None, None, :]
+
+
+@torch.no_grad()
+def sliding_window_labels(logits_fn: Callable[[torch.Tensor], torch.Tensor], image: np.ndarray, *, window: int,
+                          background: Sequence[float], overlap: float = 0.5, batch_size: int = 4,
+                          device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Label map and confidence of a whole volume ``image`` (M, I, J, K) by overlapping windows.
+
+    Each window's softmax is reduced at once to (label, confidence x centre weight); a voxel
+    keeps the label of the window most confident about it. Memory: one float32 and one uint8
+    per voxel, whatever the number of classes (a per-class accumulator would need 4*K bytes).
+    Returns (labels uint8, confidence float32) on the input grid.
+    """
+    from hfmi_kit.domains.radiology.data import pad_to
+
+    img, pads = pad_to(image, window, list(background))
+    shape = img.shape[1:]
+    best = torch.full(shape, -1.0)
+    lab = torch.zeros(shape, dtype=torch.uint8)
+    step = max(1, int(round(window * (1 - overlap))))
+    corners = [(a, b, c) for a in _starts(shape[0], window, step) for b in _starts(shape[1], window, step)
+               for c in _starts(shape[2], window, step)]
+    g = _importance(window)
+    x = torch.from_numpy(np.ascontiguousarray(img))
+    for i in range(0, len(corners), batch_size):
+        cs = corners[i : i + batch_size]
+        crops = torch.stack([x[:, a : a + window, b : b + window, c : c + window] for a, b, c in cs]).to(device)
+        prob = logits_fn(crops).float().softmax(1).cpu()
+        conf, cls = prob.max(1)
+        conf = conf * g
+        for (a, b, c), cf, cl in zip(cs, conf, cls):
+            sl = (slice(a, a + window), slice(b, b + window), slice(c, c + window))
+            upd = cf > best[sl]
+            best[sl] = torch.where(upd, cf, best[sl])
+            lab[sl] = torch.where(upd, cl.to(torch.uint8), lab[sl])
+    crop = tuple(slice(p0, n - p1) for (p0, p1), n in zip(pads, shape))
+    return lab[crop].numpy(), best[crop].numpy()

@@ -1,0 +1,334 @@
+"""Radiology pretraining, few-label fine-tuning with baselines, evaluation and prediction, end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hfmi_kit.config import atomic_write_json
+from hfmi_kit.domains.radiology import data as rdata
+from hfmi_kit.domains.radiology import metrics as M
+from hfmi_kit.domains.radiology.geometry import to_input_grid
+from hfmi_kit.domains.radiology.io import load_volume, save_nifti, write_dicom_seg
+from hfmi_kit.domains.radiology.model import RadiologySegmenter, UNetBaseline, sliding_window_labels
+from hfmi_kit.domains.radiology.synth import LABELS
+from hfmi_kit.errors import ConfigError, DataError
+from hfmi_kit.models import create_model
+from hfmi_kit.train import TrainConfig, Trainer, load_pretrained, read_config, save_pretrained
+
+LOGGER = logging.getLogger(__name__)
+SEGMENT_NAMES = ("oedema", "tumour core")
+
+
+def _train_cfg(**kw: Any) -> TrainConfig:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in kw.items() if k in fields and v is not None})
+
+
+def _card(root: Path, subjects: Sequence[rdata.Subject], summary: str) -> dict[str, Any]:
+    meta = root / "dataset.json"
+    entry: dict[str, Any] = {"file": root.name, "path": str(root), **rdata.describe(subjects)}
+    if meta.is_file():
+        import json
+
+        js = json.loads(meta.read_text(encoding="utf-8"))
+        entry.update({"description": js.get("description", ""), "source": js.get("source", ""),
+                      "licence": js.get("licence", "unknown"),
+                      "sha256": hashlib.sha256(meta.read_bytes()).hexdigest()})
+    return {"summary": summary, "data": [entry], "licence": "Apache-2.0 (weights and code)",
+            "intended_use": "research on few-label tumour segmentation; not a medical device",
+            "limitations": "trained on synthetic lesions in warped template anatomy unless stated otherwise"}
+
+
+def pretrain(*, data: str | Path, out: str | Path, config: str = "tiny", steps: int = 300, seed: int = 0,
+             resume: bool = False, batch_size: int = 8, lr: float = 1e-3, spacing: float = 3.0, crop: int = 32,
+             patch: int = 4, mask_ratio: float = 0.75, precision: str = "auto", device: str = "auto",
+             progress: bool = True, checkpoint_every: int = 0, variables: Sequence[str] | None = None) -> Path:
+    """3-D masked-autoencoder pretraining on every unlabelled volume of ``data`` (all modalities).
+
+    Test subjects (see :func:`.data.split_subjects`) are left out so later scores stay honest;
+    labels are never read. ``variables`` restricts the modalities. Returns ``out/model``.
+    """
+    root, out = Path(data), Path(out)
+    subjects = rdata.discover(root)
+    test_ids: set[str] = set()
+    if sum(1 for s in subjects if s.label) >= 3:
+        test_ids = {s.id for s in rdata.split_subjects(subjects)[1]}
+    use = [s for s in subjects if s.id not in test_ids]
+    mods = sorted({m for s in use for m in s.images if variables is None or m in variables})
+    if not mods:
+        raise DataError(f"{root}: no images of modalities {list(variables or [])}")
+    vols = []
+    for s in use:
+        for m in s.images:
+            if m in mods:
+                p = rdata.prepare(s, [m], spacing, with_label=False)
+                vols.append((p.image[0], mods.index(m), p.background[0]))
+    LOGGER.info("pretraining on %d volumes (%s) of %d subjects", len(vols), mods, len(use))
+    ds = rdata.PretrainCrops(vols, crop=crop, seed=seed)
+    mk = {"modalities": mods, "crop": crop, "patch": patch, "spacing": spacing, "mask_ratio": mask_ratio}
+    torch.manual_seed(seed)
+    model = create_model(f"radiology_mae.{config}", **mk)
+    tc = _train_cfg(steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision, device=device,
+                    progress=progress, warmup_steps=min(20, steps // 10 + 1),
+                    checkpoint_every=checkpoint_every or max(steps // 2, 1))
+    mconf = {"domain": "radiology", "task": "pretrain", "model_type": f"radiology_mae.{config}", "model_kwargs": mk,
+             "geometry": {"spacing_mm": spacing, "crop": crop, "modalities": mods,
+                          "excluded_test_subjects": sorted(test_ids), "volumes": len(vols)},
+             "card": _card(root, use, "3-D masked autoencoder pretrained on unlabelled CT/MR volumes "
+                                      "(modality tokens, shared patch embedding).")}
+    trainer = Trainer(model, ds, config=tc, out_dir=out, model_config=mconf)
+    res = trainer.fit(resume=resume)
+    mconf["training"] = {**dataclasses.asdict(tc), "seed": seed, "data": str(root)}
+    mconf["metrics"] = {"train_loss": res.last_loss}
+    path = save_pretrained(model, out / "model", config=mconf)
+    LOGGER.info("pretrained model written to %s", path)
+    return path
+
+
+def _train_segmenter(model: torch.nn.Module, cases: Sequence[rdata.Prepared], out: Path, *, name: str,
+                     mconf: dict[str, Any], steps: int, seed: int, batch_size: int, lr: float, layer_decay: float,
+                     mode: str, precision: str, device: str, progress: bool) -> torch.nn.Module:
+    ds = rdata.SegCrops(cases, crop=mconf["model_kwargs"]["crop"], seed=seed)
+    tc = _train_cfg(steps=steps, batch_size=batch_size, lr=lr, seed=seed, mode=mode, layer_decay=layer_decay,
+                    precision=precision, device=device, progress=progress, warmup_steps=min(20, steps // 10 + 1),
+                    weight_decay=0.01)
+    Trainer(model, ds, config=tc, out_dir=out / f"train_{name}", model_config=mconf).fit()
+    mconf["training"] = {**dataclasses.asdict(tc), "cases": [c.id for c in cases]}
+    model.eval()
+    return model
+
+
+def predict_case(model: torch.nn.Module, case: rdata.Prepared, *, overlap: float = 0.5,
+                 batch_size: int = 4) -> np.ndarray:
+    """Label map of one prepared case on its model grid (sliding windows, argmax on the fly)."""
+    dev = next(model.parameters()).device
+    model.eval()
+    lab, _ = sliding_window_labels(model.logits, case.image, window=model.crop, background=case.background,
+                                   overlap=overlap, batch_size=batch_size, device=dev)
+    return lab
+
+
+def score_cases(model: torch.nn.Module, cases: Sequence[rdata.Prepared], *, out_dir: Path | None = None
+                ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Per-case metrics on the input grid (mean and std over cases); writes predictions when ``out_dir``.
+
+    Each per-case row also localises the lesion: ``centroid_mm`` and ``bbox_mm`` (world RAS mm,
+    largest connected component of the predicted tumour).
+    """
+    rows = []
+    for c in cases:
+        if c.label_ref is None or c.ref is None:
+            raise DataError(f"subject {c.id}: no label to score against")
+        lab = predict_case(model, c)
+        pred = to_input_grid(lab, c.affine, c.label_ref)
+        rows.append({"id": c.id, **M.case_metrics(pred, c.label_ref.data, c.label_ref.affine),
+                     **M.localise(pred, c.label_ref.affine)})
+        if out_dir is not None:
+            write_prediction(lab, c, out_dir)
+    keys = [k for k, v in rows[0].items() if isinstance(v, float)]
+    summary: dict[str, float] = {}
+    for k in keys:
+        v = np.array([r[k] for r in rows], dtype=np.float64)
+        summary[k] = float(v.mean())
+        summary[f"{k}_std"] = float(v.std())
+    return summary, rows
+
+
+def write_prediction(lab: np.ndarray, case: rdata.Prepared, out_dir: Path) -> list[Path]:
+    """The label map as NIfTI on the reference image's exact grid, and as DICOM-SEG per DICOM input."""
+    assert case.ref is not None
+    written = []
+    pred = to_input_grid(lab, case.affine, case.ref)
+    written.append(save_nifti(out_dir / f"{case.id}_pred.nii.gz", pred.astype(np.uint8), case.ref.affine,
+                              description="hfmi tumour 1=oedema 2=core"))
+    for mod, series in case.dicom.items():
+        vol = load_volume(series)
+        on_dcm = to_input_grid(lab, case.affine, vol)
+        written.append(write_dicom_seg(on_dcm, vol.source_files, out_dir / f"{case.id}_{mod}_seg.dcm",
+                                       segment_names=SEGMENT_NAMES))
+    return written
+
+
+def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task: str = "segment",
+             labels: int | None = None, label_fraction: float = 1.0, steps: int = 300, seed: int = 0,
+             mode: str = "full", config: str | None = None, batch_size: int = 4, lr: float | None = None,
+             layer_decay: float | None = None, baselines: bool | Sequence[str] = False,
+             baseline_steps: int | None = None,
+             spacing: float | None = None, precision: str = "auto", device: str = "auto",
+             progress: bool = True) -> dict[str, float]:
+    """Fine-tune tumour segmentation/localisation on ``labels`` cases (default all; or a fraction).
+
+    ``ckpt=None`` trains the same architecture from scratch. With ``baselines`` (True, or a
+    subset of ``("scratch", "unet")``) the same split also trains the model from scratch on the
+    same cases and the nnU-Net-style U-Net on all training cases, adding ``*_scratch`` and
+    ``*_unet`` metrics. Test cases are fixed by
+    :func:`.data.split_subjects`. Every model trains with AdamW at peak LR 2e-3 (warm-up +
+    cosine) on the same crops; a pretrained backbone adds layer-wise LR decay 0.8. Writes
+    ``out/model``, ``out/metrics.json``,
+    ``out/cases.json`` and ``out/predictions/`` (NIfTI on each input's grid, DICOM-SEG for
+    DICOM inputs).
+    """
+    if task not in ("segment",):
+        raise ConfigError(f"unknown radiology task {task!r}; expected 'segment'")
+    if labels is not None and labels < 1:
+        raise ConfigError(f"--labels must be >= 1, got {labels}")
+    if not 0 < label_fraction <= 1:
+        raise ConfigError(f"label_fraction must lie in (0, 1], got {label_fraction}")
+    root, out = Path(data), Path(out)
+    subjects = rdata.discover(root)
+    pool, test = rdata.split_subjects(subjects)
+    if labels is None and label_fraction < 1:
+        labels = max(1, int(round(label_fraction * len(pool))))
+    chosen = rdata.choose_cases(pool, labels, seed)
+    if ckpt is not None:
+        pcfg = read_config(ckpt)
+        if pcfg.get("domain") != "radiology":
+            raise ConfigError(f"{ckpt}: a {pcfg.get('domain')!r} checkpoint, not a radiology one")
+        pk = pcfg["model_kwargs"]
+        size = config or pcfg["model_type"].split(".", 1)[1]
+        mods = [m for m in rdata.modality_order(chosen + test) if m in pk["modalities"]]
+        if not mods:
+            raise DataError(f"{root}: none of the pretrained modalities {pk['modalities']} is in every subject")
+        # keep the pretrained modality ids: the segmenter's modality table is the pretrainer's
+        all_mods = list(pk["modalities"])
+        crop, patch, sp = int(pk["crop"]), int(pk["patch"]), float(spacing or pk["spacing"])
+    else:
+        size = config or "tiny"
+        mods = rdata.modality_order(chosen + test)
+        all_mods = list(mods)
+        crop, patch, sp = 32, 4, float(spacing or 3.0)
+    if not mods:
+        raise DataError(f"{root}: no modality is present in every subject")
+    LOGGER.info("preparing %d training and %d test cases (%s)", len(chosen), len(test), mods)
+    train_cases = [rdata.prepare(s, mods, sp) for s in chosen]
+    test_cases = [rdata.prepare(s, mods, sp, keep_ref=True) for s in test]
+    mk = {"modalities": all_mods, "input_modalities": mods, "crop": crop, "patch": patch, "spacing": sp,
+          "classes": len(LABELS)}
+    summary = (f"3-D tumour segmenter fine-tuned ({mode}) from {ckpt or 'scratch'} on {len(chosen)} labelled "
+               f"case(s), modalities {mods}.")
+    metrics, rows = _fit_and_score("segmenter", ckpt, size, mk, train_cases, test_cases, out, root, subjects,
+                                   summary=summary, steps=steps, seed=seed, batch_size=batch_size, lr=lr,
+                                   layer_decay=layer_decay, mode=mode, precision=precision, device=device,
+                                   progress=progress, save=True)
+    all_rows = {"model": rows}
+    wanted = {"scratch", "unet"} if baselines is True else set(baselines or ())
+    if wanted - {"scratch", "unet"}:
+        raise ConfigError(f"unknown baselines {sorted(wanted - {'scratch', 'unet'})}; expected scratch, unet")
+    bsteps = baseline_steps or steps
+    if ckpt is not None and "scratch" in wanted:
+        m_s, r_s = _fit_and_score("scratch", None, size, mk, train_cases, test_cases, out, root, subjects,
+                                  summary="", steps=bsteps, seed=seed, batch_size=batch_size, lr=None,
+                                  layer_decay=None, mode="full", precision=precision, device=device,
+                                  progress=progress, save=False)
+        metrics.update({f"{k}_scratch": v for k, v in m_s.items()})
+        all_rows["scratch"] = r_s
+    if "unet" in wanted:
+        pool_cases = train_cases if len(chosen) == len(pool) else [rdata.prepare(s, mods, sp) for s in pool]
+        m_u, r_u = _fit_and_score("unet", None, size, mk, pool_cases, test_cases, out, root, subjects,
+                                  summary="", steps=bsteps, seed=seed, batch_size=batch_size, lr=None,
+                                  layer_decay=None, mode="full", precision=precision, device=device,
+                                  progress=progress, save=False, unet=True)
+        metrics.update({f"{k}_unet": v for k, v in m_u.items()})
+        metrics["unet_cases"] = float(len(pool_cases))
+        all_rows["unet"] = r_u
+    metrics.update({"labelled_cases": float(len(chosen)), "test_cases": float(len(test)),
+                    "pool_cases": float(len(pool))})
+    atomic_write_json(out / "cases.json", {"train": [c.id for c in chosen], "test": [c.id for c in test],
+                                           "per_case": all_rows})
+    atomic_write_json(out / "metrics.json", metrics)
+    cfg_path = out / "model" / "config.json"
+    if cfg_path.is_file():
+        from hfmi_kit.train.pretrained import update_metrics
+
+        update_metrics(out / "model", metrics)
+    return metrics
+
+
+def _fit_and_score(name: str, ckpt: str | Path | None, size: str, mk: dict[str, Any],
+                   train_cases: Sequence[rdata.Prepared], test_cases: Sequence[rdata.Prepared], out: Path,
+                   root: Path, subjects: Sequence[rdata.Subject], *, summary: str, steps: int, seed: int,
+                   batch_size: int, lr: float | None, layer_decay: float | None, mode: str, precision: str,
+                   device: str, progress: bool, save: bool, unet: bool = False) -> tuple[dict[str, float], list]:
+    torch.manual_seed(seed)
+    family = "radiology_unet" if unet else "radiology_segmenter"
+    kw = dict(mk)
+    if ckpt is None:  # from scratch: the modality table is just the inputs
+        kw["modalities"] = list(mk["input_modalities"])
+    model = create_model(f"{family}.{size}", **kw)
+    if ckpt is not None:
+        load_pretrained(ckpt, mode="transfer", model=model)
+        LOGGER.info("transfer from %s: %s", ckpt, model.hfmi_load_report.summary())
+    if lr is None:
+        lr = 2e-3
+    if layer_decay is None:
+        layer_decay = 0.8 if ckpt is not None and mode == "full" else 1.0
+    mconf = {"domain": "radiology", "task": "segment", "model_type": f"{family}.{size}", "model_kwargs": kw,
+             "geometry": {"spacing_mm": mk["spacing"], "crop": mk["crop"], "modalities": mk["input_modalities"],
+                          "labels": {str(k): v for k, v in LABELS.items()}},
+             "card": _card(root, subjects, summary or f"radiology {name} baseline")}
+    model = _train_segmenter(model, train_cases, out, name=name, mconf=mconf, steps=steps, seed=seed,
+                             batch_size=batch_size, lr=lr, layer_decay=layer_decay, mode=mode, precision=precision,
+                             device=device, progress=progress)
+    metrics, rows = score_cases(model, test_cases, out_dir=out / "predictions" if save else None)
+    mconf["training"]["from"] = str(ckpt) if ckpt else "scratch"
+    mconf["metrics"] = metrics
+    if save:
+        save_pretrained(model, out / "model", config=mconf)
+    return metrics, rows
+
+
+def _load_segmenter(ckpt: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    cfg = read_config(ckpt)
+    if cfg.get("domain") != "radiology" or cfg.get("task") != "segment":
+        raise ConfigError(f"{ckpt}: not a fine-tuned radiology segmenter (domain {cfg.get('domain')!r}, "
+                          f"task {cfg.get('task')!r})")
+    model = load_pretrained(ckpt)
+    if not isinstance(model, RadiologySegmenter | UNetBaseline):
+        raise ConfigError(f"{ckpt}: {cfg.get('model_type')} cannot segment")
+    model.eval()
+    return model, cfg
+
+
+def evaluate(*, ckpt: str | Path, data: str | Path, out: str | Path) -> dict[str, float]:
+    """Score a fine-tuned segmenter on the labelled test subjects of ``data``; writes predictions too.
+
+    When ``data`` is the study it was trained on, the test split is the same as in fine-tuning;
+    on another study every labelled subject is scored.
+    """
+    model, cfg = _load_segmenter(ckpt)
+    root, out = Path(data), Path(out)
+    subjects = rdata.discover(root)
+    trained_on = set(cfg.get("training", {}).get("cases", []))
+    labelled = [s for s in subjects if s.label]
+    if not labelled:
+        raise DataError(f"{root}: no labelled subjects to evaluate on")
+    cases = [s for s in labelled if s.id not in trained_on]
+    if not cases:
+        raise DataError(f"{root}: every labelled subject was used for training {ckpt}")
+    mods = cfg["geometry"]["modalities"]
+    prepared = [rdata.prepare(s, mods, float(cfg["geometry"]["spacing_mm"]), keep_ref=True) for s in cases]
+    metrics, rows = score_cases(model, prepared, out_dir=out / "predictions")
+    metrics["test_cases"] = float(len(cases))
+    atomic_write_json(out / "cases.json", {"test": [c.id for c in cases], "per_case": rows})
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def predict(*, ckpt: str | Path, images: dict[str, str | Path], out: str | Path) -> list[Path]:
+    """Segment one subject (modality -> NIfTI file or DICOM folder); write NIfTI (+ DICOM-SEG) into ``out``."""
+    model, cfg = _load_segmenter(ckpt)
+    mods = cfg["geometry"]["modalities"]
+    dicom = {m: str(p) for m, p in images.items() if Path(p).is_dir()}
+    sub = rdata.Subject(id=Path(next(iter(images.values()))).name.split("_")[0].split(".")[0],
+                        images={m: str(p) for m, p in images.items()}, dicom=dicom)
+    case = rdata.prepare(sub, mods, float(cfg["geometry"]["spacing_mm"]), with_label=False, keep_ref=True)
+    case.dicom = {m: p for m, p in dicom.items() if m in mods}
+    return write_prediction(predict_case(model, case), case, Path(out))
