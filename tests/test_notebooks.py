@@ -68,6 +68,27 @@ def test_climate_notebooks_chain_through_hfmi_run(tmp_path):
                for c in nb.cells for o in c.get("outputs", []))
 
 
+def test_radiology_notebooks_chain_through_hfmi_run(tmp_path):
+    pytest.importorskip("nilearn")
+    pytest.importorskip("monai")
+    nbdir = REPO / "notebooks" / "radiology"
+    pre, ft = tmp_path / "pre", tmp_path / "ft"
+    assert main(["run", str(nbdir / "01_pretrain.py"), "-p", "out_dir", str(pre), "-p", "steps", "6",
+                 "-p", "unlabelled", "2", "-p", "labelled", "5", "-p", "spacing_scale", "1.6",
+                 "-o", str(tmp_path / "01.ipynb")]) == 0
+    assert (pre / "model" / "model.safetensors").is_file()
+    assert main(["run", str(nbdir / "02_finetune.py"), "-p", "pretrained", str(pre / "model"), "-p", "steps", "4",
+                 "-p", "budgets", "[2]", "-p", "out_dir", str(ft), "-o", str(tmp_path / "02.ipynb")]) == 0
+    m = json.loads((ft / "n2" / "metrics.json").read_text())
+    assert {"dice", "dice_scratch", "dice_unet"} <= set(m)
+    assert main(["run", str(nbdir / "03_visualize.py"), "-p", "finetuned", str(ft / "n2" / "model"),
+                 "-p", "out_dir", str(tmp_path / "vis"), "-o", str(tmp_path / "03.ipynb")]) == 0
+    nb = nbformat.read(tmp_path / "03.ipynb", as_version=4)
+    assert any("application/vnd.holoviews_exec.v0+json" in o.get("data", {})
+               for c in nb.cells for o in c.get("outputs", []))
+    assert "same affine as input: True same shape: True" in json.dumps([c.get("outputs") for c in nb.cells])
+
+
 def test_failing_cell_and_dead_kernel_are_reported(tmp_path):
     nb = tmp_path / "bad.py"
     nb.write_text("# %% tags=[\"parameters\"]\nx = 1\n\n# %%\nraise ValueError(f'bad x={x}')\n")

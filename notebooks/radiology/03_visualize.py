@@ -1,0 +1,61 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Radiology 3: look at the segmentations
+#
+# Three orthogonal slices through a test case with the predicted and the true tumour masks
+# (oedema orange, core red) and one slider for the slice position; the written NIfTI
+# prediction has exactly the input's affine and shape, so it opens aligned in 3D Slicer or
+# ITK-SNAP.
+
+# %% tags=["parameters"]
+finetuned = "runs/radiology_finetune/n4/model"  # a fine-tuned segmenter
+data_path = ""  # empty: the data recorded in the checkpoint's card
+case_index = 0  # which test case
+out_dir = "runs/radiology_visualize"
+
+# %%
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from hfmi_kit.domains.radiology import discover, prepare
+from hfmi_kit.domains.radiology.data import split_subjects
+from hfmi_kit.domains.radiology.plots import orthoviews
+from hfmi_kit.domains.radiology.tasks import predict_case, write_prediction
+from hfmi_kit.train import load_pretrained, read_config
+
+cfg = read_config(finetuned)
+if not data_path:
+    data_path = cfg["card"]["data"][0]["path"]
+model = load_pretrained(finetuned).eval()
+_, test = split_subjects(discover(data_path))
+sub = test[case_index]
+case = prepare(sub, cfg["geometry"]["modalities"], cfg["geometry"]["spacing_mm"], keep_ref=True)
+pred = predict_case(model, case)
+centre = np.argwhere(case.label > 0).mean(0).round().astype(int) if case.label.any() else None
+orthoviews(case.image[0], {"predicted": pred, "true": case.label}, title=f"{case.id}: {case.modalities[0]}",
+           centre=centre, positions=list(range(40, 61, 5)))
+
+# %%
+written = write_prediction(pred, case, Path(out_dir))
+img, ref = nib.load(str(written[0])), nib.load(sub.images[case.modalities[0]])
+print(written[0], "same affine as input:", np.allclose(img.affine, ref.affine), "same shape:", img.shape == ref.shape)
+
+# %%
+print(json.dumps({k: round(v, 3) for k, v in cfg["metrics"].items() if not k.endswith("_std")}, indent=1))

@@ -1,0 +1,126 @@
+"""Radiology end to end: study generation from nilearn's template, CLI pretrain/fine-tune/evaluate, outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("nilearn")
+pytest.importorskip("monai")
+
+import nibabel as nib
+import pydicom
+
+from hfmi_kit.cli import main
+from hfmi_kit.domains.radiology import StudyConfig, discover, generate_study, split_subjects
+from hfmi_kit.domains.radiology.io import load_volume
+from hfmi_kit.domains.radiology.metrics import case_metrics, dice, hd95
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    return generate_study(tmp_path_factory.mktemp("rad") / "study",
+                          StudyConfig(unlabelled=2, labelled=5, spacing_scale=1.6, seed=3))
+
+
+def test_study_set_is_real_files_with_exact_labels(study: Path):
+    subs = discover(study)
+    assert len(subs) == 7 and sum(1 for s in subs if s.label) == 5
+    pool, test = split_subjects(subs)
+    assert [s.id for s in test] == ["sub-005", "sub-006"] and len(pool) == 3
+    last = subs[-1]
+    assert "ct" in last.dicom, "the last labelled subject carries a DICOM CT series"
+    t1 = load_volume(last.images["T1w"])
+    lab = load_volume(last.label)
+    ct = load_volume(last.images["ct"])
+    dcm = load_volume(last.dicom["ct"])
+    assert dcm.modality == "CT" and np.allclose(np.abs(np.linalg.det(dcm.affine)), np.abs(np.linalg.det(ct.affine)))
+    assert lab.data.shape == t1.data.shape and np.allclose(lab.affine, t1.affine)
+    vals = set(np.unique(lab.data).astype(int))
+    assert vals == {0, 1, 2}
+    # the lesion changes the contrast where the label says (T2 oedema brighter than white matter)
+    assert t1.data[lab.data == 2].mean() < t1.data[(lab.data == 0) & (t1.data > 0.3)].mean()
+    # CT in HU: air, brain, skull
+    assert ct.data.min() < -900 and ct.data.max() > 900
+    meta = json.loads((study / "dataset.json").read_text())
+    assert "MNI" in meta["source"] and meta["labels"]["2"] == "tumour core"
+
+
+def test_metrics_on_known_masks():
+    a = np.zeros((20, 20, 20), bool)
+    a[5:10, 5:10, 5:10] = True
+    b = np.roll(a, 2, axis=0)
+    assert dice(a, a) == 1.0 and math.isclose(dice(a, b), 3 / 5)
+    assert math.isclose(hd95(a, b, np.array([1.5, 1.0, 1.0])), 3.0)
+    aff = np.diag([1.5, 1.0, 1.0, 1.0])
+    m = case_metrics(b.astype(np.uint8), a.astype(np.uint8), aff)
+    assert math.isclose(m["centroid_error_mm"], 3.0)
+    empty = case_metrics(np.zeros_like(a, np.uint8), a.astype(np.uint8), aff)
+    assert empty["dice"] == 0.0 and empty["hd95_mm"] > 30
+
+
+def test_cli_pretrain_finetune_evaluate(study: Path, tmp_path: Path, capsys):
+    pt = tmp_path / "pt"
+    assert main(["pretrain", "radiology", "--data", str(study), "--out", str(pt), "--steps", "6",
+                 "--batch-size", "2"]) == 0
+    cfg = json.loads((pt / "model" / "config.json").read_text())
+    test_ids = cfg["geometry"]["excluded_test_subjects"]
+    assert test_ids and cfg["geometry"]["modalities"] == ["T1w", "T2w", "ct"]
+    ft = tmp_path / "ft"
+    assert main(["finetune", "radiology", "--from", str(pt / "model"), "--data", str(study), "--out", str(ft),
+                 "--steps", "4", "--labels", "2", "--batch-size", "2", "--baselines"]) == 0
+    m = json.loads((ft / "metrics.json").read_text())
+    for k in ("dice", "hd95_mm", "centroid_error_mm", "dice_scratch", "hd95_mm_scratch", "centroid_error_mm_scratch",
+              "dice_unet", "hd95_mm_unet", "centroid_error_mm_unet"):
+        assert k in m and math.isfinite(m[k]), k
+        assert (0.0 <= m[k] <= 1.0) if k.startswith("dice") else m[k] >= 0.0
+    assert m["labelled_cases"] == 2 and m["test_cases"] == 2 and m["unet_cases"] == 3
+    cases = json.loads((ft / "cases.json").read_text())
+    assert sorted(cases["test"]) == sorted(test_ids) and not set(cases["train"]) & set(test_ids)
+    for row in cases["per_case"]["model"]:
+        assert set(row) >= {"id", "dice", "hd95_mm", "centroid_error_mm", "centroid_mm", "bbox_mm"}
+    # predictions: NIfTI on the exact input grid; DICOM-SEG for the DICOM study, de-identified
+    subs = {s.id: s for s in discover(study)}
+    for sid in cases["test"]:
+        pred = nib.load(str(ft / "predictions" / f"{sid}_pred.nii.gz"))
+        ref = nib.load(subs[sid].images["T1w"])
+        assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine, atol=1e-6)
+    segs = list((ft / "predictions").glob("*_seg.dcm"))
+    assert len(segs) == 1
+    seg = pydicom.dcmread(segs[0])
+    assert seg.Modality == "SEG" and seg.PatientIdentityRemoved == "YES" and str(seg.PatientName) == "ANON"
+    out = capsys.readouterr().out
+    assert "dice_unet" in out and "hd95_mm" in out
+    ev = tmp_path / "ev"
+    assert main(["evaluate", "radiology", "--ckpt", str(ft / "model"), "--data", str(study), "--out", str(ev)]) == 0
+    me = json.loads((ev / "metrics.json").read_text())
+    assert me["test_cases"] == 3  # every labelled subject not used for training (2 test + 1 unused pool case)
+
+
+def test_bad_inputs(study: Path, tmp_path: Path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["pretrain", "radiology", "--data", str(empty), "--out", str(tmp_path / "x")]) == 1
+    assert "no NIfTI files" in capsys.readouterr().err
+    assert main(["finetune", "radiology", "--from", "scratch", "--data", str(study), "--out", str(tmp_path / "y"),
+                 "--labels", "99"]) == 1
+    assert "label budget 99" in capsys.readouterr().err
+    assert main(["finetune", "climate", "--from", "scratch", "--data", str(study), "--out", str(tmp_path / "z"),
+                 "--labels", "2"]) == 1
+    assert "--labels is not an option of climate" in capsys.readouterr().err
+
+
+def test_segmenter_learns_from_three_cases(study: Path, tmp_path: Path):
+    """Learning happens: the training loss falls and test Dice beats the empty prediction's 0."""
+    from hfmi_kit.domains.radiology import finetune
+
+    m = finetune(ckpt=None, data=study, out=tmp_path / "learn", labels=3, steps=200, batch_size=4, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "learn" / "train_segmenter" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r.get("split") == "train"]
+    assert losses[-1] < 0.85 * losses[0], losses
+    assert m["dice"] > 0.2, m
+    assert m["centroid_error_mm"] < 30.0, m
