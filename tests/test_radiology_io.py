@@ -278,3 +278,24 @@ def test_real_pydicom_series(tmp_path: Path):
         load_dicom_series(_pydicom_series("77654033/CT2"))
     with pytest.raises(DataError, match="mixed series"):
         load_dicom_series(_pydicom_series("98892003/MR2"))
+
+
+def test_dicom_series_write_is_all_or_nothing(tmp_path: Path, monkeypatch):
+    vol = Volume(np.zeros((6, 5, 4), np.float32), oblique_affine())
+    calls = {"n": 0}
+    real = pydicom.dcmwrite
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("disk full")
+        return real(*a, **k)
+
+    monkeypatch.setattr(pydicom, "dcmwrite", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        write_dicom_series(vol, tmp_path / "new" / "series")
+    assert list((tmp_path / "new").iterdir()) == []  # no half-written series, no temp folder
+    monkeypatch.setattr(pydicom, "dcmwrite", real)
+    d = write_dicom_series(vol, tmp_path / "new" / "series")
+    with pytest.raises(DataError, match="refusing to overwrite"):
+        write_dicom_series(vol, d)

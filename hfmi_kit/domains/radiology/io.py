@@ -301,7 +301,8 @@ def write_dicom_series(volume: Volume, out_dir: str | Path, *, modality: str = "
     stored = np.clip(np.round((volume.data - intercept) / slope), 0, 65535).astype(np.uint16)
     study_uid, series_uid, for_uid = (generate_uid(prefix=uid_prefix) for _ in range(3))
     now = _dt.datetime(2026, 1, 1, 12, 0, 0)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None, prefix=f".{out.name}."))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))  # same file system: atomic rename
     try:
         for k in range(stored.shape[2]):
             meta = FileMetaDataset()
@@ -337,7 +338,6 @@ def write_dicom_series(volume: Volume, out_dir: str | Path, *, modality: str = "
                 ds.KVP = "120"
             ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
             pydicom.dcmwrite(ds.filename, ds, enforce_file_format=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
