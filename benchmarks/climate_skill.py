@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--fractions", default="0.05,0.25,1.0")
     ap.add_argument("--leads", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--rollout-train", type=int, default=4, help="lead times in the fine-tuning loss")
+    ap.add_argument("--rollout-train", type=int, default=6, help="lead times in the fine-tuning loss")
     ap.add_argument("--base-ppm", type=float, default=420.0, help="what-if baseline CO2 (doubled)")
     a = ap.parse_args()
     out = Path(a.out)

@@ -10,6 +10,7 @@ full fine-tuning, evaluation hooks with early stopping, atomic checkpoints with 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -64,6 +65,12 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader workers
     progress: bool = True  # tqdm progress bar
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+
+    @classmethod
+    def pick(cls, **kw: Any) -> TrainConfig:
+        """A config from the keyword options a task received: unknown names and None values are skipped."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in kw.items() if k in names and v is not None})
 
 
 @dataclass

@@ -55,11 +55,6 @@ def _patch_for(grid: tuple[int, int], patch: tuple[int, int] | None) -> tuple[in
     return (1, 1)
 
 
-def _train_cfg(**kw: Any) -> TrainConfig:
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in kw.items() if k in fields and v is not None})
-
-
 def _fork_eval(fn: Any) -> Any:
     """Run an evaluation without touching the training RNG (keeps resume exact)."""
 
@@ -107,7 +102,7 @@ def pretrain(*, data: str | Path, out: str | Path, config: str = "tiny", steps: 
     clim = cdata.monthly_climatology(tens, split.train)
     model.set_climatology(clim)
     model.set_damping(cdata.anomaly_damping(tens, split.train, clim))
-    tc = _train_cfg(steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision, device=device,
+    tc = TrainConfig.pick(steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision, device=device,
                     progress=progress, eval_every=max(steps // 4, 1), warmup_steps=min(20, steps // 10 + 1),
                     checkpoint_every=checkpoint_every or max(steps // 2, 1))
     geometry = d.geometry(stats)
@@ -164,7 +159,7 @@ class _ExtentWindows(torch.utils.data.Dataset):
 def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task: str = "forecast",
              label_fraction: float = 1.0, steps: int = 300, seed: int = 0, mode: str = "full",
              config: str | None = None, batch_size: int = 16, lr: float | None = None, leads: int = 6,
-             rollout_train: int = 4, layer_decay: float | None = None, precision: str = "auto",
+             rollout_train: int = 6, layer_decay: float | None = None, precision: str = "auto",
              device: str = "auto", progress: bool = True) -> dict[str, float]:
     """Fine-tune a forecaster (``task='forecast'``) or sea-ice extent model (``'seaice'``).
 
@@ -172,8 +167,8 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
     (``config`` gives the size; the data's statistics are computed here). Defaults follow
     common fine-tuning practice: a pretrained backbone gets LR 5e-4 with layer-wise decay 0.8,
     a model from scratch LR 1e-3 without decay. The forecast loss averages the first
-    ``rollout_train`` lead times of an autoregressive rollout (default 4: with 2 the rollout
-    drifted above climatology from lead 4 on).
+    ``rollout_train`` lead times of an autoregressive rollout (default 6, the evaluated leads:
+    with 2 the rollout drifted above climatology from lead 4 on).
     Writes ``out/model`` (checkpoint), ``out/metrics.json`` and, for forecasts,
     ``out/forecast.nc`` (CF). Returns the metrics.
     """
@@ -229,7 +224,7 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
         lr = 5e-4 if ckpt is not None else 1e-3
     if layer_decay is None:
         layer_decay = 0.8 if ckpt is not None and mode == "full" else 1.0
-    tc = _train_cfg(steps=steps, batch_size=min(batch_size, len(train)), lr=lr, seed=seed, mode=mode,
+    tc = TrainConfig.pick(steps=steps, batch_size=min(batch_size, len(train)), lr=lr, seed=seed, mode=mode,
                     layer_decay=layer_decay,
                     precision=precision, device=device, progress=progress, eval_every=max(steps // 5, 1),
                     warmup_steps=min(20, steps // 10 + 1), early_stopping_patience=0)

@@ -12,7 +12,6 @@ HU window, MR by z-scoring over the head (the nnU-Net conventions).
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -280,10 +279,6 @@ def modality_order(subjects: Sequence[Subject]) -> list[str]:
     common = set.intersection(*(set(s.images) for s in subjects)) if subjects else set()
     pref = ["T1w", "T2w", "FLAIR", "T1ce", "ct", "MR"]
     return sorted(common, key=lambda m: (pref.index(m) if m in pref else len(pref), m))
-
-
-def sample_id(subject: Subject) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", subject.id)
 
 
 def describe(subjects: Sequence[Subject]) -> dict[str, Any]:

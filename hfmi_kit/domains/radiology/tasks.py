@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,17 +28,10 @@ LOGGER = logging.getLogger(__name__)
 SEGMENT_NAMES = ("oedema", "tumour core")
 
 
-def _train_cfg(**kw: Any) -> TrainConfig:
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in kw.items() if k in fields and v is not None})
-
-
 def _card(root: Path, subjects: Sequence[rdata.Subject], summary: str) -> dict[str, Any]:
     meta = root / "dataset.json"
     entry: dict[str, Any] = {"file": root.name, "path": str(root), **rdata.describe(subjects)}
     if meta.is_file():
-        import json
-
         js = json.loads(meta.read_text(encoding="utf-8"))
         entry.update({"description": js.get("description", ""), "source": js.get("source", ""),
                       "licence": js.get("licence", "unknown"),
@@ -76,7 +70,7 @@ def pretrain(*, data: str | Path, out: str | Path, config: str = "tiny", steps: 
     mk = {"modalities": mods, "crop": crop, "patch": patch, "spacing": spacing, "mask_ratio": mask_ratio}
     torch.manual_seed(seed)
     model = create_model(f"radiology_mae.{config}", **mk)
-    tc = _train_cfg(steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision, device=device,
+    tc = TrainConfig.pick(steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision, device=device,
                     progress=progress, warmup_steps=min(20, steps // 10 + 1),
                     checkpoint_every=checkpoint_every or max(steps // 2, 1))
     mconf = {"domain": "radiology", "task": "pretrain", "model_type": f"radiology_mae.{config}", "model_kwargs": mk,
@@ -97,7 +91,7 @@ def _train_segmenter(model: torch.nn.Module, cases: Sequence[rdata.Prepared], ou
                      mconf: dict[str, Any], steps: int, seed: int, batch_size: int, lr: float, layer_decay: float,
                      mode: str, precision: str, device: str, progress: bool) -> torch.nn.Module:
     ds = rdata.SegCrops(cases, crop=mconf["model_kwargs"]["crop"], seed=seed)
-    tc = _train_cfg(steps=steps, batch_size=batch_size, lr=lr, seed=seed, mode=mode, layer_decay=layer_decay,
+    tc = TrainConfig.pick(steps=steps, batch_size=batch_size, lr=lr, seed=seed, mode=mode, layer_decay=layer_decay,
                     precision=precision, device=device, progress=progress, warmup_steps=min(20, steps // 10 + 1),
                     weight_decay=0.01)
     Trainer(model, ds, config=tc, out_dir=out / f"train_{name}", model_config=mconf).fit()
