@@ -18,7 +18,6 @@ Layout::
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -267,8 +266,3 @@ def generate_study(out_dir: str | Path, config: StudyConfig | None = None, *, pr
     }
     atomic_write_json(out / "dataset.json", meta)
     return out
-
-
-def read_dataset_json(path: str | Path) -> dict[str, Any]:
-    """The ``dataset.json`` of a study folder (raises ``FileNotFoundError`` when absent)."""
-    return json.loads((Path(path) / "dataset.json").read_text(encoding="utf-8"))
