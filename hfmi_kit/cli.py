@@ -25,9 +25,12 @@ def _domain(name: str) -> Any:
     return get_domain(name)
 
 
-def _data_or_example(dom: Any, data: str | None, out: Path, seed: int) -> Path:
+def _data_or_example(dom: Any, data: str | None, out: Path, seed: int, stage: str = "pretrain") -> Path | str:
     if data:
         return Path(data)
+    if stage in dom.bundled_data:
+        print(f"no --data given: using the bundled {dom.bundled_data[stage]!r} data set")
+        return dom.bundled_data[stage]
     p = dom.example_data(out / "data", seed=seed)
     print(f"no --data given: generated example data at {p}")
     return p
@@ -52,6 +55,7 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
         kw["lr"] = a.lr
     if a.variables:
         kw["variables"] = a.variables.split(",")
+    _target_option(dom, a, kw)
     ck = dom.pretrain(data=data, out=out, **kw)
     print(f"checkpoint: {ck}")
 
@@ -66,11 +70,21 @@ def _ckpt_data(ckpt: str) -> str:
     return str(data)
 
 
+def _target_option(dom: Any, a: argparse.Namespace, kw: dict[str, Any]) -> None:
+    if a.target is not None:
+        if "target" not in dom.finetune_options:
+            raise HfmiError(f"--target is not an option of the {dom.name} domain")
+        kw["target"] = a.target
+
+
 def cmd_finetune(a: argparse.Namespace) -> None:
     dom = _domain(a.domain)
     out = Path(a.out)
     scratch = a.from_ == "scratch"
-    data = a.data or (_data_or_example(dom, None, out, a.seed) if scratch else _ckpt_data(a.from_))
+    if a.data or scratch or "finetune" in dom.bundled_data:
+        data = _data_or_example(dom, a.data, out, a.seed, "finetune")
+    else:
+        data = _ckpt_data(a.from_)
     kw: dict[str, Any] = {"steps": a.steps, "seed": a.seed, "label_fraction": a.label_fraction,
                           "mode": a.mode, "lr": a.lr, "precision": a.precision, "device": a.device}
     if a.batch_size is not None:
@@ -81,6 +95,7 @@ def cmd_finetune(a: argparse.Namespace) -> None:
         kw["task"] = a.task
     if a.config:
         kw["config"] = a.config
+    _target_option(dom, a, kw)
     for opt, val in (("labels", a.labels), ("baselines", a.baselines or None)):
         if val is not None:
             if opt not in dom.finetune_options:
@@ -94,7 +109,10 @@ def cmd_finetune(a: argparse.Namespace) -> None:
 def cmd_evaluate(a: argparse.Namespace) -> None:
     dom = _domain(a.domain)
     out = Path(a.out)
-    m = dom.evaluate(ckpt=a.ckpt, data=a.data or _ckpt_data(a.ckpt), out=out)
+    kw: dict[str, Any] = {}
+    _target_option(dom, a, kw)
+    data = a.data or dom.bundled_data.get("evaluate") or _ckpt_data(a.ckpt)
+    m = dom.evaluate(ckpt=a.ckpt, data=data, out=out, **kw)
     _print_metrics(m, out, dom.headline_metrics)
 
 
@@ -152,6 +170,9 @@ def cmd_demo(a: argparse.Namespace) -> None:
     print(f"done in {time.time() - t0:.0f} s")
 
 
+TARGET_HELP = "materials: the value column of the --data CSV (default 'target'; band gaps in eV)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hfmi", description="hfmi_kit: scientific foundation models")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
@@ -160,20 +181,22 @@ def build_parser() -> argparse.ArgumentParser:
     def common_train(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--seed", type=int, default=0, help="the one seed of the run (default 0)")
         sp.add_argument("--batch-size", type=int, default=None,
-                        help="samples per step (default: the domain's choice; climate 16, radiology 8/4)")
+                        help="samples per step (default: the domain's choice; climate 16, radiology 8/4, "
+                             "materials 256/64)")
         sp.add_argument("--lr", type=float, default=None,
                         help="peak learning rate (default: the domain's choice for pretrain / fine-tune)")
         sp.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
         sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
 
     sp = sub.add_parser("pretrain", help="pretrain a foundation model on unlabelled data")
-    sp.add_argument("domain", help="climate or radiology")
+    sp.add_argument("domain", help="climate, radiology or materials")
     sp.add_argument("--out", required=True, help="output directory (checkpoints, metrics.jsonl, model/)")
     sp.add_argument("--data", help="data in the domain's format (default: generated example data)")
     sp.add_argument("--config", default="tiny", help="model size: tiny, small, base")
     sp.add_argument("--steps", type=int, default=300)
     sp.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     sp.add_argument("--variables", help="comma-separated variables to use (default: all on the grid)")
+    sp.add_argument("--target", help=TARGET_HELP)
     common_train(sp)
     sp.set_defaults(fn=cmd_pretrain)
 
@@ -182,12 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--from", dest="from_", required=True, metavar="CKPT",
                     help="pretrained checkpoint directory, or 'scratch' for the same model untrained")
     sp.add_argument("--out", required=True)
-    sp.add_argument("--data", help="data (default: the data recorded in the checkpoint)")
-    sp.add_argument("--task", help="downstream task (climate: forecast, seaice; radiology: segment)")
+    sp.add_argument("--data", help="data (default: the data recorded in the checkpoint; materials: expt_gap)")
+    sp.add_argument("--task",
+                    help="downstream task (climate: forecast, seaice; radiology: segment; materials: band_gap)")
     sp.add_argument("--label-fraction", type=float, default=1.0, help="fraction of training labels (0, 1]")
-    sp.add_argument("--labels", type=int, help="number of labelled cases to train on (radiology; default all)")
+    sp.add_argument("--labels", type=int,
+                    help="number of labelled cases to train on (radiology; materials: per CV fold; default all)")
     sp.add_argument("--baselines", action="store_true",
-                    help="also train the baselines on the same split (radiology: scratch and U-Net)")
+                    help="also train the baselines on the same split (radiology: scratch and U-Net; "
+                         "materials: scratch, random forest, dummy)")
+    sp.add_argument("--target", help=TARGET_HELP)
     sp.add_argument("--steps", type=int, default=300)
     sp.add_argument("--mode", default="full", choices=["full", "frozen", "linear_probe"])
     sp.add_argument("--config", help="model size when training from scratch")
@@ -199,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--ckpt", required=True)
     sp.add_argument("--out", required=True)
     sp.add_argument("--data")
+    sp.add_argument("--target", help=TARGET_HELP)
     sp.set_defaults(fn=cmd_evaluate)
 
     sp = sub.add_parser("whatif", help="climate: ensemble what-if rollouts under a changed CO2 forcing")

@@ -13,6 +13,7 @@ from hfmi_kit.errors import ConfigError
 _DOMAIN_MODULES: dict[str, str] = {
     "climate": "hfmi_kit.domains.climate",
     "radiology": "hfmi_kit.domains.radiology",
+    "materials": "hfmi_kit.domains.materials",
 }
 
 
@@ -26,7 +27,10 @@ class Domain(ABC):
         headline_metrics: the metrics (with their baselines) the CLI prints after a run.
         example_outputs: files a fine-tuning run writes besides the checkpoint, for the demo.
         finetune_options: extra keyword options of ``finetune`` the CLI may pass (``labels``:
-            a number of labelled examples; ``baselines``: also train the baselines).
+            a number of labelled examples; ``baselines``: also train the baselines; ``target``:
+            the value column of a table, also passed to ``pretrain`` and ``evaluate``).
+        bundled_data: command -> data it uses when ``--data`` is not given (a domain that ships
+            real data sets); otherwise the CLI generates example data or reads the checkpoint's.
     """
 
     name: ClassVar[str]
@@ -35,6 +39,7 @@ class Domain(ABC):
     headline_metrics: ClassVar[tuple[str, ...]] = ()
     example_outputs: ClassVar[tuple[str, ...]] = ()
     finetune_options: ClassVar[tuple[str, ...]] = ()
+    bundled_data: ClassVar[dict[str, str]] = {}
 
     @abstractmethod
     def example_data(self, out_dir: str | Path, *, seed: int = 0, small: bool = True,

@@ -73,3 +73,15 @@ def loss_curve(metrics_jsonl: str | Path, keys: Sequence[str] = ("loss",)) -> An
     tr = [r for r in rows if r.get("split") == "train"]
     series = {k: ([r["step"] for r in tr if k in r], [r[k] for r in tr if k in r]) for k in keys}
     return curves(series, xlabel="step", ylabel="loss", title="training loss")
+
+
+def label_efficiency(rows: Sequence[Mapping[str, Any]], metric: str, *, xlabel: str = "labelled cases",
+                     title: str | None = None) -> Any:
+    """``metric`` against the number of labels (log axis), one curve per ``method`` of ``rows``
+    (dicts with ``labels``, ``method`` and the metric)."""
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for r in sorted(rows, key=lambda r: r["labels"]):
+        xs, ys = series.setdefault(str(r["method"]), ([], []))
+        xs.append(float(r["labels"]))
+        ys.append(float(r[metric]))
+    return curves(series, xlabel=xlabel, ylabel=metric, title=title or f"label efficiency ({metric})", logx=True)

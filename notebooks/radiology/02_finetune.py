@@ -37,8 +37,8 @@ from pathlib import Path
 import pandas as pd
 
 from hfmi_kit.domains.radiology import finetune
-from hfmi_kit.domains.radiology.plots import label_efficiency
 from hfmi_kit.train import read_config
+from hfmi_kit.viz.core import label_efficiency
 
 out = Path(out_dir)
 if not data_path:
@@ -59,7 +59,7 @@ for m in results.values():
     rows.append({"method": "scratch", "labels": m["labelled_cases"], "dice": m["dice_scratch"]})
     if "dice_unet" in m:
         rows.append({"method": "U-Net (all cases)", "labels": m["unet_cases"], "dice": m["dice_unet"]})
-label_efficiency(rows)
+label_efficiency(rows, "dice")
 
 # %%
 print(json.dumps(json.loads((out / f"n{budgets[-1]}" / "cases.json").read_text())["per_case"]["model"], indent=1))

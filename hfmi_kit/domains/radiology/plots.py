@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 
 from hfmi_kit.viz import require_holoviews
-from hfmi_kit.viz.core import curves
 
 MASK_COLOURS = ["#f4a261", "#e63946"]  # oedema, core
 
@@ -59,13 +58,3 @@ def reconstruction_panels(out: Mapping[str, np.ndarray], original: np.ndarray, *
     return hv.Layout([hv.Image(v[:, :, k].T[::-1], bounds=(0, 0, 1, 1)).opts(
         cmap="gray", clim=(float(lo), float(hi)), width=size, height=size, xaxis=None, yaxis=None, title=t)
         for t, v in items]).cols(3)
-
-
-def label_efficiency(rows: Sequence[Mapping[str, Any]], metric: str = "dice") -> Any:
-    """``metric`` against the number of labelled cases, one curve per method."""
-    series: dict[str, tuple[list[float], list[float]]] = {}
-    for r in sorted(rows, key=lambda r: r["labels"]):
-        xs, ys = series.setdefault(str(r["method"]), ([], []))
-        xs.append(float(r["labels"]))
-        ys.append(float(r[metric]))
-    return curves(series, xlabel="labelled cases", ylabel=metric, title=f"label efficiency ({metric})", logx=True)

@@ -1,0 +1,61 @@
+"""Materials plots (HoloViews): parity, error by chemistry, the SQ curve with candidates, the
+active-learning curve. Label-efficiency curves use :func:`hfmi_kit.viz.core.label_efficiency`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from hfmi_kit.domains.materials.pv import sq_limit
+from hfmi_kit.viz import require_holoviews
+from hfmi_kit.viz.core import curves
+
+
+def parity(frame: Any, *, pred: str = "prediction_ev", title: str = "", size: int = 360) -> Any:
+    """Measured against predicted gap (out-of-fold), coloured by uncertainty, with the y = x line."""
+    hv = require_holoviews()
+    hi = float(max(frame["target_ev"].max(), frame[pred].max())) * 1.05
+    pts = hv.Scatter(frame, "target_ev", [pred, "uncertainty_ev", "formula"]).opts(
+        color="uncertainty_ev", cmap="viridis", colorbar=True, size=4, alpha=0.6, tools=["hover"],
+        xlabel="measured gap [eV]", ylabel="predicted gap [eV]")
+    mae = float(np.abs(frame[pred] - frame["target_ev"]).mean())
+    line = hv.Curve([(0, 0), (hi, hi)]).opts(color="black", line_dash="dashed")
+    return (pts * line).opts(title=title or f"parity (MAE {mae:.3f} eV)", width=size + 60, height=size)
+
+
+def error_by_chemistry(frame: Any, *, methods: Mapping[str, str] | None = None) -> Any:
+    """Mean absolute error per chemical family, one bar group per method (column of predictions)."""
+    hv = require_holoviews()
+    methods = dict(methods or {"model": "prediction_ev"})
+    rows = []
+    for fam, g in frame.groupby("chemistry"):
+        for name, col in methods.items():
+            if col in g:
+                rows.append((str(fam), name, float(np.abs(g[col] - g["target_ev"]).mean())))
+    return hv.Bars(rows, ["chemistry", "method"], "MAE [eV]").opts(
+        width=720, height=320, xrotation=45, tools=["hover"], title="error by chemistry (out-of-fold)")
+
+
+def sq_curve(candidates: Any | None = None, *, top: int = 15) -> Any:
+    """The Shockley–Queisser limit against band gap, with the ``top`` ranked candidates placed at
+    their predicted gap (error bars: uncertainty)."""
+    hv = require_holoviews()
+    g = np.linspace(0.3, 3.5, 321)
+    plot = hv.Curve((g, 100 * sq_limit(g)), "band gap [eV]", "SQ limit [%]", label="AM1.5G, 300 K")
+    if candidates is not None and len(candidates):
+        c = candidates.head(top)
+        pts = hv.Scatter(c, "prediction_ev", ["sq_limit_pct", "formula", "uncertainty_ev"],
+                         label=f"top {len(c)} candidates").opts(size=7, tools=["hover"], color="firebrick")
+        err = hv.ErrorBars((c["prediction_ev"], c["sq_limit_pct"], c["uncertainty_ev"]),
+                           horizontal=True).opts(color="firebrick", alpha=0.5)
+        plot = plot * err * pts
+    return plot.opts(width=560, height=340, title="single-junction efficiency limit")
+
+
+def active_learning_curve(result: Any) -> Any:
+    """Targets found against measurements made, mean over repeats, one curve per strategy."""
+    series = {k: (list(x), list(y)) for k, (x, y) in result.curves().items()}
+    return curves(series, xlabel="measurements", ylabel="absorbers found (1.1-1.6 eV)",
+                  title=f"active learning on {result.pool} measured materials ({result.targets} targets)")
