@@ -89,7 +89,7 @@ def test_finetune_bad_parameters_and_rejected_rows(pretrained, sets, tmp_path):
     with pytest.raises(ConfigError, match="unknown baselines"):
         finetune(ckpt=None, data=sets / "expt.csv", out=tmp_path, baselines=["svm"], progress=False)
     bad = tmp_path / "bad.csv"
-    df = pd.read_csv(sets / "expt.csv").iloc[:60]
+    df = pd.read_csv(sets / "expt.csv", dtype=str).iloc[:60]
     df.loc[len(df)] = ["Xx3", "1.0"]
     df.loc[len(df)] = ["GaAs", "n/a"]
     df.to_csv(bad, index=False)

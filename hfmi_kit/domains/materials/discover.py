@@ -105,7 +105,7 @@ def rank_candidates(ckpt: str | Path, candidates: Any | None = None, *, measured
     Columns: formula, family, prediction_ev, uncertainty_ev, sq_limit_pct (at the predicted gap),
     expected_sq_pct, sq_std_pct, p_target_window, score, known, measured_ev, provenance.
     """
-    from hfmi_kit.domains.materials.tasks import ensemble_moments, load_ensemble, predict_arrays
+    from hfmi_kit.domains.materials.tasks import ensemble_moments, load_ensemble, predict_calibrated
 
     cands = generate_candidates() if candidates is None else candidates
     if balanced_only:
@@ -114,7 +114,7 @@ def rank_candidates(ckpt: str | Path, candidates: Any | None = None, *, measured
         raise ConfigError("no candidates to rank")
     model, cfg = load_ensemble(ckpt)
     parsed = [chem.parse_formula(f) for f in cands["formula"]]
-    mu, scale = predict_arrays(model, chem.encode(parsed))
+    mu, scale = predict_calibrated(model, cfg, chem.encode(parsed))
     mean, std = ensemble_moments(mu, scale)
     esq, ssq, pwin = expected_sq(mu, scale, seed=seed)
     out = cands.copy()

@@ -22,11 +22,12 @@ class MaterialsNet(nn.Module):
     Element ids are 0..``num_elements - 1``; id ``num_elements`` is the [MASK] token, whose amount
     is still shown (the model must say *which* element sits at that fraction).
 
-    A batch holds ``elements`` (B, S) long, ``fractions`` (B, S), ``padding`` (B, S) bool and either
-    ``mlm_target`` (B, S; :data:`IGNORE` where not masked) for pretraining or ``target`` (B,) in the
-    property's unit (eV) for regression. The property head predicts a Laplace distribution (location
-    and scale ``b``): its negative log-likelihood ``|y - mu| / b + log b`` makes ``mu`` a median, as
-    the field's metric (MAE) wants, and ``b`` the model's own (aleatoric) uncertainty.
+    A batch holds ``elements`` (B, S) long, ``fractions`` (B, S), ``padding`` (B, S) bool and
+    ``mlm_elements`` + ``mlm_target`` (B, S; :data:`IGNORE` where not masked) for masked-element
+    prediction and/or ``target`` (B,) in the property's unit (eV) for regression. The property
+    head predicts a Laplace distribution (location and scale ``b``): its negative log-likelihood
+    ``|y - mu| / b + log b`` makes ``mu`` a median, as the field's metric (MAE) wants, and ``b``
+    the model's own (aleatoric) uncertainty.
     """
 
     def __init__(self, *, size: EncoderConfig, num_elements: int = MAX_Z, amount_features: int = 32) -> None:
@@ -61,19 +62,27 @@ class MaterialsNet(nn.Module):
         return out[:, 0], F.softplus(out[:, 1]) + 1e-3
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        z, tb = self.encode(batch["elements"], batch["fractions"], batch["padding"])
+        """Loss of the batch: Laplace NLL on ``target`` and/or cross-entropy on ``mlm_target``
+        (tokens of ``mlm_elements``, or of ``elements`` when absent); both are summed."""
+        out: dict[str, torch.Tensor] = {}
+        loss = torch.zeros((), device=batch["fractions"].device)
+        if "target" in batch:
+            z, tb = self.encode(batch["elements"], batch["fractions"], batch["padding"])
+            mu, b = self._dist(self.gap_head(z, tb))
+            err = (mu - batch["target"].float()).abs()
+            loss = loss + (err / b + b.log()).mean()
+            out["l1"] = err.mean().detach()
         if "mlm_target" in batch:
+            z, tb = self.encode(batch.get("mlm_elements", batch["elements"]), batch["fractions"], batch["padding"])
             logits = self.mlm_head(z, tb)  # (B, S, E)
             tgt = batch["mlm_target"]
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1),
-                                   ignore_index=IGNORE)
+            loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1),
+                                          ignore_index=IGNORE)
             with torch.no_grad():
                 hit = (logits.argmax(-1) == tgt) & (tgt != IGNORE)
-                acc = hit.sum() / (tgt != IGNORE).sum().clamp_min(1)
-            return {"loss": loss, "mlm_accuracy": acc}
-        mu, b = self._dist(self.gap_head(z, tb))
-        err = (mu - batch["target"].float()).abs()
-        return {"loss": (err / b + b.log()).mean(), "l1": err.mean().detach()}
+                out["mlm_accuracy"] = hit.sum() / (tgt != IGNORE).sum().clamp_min(1)
+        out["loss"] = loss
+        return out
 
 
 class MaterialsEnsemble(nn.Module):

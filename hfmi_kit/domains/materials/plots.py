@@ -59,3 +59,23 @@ def active_learning_curve(result: Any) -> Any:
     series = {k: (list(x), list(y)) for k, (x, y) in result.curves().items()}
     return curves(series, xlabel="measurements", ylabel="absorbers found (1.1-1.6 eV)",
                   title=f"active learning on {result.pool} measured materials ({result.targets} targets)")
+
+
+def element_map(model: Any, *, size: int = 520) -> Any:
+    """The learned element embeddings projected on their first two principal components, coloured
+    by periodic-table group: chemistry the pretraining found without being told."""
+    from pymatgen.core import Element
+
+    from hfmi_kit.domains.materials.chem import element_symbols
+
+    hv = require_holoviews()
+    syms = element_symbols()[:86]  # H..Rn: the elements with enough data to place
+    w = model.backbone.tokenizer.element_embed.weight.detach().cpu().numpy()[: len(syms)]
+    w = w - w.mean(0)
+    u, sv, _ = np.linalg.svd(w, full_matrices=False)
+    xy = u[:, :2] * sv[:2]
+    data = [(float(x), float(y), s, int(Element(s).group)) for (x, y), s in zip(xy, syms)]
+    pts = hv.Points(data, ["pc1", "pc2"], ["symbol", "group"]).opts(
+        color="group", cmap="Category20", size=9, colorbar=True, tools=["hover"])
+    return (pts * hv.Labels(data, ["pc1", "pc2"], "symbol").opts(text_font_size="8pt", yoffset=0.02)).opts(
+        width=size + 80, height=size, title="learned element embeddings (PCA)")

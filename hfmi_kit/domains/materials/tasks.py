@@ -29,8 +29,9 @@ LICENCE = "Apache-2.0 (weights and code); data: see the provenance table"
 
 
 class CompositionSet(Dataset):
-    """Rows of encoded compositions; with ``mlm`` each item hides a random ~``mask_prob`` of its
-    elements (at least one, never all) behind the [MASK] id, seeded per (epoch-free) item."""
+    """Rows of encoded compositions with their ``target`` (when ``y`` is given) and, with ``mlm``,
+    a masked copy: ``mlm_elements`` hides a random ~``mask_prob`` of the elements (at least one,
+    never all) behind the [MASK] id and ``mlm_target`` holds what was hidden."""
 
     def __init__(self, arrays: dict[str, np.ndarray], idx: Sequence[int], y: np.ndarray | None = None, *,
                  mlm: bool = False, mask_prob: float = 0.3, mask_id: int = chem.MAX_Z, seed: int = 0) -> None:
@@ -46,20 +47,18 @@ class CompositionSet(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         item = {k: v[i] for k, v in self.a.items()}
-        if not self.mlm:
-            item["target"] = self.y[i]  # type: ignore[index]
-            return item
-        valid = ~item["padding"]
-        n = int(valid.sum())
-        tgt = torch.full_like(item["elements"], IGNORE)
-        if n >= 2:
-            k = max(1, min(n - 1, int(round(self.mask_prob * n))))
-            pick = torch.randperm(n, generator=self.gen)[:k]
-            tgt[pick] = item["elements"][pick]
+        if self.y is not None:
+            item["target"] = self.y[i]
+        if self.mlm:
+            n = int((~item["padding"]).sum())
+            tgt = torch.full_like(item["elements"], IGNORE)
             el = item["elements"].clone()
-            el[pick] = self.mask_id
-            item["elements"] = el
-        item["mlm_target"] = tgt
+            if n >= 2:
+                k = max(1, min(n - 1, int(round(self.mask_prob * n))))
+                pick = torch.randperm(n, generator=self.gen)[:k]
+                tgt[pick] = el[pick]
+                el[pick] = self.mask_id
+            item["mlm_elements"], item["mlm_target"] = el, tgt
         return item
 
 
@@ -98,7 +97,8 @@ def pretrain(*, data: str | Path = "mp_gap", out: str | Path, config: str = "tin
     """Two-stage pretraining on a large computed set (default: the bundled 106k DFT band gaps).
 
     Stage 1, ``steps`` of masked-element prediction on every composition; stage 2,
-    ``supervised_steps`` (default ``steps``; 0 skips it) of L1 regression on the set's values.
+    ``supervised_steps`` (default ``steps``; 0 skips it) of regression on the set's values with
+    the masked-element loss kept on (so the backbone does not forget it).
     Every composition of ``exclude`` (default: the bundled experimental gaps; None keeps all) is
     removed first, so no fine-tuning test composition is ever seen in pretraining. Returns
     ``out/model``.
@@ -132,19 +132,19 @@ def pretrain(*, data: str | Path = "mp_gap", out: str | Path, config: str = "tin
     ds = CompositionSet(arrays, uniq, mlm=True, mask_prob=mask_prob, seed=seed)
     tc1, rec1 = _train_net(model, ds, steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision,
                             device=device, progress=progress, out_dir=out / "stage1_mlm", model_config=mconf)
-    acc = _mlm_accuracy(model, arrays, uniq, mask_prob, seed)
-    metrics = {"mlm_loss": rec1["loss"], "mlm_accuracy": acc, "compositions": float(len(uniq)),
-               "excluded_compositions": float(excluded)}
+    metrics = {"mlm_loss": rec1["loss"], "mlm_accuracy": _mlm_accuracy(model, arrays, uniq, mask_prob, seed),
+               "compositions": float(len(uniq)), "excluded_compositions": float(excluded)}
     s2 = steps if supervised_steps is None else supervised_steps
     if s2 > 0:
         LOGGER.info("stage 2: supervised %s on %d rows", table.name, len(table))
         model.train()
-        ds2 = CompositionSet(arrays, range(len(table)), table.y)
+        ds2 = CompositionSet(arrays, range(len(table)), table.y, mlm=True, mask_prob=mask_prob, seed=seed + 1)
         _, rec2 = _train_net(model, ds2, steps=s2, batch_size=batch_size, lr=lr, seed=seed, precision=precision,
                               device=device, progress=progress, out_dir=out / "stage2_supervised",
                               model_config=mconf)
-        metrics["supervised_nll"] = rec2["loss"]
+        metrics["supervised_loss"] = rec2["loss"]
         metrics["supervised_l1_ev"] = rec2.get("l1", float("nan"))  # last logged batch
+        metrics["mlm_accuracy_after_supervised"] = _mlm_accuracy(model, arrays, uniq, mask_prob, seed)
     mconf["training"] = {**dataclasses.asdict(tc1), "supervised_steps": s2, "mask_prob": mask_prob,
                          "data": str(data), "exclude": str(exclude), "seed": seed}
     mconf["metrics"] = metrics
@@ -158,7 +158,7 @@ def _mlm_accuracy(model: MaterialsNet, arrays: dict[str, np.ndarray], idx: Seque
                   seed: int, n: int = 4096) -> float:
     """Masked-element top-1 accuracy on up to ``n`` compositions (fresh masks)."""
     model.eval()
-    ds = CompositionSet(arrays, list(idx)[:n], mlm=True, mask_prob=mask_prob, seed=seed + 1)
+    ds = CompositionSet(arrays, list(idx)[:n], mlm=True, mask_prob=mask_prob, seed=seed + 2)
     dev = next(model.parameters()).device
     items = [ds[i] for i in range(len(ds))]
     b = {k: torch.stack([it[k] for it in items]).to(dev) for k in items[0]}
@@ -179,6 +179,17 @@ def predict_arrays(model: MaterialsEnsemble | MaterialsNet, arrays: dict[str, np
         bs.append(sc.reshape(-1, sc.shape[-1]))
     return (torch.cat(mus, dim=1).cpu().numpy().astype(np.float64),
             torch.cat(bs, dim=1).cpu().numpy().astype(np.float64))
+
+
+def predict_calibrated(model: MaterialsEnsemble, cfg: dict[str, Any],
+                       arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Member locations and scales with the checkpoint's recalibration applied: the spread around
+    the ensemble mean and every Laplace scale are multiplied by ``uncertainty_scale`` (fitted on
+    the out-of-fold errors of cross-validation), which multiplies the total std by it."""
+    mu, scale = predict_arrays(model, arrays)
+    s = float(cfg.get("geometry", {}).get("uncertainty_scale", 1.0))
+    mean = mu.mean(0, keepdims=True)
+    return mean + s * (mu - mean), s * scale
 
 
 def ensemble_moments(mu: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -388,6 +399,10 @@ def finetune(*, ckpt: str | Path | None, data: str | Path = "expt_gap", out: str
                                     baselines=wanted, seed=seed, precision=precision, device=device,
                                     progress=False, max_elements=max_el)
     metrics["rows_rejected"] = float(len(table.rejected))
+    # recalibration for the saved model: the factor that makes 68.27 % of out-of-fold errors fall
+    # within one std (the CV coverage above stays the raw, uncalibrated one)
+    z = np.abs(frame["prediction_ev"] - frame["target_ev"]) / frame["uncertainty_ev"].clip(lower=1e-6)
+    metrics["uncertainty_scale"] = float(np.quantile(z, 0.6827))
     _write_table(frame, out / "cv_predictions.csv")
     if final:
         arrays = _encode(table)
@@ -397,7 +412,8 @@ def finetune(*, ckpt: str | Path | None, data: str | Path = "expt_gap", out: str
                                      precision=precision, device=device, progress=progress)
         mconf = {"domain": "materials", "task": "band_gap", "model_type": f"materials_ensemble.{size}",
                  "model_kwargs": {"members": members},
-                 "geometry": {"elements": list(chem.element_symbols()), "property": "band_gap", "unit": "eV"},
+                 "geometry": {"elements": list(chem.element_symbols()), "property": "band_gap", "unit": "eV",
+                              "uncertainty_scale": metrics["uncertainty_scale"]},
                  "card": {"summary": (f"Deep ensemble ({members} members) of composition models fine-tuned "
                                       f"({mode}) from {ckpt or 'scratch'} on {len(chosen)} measured band gaps; "
                                       f"{folds}-fold CV MAE {metrics['mae_ev']:.3f} eV."),
@@ -428,8 +444,8 @@ def load_ensemble(ckpt: str | Path) -> tuple[MaterialsEnsemble, dict[str, Any]]:
 def predict_table(ckpt: str | Path, formulas: Sequence[str] | PropertyTable, *,
                   provenance: Sequence[str] | None = None) -> Any:
     """Predictions for formulas: formula, prediction, uncertainty (total std of the ensemble, see
-    :func:`ensemble_moments`), SQ limit (%) at the predicted gap and its spread over members, and
-    provenance (model, input source)."""
+    :func:`ensemble_moments`, recalibrated by :func:`predict_calibrated`), SQ limit (%) at the
+    predicted gap and its spread over members, and provenance (model, input source)."""
     model, cfg = load_ensemble(ckpt)
     return _prediction_frame(model, cfg, ckpt, formulas, provenance)
 
@@ -443,7 +459,7 @@ def _prediction_frame(model: MaterialsEnsemble, cfg: dict[str, Any], ckpt: str |
     else:
         parsed = [chem.parse_formula(f) for f in formulas]
         src = list(provenance) if provenance is not None else ["input"] * len(parsed)
-    mu, scale = predict_arrays(model, chem.encode(parsed))
+    mu, scale = predict_calibrated(model, cfg, chem.encode(parsed))
     mean, std = ensemble_moments(mu, scale)
     sq = 100 * sq_limit(mu.reshape(-1)).reshape(mu.shape)
     return pd.DataFrame({"formula": [q.formula for q in parsed], "reduced_formula": [q.reduced for q in parsed],
@@ -474,19 +490,45 @@ def evaluate(*, ckpt: str | Path, data: str | Path, out: str | Path, target: str
     return metrics
 
 
+def curve_rows(metrics: dict[str, float], *, pretrained: bool = True) -> list[dict[str, Any]]:
+    """Label-efficiency rows (``method``, ``labels``, ``mae_ev``, ``rmse_ev``) from one CV's metrics."""
+    n = int(metrics["labels_per_fold"])
+    rows = [{"method": "pretrained" if pretrained else "model", "labels": n, "mae_ev": metrics["mae_ev"],
+             "rmse_ev": metrics["rmse_ev"]}]
+    for name in ("scratch", "rf", "dummy"):
+        if f"mae_ev_{name}" in metrics:
+            rows.append({"method": name, "labels": n, "mae_ev": metrics[f"mae_ev_{name}"],
+                         "rmse_ev": metrics[f"rmse_ev_{name}"]})
+    return rows
+
+
 def label_curve(ckpt: str | Path | None, data: str | Path = "expt_gap", *,
                 budgets: Sequence[int | None] = (50, 200, 1000, None), target: str | None = None,
                 baselines: Sequence[str] = ("scratch", "rf", "dummy"), **cv: Any) -> list[dict[str, Any]]:
     """Cross-validated MAE/RMSE at each label budget (None = all), for the model and the
-    baselines, on the same folds and labels. Rows: ``method``, ``labels``, ``mae_ev``, ``rmse_ev``."""
+    baselines, on the same folds and labels (see :func:`curve_rows`)."""
     table = load_property_csv(data, target=target)
     rows = []
     for b in budgets:
         m, _ = cross_validate(ckpt, table, labels=b, baselines=baselines, **cv)
-        n = int(m["labels_per_fold"])
-        rows.append({"method": "pretrained" if ckpt else "scratch", "labels": n, "mae_ev": m["mae_ev"],
-                     "rmse_ev": m["rmse_ev"], "coverage_1sigma": m["coverage_1sigma"]})
-        for name in baselines:
-            rows.append({"method": name, "labels": n, "mae_ev": m[f"mae_ev_{name}"], "rmse_ev": m[f"rmse_ev_{name}"]})
-        LOGGER.info("labels %d: %s", n, {r["method"]: round(r["mae_ev"], 3) for r in rows[-len(baselines) - 1:]})
+        rows += curve_rows(m, pretrained=ckpt is not None)
+        LOGGER.info("labels %s: %s", b, {r["method"]: round(r["mae_ev"], 3) for r in rows[-len(baselines) - 1:]})
     return rows
+
+
+@torch.no_grad()
+def guess_masked_element(model: MaterialsNet, formula: str, hide: str, k: int = 5) -> list[tuple[str, float]]:
+    """Hide element ``hide`` of ``formula`` (its amount stays) and return the model's top-``k``
+    guesses with probabilities: what the masked-element pretraining learned."""
+    p = chem.parse_formula(formula)
+    if hide not in p.elements:
+        raise DataError(f"{hide!r} is not an element of {formula!r} ({list(p.elements)})")
+    a = {key: torch.from_numpy(v) for key, v in chem.encode([p]).items()}
+    pos = p.elements.index(hide)
+    a["elements"][0, pos] = model.num_elements  # [MASK]
+    model.eval()
+    z, tb = model.encode(a["elements"], a["fractions"], a["padding"])
+    prob = torch.softmax(model.mlm_head(z, tb)[0, pos].float(), -1)
+    top = torch.topk(prob, k)
+    syms = chem.element_symbols()
+    return [(syms[int(i)], float(v)) for v, i in zip(top.values, top.indices)]
