@@ -129,3 +129,22 @@ def test_materials_notebooks_chain_through_hfmi_run(tmp_path):
     nb = nbformat.read(tmp_path / "03.ipynb", as_version=4)
     assert any("application/vnd.holoviews_exec.v0+json" in o.get("data", {})
                for c in nb.cells for o in c.get("outputs", []))
+
+
+def test_carbon_notebooks_chain_through_hfmi_run(tmp_path):
+    pytest.importorskip("rasterio")
+    pytest.importorskip("laspy")
+    nbdir = REPO / "notebooks" / "carbon"
+    pre, ft = tmp_path / "pre", tmp_path / "ft"
+    assert main(["run", str(nbdir / "01_pretrain.py"), "-p", "out_dir", str(pre), "-p", "steps", "5",
+                 "-p", "size", "64", "-o", str(tmp_path / "01.ipynb")]) == 0
+    assert main(["run", str(nbdir / "02_finetune.py"), "-p", "pretrained", str(pre / "model"), "-p", "steps", "5",
+                 "-p", "budgets", "[20]", "-p", "out_dir", str(ft), "-o", str(tmp_path / "02.ipynb")]) == 0
+    m = json.loads((ft / "n20" / "metrics.json").read_text())
+    assert {"rmse_mg_ha", "rmse_mg_ha_rf", "rmse_mg_ha_scratch", "coverage_90"} <= set(m)
+    assert main(["run", str(nbdir / "03_visualize.py"), "-p", "finetuned", str(ft / "n20" / "model"),
+                 "-p", "out_dir", str(tmp_path / "vis"), "-o", str(tmp_path / "03.ipynb")]) == 0
+    nb = nbformat.read(tmp_path / "03.ipynb", as_version=4)
+    assert any("application/vnd.holoviews_exec.v0+json" in o.get("data", {})
+               for c in nb.cells for o in c.get("outputs", []))
+    assert (tmp_path / "vis" / "budget.csv").is_file()

@@ -14,6 +14,7 @@ _DOMAIN_MODULES: dict[str, str] = {
     "climate": "hfmi_kit.domains.climate",
     "radiology": "hfmi_kit.domains.radiology",
     "materials": "hfmi_kit.domains.materials",
+    "carbon": "hfmi_kit.domains.carbon",
 }
 
 

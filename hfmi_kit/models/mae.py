@@ -7,7 +7,8 @@ number of tokens in each sample of a batch:
 - ``block``: one score per patch position, shared by every group (the same places are hidden in
   every variable: the model must fill space from neighbours, not copy another variable).
 - ``group``: one score per group (whole variables or sources are hidden and predicted from
-  the others).
+  the others); with ``group_map`` groups sharing a value are hidden together (all bands of
+  one sensor).
 
 The loss is computed on masked tokens only, on per-variable normalised inputs.
 """
@@ -28,8 +29,11 @@ MaskStrategy = Literal["random", "block", "group"]
 
 
 def mask_scores(batch: TokenBatch, strategy: str, batch_size: int,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Per-token scores (B, T): unmaskable tokens get -inf (always kept); low score = keep."""
+                generator: torch.Generator | None = None, group_map: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token scores (B, T): unmaskable tokens get -inf (always kept); low score = keep.
+
+    ``group_map`` (num_groups,) long: for ``group`` masking, the unit each group is hidden with.
+    """
     T = batch.group_ids.numel()
     dev = batch.tokens.device
     if strategy == "random":
@@ -40,9 +44,9 @@ def mask_scores(batch: TokenBatch, strategy: str, batch_size: int,
         s = per_pos[:, batch.pos_ids.clamp_min(0)]
         s = s + 1e-6 * batch.group_ids.float()[None]  # ties broken by group, whole positions first
     elif strategy == "group":
-        ngroups = int(batch.group_ids.max().item()) + 1
-        per_group = torch.rand(batch_size, ngroups, generator=generator).to(dev)
-        s = per_group[:, batch.group_ids] + 1e-6 * batch.pos_ids.float().clamp_min(0)[None]
+        unit = batch.group_ids if group_map is None else group_map.to(dev)[batch.group_ids]
+        per_unit = torch.rand(batch_size, int(unit.max().item()) + 1, generator=generator).to(dev)
+        s = per_unit[:, unit] + 1e-6 * batch.pos_ids.float().clamp_min(0)[None]
     else:
         raise ConfigError(f"unknown mask strategy {strategy!r}; expected random, block or group")
     return s.masked_fill(~batch.maskable[None], float("-inf"))
@@ -94,9 +98,10 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor,
 
 
 def mae_forward(backbone: nn.Module, decoder: MAEDecoder, batch: TokenBatch, targets: torch.Tensor,
-                weights: torch.Tensor | None = None, *, mask_ratio: float = 0.75,
-                strategy: str = "random") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One MAE step: mask, encode visible tokens, decode all, loss on masked tokens.
+                weights: torch.Tensor | None = None, *, mask_ratio: float = 0.75, strategy: str = "random",
+                group_map: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One MAE step: mask, encode visible tokens, decode all, loss on masked tokens
+    (``group_map``: see :func:`mask_scores`).
 
     ``targets`` (B, T, P) are aligned with the batch's tokens (scalar tokens may hold anything:
     they are never masked); ``weights`` of the same shape marks valid elements. Returns
@@ -105,7 +110,7 @@ def mae_forward(backbone: nn.Module, decoder: MAEDecoder, batch: TokenBatch, tar
     if not 0.0 < mask_ratio < 1.0:
         raise ConfigError(f"mask_ratio must lie in (0, 1), got {mask_ratio}")
     B, T, _ = batch.tokens.shape
-    scores = mask_scores(batch, strategy, B)  # (B, T)
+    scores = mask_scores(batch, strategy, B, group_map=group_map)  # (B, T)
     n_maskable = int(batch.maskable.sum())
     n_keep = T - int(round(n_maskable * mask_ratio))
     keep_idx = torch.argsort(scores, dim=1)[:, :n_keep]  # (B, K)

@@ -502,20 +502,6 @@ def curve_rows(metrics: dict[str, float], *, pretrained: bool = True) -> list[di
     return rows
 
 
-def label_curve(ckpt: str | Path | None, data: str | Path = "expt_gap", *,
-                budgets: Sequence[int | None] = (50, 200, 1000, None), target: str | None = None,
-                baselines: Sequence[str] = ("scratch", "rf", "dummy"), **cv: Any) -> list[dict[str, Any]]:
-    """Cross-validated MAE/RMSE at each label budget (None = all), for the model and the
-    baselines, on the same folds and labels (see :func:`curve_rows`)."""
-    table = load_property_csv(data, target=target)
-    rows = []
-    for b in budgets:
-        m, _ = cross_validate(ckpt, table, labels=b, baselines=baselines, **cv)
-        rows += curve_rows(m, pretrained=ckpt is not None)
-        LOGGER.info("labels %s: %s", b, {r["method"]: round(r["mae_ev"], 3) for r in rows[-len(baselines) - 1:]})
-    return rows
-
-
 @torch.no_grad()
 def guess_masked_element(model: MaterialsNet, formula: str, hide: str, k: int = 5) -> list[tuple[str, float]]:
     """Hide element ``hide`` of ``formula`` (its amount stays) and return the model's top-``k``

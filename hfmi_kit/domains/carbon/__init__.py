@@ -1,0 +1,46 @@
+"""Vegetation and soil carbon (3D-ABC): multi-source biomass maps and a regional carbon budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+from hfmi_kit.domains.base import Domain
+from hfmi_kit.domains.carbon import model as _model  # noqa: F401  (registers the model family)
+from hfmi_kit.domains.carbon.sources import DEFAULT_SOURCES, SourceSpec, open_region, target_grid
+from hfmi_kit.domains.carbon.synth import LandscapeConfig, chave_agb_kg, generate_region
+from hfmi_kit.domains.carbon.tasks import budget, evaluate, finetune, predict_map, prepare, pretrain
+
+
+class CarbonDomain(Domain):
+    """A region folder (region.json + GeoTIFF / LAS per epoch + plot CSVs); task: biomass and carbon."""
+
+    name: ClassVar[str] = "carbon"
+    tasks: ClassVar[tuple[str, ...]] = ("biomass",)
+    data_formats: ClassVar[str] = ("a region folder: region.json, epoch<k>/ GeoTIFF rasters and LAS/LAZ lidar, "
+                                   "plots.csv + trees.csv, optional station_co2.csv")
+    headline_metrics: ClassVar[tuple[str, ...]] = (
+        "rmse_mg_ha", "bias_mg_ha", "r2", "rmse_mg_ha_map", "coverage_90", "rmse_mg_ha_scratch", "rmse_mg_ha_rf",
+        "budget_error_pct", "budget_in_interval", "labelled_plots", "test_plots")
+    example_outputs: ClassVar[tuple[str, ...]] = ("maps/", "budget.csv")
+    finetune_options: ClassVar[tuple[str, ...]] = ("labels", "baselines")
+
+    def example_data(self, out_dir: str | Path, *, seed: int = 0, small: bool = True,
+                     years: int | None = None) -> Path:
+        return generate_region(Path(out_dir) / "carbon_region", LandscapeConfig(seed=seed, size=128 if small else 256))
+
+    def pretrain(self, *, data: str | Path, out: str | Path, **kw: Any) -> Path:
+        return pretrain(data=data, out=out, **kw)
+
+    def finetune(self, *, ckpt: str | Path | None, data: str | Path, out: str | Path, **kw: Any) -> dict[str, float]:
+        return finetune(ckpt=ckpt, data=data, out=out, **kw)
+
+    def evaluate(self, *, ckpt: str | Path, data: str | Path, out: str | Path, **kw: Any) -> dict[str, float]:
+        return evaluate(ckpt=ckpt, data=data, out=out, **kw)
+
+
+DOMAIN = CarbonDomain()
+
+__all__ = ["DEFAULT_SOURCES", "DOMAIN", "CarbonDomain", "LandscapeConfig", "SourceSpec", "budget", "chave_agb_kg",
+           "evaluate", "finetune", "generate_region", "open_region", "predict_map", "prepare", "pretrain",
+           "target_grid"]

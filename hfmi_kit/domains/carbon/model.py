@@ -1,0 +1,118 @@
+"""The multi-source model: one token group per source band plus a query group; missing data are
+absent (padding) tokens; pretraining hides whole sources; fine-tuning predicts biomass quantiles
+per pixel from the query tokens' context joined with the pixel's own source values."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hfmi_kit.models import Backbone, EncoderConfig, GridTokenizer, mae_forward, make_decoder, register_model
+from hfmi_kit.models.tokenizers import TokenBatch, patchify
+
+QUERY = "query"
+TARGET_SCALE = 100.0  # Mg/ha: biomass is learned in units of 100 Mg/ha
+
+
+class CarbonNet(nn.Module):
+    """Tiles of aligned sources -> tokens -> encoder; MAE decoder (pretraining) and a quantile head.
+
+    Args:
+        groups: token groups ``source:band`` (from the source descriptions).
+        tile, patch: tile side and patch side in pixels.
+        quantiles: predicted biomass quantiles (the middle one is the point estimate).
+        min_valid: a patch becomes a token only if this fraction of its pixels has data.
+
+    A batch holds ``fields`` as ``<group>`` keys (B, tile, tile) already normalised, NaN where the
+    source has no data, and for fine-tuning ``target`` (B, tile, tile) in Mg/ha, NaN off the plots.
+    """
+
+    def __init__(self, *, size: EncoderConfig, groups: Sequence[str], tile: int = 32, patch: int = 8,
+                 quantiles: Sequence[float] = (0.05, 0.5, 0.95), min_valid: float = 0.5,
+                 mask_ratio: float = 0.5) -> None:
+        super().__init__()
+        self.groups, self.tile, self.patch = list(groups), tile, patch
+        self.quantiles = list(quantiles)
+        self.min_valid, self.mask_ratio = min_valid, mask_ratio
+        tok = GridTokenizer(groups=[*self.groups, QUERY], grid=(tile, tile), patch=(patch, patch), dim=size.dim)
+        self.backbone = Backbone(tok, size)
+        self.decoder = make_decoder(self.backbone, num_groups=len(self.groups) + 1, num_positions=tok.num_patches,
+                                    patch_numel=patch * patch)
+        # pixel decoder: the query token's context (broadcast over its patch) + the pixel's own values
+        self.pixel_proj = nn.Linear(2 * len(self.groups), size.dim)
+        self.head = nn.Sequential(nn.LayerNorm(size.dim), nn.Linear(size.dim, size.dim), nn.GELU(),
+                                  nn.Linear(size.dim, len(self.quantiles)))
+        sources = sorted({g.split(":", 1)[0] for g in self.groups})
+        self.register_buffer("group_map", torch.tensor(
+            [sources.index(g.split(":", 1)[0]) for g in self.groups] + [len(sources)]), persistent=False)
+
+    def tokens(self, fields: Mapping[str, torch.Tensor]) -> tuple[TokenBatch, torch.Tensor, torch.Tensor]:
+        """Token batch with padding for patches without data, the (B, T, P) targets and weights."""
+        present = {g: fields[g] for g in self.groups if g in fields}
+        B = next(iter(present.values())).shape[0] if present else next(iter(fields.values())).shape[0]
+        dev = self.backbone.tokenizer.weight.device
+        filled = {g: torch.nan_to_num(v, nan=0.0) for g, v in present.items()}
+        filled[QUERY] = torch.zeros(B, self.tile, self.tile, device=dev)
+        tb = self.backbone.tokenizer(filled)
+        pads, tgts, wts = [], [], []
+        for name, (s, e) in tb.layout.items():
+            if name == QUERY:
+                n = e - s
+                pads.append(torch.zeros(B, n, dtype=torch.bool, device=dev))
+                tgts.append(torch.zeros(B, n, self.patch**2, device=dev))
+                wts.append(torch.zeros(B, n, self.patch**2, device=dev))
+                tb.maskable[s:e] = False  # the query tokens are always seen
+                continue
+            valid = patchify((~torch.isnan(present[name])).float(), (self.patch, self.patch))  # (B, N, P)
+            pads.append(valid.mean(-1) < self.min_valid)
+            tgts.append(patchify(filled[name], (self.patch, self.patch)))
+            wts.append(valid)
+        tb.padding = torch.cat(pads, dim=1)
+        return tb, torch.cat(tgts, dim=1), torch.cat(wts, dim=1)
+
+    def predict(self, fields: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Biomass quantiles (B, Q, tile, tile) in Mg/ha, monotone in the quantile."""
+        tb, _, _ = self.tokens(fields)
+        z = self.backbone.encode(tb)
+        s, e = tb.layout[QUERY]
+        B, t, p = z.shape[0], self.tile, self.patch
+        ctx = z[:, s:e].reshape(B, t // p, t // p, -1)  # (B, gh, gw, D)
+        ctx = ctx.repeat_interleave(p, 1).repeat_interleave(p, 2)  # (B, H, W, D)
+        absent = torch.full((B, t, t), float("nan"), device=z.device)
+        vals = torch.stack([fields[g] if g in fields else absent for g in self.groups], -1)  # (B, H, W, G)
+        valid = (~torch.isnan(vals)).to(ctx.dtype)
+        pix = self.pixel_proj(torch.cat([torch.nan_to_num(vals), valid], -1).to(ctx.dtype))
+        maps = self.head(ctx + pix).permute(0, 3, 1, 2)  # (B, Q, H, W)
+        mid = len(self.quantiles) // 2
+        centre = maps[:, mid]
+        # monotone quantiles: cumulative positive offsets below and above the median
+        down = centre[:, None] - torch.cumsum(F.softplus(maps[:, :mid].flip(1)), 1)  # nearest first
+        up = centre[:, None] + torch.cumsum(F.softplus(maps[:, mid + 1:]), 1)
+        lower, upper = list(down.flip(1).unbind(1)), list(up.unbind(1))
+        return torch.stack([*lower, centre, *upper], dim=1).float() * TARGET_SCALE
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        fields = {g: batch[g] for g in self.groups if g in batch}
+        if "target" not in batch:  # pretraining: hide whole sources, reconstruct them
+            tb, tgt, w = self.tokens(fields)
+            loss, _, _ = mae_forward(self.backbone, self.decoder, tb, tgt, w, mask_ratio=self.mask_ratio,
+                                     strategy="group", group_map=self.group_map)
+            return {"loss": loss}
+        q = self.predict(fields) / TARGET_SCALE  # (B, Q, H, W)
+        y = batch["target"] / TARGET_SCALE
+        lab = ~torch.isnan(y)
+        yv = torch.nan_to_num(y)[:, None]
+        tau = torch.tensor(self.quantiles, device=q.device)[None, :, None, None]
+        diff = yv - q
+        pinball = torch.maximum(tau * diff, (tau - 1) * diff) * lab[:, None]
+        loss = pinball.sum() / (lab.sum() * len(self.quantiles)).clamp_min(1)
+        return {"loss": loss, "labelled_pixels": lab.sum().float()}
+
+
+@register_model("carbon_net")
+def _carbon_net(*, size: EncoderConfig, **kw: Any) -> CarbonNet:
+    return CarbonNet(size=size, **kw)

@@ -1,0 +1,357 @@
+"""Sources described by metadata, read with the field's libraries and aligned onto one grid.
+
+A source is described, not coded: a :class:`SourceSpec` names its file per epoch, its kind
+(``raster`` GeoTIFF through rasterio, ``lidar`` LAS/LAZ through laspy rasterised to a
+canopy-height model), its bands, units and the normalisation (``(x - offset) / scale``) the model
+sees. A region's ``region.json`` lists them, so another sensor is added by describing it.
+
+Every raster is reprojected onto the target grid (the CRS and resolution in ``region.json``, or
+the documented default: the UTM zone of the region's centre at 20 m), never onto whichever file
+came first. Cells a source does not cover (clouds, outside a lidar strip) are NaN and become
+absent tokens in the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hfmi_kit.domains.carbon.synth import PLOT_SIZE_M, chave_agb_kg
+from hfmi_kit.errors import DataError
+
+DEFAULT_RESOLUTION_M = 20.0
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """How to read and normalise one source."""
+
+    name: str  # e.g. "optical"
+    file: str  # file name inside each epoch folder
+    kind: str  # "raster" or "lidar"
+    bands: tuple[str, ...]  # band names (a lidar source has one: "chm")
+    units: str
+    offset: tuple[float, ...]  # per band: model input = (value - offset) / scale
+    scale: tuple[float, ...]
+    resampling: str = "average"  # rasterio resampling onto the target grid
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("raster", "lidar"):
+            raise DataError(f"source {self.name!r}: kind must be 'raster' or 'lidar', got {self.kind!r}")
+        if not (len(self.bands) == len(self.offset) == len(self.scale)) or any(s <= 0 for s in self.scale):
+            raise DataError(f"source {self.name!r}: needs one offset and one positive scale per band {self.bands}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SourceSpec:
+        try:
+            return cls(**{**d, "bands": tuple(d["bands"]), "offset": tuple(map(float, d["offset"])),
+                          "scale": tuple(map(float, d["scale"]))})
+        except (KeyError, TypeError) as e:
+            raise DataError(f"source description {d}: {e}") from e
+
+    def groups(self) -> list[str]:
+        return [f"{self.name}:{b}" for b in self.bands]
+
+
+DEFAULT_SOURCES: tuple[SourceSpec, ...] = (
+    SourceSpec("optical", "optical.tif", "raster", ("blue", "red", "nir", "swir"), "reflectance",
+               (0.05, 0.07, 0.35, 0.2), (0.03, 0.05, 0.1, 0.08)),
+    SourceSpec("radar", "radar.tif", "raster", ("vv", "vh"), "dB", (-10.0, -17.0), (2.5, 3.0), "bilinear"),
+    SourceSpec("lidar", "lidar.laz", "lidar", ("chm",), "m", (15.0,), (10.0,)),
+)
+
+
+@dataclass
+class Grid:
+    """The target grid: CRS, affine transform and shape (rows, cols)."""
+
+    crs: Any
+    transform: Any
+    shape: tuple[int, int]
+
+    @property
+    def resolution(self) -> float:
+        return float(self.transform.a)
+
+    @property
+    def area_ha(self) -> float:
+        return abs(self.transform.a * self.transform.e) / 1e4
+
+    def rowcol(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Cell (row, col) of map coordinates (the grid is north-up, see :func:`target_grid`)."""
+        t = self.transform
+        c = (np.asarray(x, dtype=float) - t.c) / t.a
+        r = (np.asarray(y, dtype=float) - t.f) / t.e
+        return np.floor(r).astype(int), np.floor(c).astype(int)
+
+    def describe(self) -> dict[str, Any]:
+        return {"crs": self.crs.to_string(), "transform": list(self.transform)[:6], "shape": list(self.shape)}
+
+
+@dataclass
+class Region:
+    """A region folder: metadata, the sources per epoch, plots and the station record."""
+
+    root: Path
+    meta: dict[str, Any]
+    epochs: list[int]
+    sources: list[SourceSpec] = field(default_factory=list)
+
+    def path(self, epoch_index: int, spec: SourceSpec) -> Path:
+        return self.root / f"epoch{epoch_index + 1}" / spec.file
+
+
+def open_region(root: str | Path) -> Region:
+    """Read ``region.json`` (epochs, grid, optional ``sources`` descriptions)."""
+    root = Path(root)
+    f = root / "region.json"
+    if not f.is_file():
+        raise DataError(f"{root}: no region.json (expected epochs, grid and sources of a region folder)")
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{f}: corrupt JSON ({e})") from e
+    epochs = [int(e) for e in meta.get("epochs", [])]
+    if not epochs:
+        raise DataError(f"{f}: 'epochs' is missing or empty")
+    specs = [SourceSpec.from_dict(s) for s in meta["sources"]] if "sources" in meta else list(DEFAULT_SOURCES)
+    present = [s for s in specs if any((root / f"epoch{e + 1}" / s.file).exists() for e in range(len(epochs)))]
+    if not present:
+        raise DataError(f"{root}: none of the source files {[s.file for s in specs]} exists in epoch folders")
+    return Region(root=root, meta=meta, epochs=epochs, sources=present)
+
+
+def _rasterio() -> Any:
+    try:
+        import rasterio
+    except ImportError as e:
+        raise ImportError("the carbon domain needs rasterio; install it with `pip install hfmi_kit[carbon]`") from e
+    return rasterio
+
+
+def _open_raster(path: Path) -> Any:
+    rasterio = _rasterio()
+    try:
+        return rasterio.open(path)
+    except rasterio.errors.RasterioIOError as e:
+        raise DataError(f"{path}: not a readable GeoTIFF ({e})") from e
+
+
+def _check_raster(path: Path, src: Any) -> None:
+    if src.crs is None:
+        raise DataError(f"{path}: the raster has no CRS; georeference it (e.g. gdal_edit.py -a_srs EPSG:...)")
+    if src.nodata is None and src.dtypes[0].startswith("float") and not src.tags().get("nodata_free"):
+        raise DataError(f"{path}: nodata is not declared; set it (e.g. gdal_edit.py -a_nodata -9999) so gaps "
+                        "are not read as values")
+
+
+def raster_bounds_geographic(path: Path) -> tuple[float, float, float, float]:
+    _rasterio()
+    from rasterio.warp import transform_bounds
+
+    with _open_raster(path) as src:
+        _check_raster(path, src)
+        return transform_bounds(src.crs, "EPSG:4326", *src.bounds)
+
+
+def target_grid(region: Region, *, crs: str | None = None, resolution: float | None = None) -> Grid:
+    """The grid all sources are aligned onto: ``crs`` / ``resolution`` if given, else those of
+    ``region.json``'s ``grid``, else the UTM zone of the region centre at 20 m. Its extent is the
+    intersection of the rasters' footprints (an error if they do not overlap)."""
+    rasterio = _rasterio()
+    from rasterio.transform import from_origin
+    from rasterio.warp import transform_bounds
+
+    boxes = {}
+    for e in range(len(region.epochs)):
+        for s in region.sources:
+            p = region.path(e, s)
+            if s.kind == "raster" and p.exists():
+                boxes[p] = raster_bounds_geographic(p)
+    if not boxes:
+        raise DataError(f"{region.root}: no raster source to define the map extent")
+    w, s_, e_, n = (max(b[0] for b in boxes.values()), max(b[1] for b in boxes.values()),
+                    min(b[2] for b in boxes.values()), min(b[3] for b in boxes.values()))
+    if w >= e_ or s_ >= n:
+        raise DataError("the rasters do not overlap: " + "; ".join(
+            f"{p.parent.name}/{p.name} lon {b[0]:.4f}..{b[2]:.4f} lat {b[1]:.4f}..{b[3]:.4f}"
+            for p, b in boxes.items()))
+    g = region.meta.get("grid", {})
+    crs = crs or g.get("crs")
+    if crs is None:
+        lon0, lat0 = (w + e_) / 2, (s_ + n) / 2
+        crs = f"EPSG:{(32600 if lat0 >= 0 else 32700) + int((lon0 + 180) // 6) + 1}"
+    res = float(resolution or g.get("resolution_m") or DEFAULT_RESOLUTION_M)
+    dst = rasterio.crs.CRS.from_user_input(crs)
+    left, bottom, right, top = transform_bounds("EPSG:4326", dst, w, s_, e_, n)
+    # snap inwards to whole cells so every cell lies inside every raster
+    left, top = math.ceil(left / res) * res, math.floor(top / res) * res
+    right, bottom = math.floor(right / res) * res, math.ceil(bottom / res) * res
+    shape = (int(round((top - bottom) / res)), int(round((right - left) / res)))
+    if min(shape) < 8:
+        raise DataError(f"the rasters overlap on only {shape} cells of {res} m")
+    return Grid(crs=dst, transform=from_origin(left, top, res, res), shape=shape)
+
+
+def read_raster(path: Path, spec: SourceSpec, grid: Grid) -> np.ndarray:
+    """(bands, rows, cols) float32 on ``grid``; NaN where the source has nodata or no coverage."""
+    rasterio = _rasterio()
+    from rasterio.warp import Resampling, reproject
+
+    with _open_raster(path) as src:
+        _check_raster(path, src)
+        if src.count != len(spec.bands):
+            raise DataError(f"{path}: {src.count} band(s), but source {spec.name!r} describes {len(spec.bands)} "
+                            f"{list(spec.bands)}")
+        out = np.full((src.count, *grid.shape), np.nan, dtype=np.float32)
+        try:
+            for b in range(src.count):
+                reproject(rasterio.band(src, b + 1), out[b], dst_transform=grid.transform, dst_crs=grid.crs,
+                          resampling=getattr(Resampling, spec.resampling), src_nodata=src.nodata, dst_nodata=np.nan)
+        except rasterio.errors.RasterioError as e:
+            raise DataError(f"{path}: corrupt raster data ({e})") from e
+    return out
+
+
+def read_lidar_chm(path: Path, grid: Grid, *, min_points: int = 3) -> np.ndarray:
+    """Canopy-height model (1, rows, cols) [m] from a LAS/LAZ file: per cell, the highest return
+    minus the mean ground return (class 2); NaN where a cell has fewer than ``min_points``
+    returns or no ground return (outside the flight strips)."""
+    import laspy
+    from pyproj import CRS, Transformer
+
+    try:
+        las = laspy.read(str(path))
+    except (laspy.errors.LaspyException, OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable LAS/LAZ file ({e})") from e
+    dims = set(las.point_format.dimension_names)
+    missing = [d for d in ("X", "Y", "Z", "classification") if d not in dims]
+    if missing:
+        raise DataError(f"{path}: point records lack {missing}; a lidar source needs x, y, z and classification")
+    crs = las.header.parse_crs()
+    if crs is None:
+        raise DataError(f"{path}: the LAS header declares no CRS")
+    if not (np.asarray(las.classification) == 2).any():
+        raise DataError(f"{path}: no ground returns (classification 2); classify the points before use")
+    x, y, z = np.asarray(las.x), np.asarray(las.y), np.asarray(las.z)
+    if CRS(crs) != CRS(grid.crs.to_wkt()):
+        x, y = Transformer.from_crs(crs, grid.crs.to_wkt(), always_xy=True).transform(x, y)
+    r, c = grid.rowcol(x, y)
+    inside = (r >= 0) & (r < grid.shape[0]) & (c >= 0) & (c < grid.shape[1])
+    idx = (r * grid.shape[1] + c)[inside]
+    z, cls = z[inside], np.asarray(las.classification)[inside]
+    n = grid.shape[0] * grid.shape[1]
+    count = np.bincount(idx, minlength=n)
+    top = np.full(n, -np.inf)
+    np.maximum.at(top, idx, z)
+    g = cls == 2
+    gsum = np.bincount(idx[g], weights=z[g], minlength=n)
+    gcnt = np.bincount(idx[g], minlength=n)
+    chm = np.where((count >= min_points) & (gcnt > 0), top - gsum / np.maximum(gcnt, 1), np.nan)
+    return np.clip(chm, 0, None).reshape(1, *grid.shape).astype(np.float32)
+
+
+def read_sources(region: Region, epoch_index: int, grid: Grid) -> dict[str, np.ndarray]:
+    """Every source of one epoch on ``grid``: name -> (bands, rows, cols), NaN where absent.
+    A source whose file is missing for this epoch is simply not in the result."""
+    out = {}
+    for s in region.sources:
+        p = region.path(epoch_index, s)
+        if not p.exists():
+            continue
+        out[s.name] = read_raster(p, s, grid) if s.kind == "raster" else read_lidar_chm(p, grid)
+    return out
+
+
+@dataclass
+class Plots:
+    """Field plots of one epoch on the grid: id, row, col and biomass [Mg/ha] from their trees."""
+
+    ids: list[str]
+    rows: np.ndarray
+    cols: np.ndarray
+    agb: np.ndarray
+
+
+TREE_LIMITS = {"dbh_cm": (1.0, 500.0), "height_m": (1.3, 120.0), "wood_density_g_cm3": (0.1, 1.5)}
+
+
+def read_plots(region: Region, epoch: int, grid: Grid) -> Plots:
+    """Plots of ``epoch`` (``plots.csv``: plot_id, epoch, lon, lat, size_m; ``trees.csv``: plot_id,
+    epoch, dbh_cm, height_m, wood_density_g_cm3), biomass by the Chave et al. 2014 allometry.
+
+    Errors name the file and row: a plot outside the map, a tree size outside the plausible range
+    (1-500 cm, 1.3-120 m, 0.1-1.5 g cm-3), missing columns or unknown plot ids.
+    """
+    import pandas as pd
+    from pyproj import Transformer
+
+    fp, ft = region.root / "plots.csv", region.root / "trees.csv"
+    for f in (fp, ft):
+        if not f.is_file():
+            raise DataError(f"{f}: missing (field plots need plots.csv and trees.csv)")
+    plots = pd.read_csv(fp)
+    trees = pd.read_csv(ft)
+    for f, df, cols in ((fp, plots, ["plot_id", "epoch", "lon", "lat", "size_m"]),
+                        (ft, trees, ["plot_id", "epoch", *TREE_LIMITS])):
+        miss = [c for c in cols if c not in df.columns]
+        if miss:
+            raise DataError(f"{f}: missing column(s) {miss}; found {list(df.columns)}")
+    plots, trees = plots[plots.epoch == epoch], trees[trees.epoch == epoch]
+    for col, (lo, hi) in TREE_LIMITS.items():
+        v = pd.to_numeric(trees[col], errors="coerce")
+        bad = trees.index[~v.between(lo, hi)]
+        if len(bad):
+            i = bad[0]
+            raise DataError(f"{ft}: row {i + 2}: {col}={trees.loc[i, col]!r} outside the plausible range {lo}..{hi} "
+                            f"({len(bad)} such row(s))")
+    unknown = sorted(set(trees.plot_id) - set(plots.plot_id))
+    if unknown:
+        raise DataError(f"{ft}: trees of unknown plot id(s) {unknown[:5]} in epoch {epoch}")
+    x, y = Transformer.from_crs("EPSG:4326", grid.crs.to_wkt(), always_xy=True).transform(
+        plots.lon.to_numpy(), plots.lat.to_numpy())
+    r, c = grid.rowcol(x, y)
+    outside = np.flatnonzero((r < 0) | (r >= grid.shape[0]) | (c < 0) | (c >= grid.shape[1]))
+    if len(outside):
+        i = outside[0]
+        raise DataError(f"{fp}: plot {plots.plot_id.iloc[i]} (lon {plots.lon.iloc[i]}, lat {plots.lat.iloc[i]}) "
+                        f"lies outside the map ({len(outside)} plot(s) outside)")
+    kg = chave_agb_kg(trees.dbh_cm.to_numpy(float), trees.height_m.to_numpy(float),
+                      trees.wood_density_g_cm3.to_numpy(float))
+    per_plot = pd.Series(kg, index=trees.plot_id.to_numpy()).groupby(level=0).sum()
+    area = plots.size_m.to_numpy(float) ** 2 / 1e4
+    agb = per_plot.reindex(plots.plot_id).fillna(0.0).to_numpy() / 1000.0 / area
+    return Plots(ids=plots.plot_id.tolist(), rows=r, cols=c, agb=agb)
+
+
+def read_station(region: Region) -> Any:
+    """The station CO2 record (``station_co2.csv``: date, co2_ppm[, background_ppm]) as a frame,
+    checked for dates in order and plausible values (250-600 ppm); None when absent."""
+    import pandas as pd
+
+    f = region.root / "station_co2.csv"
+    if not f.is_file():
+        return None
+    df = pd.read_csv(f)
+    miss = [c for c in ("date", "co2_ppm") if c not in df.columns]
+    if miss:
+        raise DataError(f"{f}: missing column(s) {miss}")
+    df["date"] = pd.to_datetime(df["date"], errors="coerce")
+    if df["date"].isna().any() or not df["date"].is_monotonic_increasing:
+        raise DataError(f"{f}: dates must be valid and increasing")
+    if not df["co2_ppm"].between(250, 600).all():
+        raise DataError(f"{f}: co2_ppm outside 250-600 ppm")
+    return df
+
+
+def sources_json(specs: list[SourceSpec]) -> list[dict[str, Any]]:
+    return [asdict(s) for s in specs]
+
+
+__all__ = ["DEFAULT_SOURCES", "PLOT_SIZE_M", "Grid", "Plots", "Region", "SourceSpec", "open_region", "read_lidar_chm",
+           "read_plots", "read_raster", "read_sources", "read_station", "sources_json", "target_grid"]

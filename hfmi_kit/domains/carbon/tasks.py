@@ -1,0 +1,493 @@
+"""Carbon: prepare a region, pretrain on unlabelled tiles, fine-tune biomass quantiles on field
+plots with baselines, map biomass / carbon / uncertainty, and sum a regional budget."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from hfmi_kit.config import atomic_write_json
+from hfmi_kit.domains.carbon import sources as S
+from hfmi_kit.domains.carbon.model import CarbonNet
+from hfmi_kit.domains.carbon.synth import CARBON_FRACTION, write_geotiff
+from hfmi_kit.errors import ConfigError, DataError
+from hfmi_kit.models import create_model
+from hfmi_kit.train import TrainConfig, Trainer, load_pretrained, read_config, save_pretrained
+
+LOGGER = logging.getLogger(__name__)
+Z90 = 1.6449  # two-sided 90 % normal interval
+
+
+@dataclass
+class Prepared:
+    """A region on its target grid: per epoch the normalised fields (group -> (H, W), NaN where
+    absent, padded with NaN to whole tiles), the plots and, when known, the true biomass."""
+
+    root: Path
+    grid: S.Grid
+    epochs: list[int]
+    specs: list[S.SourceSpec]
+    fields: list[dict[str, np.ndarray]]
+    plots: list[S.Plots]
+    truth: list[np.ndarray] | None
+    shape: tuple[int, int]  # unpadded map shape
+
+    @property
+    def groups(self) -> list[str]:
+        return [g for s in self.specs for g in s.groups()]
+
+
+def prepare(data: str | Path, *, tile: int = 32, crs: str | None = None, resolution: float | None = None,
+            groups: Sequence[str] | None = None) -> Prepared:
+    """Read every source and plot of ``data`` onto the target grid (see :func:`.sources.target_grid`)."""
+    region = S.open_region(data)
+    grid = S.target_grid(region, crs=crs, resolution=resolution)
+    H, W = grid.shape
+    Hp, Wp = -(-H // tile) * tile, -(-W // tile) * tile
+    fields, plots = [], []
+    for e, year in enumerate(region.epochs):
+        raw = S.read_sources(region, e, grid)
+        f: dict[str, np.ndarray] = {}
+        for spec in region.sources:
+            if spec.name not in raw:
+                continue
+            for b, band in enumerate(spec.bands):
+                arr = np.full((Hp, Wp), np.nan, dtype=np.float32)
+                arr[:H, :W] = (raw[spec.name][b] - spec.offset[b]) / spec.scale[b]
+                f[f"{spec.name}:{band}"] = arr
+        if groups is not None:
+            f = {g: v for g, v in f.items() if g in groups}
+        fields.append(f)
+        plots.append(S.read_plots(region, year, grid))
+    truth = None
+    tfiles = region.meta.get("truth", {}).get("agb")
+    if tfiles:
+        spec = S.SourceSpec("truth", "", "raster", ("agb",), "Mg ha-1", (0.0,), (1.0,))
+        truth = [S.read_raster(region.root / t, spec, grid)[0] for t in tfiles]
+    return Prepared(root=region.root, grid=grid, epochs=region.epochs, specs=region.sources, fields=fields,
+                    plots=plots, truth=truth, shape=(H, W))
+
+
+def _crop(f: dict[str, np.ndarray], r: int, c: int, tile: int) -> dict[str, torch.Tensor]:
+    return {g: torch.from_numpy(np.ascontiguousarray(v[r:r + tile, c:c + tile])) for g, v in f.items()}
+
+
+class TileCrops(Dataset):
+    """Random tiles of every epoch (unlabelled; pretraining), with random flips and rotations."""
+
+    def __init__(self, prep: Prepared, *, tile: int, length: int = 100_000, seed: int = 0) -> None:
+        self.prep, self.tile, self.length, self.seed = prep, tile, length, seed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _augment(self, item: dict[str, torch.Tensor], rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        k, flip = int(rng.integers(4)), bool(rng.integers(2))
+        out = {}
+        for g, v in item.items():
+            v = torch.rot90(v, k, (0, 1))
+            out[g] = torch.flip(v, (1,)) if flip else v
+        return out
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng((self.seed, i))
+        e = int(rng.integers(len(self.prep.fields)))
+        H, W = self.prep.shape
+        r, c = int(rng.integers(0, max(1, H - self.tile + 1))), int(rng.integers(0, max(1, W - self.tile + 1)))
+        return self._augment(_crop(self.prep.fields[e], r, c, self.tile), rng)
+
+
+class PlotCrops(TileCrops):
+    """Tiles around the training plots: ``target`` holds the plots' biomass, NaN elsewhere."""
+
+    def __init__(self, prep: Prepared, plot_ids: Sequence[str], *, tile: int, length: int = 100_000,
+                 seed: int = 0) -> None:
+        super().__init__(prep, tile=tile, length=length, seed=seed)
+        keep = set(plot_ids)
+        self.labels = []  # per epoch (H, W) NaN except training plots
+        self.where = []  # (epoch, row, col) of each training measurement
+        for e, p in enumerate(prep.plots):
+            lab = np.full(prep.fields[e][next(iter(prep.fields[e]))].shape, np.nan, dtype=np.float32)
+            for pid, r, c, v in zip(p.ids, p.rows, p.cols, p.agb):
+                if pid in keep:
+                    lab[r, c] = v
+                    self.where.append((e, int(r), int(c)))
+            self.labels.append(lab)
+        if not self.where:
+            raise DataError("no training plots selected")
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng((self.seed, i))
+        e, r, c = self.where[int(rng.integers(len(self.where)))]
+        H, W = self.prep.shape
+        r0 = int(rng.integers(max(0, r - self.tile + 1), min(r, H - self.tile) + 1))
+        c0 = int(rng.integers(max(0, c - self.tile + 1), min(c, W - self.tile) + 1))
+        item = _crop(self.prep.fields[e], r0, c0, self.tile)
+        item["target"] = torch.from_numpy(np.ascontiguousarray(self.labels[e][r0:r0 + self.tile, c0:c0 + self.tile]))
+        return self._augment(item, rng)
+
+
+def split_plots(prep: Prepared) -> tuple[list[str], list[str]]:
+    """(pool, test) plot ids: a fixed 30 % of the plots (by a hash of the id) are held out."""
+    ids = sorted({pid for p in prep.plots for pid in p.ids})
+    test = [i for i in ids if int(hashlib.sha256(i.encode()).hexdigest(), 16) % 10 < 3]
+    return [i for i in ids if i not in set(test)], test
+
+
+def _card(prep: Prepared, summary: str) -> dict[str, Any]:
+    meta = S.open_region(prep.root).meta
+    return {"summary": summary, "licence": "Apache-2.0 (weights and code)",
+            "data": [{"file": prep.root.name, "path": str(prep.root), "licence": meta.get("licence", "unknown"),
+                      "description": meta.get("description", ""),
+                      "sha256": hashlib.sha256((prep.root / "region.json").read_bytes()).hexdigest()}],
+            "intended_use": "research on multi-source biomass mapping and carbon budgets",
+            "limitations": "trained on one region; sources must be described as in region.json"}
+
+
+def pretrain(*, data: str | Path, out: str | Path, config: str = "tiny", steps: int = 300, seed: int = 0,
+             resume: bool = False, batch_size: int = 16, lr: float = 1e-3, tile: int = 32, patch: int = 8,
+             mask_ratio: float = 0.5, precision: str = "auto", device: str = "auto", progress: bool = True,
+             variables: Sequence[str] | None = None, crs: str | None = None,
+             resolution: float | None = None) -> Path:
+    """Masked multi-source reconstruction on unlabelled tiles of every epoch: whole sources are
+    hidden and predicted from the others. Plots are never read as labels. Returns ``out/model``."""
+    out = Path(out)
+    prep = prepare(data, tile=tile, crs=crs, resolution=resolution)
+    groups = [g for g in prep.groups if variables is None or g.split(":", 1)[0] in variables]
+    if not groups:
+        raise DataError(f"{data}: no sources left (variables={list(variables or [])})")
+    mk = {"groups": groups, "tile": tile, "patch": patch, "mask_ratio": mask_ratio}
+    torch.manual_seed(seed)
+    model = create_model(f"carbon_net.{config}", **mk)
+    tc = TrainConfig.pick(steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision, device=device,
+                          progress=progress, warmup_steps=min(30, steps // 10 + 1),
+                          checkpoint_every=max(steps // 2, 1))
+    mconf = {"domain": "carbon", "task": "pretrain", "model_type": f"carbon_net.{config}", "model_kwargs": mk,
+             "geometry": {"grid": prep.grid.describe(), "sources": S.sources_json(prep.specs), "tile": tile},
+             "card": _card(prep, "Multi-source foundation model (optical, radar, lidar CHM) pretrained by masked "
+                                 "source reconstruction on unlabelled tiles.")}
+    res = Trainer(model, TileCrops(prep, tile=tile, seed=seed), config=tc, out_dir=out, model_config=mconf).fit(
+        resume=resume)
+    mconf["training"] = {**dataclasses.asdict(tc), "data": str(data)}
+    mconf["metrics"] = {"train_loss": res.last_loss}
+    atomic_write_json(out / "metrics.json", mconf["metrics"])
+    return save_pretrained(model, out / "model", config=mconf)
+
+
+@torch.no_grad()
+def predict_map(model: CarbonNet, fields: dict[str, np.ndarray], shape: tuple[int, int], *,
+                batch_size: int = 8) -> np.ndarray:
+    """Biomass quantile maps (Q, H, W) [Mg/ha]: tiles at half-tile stride, overlaps averaged."""
+    model.eval()
+    t = model.tile
+    Hp, Wp = next(iter(fields.values())).shape
+    step = t // 2
+    starts = [(r, c) for r in range(0, Hp - t + 1, step) for c in range(0, Wp - t + 1, step)]
+    acc = np.zeros((len(model.quantiles), Hp, Wp))
+    cnt = np.zeros((Hp, Wp))
+    dev = next(model.parameters()).device
+    for i in range(0, len(starts), batch_size):
+        chunk = starts[i:i + batch_size]
+        batch = {g: torch.stack([_crop(fields, r, c, t)[g] for r, c in chunk]).to(dev) for g in fields}
+        q = model.predict(batch).cpu().numpy()
+        for (r, c), qi in zip(chunk, q):
+            acc[:, r:r + t, c:c + t] += qi
+            cnt[r:r + t, c:c + t] += 1
+    H, W = shape
+    return (acc / np.maximum(cnt, 1))[:, :H, :W].clip(min=0)
+
+
+def pixel_features(prep: Prepared, e: int) -> np.ndarray:
+    """(H*W, bands) per-pixel source values (NaN where absent) for the random-forest baseline."""
+    H, W = prep.shape
+    return np.stack([v[:H, :W].ravel() for v in prep.fields[e].values()], axis=1)
+
+
+def _random_forest(prep: Prepared, train_ids: set[str], seed: int) -> list[np.ndarray]:
+    """RF on per-pixel values of the training plots; returns a biomass map per epoch."""
+    from sklearn.ensemble import RandomForestRegressor
+
+    H, W = prep.shape
+    X, y = [], []
+    for e, p in enumerate(prep.plots):
+        F_ = pixel_features(prep, e)
+        for pid, r, c, v in zip(p.ids, p.rows, p.cols, p.agb):
+            if pid in train_ids:
+                X.append(F_[r * W + c])
+                y.append(v)
+    rf = RandomForestRegressor(n_estimators=300, min_samples_leaf=2, n_jobs=-1, random_state=seed)
+    rf.fit(np.array(X), np.array(y))
+    return [rf.predict(pixel_features(prep, e)).reshape(H, W) for e in range(len(prep.plots))]
+
+
+def _plot_values(prep: Prepared, maps: list[np.ndarray], ids: set[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(observed, predicted) at the plots in ``ids`` over every epoch."""
+    obs, pred = [], []
+    for e, p in enumerate(prep.plots):
+        for pid, r, c, v in zip(p.ids, p.rows, p.cols, p.agb):
+            if pid in ids:
+                obs.append(v)
+                pred.append(maps[e][r, c])
+    return np.array(obs), np.array(pred)
+
+
+def _scores(obs: np.ndarray, pred: np.ndarray, suffix: str = "") -> dict[str, float]:
+    err = pred - obs
+    ss = ((obs - obs.mean()) ** 2).sum()
+    return {f"rmse_mg_ha{suffix}": float(np.sqrt((err**2).mean())), f"bias_mg_ha{suffix}": float(err.mean()),
+            f"r2{suffix}": float(1 - (err**2).sum() / ss) if ss > 0 else float("nan")}
+
+
+def budget(prep: Prepared, maps: list[np.ndarray], test_ids: set[str]) -> list[dict[str, Any]]:
+    """Regional carbon per epoch and its change, model-assisted (a difference estimator with the
+    held-out plots as the probability sample): total = sum of the map + N x mean plot residual,
+    90 % interval from the residuals' standard error. Rows: quantity, value, lower, upper, unit
+    (Mg C), and ``true`` when the region's true biomass is known."""
+    N = prep.shape[0] * prep.shape[1]
+    k = prep.grid.area_ha * CARBON_FRACTION  # Mg/ha -> Mg C per pixel
+    rows, resid = [], []
+    for e, year in enumerate(prep.epochs):
+        p = prep.plots[e]
+        sel = [i for i, pid in enumerate(p.ids) if pid in test_ids]
+        res = p.agb[sel] - maps[e][p.rows[sel], p.cols[sel]]
+        resid.append(dict(zip([p.ids[i] for i in sel], res)))
+        total = (maps[e].sum() + N * res.mean()) * k
+        se = N * res.std(ddof=1) / np.sqrt(len(res)) * k
+        row = {"quantity": f"carbon stock {year}", "value": total, "lower_90": total - Z90 * se,
+               "upper_90": total + Z90 * se, "unit": "Mg C", "map_only": maps[e].sum() * k, "plots": len(res)}
+        if prep.truth is not None:
+            row["true"] = float(prep.truth[e].sum() * k)
+        rows.append(row)
+    if len(prep.epochs) >= 2:
+        a, b = resid[0], resid[-1]
+        both = sorted(set(a) & set(b))
+        dres = np.array([b[i] - a[i] for i in both])
+        delta = maps[-1] - maps[0]
+        change = (delta.sum() + N * dres.mean()) * k
+        se = N * dres.std(ddof=1) / np.sqrt(len(dres)) * k
+        span = f"{prep.epochs[0]}-{prep.epochs[-1]}"
+        rows.append({"quantity": f"net change {span}", "value": change, "lower_90": change - Z90 * se,
+                     "upper_90": change + Z90 * se, "unit": "Mg C", "map_only": delta.sum() * k, "plots": len(dres)})
+        rows.append({"quantity": f"losses (sources) {span}", "value": float(np.minimum(delta, 0).sum() * k),
+                     "unit": "Mg C", "map_only": float(np.minimum(delta, 0).sum() * k)})
+        rows.append({"quantity": f"gains (sinks) {span}", "value": float(np.maximum(delta, 0).sum() * k),
+                     "unit": "Mg C", "map_only": float(np.maximum(delta, 0).sum() * k)})
+        if prep.truth is not None:
+            td = prep.truth[-1] - prep.truth[0]
+            rows[-3]["true"] = float(td.sum() * k)
+            rows[-2]["true"] = float(np.minimum(td, 0).sum() * k)
+            rows[-1]["true"] = float(np.maximum(td, 0).sum() * k)
+    return rows
+
+
+def _fit(prep: Prepared, ckpt: str | Path | None, size: str, mk: dict[str, Any], ids: Sequence[str], *, steps: int,
+         batch_size: int, lr: float, layer_decay: float, mode: str, seed: int, precision: str, device: str,
+         progress: bool, out_dir: Path | None) -> CarbonNet:
+    torch.manual_seed(seed)
+    model = create_model(f"carbon_net.{size}", **mk)
+    if ckpt is not None:
+        load_pretrained(ckpt, mode="transfer", model=model)
+        LOGGER.info("transfer from %s: %s", ckpt, model.hfmi_load_report.summary())
+    tc = TrainConfig.pick(steps=steps, batch_size=batch_size, lr=lr, seed=seed, layer_decay=layer_decay, mode=mode,
+                          precision=precision, device=device, progress=progress, warmup_steps=min(30, steps // 10 + 1),
+                          weight_decay=0.05)
+    Trainer(model, PlotCrops(prep, ids, tile=mk["tile"], seed=seed), config=tc, out_dir=out_dir).fit()
+    model.eval()
+    return model
+
+
+def evaluate_maps(prep: Prepared, maps_q: list[np.ndarray], train_ids: set[str], test_ids: set[str],
+                  quantiles: Sequence[float]) -> dict[str, float]:
+    """Scores of quantile maps: held-out plots (RMSE, bias, R2), the full true map, the 90 %
+    interval's coverage of held-out pixels, and the regional budget against the truth."""
+    mid = len(quantiles) // 2
+    med = [q[mid] for q in maps_q]
+    m = _scores(*_plot_values(prep, med, test_ids))
+    lo, hi = quantiles.index(0.05) if 0.05 in quantiles else 0, quantiles.index(0.95) if 0.95 in quantiles else -1
+    if prep.truth is not None:
+        H, W = prep.shape
+        m.update({f"{k}_map": v for k, v in _scores(np.concatenate([t.ravel() for t in prep.truth]),
+                                                   np.concatenate([x.ravel() for x in med])).items()})
+        held = []
+        for e, (q, t) in enumerate(zip(maps_q, prep.truth)):
+            ok = np.ones((H, W), bool)
+            p = prep.plots[e]
+            for pid, r, c in zip(p.ids, p.rows, p.cols):
+                if pid in train_ids:
+                    ok[r, c] = False
+            held.append(((t >= q[lo]) & (t <= q[hi]))[ok])
+        m["coverage_90"] = float(np.concatenate(held).mean())
+    else:
+        obs_lo, p_lo = _plot_values(prep, [q[lo] for q in maps_q], test_ids)
+        _, p_hi = _plot_values(prep, [q[hi] for q in maps_q], test_ids)
+        m["coverage_90"] = float(((obs_lo >= p_lo) & (obs_lo <= p_hi)).mean())
+    rows = budget(prep, med, test_ids)
+    last = [r for r in rows if r["quantity"].startswith("carbon stock")][-1]
+    m["budget_total_mg_c"] = float(last["value"])
+    m["budget_interval_halfwidth_pct"] = float(100 * (last["upper_90"] - last["value"]) / abs(last["value"]))
+    if "true" in last:
+        m["budget_error_pct"] = float(100 * (last["value"] - last["true"]) / last["true"])
+        m["budget_in_interval"] = float(last["lower_90"] <= last["true"] <= last["upper_90"])
+        ch = next(r for r in rows if r["quantity"].startswith("net change"))
+        m["change_error_mg_c"] = float(ch["value"] - ch["true"])
+        m["change_in_interval"] = float(ch["lower_90"] <= ch["true"] <= ch["upper_90"])
+    return m
+
+
+def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task: str = "biomass",
+             labels: int | None = 50, label_fraction: float = 1.0, steps: int = 300, seed: int = 0,
+             mode: str = "full", config: str | None = None, batch_size: int = 8, lr: float | None = None,
+             layer_decay: float | None = None, baselines: bool | Sequence[str] = False, precision: str = "auto",
+             device: str = "auto", progress: bool = True) -> dict[str, float]:
+    """Fine-tune biomass quantiles (5 %, 50 %, 95 %) on ``labels`` field plots (each measured at
+    every epoch); the fixed held-out 30 % of plots (see :func:`split_plots`) score it. With
+    ``baselines`` (True or a subset of ``scratch``, ``rf``) the same plots train the model from
+    scratch and a random forest on per-pixel source values. Writes ``out/model``, maps
+    (``maps/*.tif`` cloud-optimised GeoTIFF, ``maps/carbon.nc`` CF NetCDF), ``budget.csv`` and
+    ``metrics.json``."""
+    if task != "biomass":
+        raise ConfigError(f"unknown carbon task {task!r}; expected 'biomass'")
+    out = Path(out)
+    if ckpt is not None:
+        pcfg = read_config(ckpt)
+        if pcfg.get("domain") != "carbon":
+            raise ConfigError(f"{ckpt}: a {pcfg.get('domain')!r} checkpoint, not a carbon one")
+        pk = pcfg["model_kwargs"]
+        size = config or pcfg["model_type"].split(".", 1)[1]
+        prep = prepare(data, tile=int(pk["tile"]), groups=pk["groups"])
+        mk = {k: pk[k] for k in ("groups", "tile", "patch")}
+    else:
+        size = config or "tiny"
+        prep = prepare(data)
+        mk = {"groups": prep.groups, "tile": 32, "patch": 8}
+    pool, test = split_plots(prep)
+    if labels is None:
+        labels = max(2, int(round(label_fraction * len(pool))))
+    if not 2 <= labels <= len(pool):
+        raise ConfigError(f"--labels must lie in [2, {len(pool)}] (plots outside the held-out 30 %), got {labels}")
+    chosen = sorted(np.random.default_rng(seed).permutation(pool)[:labels].tolist())
+    train_ids, test_ids = set(chosen), set(test)
+    lr = lr or 1e-3
+    if layer_decay is None:
+        layer_decay = 0.8 if ckpt is not None and mode == "full" else 1.0
+    kw = {"steps": steps, "batch_size": batch_size, "seed": seed, "precision": precision, "device": device,
+          "progress": progress}
+    model = _fit(prep, ckpt, size, mk, chosen, lr=lr, layer_decay=layer_decay, mode=mode,
+                 out_dir=out / "train", **kw)
+    maps = [predict_map(model, f, prep.shape) for f in prep.fields]
+    metrics = evaluate_maps(prep, maps, train_ids, test_ids, model.quantiles)
+    wanted = {"scratch", "rf"} if baselines is True else set(baselines or ())
+    if wanted - {"scratch", "rf"}:
+        raise ConfigError(f"unknown baselines {sorted(wanted - {'scratch', 'rf'})}; expected scratch, rf")
+    if "scratch" in wanted and ckpt is not None:
+        sm = _fit(prep, None, size, mk, chosen, lr=lr, layer_decay=1.0, mode="full", out_dir=None, **kw)
+        smaps = [predict_map(sm, f, prep.shape) for f in prep.fields]
+        ms = evaluate_maps(prep, smaps, train_ids, test_ids, sm.quantiles)
+        metrics.update({f"{k}_scratch": v for k, v in ms.items() if k.startswith(("rmse", "bias", "r2", "cov"))})
+    if "rf" in wanted:
+        rmaps = _random_forest(prep, train_ids, seed)
+        metrics.update(_scores(*_plot_values(prep, rmaps, test_ids), "_rf"))
+        if prep.truth is not None:
+            metrics.update({f"{k}_map": v for k, v in _scores(
+                np.concatenate([t.ravel() for t in prep.truth]),
+                np.concatenate([x.ravel() for x in rmaps]), "_rf").items()})
+    metrics.update({"labelled_plots": float(labels), "test_plots": float(len(test)), "epochs": float(len(prep.epochs))})
+    rows = budget(prep, [q[len(model.quantiles) // 2] for q in maps], test_ids)
+    write_outputs(prep, maps, rows, out, model.quantiles)
+    mconf = {"domain": "carbon", "task": "biomass", "model_type": f"carbon_net.{size}", "model_kwargs": mk,
+             "geometry": {"grid": prep.grid.describe(), "sources": S.sources_json(prep.specs), "tile": mk["tile"],
+                          "quantiles": list(model.quantiles)},
+             "card": _card(prep, f"Biomass quantile model fine-tuned ({mode}) from {ckpt or 'scratch'} on "
+                                 f"{labels} field plots."),
+             "training": {"plots": chosen, "from": str(ckpt) if ckpt else "scratch", "steps": steps, "lr": lr,
+                          "layer_decay": layer_decay, "seed": seed, "data": str(data)},
+             "metrics": metrics}
+    save_pretrained(model, out / "model", config=mconf)
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def write_outputs(prep: Prepared, maps: list[np.ndarray], rows: list[dict[str, Any]], out: Path,
+                  quantiles: Sequence[float]) -> None:
+    """Biomass / carbon / uncertainty maps as cloud-optimised GeoTIFF, one CF NetCDF, budget.csv."""
+    import pandas as pd
+    import xarray as xr
+
+    from hfmi_kit.data.cf import write_cf
+
+    mdir = out / "maps"
+    names = [f"agb_q{int(round(100 * q)):02d}" for q in quantiles]
+    mid = len(quantiles) // 2
+    for year, q in zip(prep.epochs, maps):
+        write_geotiff(mdir / f"agb_{year}.tif", q, crs=prep.grid.crs, transform=prep.grid.transform, nodata=-9999.0,
+                      band_names=names, units="Mg ha-1", description=f"above-ground biomass quantiles {year}", cog=True)
+        write_geotiff(mdir / f"carbon_{year}.tif", q * CARBON_FRACTION, crs=prep.grid.crs,
+                      transform=prep.grid.transform, nodata=-9999.0,
+                      band_names=[n.replace("agb", "carbon") for n in names], units="Mg C ha-1",
+                      description=f"carbon stock quantiles {year}", cog=True)
+    if len(maps) >= 2:
+        write_geotiff(mdir / "change.tif", (maps[-1][mid] - maps[0][mid]) * CARBON_FRACTION, crs=prep.grid.crs,
+                      transform=prep.grid.transform, nodata=-9999.0, band_names=["carbon_change"], units="Mg C ha-1",
+                      description=f"carbon change {prep.epochs[0]}-{prep.epochs[-1]}", cog=True)
+    H, W = prep.shape
+    t = prep.grid.transform
+    x = t.c + t.a * (np.arange(W) + 0.5)
+    y = t.f + t.e * (np.arange(H) + 0.5)
+    data_vars = {}
+    for qi, name in enumerate(names):
+        data_vars[name] = (("time", "y", "x"), np.stack([m[qi] for m in maps]).astype(np.float32),
+                           {"long_name": f"above-ground biomass, {quantiles[qi]:.0%} quantile", "units": "Mg ha-1",
+                            "grid_mapping": "spatial_ref"})
+    data_vars["carbon"] = (("time", "y", "x"), np.stack([m[mid] for m in maps]).astype(np.float32) * CARBON_FRACTION,
+                           {"long_name": "carbon stock in above-ground biomass", "units": "Mg ha-1",
+                            "grid_mapping": "spatial_ref"})
+    ds = xr.Dataset(data_vars, coords={
+        "time": ("time", np.array([np.datetime64(f"{y_}-07-01", "ns") for y_ in prep.epochs]),
+                 {"standard_name": "time"}),
+        "y": ("y", y, {"standard_name": "projection_y_coordinate", "units": "m", "axis": "Y"}),
+        "x": ("x", x, {"standard_name": "projection_x_coordinate", "units": "m", "axis": "X"})},
+        attrs={"Conventions": "CF-1.8", "title": "hfmi_kit biomass and carbon maps", "institution": "hfmi_kit",
+               "source": "hfmi_kit carbon_net", "history": f"{np.datetime64('now')}: predicted",
+               "references": "Chave et al. 2014 allometry; carbon fraction 0.47 (IPCC)"})
+    ds["spatial_ref"] = xr.DataArray(np.int32(0), attrs={"crs_wkt": prep.grid.crs.to_wkt(),
+                                                         "spatial_ref": prep.grid.crs.to_wkt(),
+                                                         "GeoTransform": " ".join(map(str, list(t)[:6]))})
+    for v in [*names, "carbon"]:
+        ds[v].encoding["_FillValue"] = np.float32(-9999.0)
+    write_cf(ds, mdir / "carbon.nc")
+    frame = pd.DataFrame(rows)
+    tmp = out / ".budget.csv.tmp"
+    frame.to_csv(tmp, index=False, float_format="%.6g")
+    tmp.replace(out / "budget.csv")
+
+
+def evaluate(*, ckpt: str | Path, data: str | Path, out: str | Path) -> dict[str, float]:
+    """Map a region with a fine-tuned model and score it on the plots it was not trained on."""
+    cfg = read_config(ckpt)
+    if cfg.get("domain") != "carbon" or cfg.get("task") != "biomass":
+        raise ConfigError(f"{ckpt}: not a fine-tuned carbon model (task {cfg.get('task')!r})")
+    model = load_pretrained(ckpt)
+    assert isinstance(model, CarbonNet)
+    out = Path(out)
+    prep = prepare(data, tile=model.tile, groups=model.groups)
+    train_ids = set(cfg.get("training", {}).get("plots", [])) if Path(cfg["training"].get("data", "")) == Path(
+        data) else set()
+    test_ids = {pid for p in prep.plots for pid in p.ids} - train_ids
+    if not test_ids:
+        raise DataError(f"{data}: every plot was used to train {ckpt}")
+    maps = [predict_map(model, f, prep.shape) for f in prep.fields]
+    metrics = evaluate_maps(prep, maps, train_ids, test_ids, model.quantiles)
+    metrics["test_plots"] = float(len(test_ids))
+    write_outputs(prep, maps, budget(prep, [q[len(model.quantiles) // 2] for q in maps], test_ids), out,
+                  model.quantiles)
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics

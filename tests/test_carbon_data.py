@@ -1,0 +1,155 @@
+"""Carbon: the landscape generator, reading and aligning real formats (GeoTIFF, LAS, CSV), and
+clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+rasterio = pytest.importorskip("rasterio")
+laspy = pytest.importorskip("laspy")
+
+from hfmi_kit.domains.carbon import sources as S  # noqa: E402
+from hfmi_kit.domains.carbon.synth import LandscapeConfig, chave_agb_kg, generate_region, write_geotiff  # noqa: E402
+from hfmi_kit.domains.carbon.tasks import prepare  # noqa: E402
+from hfmi_kit.errors import DataError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def region(tmp_path_factory):
+    return generate_region(tmp_path_factory.mktemp("carbon") / "r", LandscapeConfig(size=64, plots=80, seed=1))
+
+
+def _copy(region, tmp_path):
+    dst = tmp_path / "r"
+    shutil.copytree(region, dst)
+    return dst
+
+
+def test_chave_allometry():
+    # a 30 cm, 25 m tree of wood density 0.6: 0.0673 * (0.6 * 900 * 25) ** 0.976 kg
+    assert chave_agb_kg(30, 25, 0.6) == pytest.approx(0.0673 * 13500**0.976)
+
+
+def test_generated_region_aligns_and_plots_match_the_truth(region):
+    prep = prepare(region)
+    assert prep.grid.crs.to_epsg() == 32633 and prep.grid.resolution == 20 and prep.shape == (64, 64)
+    f = prep.fields[0]
+    assert set(f) == {"optical:blue", "optical:red", "optical:nir", "optical:swir", "radar:vv", "radar:vh", "lidar:chm"}
+    truth = prep.truth[0]
+    assert 20 < truth.mean() < 300 and truth.max() < 2000
+    # radar came on a geographic grid: reprojected, it covers the map and rises with biomass
+    vv = f["radar:vv"][:64, :64]
+    assert np.isfinite(vv).all() and np.corrcoef(vv.ravel(), truth.ravel())[0, 1] > 0.3
+    # clouds are declared nodata: absent, not zero; lidar covers only its strips
+    assert 0.05 < np.isnan(f["optical:nir"][:64, :64]).mean() < 0.4
+    chm = f["lidar:chm"][:64, :64]
+    assert 0.4 < np.isnan(chm).mean() < 0.8
+    ok = np.isfinite(chm)
+    assert np.corrcoef(chm[ok], truth[ok])[0, 1] > 0.5
+    p = prep.plots[0]
+    assert len(p.ids) == 80 and np.abs(p.agb - truth[p.rows, p.cols]).max() < 3.0  # trees rounded to 0.1 cm / m
+    # the change is known: disturbance removes biomass somewhere, growth adds it elsewhere
+    d = prep.truth[1] - prep.truth[0]
+    assert d.min() < -50 and (d > 0).mean() > 0.3
+
+
+def test_target_grid_is_chosen_not_taken_from_the_first_file(region, tmp_path):
+    r = _copy(region, tmp_path)
+    meta = json.loads((r / "region.json").read_text())
+    del meta["grid"]
+    (r / "region.json").write_text(json.dumps(meta))
+    g = S.target_grid(S.open_region(r))
+    assert g.crs.to_epsg() == 32633 and g.resolution == 20  # UTM zone of the centre, 20 m default
+    g40 = S.target_grid(S.open_region(r), resolution=40)
+    assert g40.shape == (32, 32)
+    g_geo = S.target_grid(S.open_region(r), crs="EPSG:3035", resolution=25)  # ETRS89-LAEA, the user's choice
+    assert g_geo.crs.to_epsg() == 3035 and g_geo.resolution == 25
+
+
+def test_a_new_source_is_added_by_describing_it(region, tmp_path):
+    r = _copy(region, tmp_path)
+    with rasterio.open(r / "epoch1" / "optical.tif") as src:
+        red, nir = src.read(2), src.read(3)
+        ndvi = np.where(red > -9000, (nir - red) / (nir + red), -9999.0)
+        crs, tr = src.crs, src.transform
+    for e in (1, 2):
+        write_geotiff(r / f"epoch{e}" / "ndvi.tif", ndvi, crs=crs, transform=tr, nodata=-9999.0, band_names=["ndvi"],
+                      units="1", description="NDVI")
+    meta = json.loads((r / "region.json").read_text())
+    meta["sources"].append({"name": "ndvi", "file": "ndvi.tif", "kind": "raster", "bands": ["ndvi"], "units": "1",
+                            "offset": [0.6], "scale": [0.2]})
+    (r / "region.json").write_text(json.dumps(meta))
+    prep = prepare(r)
+    assert "ndvi:ndvi" in prep.groups and "ndvi:ndvi" in prep.fields[0]
+    assert np.nanmax(np.abs(prep.fields[0]["ndvi:ndvi"])) < 10  # its own normalisation applied
+
+
+def _bad(region, tmp_path, edit, needle):
+    r = _copy(region, tmp_path)
+    edit(r)
+    with pytest.raises(DataError, match=needle):
+        p = prepare(r)
+        S.read_plots(S.open_region(r), 1997, p.grid)
+
+
+def _rewrite(path, **changes):
+    with rasterio.open(path) as src:
+        data, profile = src.read(), src.profile
+    profile.update(changes)
+    path.unlink()
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+
+
+def test_bad_inputs_name_the_file_and_problem(region, tmp_path):
+    _bad(region, tmp_path / "a", lambda r: _rewrite(r / "epoch1" / "radar.tif", crs=None),
+         "radar.tif: the raster has no CRS")
+    _bad(region, tmp_path / "b", lambda r: _rewrite(r / "epoch1" / "optical.tif", nodata=None),
+         "optical.tif: nodata is not declared")
+
+    def shift(r):
+        with rasterio.open(r / "epoch2" / "optical.tif") as src:
+            t = src.transform
+        _rewrite(r / "epoch2" / "optical.tif", transform=rasterio.Affine(t.a, 0, t.c + 1e6, 0, t.e, t.f))
+    _bad(region, tmp_path / "c", shift, "do not overlap")
+
+    def truncate(r):
+        p = r / "epoch1" / "optical.tif"
+        p.write_bytes(p.read_bytes()[:2000])
+    _bad(region, tmp_path / "d", truncate, "optical.tif")
+
+    def far_plot(r):
+        t = (r / "plots.csv").read_text().splitlines()
+        cells = t[1].split(",")
+        cells[2] = "20.5"  # lon far east of the map
+        (r / "plots.csv").write_text("\n".join([t[0], ",".join(cells), *t[2:]]) + "\n")
+    _bad(region, tmp_path / "e", far_plot, "lies outside the map")
+
+    def giant(r):
+        t = (r / "trees.csv").read_text().splitlines()
+        head = t[0].split(",")
+        cells = t[1].split(",")
+        cells[head.index("height_m")] = "450"
+        (r / "trees.csv").write_text("\n".join([t[0], ",".join(cells), *t[2:]]) + "\n")
+    _bad(region, tmp_path / "f", giant, r"trees.csv: row 2: height_m=.*450.* outside the plausible range")
+
+    def no_ground(r):
+        las = laspy.read(str(r / "epoch1" / "lidar.laz"))
+        las.classification = np.full(len(las.points), 5, dtype=np.uint8)
+        las.write(str(r / "epoch1" / "lidar.laz"))
+    _bad(region, tmp_path / "g", no_ground, "lidar.laz: no ground returns")
+
+    def not_las(r):
+        (r / "epoch2" / "lidar.laz").write_bytes(b"not a las file")
+    _bad(region, tmp_path / "h", not_las, "lidar.laz: not a readable LAS/LAZ")
+
+
+def test_station_record_uses_the_real_mauna_loa_background(region):
+    st = S.read_station(S.open_region(region))
+    assert st["date"].is_monotonic_increasing and 355 < st["background_ppm"].mean() < 375  # 1995-2001 at MLO
+    amp = st.groupby(st["date"].dt.month)["co2_ppm"].mean() - st.groupby(st["date"].dt.month)["background_ppm"].mean()
+    assert amp.max() - amp.min() > 3  # a local seasonal drawdown on top of the background
