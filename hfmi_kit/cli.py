@@ -182,14 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, default=0, help="the one seed of the run (default 0)")
         sp.add_argument("--batch-size", type=int, default=None,
                         help="samples per step (default: the domain's choice; climate 16, radiology 8/4, "
-                             "materials 256/64)")
+                             "materials 256/64, carbon 16/8)")
         sp.add_argument("--lr", type=float, default=None,
                         help="peak learning rate (default: the domain's choice for pretrain / fine-tune)")
         sp.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
         sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
 
     sp = sub.add_parser("pretrain", help="pretrain a foundation model on unlabelled data")
-    sp.add_argument("domain", help="climate, radiology or materials")
+    sp.add_argument("domain", help="climate, radiology, materials or carbon")
     sp.add_argument("--out", required=True, help="output directory (checkpoints, metrics.jsonl, model/)")
     sp.add_argument("--data", help="data in the domain's format (default: generated example data)")
     sp.add_argument("--config", default="tiny", help="model size: tiny, small, base")
@@ -207,13 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.add_argument("--data", help="data (default: the data recorded in the checkpoint; materials: expt_gap)")
     sp.add_argument("--task",
-                    help="downstream task (climate: forecast, seaice; radiology: segment; materials: band_gap)")
+                    help="downstream task (climate: forecast, seaice; radiology: segment; materials: band_gap; "
+                         "carbon: biomass)")
     sp.add_argument("--label-fraction", type=float, default=1.0, help="fraction of training labels (0, 1]")
     sp.add_argument("--labels", type=int,
-                    help="number of labelled cases to train on (radiology; materials: per CV fold; default all)")
+                    help="number of labelled cases to train on (radiology; materials: per CV fold; carbon: field "
+                         "plots; default all)")
     sp.add_argument("--baselines", action="store_true",
                     help="also train the baselines on the same split (radiology: scratch and U-Net; "
-                         "materials: scratch, random forest, dummy)")
+                         "materials: scratch, random forest, dummy; carbon: scratch, random forest)")
     sp.add_argument("--target", help=TARGET_HELP)
     sp.add_argument("--steps", type=int, default=300)
     sp.add_argument("--mode", default="full", choices=["full", "frozen", "linear_probe"])

@@ -344,12 +344,13 @@ def evaluate_maps(prep: Prepared, maps_q: list[np.ndarray], train_ids: set[str],
 
 
 def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task: str = "biomass",
-             labels: int | None = 50, label_fraction: float = 1.0, steps: int = 300, seed: int = 0,
+             labels: int | None = None, label_fraction: float = 1.0, steps: int = 300, seed: int = 0,
              mode: str = "full", config: str | None = None, batch_size: int = 8, lr: float | None = None,
              layer_decay: float | None = None, baselines: bool | Sequence[str] = False, precision: str = "auto",
              device: str = "auto", progress: bool = True) -> dict[str, float]:
-    """Fine-tune biomass quantiles (5 %, 50 %, 95 %) on ``labels`` field plots (each measured at
-    every epoch); the fixed held-out 30 % of plots (see :func:`split_plots`) score it. With
+    """Fine-tune biomass quantiles (5 %, 50 %, 95 %) on ``labels`` field plots (default: all plots
+    outside the held-out set, or ``label_fraction`` of them; each plot is measured at every
+    epoch); the fixed held-out 30 % of plots (see :func:`split_plots`) score it. With
     ``baselines`` (True or a subset of ``scratch``, ``rf``) the same plots train the model from
     scratch and a random forest on per-pixel source values. Writes ``out/model``, maps
     (``maps/*.tif`` cloud-optimised GeoTIFF, ``maps/carbon.nc`` CF NetCDF), ``budget.csv`` and
