@@ -78,6 +78,11 @@ def test_mask_strategies_keep_equal_counts_and_never_mask_scalars(strategy):
     if strategy == "group":
         sa = tb.layout["a"]
         assert (scores[:, sa[0] : sa[1]].std(dim=1) < 1e-4).all()
+        # with a group map, "a" and "b" (two bands of one sensor) are hidden together
+        together = mask_scores(tb, strategy, 4, group_map=torch.tensor([0, 0, 1, 2]))
+        sb, sc = tb.layout["b"], tb.layout["c"]
+        assert torch.allclose(together[:, sa[0]], together[:, sb[0]], atol=1e-4)
+        assert not torch.allclose(together[:, sa[0]], together[:, sc[0]], atol=1e-4)
 
 
 def test_encoder_padding_does_not_leak():
