@@ -45,7 +45,7 @@ class CarbonNet(nn.Module):
         # pixel decoder: the query token's context (broadcast over its patch) + the pixel's own values
         self.pixel_proj = nn.Linear(2 * len(self.groups), size.dim)
         self.head = nn.Sequential(nn.LayerNorm(size.dim), nn.Linear(size.dim, size.dim), nn.GELU(),
-                                  nn.Linear(size.dim, len(self.quantiles)))
+                                  nn.Linear(size.dim, len(self.quantiles) + 1))  # quantiles + mean
         sources = sorted({g.split(":", 1)[0] for g in self.groups})
         self.register_buffer("group_map", torch.tensor(
             [sources.index(g.split(":", 1)[0]) for g in self.groups] + [len(sources)]), persistent=False)
@@ -75,7 +75,8 @@ class CarbonNet(nn.Module):
         return tb, torch.cat(tgts, dim=1), torch.cat(wts, dim=1)
 
     def predict(self, fields: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Biomass quantiles (B, Q, tile, tile) in Mg/ha, monotone in the quantile."""
+        """Biomass (B, Q + 1, tile, tile) in Mg/ha: the quantiles (monotone) and, last, the mean
+        (the point estimate: unbiased, so maps sum to totals; biomass is skewed, its median is not)."""
         tb, _, _ = self.tokens(fields)
         z = self.backbone.encode(tb)
         s, e = tb.layout[QUERY]
@@ -86,14 +87,15 @@ class CarbonNet(nn.Module):
         vals = torch.stack([fields[g] if g in fields else absent for g in self.groups], -1)  # (B, H, W, G)
         valid = (~torch.isnan(vals)).to(ctx.dtype)
         pix = self.pixel_proj(torch.cat([torch.nan_to_num(vals), valid], -1).to(ctx.dtype))
-        maps = self.head(ctx + pix).permute(0, 3, 1, 2)  # (B, Q, H, W)
+        out = self.head(ctx + pix).permute(0, 3, 1, 2)  # (B, Q + 1, H, W)
+        maps, mean = out[:, :-1], out[:, -1:]
         mid = len(self.quantiles) // 2
         centre = maps[:, mid]
         # monotone quantiles: cumulative positive offsets below and above the median
         down = centre[:, None] - torch.cumsum(F.softplus(maps[:, :mid].flip(1)), 1)  # nearest first
         up = centre[:, None] + torch.cumsum(F.softplus(maps[:, mid + 1:]), 1)
         lower, upper = list(down.flip(1).unbind(1)), list(up.unbind(1))
-        return torch.stack([*lower, centre, *upper], dim=1).float() * TARGET_SCALE
+        return torch.cat([torch.stack([*lower, centre, *upper], dim=1), mean], dim=1).float() * TARGET_SCALE
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         fields = {g: batch[g] for g in self.groups if g in batch}
@@ -102,15 +104,18 @@ class CarbonNet(nn.Module):
             loss, _, _ = mae_forward(self.backbone, self.decoder, tb, tgt, w, mask_ratio=self.mask_ratio,
                                      strategy="group", group_map=self.group_map)
             return {"loss": loss}
-        q = self.predict(fields) / TARGET_SCALE  # (B, Q, H, W)
+        out = self.predict(fields) / TARGET_SCALE  # (B, Q + 1, H, W)
+        q, mean = out[:, :-1], out[:, -1]
         y = batch["target"] / TARGET_SCALE
         lab = ~torch.isnan(y)
-        yv = torch.nan_to_num(y)[:, None]
+        n = lab.sum().clamp_min(1)
+        yv = torch.nan_to_num(y)
         tau = torch.tensor(self.quantiles, device=q.device)[None, :, None, None]
-        diff = yv - q
-        pinball = torch.maximum(tau * diff, (tau - 1) * diff) * lab[:, None]
-        loss = pinball.sum() / (lab.sum() * len(self.quantiles)).clamp_min(1)
-        return {"loss": loss, "labelled_pixels": lab.sum().float()}
+        diff = yv[:, None] - q
+        pinball = (torch.maximum(tau * diff, (tau - 1) * diff) * lab[:, None]).sum() / (n * len(self.quantiles))
+        mse = (((mean - yv) ** 2) * lab).sum() / n
+        return {"loss": pinball + 0.5 * mse, "pinball": pinball.detach(), "mse": mse.detach(),
+                "labelled_pixels": lab.sum().float()}
 
 
 @register_model("carbon_net")

@@ -38,14 +38,14 @@ def sources(prep: Any, epoch: int = 0, *, groups: Sequence[str] | None = None) -
 
 def biomass_maps(prep: Any, maps: Sequence[np.ndarray], epoch: int = -1,
                  quantiles: Sequence[float] = (0.05, 0.5, 0.95)) -> Any:
-    """Predicted biomass (median), the 90 % interval width and, when known, the truth."""
+    """Predicted biomass (mean), the 90 % interval width and, when known, the truth
+    (``maps``: per epoch the quantiles then the mean, as :func:`.tasks.predict_map` gives)."""
     hv = require_holoviews()
     b = _bounds(prep.grid, prep.shape)
     q = maps[epoch]
-    mid = len(quantiles) // 2
-    hi = float(np.nanpercentile(q[mid], 99))
-    items = [_image(q[mid], b, f"AGB median {prep.epochs[epoch]} [Mg/ha]", "YlGn", (0, hi)),
-             _image(q[-1] - q[0], b, "90 % interval width [Mg/ha]", "magma")]
+    hi = float(np.nanpercentile(q[-1], 99))
+    items = [_image(q[-1], b, f"AGB {prep.epochs[epoch]} [Mg/ha]", "YlGn", (0, hi)),
+             _image(q[len(quantiles) - 1] - q[0], b, "90 % interval width [Mg/ha]", "magma")]
     if prep.truth is not None:
         items.append(_image(prep.truth[epoch], b, "true AGB [Mg/ha]", "YlGn", (0, hi)))
     return hv.Layout(items).cols(3)
@@ -55,8 +55,7 @@ def change_map(prep: Any, maps: Sequence[np.ndarray], carbon_fraction: float = 0
     """Carbon change between the first and last epoch (red: loss, a source; blue: gain, a sink)."""
     hv = require_holoviews()
     b = _bounds(prep.grid, prep.shape)
-    mid = maps[0].shape[0] // 2
-    d = (maps[-1][mid] - maps[0][mid]) * carbon_fraction
+    d = (maps[-1][-1] - maps[0][-1]) * carbon_fraction  # the means
     lim = float(np.nanpercentile(np.abs(d), 99)) or 1.0
     items = [_image(d, b, f"predicted change {prep.epochs[0]}-{prep.epochs[-1]} [Mg C/ha]", "RdBu", (-lim, lim))]
     if prep.truth is not None:

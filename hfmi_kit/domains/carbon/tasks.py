@@ -186,13 +186,14 @@ def pretrain(*, data: str | Path, out: str | Path, config: str = "tiny", steps: 
 @torch.no_grad()
 def predict_map(model: CarbonNet, fields: dict[str, np.ndarray], shape: tuple[int, int], *,
                 batch_size: int = 8) -> np.ndarray:
-    """Biomass quantile maps (Q, H, W) [Mg/ha]: tiles at half-tile stride, overlaps averaged."""
+    """Biomass maps (Q + 1, H, W) [Mg/ha], the quantiles then the mean: tiles at half-tile
+    stride, overlaps averaged."""
     model.eval()
     t = model.tile
     Hp, Wp = next(iter(fields.values())).shape
     step = t // 2
     starts = [(r, c) for r in range(0, Hp - t + 1, step) for c in range(0, Wp - t + 1, step)]
-    acc = np.zeros((len(model.quantiles), Hp, Wp))
+    acc = np.zeros((len(model.quantiles) + 1, Hp, Wp))
     cnt = np.zeros((Hp, Wp))
     dev = next(model.parameters()).device
     for i in range(0, len(starts), batch_size):
@@ -307,12 +308,14 @@ def _fit(prep: Prepared, ckpt: str | Path | None, size: str, mk: dict[str, Any],
 
 def evaluate_maps(prep: Prepared, maps_q: list[np.ndarray], train_ids: set[str], test_ids: set[str],
                   quantiles: Sequence[float]) -> dict[str, float]:
-    """Scores of quantile maps: held-out plots (RMSE, bias, R2), the full true map, the 90 %
-    interval's coverage of held-out pixels, and the regional budget against the truth."""
-    mid = len(quantiles) // 2
-    med = [q[mid] for q in maps_q]
+    """Scores of the maps (quantiles, then the mean; see :func:`predict_map`): held-out plots
+    (RMSE, bias, R2 of the mean), the full true map, the 90 % interval's coverage of held-out
+    pixels, and the regional budget against the truth."""
+    med = [q[-1] for q in maps_q]  # the point estimate: the mean
     m = _scores(*_plot_values(prep, med, test_ids))
-    lo, hi = quantiles.index(0.05) if 0.05 in quantiles else 0, quantiles.index(0.95) if 0.95 in quantiles else -1
+    quantiles = list(quantiles)
+    lo = quantiles.index(0.05) if 0.05 in quantiles else 0
+    hi = quantiles.index(0.95) if 0.95 in quantiles else len(quantiles) - 1
     if prep.truth is not None:
         H, W = prep.shape
         m.update({f"{k}_map": v for k, v in _scores(np.concatenate([t.ravel() for t in prep.truth]),
@@ -345,10 +348,10 @@ def evaluate_maps(prep: Prepared, maps_q: list[np.ndarray], train_ids: set[str],
 
 def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task: str = "biomass",
              labels: int | None = None, label_fraction: float = 1.0, steps: int = 300, seed: int = 0,
-             mode: str = "full", config: str | None = None, batch_size: int = 8, lr: float | None = None,
+             mode: str = "full", config: str | None = None, batch_size: int = 16, lr: float | None = None,
              layer_decay: float | None = None, baselines: bool | Sequence[str] = False, precision: str = "auto",
              device: str = "auto", progress: bool = True) -> dict[str, float]:
-    """Fine-tune biomass quantiles (5 %, 50 %, 95 %) on ``labels`` field plots (default: all plots
+    """Fine-tune biomass quantiles (5 %, 50 %, 95 %) and mean on ``labels`` field plots (default: all plots
     outside the held-out set, or ``label_fraction`` of them; each plot is measured at every
     epoch); the fixed held-out 30 % of plots (see :func:`split_plots`) score it. With
     ``baselines`` (True or a subset of ``scratch``, ``rf``) the same plots train the model from
@@ -402,7 +405,7 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
                 np.concatenate([t.ravel() for t in prep.truth]),
                 np.concatenate([x.ravel() for x in rmaps]), "_rf").items()})
     metrics.update({"labelled_plots": float(labels), "test_plots": float(len(test)), "epochs": float(len(prep.epochs))})
-    rows = budget(prep, [q[len(model.quantiles) // 2] for q in maps], test_ids)
+    rows = budget(prep, [q[-1] for q in maps], test_ids)
     write_outputs(prep, maps, rows, out, model.quantiles)
     mconf = {"domain": "carbon", "task": "biomass", "model_type": f"carbon_net.{size}", "model_kwargs": mk,
              "geometry": {"grid": prep.grid.describe(), "sources": S.sources_json(prep.specs), "tile": mk["tile"],
@@ -426,8 +429,8 @@ def write_outputs(prep: Prepared, maps: list[np.ndarray], rows: list[dict[str, A
     from hfmi_kit.data.cf import write_cf
 
     mdir = out / "maps"
-    names = [f"agb_q{int(round(100 * q)):02d}" for q in quantiles]
-    mid = len(quantiles) // 2
+    names = [*(f"agb_q{int(round(100 * q)):02d}" for q in quantiles), "agb_mean"]
+    mid = len(names) - 1  # the mean
     for year, q in zip(prep.epochs, maps):
         write_geotiff(mdir / f"agb_{year}.tif", q, crs=prep.grid.crs, transform=prep.grid.transform, nodata=-9999.0,
                       band_names=names, units="Mg ha-1", description=f"above-ground biomass quantiles {year}", cog=True)
@@ -446,7 +449,8 @@ def write_outputs(prep: Prepared, maps: list[np.ndarray], rows: list[dict[str, A
     data_vars = {}
     for qi, name in enumerate(names):
         data_vars[name] = (("time", "y", "x"), np.stack([m[qi] for m in maps]).astype(np.float32),
-                           {"long_name": f"above-ground biomass, {quantiles[qi]:.0%} quantile", "units": "Mg ha-1",
+                           {"long_name": (f"above-ground biomass, {quantiles[qi]:.0%} quantile"
+                                          if qi < len(quantiles) else "above-ground biomass, mean"), "units": "Mg ha-1",
                             "grid_mapping": "spatial_ref"})
     data_vars["carbon"] = (("time", "y", "x"), np.stack([m[mid] for m in maps]).astype(np.float32) * CARBON_FRACTION,
                            {"long_name": "carbon stock in above-ground biomass", "units": "Mg ha-1",
@@ -488,7 +492,6 @@ def evaluate(*, ckpt: str | Path, data: str | Path, out: str | Path) -> dict[str
     maps = [predict_map(model, f, prep.shape) for f in prep.fields]
     metrics = evaluate_maps(prep, maps, train_ids, test_ids, model.quantiles)
     metrics["test_plots"] = float(len(test_ids))
-    write_outputs(prep, maps, budget(prep, [q[len(model.quantiles) // 2] for q in maps], test_ids), out,
-                  model.quantiles)
+    write_outputs(prep, maps, budget(prep, [q[-1] for q in maps], test_ids), out, model.quantiles)
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
