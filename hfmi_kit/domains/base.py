@@ -32,6 +32,8 @@ class Domain(ABC):
             the value column of a table, also passed to ``pretrain`` and ``evaluate``).
         bundled_data: command -> data it uses when ``--data`` is not given (a domain that ships
             real data sets); otherwise the CLI generates example data or reads the checkpoint's.
+        tasks_module: the module whose ``pretrain``, ``finetune``, ``evaluate`` (and optional
+            ``whatif``) functions the commands call, with the keyword arguments shown below.
     """
 
     name: ClassVar[str]
@@ -41,27 +43,34 @@ class Domain(ABC):
     example_outputs: ClassVar[tuple[str, ...]] = ()
     finetune_options: ClassVar[tuple[str, ...]] = ()
     bundled_data: ClassVar[dict[str, str]] = {}
+    tasks_module: ClassVar[str]
 
     @abstractmethod
     def example_data(self, out_dir: str | Path, *, seed: int = 0, small: bool = True,
                      years: int | None = None) -> Path:
         """Generate (or copy shipped) example data into ``out_dir``; return the data path."""
 
-    @abstractmethod
+    def _task(self, name: str, what: str) -> Any:
+        fn = getattr(importlib.import_module(self.tasks_module), name, None)
+        if fn is None:
+            raise ConfigError(f"{what} are not defined for the {self.name!r} domain")
+        return fn
+
     def pretrain(self, *, data: str | Path, out: str | Path, **kw: Any) -> Path:
         """Pretrain on unlabelled data; return the checkpoint directory."""
+        return self._task("pretrain", "pretraining runs")(data=data, out=out, **kw)
 
-    @abstractmethod
     def finetune(self, *, ckpt: str | Path | None, data: str | Path, out: str | Path, **kw: Any) -> dict[str, float]:
         """Fine-tune for a task; write ``out/metrics.json``; return the metrics."""
+        return self._task("finetune", "fine-tuning runs")(ckpt=ckpt, data=data, out=out, **kw)
 
-    @abstractmethod
     def evaluate(self, *, ckpt: str | Path, data: str | Path, out: str | Path, **kw: Any) -> dict[str, float]:
         """Evaluate a fine-tuned checkpoint on ``data``; write ``out/metrics.json``."""
+        return self._task("evaluate", "evaluations")(ckpt=ckpt, data=data, out=out, **kw)
 
     def whatif(self, *, ckpt: str | Path, data: str | Path, out: str | Path, **kw: Any) -> dict[str, float]:
         """Counterfactual experiment (change an input, roll the model out); optional per domain."""
-        raise ConfigError(f"what-if experiments are not defined for the {self.name!r} domain")
+        return self._task("whatif", "what-if experiments")(ckpt=ckpt, data=data, out=out, **kw)
 
 
 def register_domain(name: str, module: str) -> None:

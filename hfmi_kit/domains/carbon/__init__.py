@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from hfmi_kit.domains.base import Domain
 from hfmi_kit.domains.carbon import model as _model  # noqa: F401  (registers the model family)
@@ -16,6 +16,7 @@ class CarbonDomain(Domain):
     """A region folder (region.json + GeoTIFF / LAS per epoch + plot CSVs); task: biomass and carbon."""
 
     name: ClassVar[str] = "carbon"
+    tasks_module: ClassVar[str] = "hfmi_kit.domains.carbon.tasks"
     tasks: ClassVar[tuple[str, ...]] = ("biomass",)
     data_formats: ClassVar[str] = ("a region folder: region.json, epoch<k>/ GeoTIFF rasters and LAS/LAZ lidar, "
                                    "plots.csv + trees.csv, optional station_co2.csv")
@@ -28,15 +29,6 @@ class CarbonDomain(Domain):
     def example_data(self, out_dir: str | Path, *, seed: int = 0, small: bool = True,
                      years: int | None = None) -> Path:
         return generate_region(Path(out_dir) / "carbon_region", LandscapeConfig(seed=seed, size=128 if small else 256))
-
-    def pretrain(self, *, data: str | Path, out: str | Path, **kw: Any) -> Path:
-        return pretrain(data=data, out=out, **kw)
-
-    def finetune(self, *, ckpt: str | Path | None, data: str | Path, out: str | Path, **kw: Any) -> dict[str, float]:
-        return finetune(ckpt=ckpt, data=data, out=out, **kw)
-
-    def evaluate(self, *, ckpt: str | Path, data: str | Path, out: str | Path, **kw: Any) -> dict[str, float]:
-        return evaluate(ckpt=ckpt, data=data, out=out, **kw)
 
 
 DOMAIN = CarbonDomain()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from hfmi_kit.domains.base import Domain
 from hfmi_kit.domains.climate import model as _model  # noqa: F401  (registers the model families)
@@ -16,6 +16,7 @@ class ClimateDomain(Domain):
     """CF NetCDF/Zarr on lat-lon grids; tasks: multi-step forecast and sea-ice extent."""
 
     name: ClassVar[str] = "climate"
+    tasks_module: ClassVar[str] = "hfmi_kit.domains.climate.tasks"
     tasks: ClassVar[tuple[str, ...]] = ("forecast", "seaice")
     data_formats: ClassVar[str] = "CF-convention NetCDF (.nc) or Zarr (.zarr) with time, lat, lon"
     headline_metrics: ClassVar[tuple[str, ...]] = (
@@ -27,18 +28,6 @@ class ClimateDomain(Domain):
                      years: int | None = None) -> Path:
         cfg = GeneratorConfig(years=years or (20 if small else 60), seed=seed, spinup_years=10 if small else 20)
         return write_dataset(generate(cfg), Path(out_dir) / "climate.zarr")
-
-    def pretrain(self, *, data: str | Path, out: str | Path, **kw: Any) -> Path:
-        return pretrain(data=data, out=out, **kw)
-
-    def finetune(self, *, ckpt: str | Path | None, data: str | Path, out: str | Path, **kw: Any) -> dict[str, float]:
-        return finetune(ckpt=ckpt, data=data, out=out, **kw)
-
-    def evaluate(self, *, ckpt: str | Path, data: str | Path, out: str | Path, **kw: Any) -> dict[str, float]:
-        return evaluate(ckpt=ckpt, data=data, out=out, **kw)
-
-    def whatif(self, *, ckpt: str | Path, data: str | Path, out: str | Path, **kw: Any) -> dict[str, float]:
-        return whatif(ckpt=ckpt, data=data, out=out, **kw)
 
 
 DOMAIN = ClimateDomain()

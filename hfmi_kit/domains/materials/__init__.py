@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from hfmi_kit.domains.base import Domain
 from hfmi_kit.domains.materials import model as _model  # noqa: F401  (registers the model families)
@@ -18,6 +18,7 @@ class MaterialsDomain(Domain):
     """CSV tables of (formula, value); task: band gaps from few measurements, with uncertainty."""
 
     name: ClassVar[str] = "materials"
+    tasks_module: ClassVar[str] = "hfmi_kit.domains.materials.tasks"
     tasks: ClassVar[tuple[str, ...]] = ("band_gap",)
     data_formats: ClassVar[str] = ("a CSV with a 'formula' column and a value column ('target' or --target; eV), "
                                    "or a bundled set: mp_gap, expt_gap")
@@ -34,15 +35,6 @@ class MaterialsDomain(Domain):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         return Path(shutil.copy(bundled_path("expt_gap"), out / "expt_gap.csv"))
-
-    def pretrain(self, *, data: str | Path, out: str | Path, **kw: Any) -> Path:
-        return pretrain(data=data, out=out, **kw)
-
-    def finetune(self, *, ckpt: str | Path | None, data: str | Path, out: str | Path, **kw: Any) -> dict[str, float]:
-        return finetune(ckpt=ckpt, data=data, out=out, **kw)
-
-    def evaluate(self, *, ckpt: str | Path, data: str | Path, out: str | Path, **kw: Any) -> dict[str, float]:
-        return evaluate(ckpt=ckpt, data=data, out=out, **kw)
 
 
 DOMAIN = MaterialsDomain()

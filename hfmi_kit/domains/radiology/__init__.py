@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from hfmi_kit.domains.base import Domain
 from hfmi_kit.domains.radiology import model as _model  # noqa: F401  (registers the model families)
@@ -17,6 +17,7 @@ class RadiologyDomain(Domain):
     """NIfTI files or DICOM series of CT/MR; task: tumour segmentation and localisation."""
 
     name: ClassVar[str] = "radiology"
+    tasks_module: ClassVar[str] = "hfmi_kit.domains.radiology.tasks"
     tasks: ClassVar[tuple[str, ...]] = ("segment",)
     data_formats: ClassVar[str] = ("a folder of NIfTI files (<subject>_<modality>.nii.gz, labels <subject>_seg) "
                                    "and/or DICOM series, or a study with dataset.json")
@@ -31,15 +32,6 @@ class RadiologyDomain(Domain):
         cfg = (StudyConfig(unlabelled=6, labelled=8, spacing_scale=1.4, seed=seed) if small
                else StudyConfig(seed=seed))
         return generate_study(Path(out_dir) / "radiology_study", cfg)
-
-    def pretrain(self, *, data: str | Path, out: str | Path, **kw: Any) -> Path:
-        return pretrain(data=data, out=out, **kw)
-
-    def finetune(self, *, ckpt: str | Path | None, data: str | Path, out: str | Path, **kw: Any) -> dict[str, float]:
-        return finetune(ckpt=ckpt, data=data, out=out, **kw)
-
-    def evaluate(self, *, ckpt: str | Path, data: str | Path, out: str | Path, **kw: Any) -> dict[str, float]:
-        return evaluate(ckpt=ckpt, data=data, out=out, **kw)
 
 
 DOMAIN = RadiologyDomain()
