@@ -481,11 +481,14 @@ def evaluate(*, ckpt: str | Path, data: str | Path, out: str | Path) -> dict[str
     if cfg.get("domain") != "carbon" or cfg.get("task") != "biomass":
         raise ConfigError(f"{ckpt}: not a fine-tuned carbon model (task {cfg.get('task')!r})")
     model = load_pretrained(ckpt)
-    assert isinstance(model, CarbonNet)
+    if not isinstance(model, CarbonNet):
+        raise ConfigError(f"{ckpt}: {cfg.get('model_type')} is not a carbon biomass model")
     out = Path(out)
     prep = prepare(data, tile=model.tile, groups=model.groups)
-    train_ids = set(cfg.get("training", {}).get("plots", [])) if Path(cfg["training"].get("data", "")) == Path(
-        data) else set()
+    # the same region (by the checksum of its region.json, whatever the path): leave its training plots out
+    same = any(d.get("sha256") == hashlib.sha256((prep.root / "region.json").read_bytes()).hexdigest()
+               for d in cfg.get("card", {}).get("data", []))
+    train_ids = set(cfg.get("training", {}).get("plots", [])) if same else set()
     test_ids = {pid for p in prep.plots for pid in p.ids} - train_ids
     if not test_ids:
         raise DataError(f"{data}: every plot was used to train {ckpt}")
