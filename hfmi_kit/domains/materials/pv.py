@@ -62,19 +62,19 @@ def sq_limit(band_gap: Any, *, temperature: float = 300.0) -> np.ndarray:
     energy, cum, p_in = _photon_table()
     kt = KB * temperature / Q  # eV
     out = np.zeros_like(eg)
-    ok = eg > 0.05
+    jsc_all = Q * np.interp(eg, energy, cum, left=cum[0], right=0.0)  # A m⁻²; photons with E >= Eg
+    ok = (eg > 0.05) & (jsc_all > 0)  # no photons above the gap (> 4.4 eV): no current
     if not ok.any():
         return out
-    g = eg[ok]
-    jsc = Q * np.interp(g, energy, cum, left=cum[0], right=0.0)  # A m⁻²; photons with E >= Eg
-    # dark current: integrate E² exp(-(E)/kT)/(1 - exp(-E/kT)) from Eg to Eg + 40 kT
+    g, jsc = eg[ok], jsc_all[ok]
+    # dark current: integrate E² exp(-E/kT) / (1 - exp(-E/kT)) from Eg to Eg + 40 kT (stable form)
     x = np.linspace(0.0, 40.0, 801)[None, :] * kt + g[:, None]  # eV
-    integrand = x**2 / np.expm1(x / kt)
+    integrand = x**2 * np.exp(-x / kt) / -np.expm1(-x / kt)
     j0 = Q * 2 * np.pi / (H**3 * C**2) * np.trapezoid(integrand, x, axis=1) * Q**3  # eV³ -> J³
     voc = kt * np.log1p(jsc / j0)
     v = np.linspace(0.0, 1.0, 2001)[None, :] * voc[:, None]
     p = v * (jsc[:, None] - j0[:, None] * np.expm1(v / kt))
-    out[ok] = np.where(jsc > 0, p.max(axis=1) / p_in, 0.0)
+    out[ok] = p.max(axis=1) / p_in
     return out
 
 
