@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from hfmi_kit.domains.carbon.synth import PLOT_SIZE_M, chave_agb_kg
+from hfmi_kit.domains.carbon.synth import chave_agb_kg
 from hfmi_kit.errors import DataError
 
 DEFAULT_RESOLUTION_M = 20.0
@@ -353,5 +353,5 @@ def sources_json(specs: list[SourceSpec]) -> list[dict[str, Any]]:
     return [asdict(s) for s in specs]
 
 
-__all__ = ["DEFAULT_SOURCES", "PLOT_SIZE_M", "Grid", "Plots", "Region", "SourceSpec", "open_region", "read_lidar_chm",
+__all__ = ["DEFAULT_SOURCES", "Grid", "Plots", "Region", "SourceSpec", "open_region", "read_lidar_chm",
            "read_plots", "read_raster", "read_sources", "read_station", "sources_json", "target_grid"]

@@ -239,8 +239,8 @@ def fit_ensemble(ckpt: str | Path | None, arrays: dict[str, np.ndarray], y: np.n
         _train_net(member, CompositionSet(arrays, idx, y), steps=eff, batch_size=bs, lr=lr, seed=seed * 1000 + k,
                    layer_decay=layer_decay, mode=mode, precision=precision, device=device, progress=progress)
         nets.append(member)
-    ens = create_model(f"materials_ensemble.{size}", members=members)
-    ens.members = torch.nn.ModuleList(nets)
+    ens = create_model(f"materials_ensemble.{size}", members=0)  # an empty shell for the trained members
+    ens.members.extend(nets)
     ens.eval()
     return ens, {"steps": eff, "batch_size": bs, "lr": lr, "layer_decay": layer_decay, "mode": mode,
                  "members": members, "from": str(ckpt) if ckpt else "scratch", "labels": n}
