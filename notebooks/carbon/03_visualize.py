@@ -33,16 +33,14 @@ import pandas as pd
 import rasterio
 import xarray as xr
 
-from hfmi_kit.domains.carbon import evaluate, predict_map, prepare
+from hfmi_kit.domains.carbon import evaluate, map_region
 from hfmi_kit.domains.carbon.plots import biomass_maps, budget_plot, change_map
-from hfmi_kit.train import load_pretrained, read_config
+from hfmi_kit.train import read_config
 
 cfg = read_config(finetuned)
 if not data_path:
     data_path = cfg["training"]["data"]
-model = load_pretrained(finetuned)
-prep = prepare(data_path, tile=model.tile, groups=model.groups)
-maps = [predict_map(model, f, prep.shape) for f in prep.fields]
+model, prep, maps = map_region(finetuned, data_path)  # the 90 % interval as calibrated at fine-tuning
 biomass_maps(prep, maps)
 
 # %%

@@ -9,7 +9,7 @@ from hfmi_kit.domains.base import Domain
 from hfmi_kit.domains.carbon import model as _model  # noqa: F401  (registers the model family)
 from hfmi_kit.domains.carbon.sources import DEFAULT_SOURCES, SourceSpec, open_region, target_grid
 from hfmi_kit.domains.carbon.synth import LandscapeConfig, chave_agb_kg, generate_region
-from hfmi_kit.domains.carbon.tasks import budget, evaluate, finetune, predict_map, prepare, pretrain
+from hfmi_kit.domains.carbon.tasks import budget, evaluate, finetune, map_region, predict_map, prepare, pretrain
 
 
 class CarbonDomain(Domain):
@@ -34,5 +34,5 @@ class CarbonDomain(Domain):
 DOMAIN = CarbonDomain()
 
 __all__ = ["DEFAULT_SOURCES", "DOMAIN", "CarbonDomain", "LandscapeConfig", "SourceSpec", "budget", "chave_agb_kg",
-           "evaluate", "finetune", "generate_region", "open_region", "predict_map", "prepare", "pretrain",
+           "evaluate", "finetune", "generate_region", "map_region", "open_region", "predict_map", "prepare", "pretrain",
            "target_grid"]

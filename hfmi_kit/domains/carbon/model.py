@@ -1,6 +1,9 @@
 """The multi-source model: one token group per source band plus a query group; missing data are
-absent (padding) tokens; pretraining hides whole sources; fine-tuning predicts biomass quantiles
-per pixel from the query tokens' context joined with the pixel's own source values."""
+absent (padding) tokens. A pixel decoder joins the query tokens' context with each pixel's own
+source values. Pretraining hides whole sources twice over: their tokens (reconstructed by the MAE
+decoder) and, in a second pass, one source per tile at the pixel level (reconstructed through
+the pixel decoder, so the pathway that fine-tuning maps to biomass is pretrained too).
+Fine-tuning predicts biomass quantiles and the mean per pixel from the pixel decoder."""
 
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ TARGET_SCALE = 100.0  # Mg/ha: biomass is learned in units of 100 Mg/ha
 
 
 class CarbonNet(nn.Module):
-    """Tiles of aligned sources -> tokens -> encoder; MAE decoder (pretraining) and a quantile head.
+    """Tiles of aligned sources -> tokens -> encoder -> pixel decoder; the MAE decoder and the pixel
+    reconstruction (pretraining) and the biomass quantile and mean head (fine-tuning).
 
     Args:
         groups: token groups ``source:band`` (from the source descriptions).
@@ -43,9 +47,12 @@ class CarbonNet(nn.Module):
         self.decoder = make_decoder(self.backbone, num_groups=len(self.groups) + 1, num_positions=tok.num_patches,
                                     patch_numel=patch * patch)
         # pixel decoder: the query token's context (broadcast over its patch) + the pixel's own values
-        self.pixel_proj = nn.Linear(2 * len(self.groups), size.dim)
-        self.head = nn.Sequential(nn.LayerNorm(size.dim), nn.Linear(size.dim, size.dim), nn.GELU(),
-                                  nn.Linear(size.dim, len(self.quantiles) + 1))  # quantiles + mean
+        D, G = size.dim, len(self.groups)
+        self.ctx_norm = nn.LayerNorm(D)
+        self.pixel_proj = nn.Sequential(nn.Linear(2 * G, D), nn.GELU(), nn.Linear(D, D))
+        self.trunk = nn.Sequential(nn.GELU(), nn.Linear(D, D), nn.GELU())
+        self.recon = nn.Linear(D, G)  # pretraining: a hidden source's values at every pixel
+        self.out = nn.Linear(D, len(self.quantiles) + 1)  # fine-tuning: quantiles + mean
         sources = sorted({g.split(":", 1)[0] for g in self.groups})
         self.register_buffer("group_map", torch.tensor(
             [sources.index(g.split(":", 1)[0]) for g in self.groups] + [len(sources)]), persistent=False)
@@ -74,9 +81,9 @@ class CarbonNet(nn.Module):
         tb.padding = torch.cat(pads, dim=1)
         return tb, torch.cat(tgts, dim=1), torch.cat(wts, dim=1)
 
-    def predict(self, fields: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Biomass (B, Q + 1, tile, tile) in Mg/ha: the quantiles (monotone) and, last, the mean
-        (the point estimate: unbiased, so maps sum to totals; biomass is skewed, its median is not)."""
+    def pixel_features(self, fields: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """(B, H, W, D) per-pixel features: the query tokens' context (broadcast over their patch)
+        joined with the pixel's own source values and their validity."""
         tb, _, _ = self.tokens(fields)
         z = self.backbone.encode(tb)
         s, e = tb.layout[QUERY]
@@ -87,7 +94,12 @@ class CarbonNet(nn.Module):
         vals = torch.stack([fields[g] if g in fields else absent for g in self.groups], -1)  # (B, H, W, G)
         valid = (~torch.isnan(vals)).to(ctx.dtype)
         pix = self.pixel_proj(torch.cat([torch.nan_to_num(vals), valid], -1).to(ctx.dtype))
-        out = self.head(ctx + pix).permute(0, 3, 1, 2)  # (B, Q + 1, H, W)
+        return self.trunk(self.ctx_norm(ctx) + pix)
+
+    def predict(self, fields: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Biomass (B, Q + 1, tile, tile) in Mg/ha: the quantiles (monotone) and, last, the mean
+        (the point estimate: unbiased, so maps sum to totals; biomass is skewed, its median is not)."""
+        out = self.out(self.pixel_features(fields)).permute(0, 3, 1, 2)  # (B, Q + 1, H, W)
         maps, mean = out[:, :-1], out[:, -1:]
         mid = len(self.quantiles) // 2
         centre = maps[:, mid]
@@ -97,13 +109,32 @@ class CarbonNet(nn.Module):
         lower, upper = list(down.flip(1).unbind(1)), list(up.unbind(1))
         return torch.cat([torch.stack([*lower, centre, *upper], dim=1), mean], dim=1).float() * TARGET_SCALE
 
+    def _pixel_recon(self, fields: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Hide one source per tile (its tokens and its pixel values) and predict its values at
+        every pixel where it has data from the other sources and the context: the same pixel
+        pathway that fine-tuning maps to biomass."""
+        g0 = next(iter(fields.values()))
+        B = g0.shape[0]
+        sid = self.group_map[: len(self.groups)]  # source index of each group
+        n_src = int(sid.max()) + 1
+        hide = torch.randint(n_src, (B,), device=g0.device)  # (B,)
+        hidden = {g: sid[i] == hide for i, g in enumerate(self.groups)}  # group -> (B,) bool
+        vis = {g: torch.where(hidden[g][:, None, None], torch.full_like(v, float("nan")), v)
+               for g, v in fields.items()}
+        pred = self.recon(self.pixel_features(vis))  # (B, H, W, G)
+        absent = torch.full_like(g0, float("nan"))
+        tgt = torch.stack([fields.get(g, absent) for g in self.groups], -1)
+        w = (~torch.isnan(tgt)) & torch.stack([hidden[g] for g in self.groups], -1)[:, None, None, :]
+        return (((pred - torch.nan_to_num(tgt)) ** 2) * w).sum() / w.sum().clamp_min(1)
+
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         fields = {g: batch[g] for g in self.groups if g in batch}
         if "target" not in batch:  # pretraining: hide whole sources, reconstruct them
             tb, tgt, w = self.tokens(fields)
             loss, _, _ = mae_forward(self.backbone, self.decoder, tb, tgt, w, mask_ratio=self.mask_ratio,
                                      strategy="group", group_map=self.group_map)
-            return {"loss": loss}
+            pix = self._pixel_recon(fields)
+            return {"loss": loss + pix, "token_loss": loss.detach(), "pixel_loss": pix.detach()}
         out = self.predict(fields) / TARGET_SCALE  # (B, Q + 1, H, W)
         q, mean = out[:, :-1], out[:, -1]
         y = batch["target"] / TARGET_SCALE

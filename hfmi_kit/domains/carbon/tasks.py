@@ -306,6 +306,53 @@ def _fit(prep: Prepared, ckpt: str | Path | None, size: str, mk: dict[str, Any],
     return model
 
 
+def _interval_ends(quantiles: Sequence[float]) -> tuple[int, int]:
+    """Indices of the 5 % and 95 % quantiles (the outermost ones when those are not predicted)."""
+    q = list(quantiles)
+    return (q.index(0.05) if 0.05 in q else 0), (q.index(0.95) if 0.95 in q else len(q) - 1)
+
+
+def widen(maps_q: list[np.ndarray], margin: float, quantiles: Sequence[float]) -> list[np.ndarray]:
+    """The 90 % interval moved out by ``margin`` Mg/ha on both sides (in by a negative one), kept
+    around the median and above zero (see :func:`calibrate_interval`)."""
+    lo, hi = _interval_ends(quantiles)
+    mid = len(list(quantiles)) // 2
+    out = []
+    for q in maps_q:
+        q = q.copy()
+        q[lo] = np.minimum(q[lo] - margin, q[mid]).clip(min=0)
+        q[hi] = np.maximum(q[hi] + margin, q[mid])
+        out.append(q)
+    return out
+
+
+def calibrate_interval(prep: Prepared, fit: Any, ids: Sequence[str], quantiles: Sequence[float], *, folds: int,
+                       seed: int) -> dict[str, float]:
+    """Cross-conformal calibration of the 90 % interval (conformalised quantile regression): the
+    training plots are split into ``folds`` groups (a plot's epochs stay together); a model fitted
+    on the other folds scores each group by ``max(q05 - y, y - q95)``; the margin is the
+    ``ceil(0.9 (n + 1))``-th smallest of the n scores. ``fit(ids, seed)`` returns a model.
+    Held-out plots are never touched, so coverage on them stays an honest test."""
+    ids = sorted(ids)
+    if folds < 2 or len(ids) < 2 * folds:
+        raise ConfigError(f"interval calibration needs >= 2 folds of >= 2 plots; {len(ids)} plots, {folds} folds")
+    order = np.random.default_rng((seed, 17)).permutation(len(ids))
+    lo, hi = _interval_ends(quantiles)
+    scores = []
+    for k in range(folds):
+        held = {ids[i] for i in order[k::folds]}
+        model = fit([i for i in ids if i not in held], seed + 1000 + k)
+        maps = [predict_map(model, f, prep.shape) for f in prep.fields]
+        obs, plo = _plot_values(prep, [m[lo] for m in maps], held)
+        _, phi = _plot_values(prep, [m[hi] for m in maps], held)
+        scores.append(np.maximum(plo - obs, obs - phi))
+    sc = np.sort(np.concatenate(scores))
+    n = len(sc)
+    margin = float(sc[min(n, int(np.ceil(0.9 * (n + 1)))) - 1])  # the ceil(0.9 (n + 1))-th smallest
+    raw = float(np.mean(sc <= 0))
+    return {"margin_mg_ha": margin, "folds": float(folds), "scores": float(n), "raw_coverage_90": raw}
+
+
 def evaluate_maps(prep: Prepared, maps_q: list[np.ndarray], train_ids: set[str], test_ids: set[str],
                   quantiles: Sequence[float]) -> dict[str, float]:
     """Scores of the maps (quantiles, then the mean; see :func:`predict_map`): held-out plots
@@ -313,9 +360,7 @@ def evaluate_maps(prep: Prepared, maps_q: list[np.ndarray], train_ids: set[str],
     pixels, and the regional budget against the truth."""
     med = [q[-1] for q in maps_q]  # the point estimate: the mean
     m = _scores(*_plot_values(prep, med, test_ids))
-    quantiles = list(quantiles)
-    lo = quantiles.index(0.05) if 0.05 in quantiles else 0
-    hi = quantiles.index(0.95) if 0.95 in quantiles else len(quantiles) - 1
+    lo, hi = _interval_ends(quantiles)
     if prep.truth is not None:
         H, W = prep.shape
         m.update({f"{k}_map": v for k, v in _scores(np.concatenate([t.ravel() for t in prep.truth]),
@@ -348,14 +393,18 @@ def evaluate_maps(prep: Prepared, maps_q: list[np.ndarray], train_ids: set[str],
 
 def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task: str = "biomass",
              labels: int | None = None, label_fraction: float = 1.0, steps: int = 300, seed: int = 0,
-             mode: str = "full", config: str | None = None, batch_size: int = 16, lr: float | None = None,
-             layer_decay: float | None = None, baselines: bool | Sequence[str] = False, precision: str = "auto",
-             device: str = "auto", progress: bool = True) -> dict[str, float]:
+             mode: str | None = None, config: str | None = None, batch_size: int = 16, lr: float | None = None,
+             layer_decay: float | None = None, baselines: bool | Sequence[str] = False, calibration_folds: int = 3,
+             precision: str = "auto", device: str = "auto", progress: bool = True) -> dict[str, float]:
     """Fine-tune biomass quantiles (5 %, 50 %, 95 %) and mean on ``labels`` field plots (default: all plots
     outside the held-out set, or ``label_fraction`` of them; each plot is measured at every
     epoch); the fixed held-out 30 % of plots (see :func:`split_plots`) score it. With
     ``baselines`` (True or a subset of ``scratch``, ``rf``) the same plots train the model from
-    scratch and a random forest on per-pixel source values. Writes ``out/model``, maps
+    scratch and a random forest on per-pixel source values. ``mode`` defaults to ``frozen`` from a
+    checkpoint (the pretrained encoder is kept, the pixel decoder and head learn: with tens of
+    plots, updating the encoder too overfits) and ``full`` from scratch. The 90 % interval is
+    calibrated by cross-conformal prediction on the training plots (``calibration_folds``
+    extra fits; 0 skips it; see :func:`calibrate_interval`). Writes ``out/model``, maps
     (``maps/*.tif`` cloud-optimised GeoTIFF, ``maps/carbon.nc`` CF NetCDF), ``budget.csv`` and
     ``metrics.json``."""
     if task != "biomass":
@@ -380,7 +429,11 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
         raise ConfigError(f"--labels must lie in [2, {len(pool)}] (plots outside the held-out 30 %), got {labels}")
     chosen = sorted(np.random.default_rng(seed).permutation(pool)[:labels].tolist())
     train_ids, test_ids = set(chosen), set(test)
+    wanted = {"scratch", "rf"} if baselines is True else set(baselines or ())
+    if wanted - {"scratch", "rf"}:
+        raise ConfigError(f"unknown baselines {sorted(wanted - {'scratch', 'rf'})}; expected scratch, rf")
     lr = lr or 1e-3
+    mode = mode or ("frozen" if ckpt is not None else "full")
     if layer_decay is None:
         layer_decay = 0.8 if ckpt is not None and mode == "full" else 1.0
     kw = {"steps": steps, "batch_size": batch_size, "seed": seed, "precision": precision, "device": device,
@@ -388,15 +441,21 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
     model = _fit(prep, ckpt, size, mk, chosen, lr=lr, layer_decay=layer_decay, mode=mode,
                  out_dir=out / "train", **kw)
     maps = [predict_map(model, f, prep.shape) for f in prep.fields]
+    calib: dict[str, float] = {}
+    if calibration_folds:
+        def refit(ids: Sequence[str], s_: int) -> CarbonNet:
+            return _fit(prep, ckpt, size, mk, ids, lr=lr, layer_decay=layer_decay, mode=mode, out_dir=None,
+                        **{**kw, "seed": s_, "progress": False})
+
+        calib = calibrate_interval(prep, refit, chosen, model.quantiles, folds=calibration_folds, seed=seed)
+        maps = widen(maps, calib["margin_mg_ha"], model.quantiles)
     metrics = evaluate_maps(prep, maps, train_ids, test_ids, model.quantiles)
-    wanted = {"scratch", "rf"} if baselines is True else set(baselines or ())
-    if wanted - {"scratch", "rf"}:
-        raise ConfigError(f"unknown baselines {sorted(wanted - {'scratch', 'rf'})}; expected scratch, rf")
+    metrics.update({f"calibration_{k}": v for k, v in calib.items()})
     if "scratch" in wanted and ckpt is not None:
         sm = _fit(prep, None, size, mk, chosen, lr=lr, layer_decay=1.0, mode="full", out_dir=None, **kw)
         smaps = [predict_map(sm, f, prep.shape) for f in prep.fields]
         ms = evaluate_maps(prep, smaps, train_ids, test_ids, sm.quantiles)
-        metrics.update({f"{k}_scratch": v for k, v in ms.items() if k.startswith(("rmse", "bias", "r2", "cov"))})
+        metrics.update({f"{k}_scratch": v for k, v in ms.items() if k.startswith(("rmse", "bias", "r2"))})
     if "rf" in wanted:
         rmaps = _random_forest(prep, train_ids, seed)
         metrics.update(_scores(*_plot_values(prep, rmaps, test_ids), "_rf"))
@@ -410,10 +469,11 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
     mconf = {"domain": "carbon", "task": "biomass", "model_type": f"carbon_net.{size}", "model_kwargs": mk,
              "geometry": {"grid": prep.grid.describe(), "sources": S.sources_json(prep.specs), "tile": mk["tile"],
                           "quantiles": list(model.quantiles)},
+             "calibration": calib,
              "card": _card(prep, f"Biomass quantile model fine-tuned ({mode}) from {ckpt or 'scratch'} on "
                                  f"{labels} field plots."),
              "training": {"plots": chosen, "from": str(ckpt) if ckpt else "scratch", "steps": steps, "lr": lr,
-                          "layer_decay": layer_decay, "seed": seed, "data": str(data)},
+                          "layer_decay": layer_decay, "mode": mode, "seed": seed, "data": str(data)},
              "metrics": metrics}
     save_pretrained(model, out / "model", config=mconf)
     atomic_write_json(out / "metrics.json", metrics)
@@ -475,16 +535,28 @@ def write_outputs(prep: Prepared, maps: list[np.ndarray], rows: list[dict[str, A
     tmp.replace(out / "budget.csv")
 
 
-def evaluate(*, ckpt: str | Path, data: str | Path, out: str | Path) -> dict[str, float]:
-    """Map a region with a fine-tuned model and score it on the plots it was not trained on."""
+def map_region(ckpt: str | Path, data: str | Path) -> tuple[CarbonNet, Prepared, list[np.ndarray]]:
+    """Load a fine-tuned biomass model and map ``data`` with it: ``(model, prepared region, maps)``,
+    the maps (Q + 1, H, W) per epoch with the 90 % interval calibrated at fine-tuning."""
     cfg = read_config(ckpt)
     if cfg.get("domain") != "carbon" or cfg.get("task") != "biomass":
         raise ConfigError(f"{ckpt}: not a fine-tuned carbon model (task {cfg.get('task')!r})")
     model = load_pretrained(ckpt)
     if not isinstance(model, CarbonNet):
         raise ConfigError(f"{ckpt}: {cfg.get('model_type')} is not a carbon biomass model")
-    out = Path(out)
     prep = prepare(data, tile=model.tile, groups=model.groups)
+    maps = [predict_map(model, f, prep.shape) for f in prep.fields]
+    margin = cfg.get("calibration", {}).get("margin_mg_ha")
+    if margin is not None:
+        maps = widen(maps, float(margin), model.quantiles)
+    return model, prep, maps
+
+
+def evaluate(*, ckpt: str | Path, data: str | Path, out: str | Path) -> dict[str, float]:
+    """Map a region with a fine-tuned model and score it on the plots it was not trained on."""
+    model, prep, maps = map_region(ckpt, data)
+    cfg = read_config(ckpt)
+    out = Path(out)
     # the same region (by the checksum of its region.json, whatever the path): leave its training plots out
     same = any(d.get("sha256") == hashlib.sha256((prep.root / "region.json").read_bytes()).hexdigest()
                for d in cfg.get("card", {}).get("data", []))
@@ -492,7 +564,6 @@ def evaluate(*, ckpt: str | Path, data: str | Path, out: str | Path) -> dict[str
     test_ids = {pid for p in prep.plots for pid in p.ids} - train_ids
     if not test_ids:
         raise DataError(f"{data}: every plot was used to train {ckpt}")
-    maps = [predict_map(model, f, prep.shape) for f in prep.fields]
     metrics = evaluate_maps(prep, maps, train_ids, test_ids, model.quantiles)
     metrics["test_plots"] = float(len(test_ids))
     write_outputs(prep, maps, budget(prep, [q[-1] for q in maps], test_ids), out, model.quantiles)
