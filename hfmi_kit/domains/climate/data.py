@@ -405,6 +405,50 @@ def anomaly_damping(tens: Tensors, index: np.ndarray, clim: torch.Tensor) -> tor
     return torch.where(tens.mask > 0, out, torch.ones_like(out))
 
 
+def anomaly_regression(tens: Tensors, index: np.ndarray, clim: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                     torch.Tensor]:
+    """Forced damped persistence fitted per cell over consecutive steps of ``index``:
+    ``anom[t+1] ≈ a anom[t] + sum_s b_s (s[t+1] - s_ref)`` by least squares (a linear inverse
+    model with the scalar forcings, e.g. CO2, as inputs; ``s_ref`` their mean over the steps).
+
+    Returns ``a`` (V, H, W) clipped to [0, 1] (1 outside the mask), ``b`` (S, V, H, W) (0 outside
+    the mask) and ``s_ref`` (S,). Without scalar forcings ``a`` is the plain lag-1 coefficient of
+    :func:`anomaly_damping`.
+    """
+    idx = np.asarray(index)
+    pairs = idx[np.isin(idx + 1, idx)]
+    S = tens.scalars.shape[1]
+    if pairs.size < S + 2:
+        raise DataError("too few consecutive training steps to fit the forced anomaly persistence")
+    p = torch.from_numpy(pairs)
+    a0 = (tens.state[p] - clim[tens.months[p]]).double()  # (N, V, H, W)
+    a1 = (tens.state[p + 1] - clim[tens.months[p + 1]]).double()
+    if S == 0:
+        a = anomaly_damping(tens, index, clim)
+        return a, torch.zeros(0, *a.shape), torch.zeros(0)
+    s1 = tens.scalars[p + 1].double()  # (N, S)
+    ref = s1.mean(0)
+    ds = s1 - ref
+    # per cell normal equations for x = [anom_t, ds_1..ds_S]: (1 + S) x (1 + S)
+    n_x = 1 + S
+    G = torch.zeros(*a0.shape[1:], n_x, n_x, dtype=torch.float64)
+    r = torch.zeros(*a0.shape[1:], n_x, dtype=torch.float64)
+    G[..., 0, 0] = (a0 * a0).sum(0)
+    r[..., 0] = (a0 * a1).sum(0)
+    for i in range(S):
+        cross = torch.einsum("n,nvhw->vhw", ds[:, i], a0)
+        G[..., 0, 1 + i] = G[..., 1 + i, 0] = cross
+        r[..., 1 + i] = torch.einsum("n,nvhw->vhw", ds[:, i], a1)
+        for j in range(S):
+            G[..., 1 + i, 1 + j] = float(ds[:, i] @ ds[:, j])
+    G = G + 1e-8 * torch.eye(n_x, dtype=torch.float64)
+    coef = torch.linalg.solve(G, r[..., None])[..., 0]  # (V, H, W, 1 + S)
+    ok = (tens.mask > 0) & (G[..., 0, 0] > 1e-8)
+    a = torch.where(ok, coef[..., 0].clamp(0.0, 1.0), torch.ones_like(coef[..., 0])).float()
+    b = torch.where(ok[None], coef[..., 1:].permute(3, 0, 1, 2), torch.zeros(())).float()
+    return a, b, ref.float()
+
+
 @dataclass(frozen=True)
 class Split:
     """Time indices of the train, validation and test years."""

@@ -62,6 +62,19 @@ class ClimateNet(nn.Module):
         # skip path decays an anomaly towards climatology at the rate the data shows, so the
         # untrained forecaster already beats climatology wherever anomalies persist at all.
         self.register_buffer("damping", torch.ones(len(self.variables), *grid))
+        # Linear response to the scalar forcings (CO2): b in anom[t+1] = a anom[t] + b (s[t+1] - s_ref),
+        # fitted with ``damping`` by least squares on the training years (a forced linear inverse
+        # model). A changed forcing then moves the skip path's equilibrium by b ds / (1 - a) per
+        # cell: the data's own response pattern, which the network refines.
+        self.register_buffer("forcing_response", torch.zeros(len(self.scalar_forcings), len(self.variables), *grid))
+        self.register_buffer("forcing_ref", torch.zeros(len(self.scalar_forcings)))
+        self._register_load_state_dict_pre_hook(self._unforced_if_absent)
+
+    def _unforced_if_absent(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Checkpoints written before the forced skip path load as they were saved: no forcing response."""
+        for name in ("forcing_response", "forcing_ref"):
+            if prefix + name not in state_dict:
+                state_dict[prefix + name] = torch.zeros_like(getattr(self, name))
 
     def set_climatology(self, clim: torch.Tensor) -> None:
         """Set the (12, V, H, W) normalised monthly climatology of the training years."""
@@ -75,11 +88,29 @@ class ClimateNet(nn.Module):
             raise ValueError(f"damping shape {tuple(damping.shape)}, expected {tuple(self.damping.shape)}")
         self.damping.copy_(damping)
 
-    def next_state(self, inputs: torch.Tensor, delta: dict[str, torch.Tensor], month: torch.Tensor) -> torch.Tensor:
-        """clim[m+1] + a * (x_t - clim[m]) + scale * Δ -> (B, V, H, W); ``month`` (B,) is that of t+1."""
+    def set_forcing_response(self, response: torch.Tensor, ref: torch.Tensor) -> None:
+        """Set the (S, V, H, W) linear response to the scalar forcings and their (S,) reference values."""
+        if tuple(response.shape) != tuple(self.forcing_response.shape) or tuple(ref.shape) != (response.shape[0],):
+            raise ValueError(f"forcing response shape {tuple(response.shape)} / {tuple(ref.shape)}, expected "
+                             f"{tuple(self.forcing_response.shape)} / {tuple(self.forcing_ref.shape)}")
+        self.forcing_response.copy_(response)
+        self.forcing_ref.copy_(ref)
+
+    def skip(self, inputs: torch.Tensor, month: torch.Tensor, scalars: torch.Tensor | None = None) -> torch.Tensor:
+        """The statistical forecast the network corrects: clim[m+1] + a (x_t - clim[m]) + b (s_t+1 - s_ref),
+        (B, V, H, W); ``month`` (B,) is that of t+1, ``scalars`` (B, S) the forcing at t+1."""
         prev = self.climatology[(month - 1) % 12]
-        skip = self.climatology[month] + self.damping * (inputs[:, -1] - prev)
-        return skip + self.residual_scale * torch.stack([delta[v] for v in self.variables], dim=1)
+        out = self.climatology[month] + self.damping * (inputs[:, -1] - prev)
+        if scalars is not None and self.scalar_forcings:
+            ds = scalars - self.forcing_ref  # (B, S)
+            out = out + torch.einsum("bs,svhw->bvhw", ds.to(out.dtype), self.forcing_response)
+        return out
+
+    def next_state(self, inputs: torch.Tensor, delta: dict[str, torch.Tensor], month: torch.Tensor,
+                   scalars: torch.Tensor | None = None) -> torch.Tensor:
+        """The skip path (see :meth:`skip`) + scale * Δ -> (B, V, H, W)."""
+        return self.skip(inputs, month, scalars) + self.residual_scale * torch.stack([delta[v] for v in self.variables],
+                                                                                     dim=1)
 
     @property
     def tokenizer(self) -> GridTokenizer:
@@ -123,7 +154,7 @@ class ClimateForecaster(ClimateNet):
         tb = self.tokenize(inputs, forcing, scalars)
         z = self.backbone.encode(tb)
         delta = self.head(z, tb)
-        return self.next_state(inputs, delta, month) * mask
+        return self.next_state(inputs, delta, month, scalars) * mask
 
     def rollout(self, inputs: torch.Tensor, forcing: torch.Tensor, scalars: torch.Tensor,
                 mask: torch.Tensor, month: torch.Tensor, steps: int | None = None) -> torch.Tensor:
@@ -191,7 +222,7 @@ class ClimatePretrainer(ClimateNet):
                                      mask_ratio=self.mask_ratio, strategy=strategy)
         z = self.backbone.encode(tb)
         delta = self.head(z, tb)
-        pred = self.next_state(inputs, delta, batch["month"])
+        pred = self.next_state(inputs, delta, batch["month"], scalars)
         next_loss = self.weighted_mse(pred, batch["target"][:, 0], mask)
         with torch.no_grad():  # reference: the next-step loss of persistence (x_t+1 = x_t)
             persistence = self.weighted_mse(inputs[:, -1], batch["target"][:, 0], mask)
