@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from hfmi_kit.config import parse_param
 from hfmi_kit.errors import HfmiError
 
 
@@ -86,7 +87,9 @@ def cmd_finetune(a: argparse.Namespace) -> None:
     else:
         data = _ckpt_data(a.from_)
     kw: dict[str, Any] = {"steps": a.steps, "seed": a.seed, "label_fraction": a.label_fraction,
-                          "mode": a.mode, "lr": a.lr, "precision": a.precision, "device": a.device}
+                          "lr": a.lr, "precision": a.precision, "device": a.device}
+    if a.mode is not None:
+        kw["mode"] = a.mode
     if a.batch_size is not None:
         kw["batch_size"] = a.batch_size
     if a.task:
@@ -140,16 +143,94 @@ def _parse_params(pairs: Sequence[Sequence[str]] | None) -> dict[str, Any]:
     params = {}
     for name, value in pairs or []:
         try:
-            params[name] = yaml.safe_load(value)
+            params[name] = parse_param(value)
         except yaml.YAMLError as e:
             raise HfmiError(f"-p {name}: cannot parse {value!r} as YAML ({e})") from e
     return params
 
 
 def cmd_run(a: argparse.Namespace) -> None:
+    import os
+
+    from hfmi_kit.errors import NotebookError, PreemptedError
     from hfmi_kit.launch.notebook import run_notebook
 
-    out = run_notebook(a.notebook, _parse_params(a.p), output=a.o)
+    out = a.o
+    rank = int(os.environ.get("RANK", "0"))
+    if rank > 0:  # under torchrun every process runs the notebook; process 0 keeps the executed copy
+        base = Path(out) if out else Path(a.notebook).with_name(f"{Path(a.notebook).stem}.out.ipynb")
+        out = str(base.with_name(f".{base.stem}.rank{rank}.ipynb"))
+    try:
+        out = run_notebook(a.notebook, _parse_params(a.p), output=out)
+    except NotebookError as e:
+        if "PreemptedError" in str(e):
+            raise PreemptedError(str(e)) from e
+        raise
+    if rank == 0:
+        print(f"executed notebook: {out}")
+
+
+def _slurm_job(a: argparse.Namespace, notebook: str, params: dict[str, Any]) -> Any:
+    from hfmi_kit.launch.slurm import SlurmJob
+
+    return SlurmJob(notebook=notebook, parameters=params, partition=a.partition or "", nodes=a.nodes,
+                    gpus_per_node=a.gpus_per_node, cpus_per_task=a.cpus_per_task, time=a.time,
+                    workdir=a.workdir or "", strategy=a.strategy or "auto", job_name=a.job_name or "")
+
+
+def cmd_submit(a: argparse.Namespace) -> None:
+    from hfmi_kit.launch.slurm import submit
+
+    job = _slurm_job(a, a.notebook, _parse_params(a.p))
+    job.output = a.o or ""
+    script, job_id = submit(job, dry_run=a.dry_run)
+    if a.dry_run:
+        print(script, end="")
+    else:
+        print(f"submitted batch job {job_id}")
+
+
+def cmd_sweep(a: argparse.Namespace) -> None:
+    from hfmi_kit.launch import slurm
+
+    if a.collect:
+        rows = slurm.collect(Path(a.out) / "sweep.json")
+        print((Path(a.out) / "summary.md").read_text(), end="")
+        print(f"{len(rows)} runs: {Path(a.out) / 'summary.csv'}")
+        return
+    if not a.notebook:
+        raise HfmiError("sweep needs a NOTEBOOK (or --collect)")
+    spec = slurm.plan_sweep(a.notebook, [tuple(x) for x in (a.p or [])], a.out)
+    n = len(json.loads(spec.read_text())["runs"])
+    if a.slurm:
+        job = _slurm_job(a, a.notebook, {})
+        job.array = f"0-{n - 1}"
+        job.workdir = job.workdir or str(Path(a.out).resolve())
+        script = slurm.batch_script(job, f"sweep-task {spec} $SLURM_ARRAY_TASK_ID")
+        path = Path(job.workdir) / "sweep.sbatch"
+        path.write_text(script, encoding="utf-8")
+        if a.dry_run:
+            print(script, end="")
+            return
+        import subprocess
+
+        r = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise HfmiError(f"sbatch refused {path}: {r.stderr.strip()}")
+        print(f"submitted job array {r.stdout.strip()} ({n} runs); then: hfmi sweep --collect --out {a.out}")
+        return
+    rows = slurm.run_sweep_local(spec)
+    print((Path(a.out) / "summary.md").read_text(), end="")
+    bad = [r["run"] for r in rows if r["status"] != "done"]
+    print(f"{len(rows)} runs, {len(bad)} failed{': ' + ', '.join(bad) if bad else ''}; {Path(a.out) / 'summary.csv'}")
+    if bad:
+        raise HfmiError(f"{len(bad)} of {len(rows)} sweep runs failed; see their FAILED files")
+
+
+def cmd_sweep_task(a: argparse.Namespace) -> None:
+    from hfmi_kit.launch.slurm import run_sweep_task
+
+    out = run_sweep_task(a.sweep, a.index)
     print(f"executed notebook: {out}")
 
 
@@ -173,6 +254,36 @@ def cmd_demo(a: argparse.Namespace) -> None:
 TARGET_HELP = "materials: the value column of the --data CSV (default 'target'; band gaps in eV)"
 
 
+def cmd_convert(a: argparse.Namespace) -> None:
+    from hfmi_kit.train.sharded import convert_sharded
+
+    print(f"checkpoint: {convert_sharded(a.ckpt, a.out)}")
+
+
+def _torchrun(argv: Sequence[str], nproc: int, strategy: str | None) -> int:
+    """Run this same command in ``nproc`` processes under torchrun (one node, a free port)."""
+    import os
+    import subprocess
+
+    rest, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+            continue
+        if x == "--nproc":
+            skip = True
+            continue
+        if x.startswith("--nproc="):
+            continue
+        rest.append(x)
+    env = dict(os.environ)
+    if strategy:
+        env["HFMI_STRATEGY"] = strategy
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "hfmi_kit.cli", *rest]
+    return subprocess.run(cmd, env=env).returncode
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hfmi", description="hfmi_kit: scientific foundation models")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
@@ -187,6 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="peak learning rate (default: the domain's choice for pretrain / fine-tune)")
         sp.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
         sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+        sp.add_argument("--nproc", type=int, default=1,
+                        help="processes on this node: N > 1 starts the same command under torchrun")
+        sp.add_argument("--strategy", choices=["auto", "ddp", "fsdp"],
+                        help="multi-process training: DDP (auto) or FSDP2 sharding with sharded checkpoints "
+                             "(sets HFMI_STRATEGY for the processes)")
 
     sp = sub.add_parser("pretrain", help="pretrain a foundation model on unlabelled data")
     sp.add_argument("domain", help="climate, radiology, materials or carbon")
@@ -218,7 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "materials: scratch, random forest, dummy; carbon: scratch, random forest)")
     sp.add_argument("--target", help=TARGET_HELP)
     sp.add_argument("--steps", type=int, default=300)
-    sp.add_argument("--mode", default="full", choices=["full", "frozen", "linear_probe"])
+    sp.add_argument("--mode", choices=["full", "frozen", "linear_probe"],
+                    help="what is trained: everything, or the head with the pretrained encoder frozen "
+                         "(default: full; carbon from a checkpoint: frozen)")
     sp.add_argument("--config", help="model size when training from scratch")
     common_train(sp)
     sp.set_defaults(fn=cmd_finetune)
@@ -255,6 +373,45 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", metavar="OUT", help="executed notebook path")
     sp.set_defaults(fn=cmd_run)
 
+    def slurm_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--partition", help="SLURM partition")
+        sp.add_argument("--nodes", type=int, default=1)
+        sp.add_argument("--gpus-per-node", type=int, default=0, help="GPUs (= processes) per node; 0: one CPU process")
+        sp.add_argument("--cpus-per-task", type=int, default=2)
+        sp.add_argument("--time", default="01:00:00", help="time limit [D-]HH:MM:SS")
+        sp.add_argument("--strategy", choices=["auto", "ddp", "fsdp"], help="multi-process training strategy")
+        sp.add_argument("--workdir", help="where the batch script and SLURM logs go (default: here / the sweep)")
+        sp.add_argument("--job-name")
+        sp.add_argument("--dry-run", action="store_true", help="print the batch script, submit nothing")
+
+    sp = sub.add_parser("submit", help="run a notebook as a SLURM batch job (srun torchrun + papermill)")
+    sp.add_argument("notebook")
+    sp.add_argument("-p", nargs=2, action="append", metavar=("NAME", "VALUE"), help="parameter (YAML value)")
+    sp.add_argument("-o", metavar="OUT", help="executed notebook path")
+    slurm_opts(sp)
+    sp.set_defaults(fn=cmd_submit)
+
+    sp = sub.add_parser("sweep", help="run a notebook for every combination of parameters, locally or as a "
+                                      "SLURM job array; summary table of the runs' metrics")
+    sp.add_argument("notebook", nargs="?")
+    sp.add_argument("-p", nargs=2, action="append", metavar=("NAME", "VALUES"),
+                    help="parameter and comma-separated values, e.g. -p lr 1e-3,3e-4")
+    sp.add_argument("--out", required=True, help="sweep folder: sweep.json, run-NNN/, summary.csv, summary.md")
+    sp.add_argument("--slurm", action="store_true", help="submit a job array instead of running here")
+    sp.add_argument("--collect", action="store_true", help="only (re)build the summary of a finished sweep")
+    slurm_opts(sp)
+    sp.set_defaults(fn=cmd_sweep)
+
+    sp = sub.add_parser("sweep-task", help=argparse.SUPPRESS)
+    sp.add_argument("sweep")
+    sp.add_argument("index", type=int)
+    sp.set_defaults(fn=cmd_sweep_task)
+
+    sp = sub.add_parser("convert", help="convert a sharded (FSDP) step checkpoint to a single-file checkpoint")
+    sp.add_argument("ckpt", help="a checkpoints/step-N directory with a sharded/ folder")
+    sp.add_argument("--out", required=True, help="the single-file checkpoint directory to write")
+    sp.set_defaults(fn=cmd_convert)
+
     sp = sub.add_parser("demo", help="the main job: generate data, pretrain, fine-tune, report")
     sp.add_argument("--out", default="hfmi_demo")
     sp.add_argument("--steps", type=int, default=300)
@@ -266,11 +423,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import os
+
+    from hfmi_kit.errors import REQUEUE_EXIT_CODE, PreemptedError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    nproc = getattr(args, "nproc", 1)
+    if nproc < 1:
+        print("hfmi: error: --nproc must be >= 1", file=sys.stderr)
+        return 1
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return _torchrun(argv, nproc, args.strategy)
+    if getattr(args, "strategy", None):
+        os.environ["HFMI_STRATEGY"] = args.strategy
     try:
         args.fn(args)
+    except PreemptedError as e:
+        print(f"hfmi: pre-empted: {e}", file=sys.stderr)
+        return REQUEUE_EXIT_CODE
     except (HfmiError, FileNotFoundError, ImportError, ValueError, KeyboardInterrupt) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"hfmi: error: {msg}", file=sys.stderr)

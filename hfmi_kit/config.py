@@ -117,3 +117,17 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def parse_param(text: str) -> Any:
+    """A notebook parameter from the command line: YAML (numbers, lists, dicts, strings), with
+    ``1e-3``-style numbers read as floats (YAML 1.1 would keep them strings)."""
+    import yaml
+
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value

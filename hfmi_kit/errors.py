@@ -33,3 +33,18 @@ class NonFiniteLossError(HfmiError, FloatingPointError):
 
 class NotebookError(HfmiError):
     """A notebook run failed: a cell raised, or the kernel died."""
+
+
+class PreemptedError(HfmiError):
+    """Training stopped on a pre-emption signal after writing a checkpoint; rerun to resume.
+
+    The command line exits with :data:`REQUEUE_EXIT_CODE`, which the SLURM script reads as
+    "requeue me".
+    """
+
+    def __init__(self, message: str, *, step: int = 0, checkpoint: object = None) -> None:
+        super().__init__(message)
+        self.step, self.checkpoint = step, checkpoint
+
+
+REQUEUE_EXIT_CODE = 85  # a pre-empted run that checkpointed and wants to be requeued

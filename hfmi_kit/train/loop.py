@@ -4,7 +4,13 @@ A model given to :class:`Trainer` takes a batch (a dict of tensors) and returns 
 scalar ``loss`` and optionally other scalars to log. The loop adds mixed precision, gradient
 accumulation and clipping, warm-up + cosine LR, layer-wise LR decay, frozen / linear-probe /
 full fine-tuning, evaluation hooks with early stopping, atomic checkpoints with exact resume,
-``tqdm.auto`` progress and JSON-lines metrics. Under torchrun it wraps the model in DDP.
+``tqdm.auto`` progress and JSON-lines metrics. Under torchrun it wraps the model in DDP, or
+shards it with FSDP2 (``strategy="fsdp"``; step checkpoints are then DCP shards, see
+:mod:`hfmi_kit.train.sharded`). A pre-emption signal (SIGTERM / SIGUSR1 by default, what SLURM
+sends before the time limit), or the file named by ``HFMI_PREEMPT_FILE`` appearing, makes it
+finish the current step, write a checkpoint and raise :class:`~hfmi_kit.errors.PreemptedError`;
+``HFMI_RESUME=1`` in the environment (set by the SLURM script on a requeue) makes every ``fit``
+resume from its latest checkpoint.
 """
 
 from __future__ import annotations
@@ -14,7 +20,10 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -26,7 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hfmi_kit.config import atomic_write_text, to_dict
-from hfmi_kit.errors import ConfigError, NonFiniteLossError
+from hfmi_kit.errors import ConfigError, NonFiniteLossError, PreemptedError
 from hfmi_kit.models.backbone import layer_id
 from hfmi_kit.train.dist import DistInfo, init_distributed
 from hfmi_kit.train.pretrained import (
@@ -37,6 +46,7 @@ from hfmi_kit.train.pretrained import (
     save_pretrained,
 )
 from hfmi_kit.train.seed import get_rng_state, seed_everything, set_rng_state
+from hfmi_kit.train.sharded import SHARDED, apply_fsdp, is_sharded, load_sharded, save_sharded
 
 LOGGER = logging.getLogger(__name__)
 
@@ -65,6 +75,10 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader workers
     progress: bool = True  # tqdm progress bar
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    # under torchrun: DDP ("auto", "ddp") or FSDP2 sharding ("fsdp"); default from HFMI_STRATEGY, so an
+    # unchanged notebook or task switches when the launcher sets it
+    strategy: Literal["auto", "ddp", "fsdp"] = field(default_factory=lambda: os.environ.get("HFMI_STRATEGY", "auto"))
+    preempt_signals: str = "SIGTERM,SIGUSR1"  # signals that checkpoint and stop ("" = none)
 
     @classmethod
     def pick(cls, **kw: Any) -> TrainConfig:
@@ -197,10 +211,16 @@ class Trainer:
         self.model_config = dict(model_config or {})
         self.collate_fn = collate_fn
         _apply_mode(self.model, self.cfg.mode)
+        if self.cfg.strategy not in ("auto", "ddp", "fsdp"):
+            raise ConfigError(f"strategy must be auto, ddp or fsdp, got {self.cfg.strategy!r}")
+        self.sharded = self.dist.distributed and self.cfg.strategy == "fsdp"
         self.module: nn.Module = self.model
-        if self.dist.distributed:
+        if self.sharded:
+            apply_fsdp(self.model)
+        elif self.dist.distributed:
             ddp_kw = {"device_ids": [self.device]} if self.device.type == "cuda" else {}
             self.module = nn.parallel.DistributedDataParallel(self.model, **ddp_kw)
+        self._signal: int | None = None
         groups = param_groups(self.model, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
                               layer_decay=self.cfg.layer_decay)
         if not groups:
@@ -239,48 +259,108 @@ class Trainer:
         p = root / (root / "latest").read_text().strip()
         return p if p.is_dir() else None
 
-    def save_checkpoint(self) -> Path | None:
-        """Write ``checkpoints/step-N`` atomically, then point ``latest`` at it."""
-        root = self.ckpt_root
-        if root is None or not self.dist.is_main:
-            return None
-        name = f"step-{self.step:08d}"
+    def _train_state(self) -> dict[str, Any]:
         state = {
             "step": self.step,
             "epoch": self.sampler.epoch,
             "batches_in_epoch": self.batches_in_epoch,
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": get_rng_state(),
             "best": dict(self.best),
             "bad_evals": self.bad_evals,
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "world_size": self.dist.world_size,
         }
+        if self.dist.distributed:  # every rank's RNG, so each resumes its own stream
+            ranks: list[Any] = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(ranks, state["rng"])
+            state["rng_ranks"] = ranks
+        return state
+
+    def save_checkpoint(self) -> Path | None:
+        """Write ``checkpoints/step-N`` atomically, then point ``latest`` at it (collective under torchrun)."""
+        root = self.ckpt_root
+        if root is None:
+            return None
+        name = f"step-{self.step:08d}"
+        state = self._train_state()
         cfg = dict(self.model_config)
         cfg["training"] = {**to_dict(self.cfg), **cfg.get("training", {})}
-        path = save_pretrained(self.model, root / name, config=cfg, train_state=state)
-        atomic_write_text(root / "latest", name + "\n")
-        done = sorted(p for p in root.glob("step-*") if p.is_dir())
-        for old in done[: max(0, len(done) - self.cfg.keep_checkpoints)]:
-            shutil.rmtree(old, ignore_errors=True)
+        if self.sharded:
+            path = self._save_sharded(root, name, cfg, state)
+        else:
+            state["optimizer"] = self.optimizer.state_dict()
+            path = save_pretrained(self.model, root / name, config=cfg, train_state=state)  # process 0 writes
+        if self.dist.is_main:
+            atomic_write_text(root / "latest", name + "\n")
+            done = sorted(p for p in root.glob("step-*") if p.is_dir())
+            for old in done[: max(0, len(done) - self.cfg.keep_checkpoints)]:
+                shutil.rmtree(old, ignore_errors=True)
+        if self.dist.distributed:
+            torch.distributed.barrier()
+        return path
+
+    def _save_sharded(self, root: Path, name: str, cfg: dict[str, Any], state: dict[str, Any]) -> Path:
+        """DCP shards into ``.name.partial``; rank 0 adds config and train state, then renames it into place."""
+        from hfmi_kit.train.pretrained import CARD, CONFIG, TRAIN_STATE, render_model_card
+
+        partial = root / f".{name}.partial"
+        if self.dist.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        torch.distributed.barrier()
+        save_sharded(self.model, self.optimizer, partial / SHARDED)
+        torch.distributed.barrier()
+        path = root / name
+        if self.dist.is_main:
+            cfg = {**cfg, "schema_version": 1, "checkpoint_format": "dcp-sharded",
+                   "world_size": self.dist.world_size}
+            (partial / CONFIG).write_text(json.dumps(cfg, indent=2, default=str) + "\n", encoding="utf-8")
+            (partial / CARD).write_text(render_model_card(cfg), encoding="utf-8")
+            torch.save(state, partial / TRAIN_STATE)
+            for f in partial.rglob("*"):
+                if f.is_file():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(partial, path)
         return path
 
     def resume(self, path: str | Path | None = None) -> bool:
         """Restore model, optimiser, scheduler, RNG and data position; False if nothing to resume."""
         ckpt = Path(path) if path is not None else self.latest_checkpoint()
+        root = self.ckpt_root
+        if root is not None and root.is_dir() and self.dist.is_main:  # leftovers of a killed write
+            for stale in [*root.glob(".step-*.tmp-*"), *root.glob(".step-*.partial"), *root.glob(".step-*.old-*")]:
+                LOGGER.warning("removing %s, an interrupted checkpoint write", stale)
+                shutil.rmtree(stale, ignore_errors=True)
         if ckpt is None:
             return False
         cfg = read_config(ckpt)
         diff = environment_differences(cfg, self.device)
         if diff:
             LOGGER.warning("resuming %s in a different environment: %s", ckpt, diff)
-        self.model.load_state_dict(read_weights(ckpt, self.device))
         st = read_train_state(ckpt)
-        self.optimizer.load_state_dict(st["optimizer"])
+        if is_sharded(ckpt):
+            load_sharded(self.model, self.optimizer, ckpt / SHARDED)
+        elif self.sharded:
+            raise ConfigError(f"{ckpt}: a single-file checkpoint; resume it with strategy='ddp' (or one process)")
+        else:
+            self.model.load_state_dict(read_weights(ckpt, self.device))
+            self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
         if self.scaler is not None and st.get("scaler"):
             self.scaler.load_state_dict(st["scaler"])
-        set_rng_state(st["rng"])
+        ranks = st.get("rng_ranks")
+        if ranks and len(ranks) == self.dist.world_size:
+            set_rng_state(ranks[self.dist.rank])
+        elif int(st.get("world_size", 1)) == self.dist.world_size:
+            set_rng_state(st["rng"])
+        else:  # another number of processes: the data position is kept, the random streams restart
+            LOGGER.warning("%s was written by %s process(es), resuming on %d: RNG streams reseeded", ckpt,
+                           st.get("world_size", 1), self.dist.world_size)
+            seed_everything(self.cfg.seed + 7919 * self.dist.rank + int(st["step"]))
         self.step = int(st["step"])
         self.sampler.epoch = int(st["epoch"])
         self.batches_in_epoch = int(st["batches_in_epoch"])
@@ -351,8 +431,46 @@ class Trainer:
         """
         c = self.cfg
         stop_at = min(c.steps, until) if until is not None else c.steps
+        resume = resume or os.environ.get("HFMI_RESUME", "") == "1"
         if not (resume and self.resume()):
-            seed_everything(c.seed)
+            seed_everything(c.seed + 7919 * self.dist.rank)
+        self._signal = None
+        restore = self._install_signal_handlers()
+        try:
+            return self._fit(stop_at)
+        finally:
+            for sig, old in restore.items():
+                signal.signal(sig, old)
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """Catch the pre-emption signals (main thread only); returns the handlers to restore."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        restore = {}
+        for name in filter(None, (x.strip() for x in self.cfg.preempt_signals.split(","))):
+            sig = getattr(signal, name, None)
+            if not isinstance(sig, signal.Signals):
+                raise ConfigError(f"preempt_signals: unknown signal {name!r}")
+
+            def handler(signum: int, frame: Any) -> None:
+                self._signal = signum
+
+            restore[sig] = signal.signal(sig, handler)
+        return restore
+
+    def _preempted(self) -> bool:
+        """A pre-emption signal arrived, or the file ``HFMI_PREEMPT_FILE`` names exists (how the SLURM
+        script reaches processes it cannot signal: torchrun workers and papermill kernels on every node)."""
+        req = os.environ.get("HFMI_PREEMPT_FILE")
+        if req and self._signal is None and os.path.exists(req):
+            self._signal = -1
+        flag = torch.tensor([1.0 if self._signal is not None else 0.0])
+        if self.dist.distributed:  # every rank stops at the same step
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _fit(self, stop_at: int) -> TrainResult:
+        c = self.cfg
         self.model.train()
         from tqdm.auto import tqdm
 
@@ -368,7 +486,9 @@ class Trainer:
             for micro in range(c.grad_accum):
                 batch = self._to_device(next(batches))
                 sync = contextlib.nullcontext()
-                if self.dist.distributed and micro < c.grad_accum - 1:
+                if self.sharded:
+                    self.model.set_requires_gradient_sync(micro == c.grad_accum - 1)  # type: ignore[operator]
+                elif self.dist.distributed and micro < c.grad_accum - 1:
                     sync = self.module.no_sync()  # type: ignore[operator]
                 with sync:
                     with self.autocast:
@@ -405,6 +525,10 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.4g}", refresh=False)
             if self.step % c.log_every == 0 or self.step == c.steps:
+                if self.dist.distributed:  # log the global loss, not rank 0's share of the batch
+                    t = torch.tensor([loss_sum], dtype=torch.float64)
+                    torch.distributed.all_reduce(t)
+                    loss_sum = float(t.item()) / self.dist.world_size
                 dt = time.perf_counter() - t0
                 self._log({"step": self.step, "split": "train", "loss": loss_sum,
                            "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": gnorm,
@@ -414,6 +538,12 @@ class Trainer:
                 stopped = self._run_eval()
             if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.step < stop_at:
                 self.save_checkpoint()
+            if self.step < c.steps and self._preempted():
+                bar.close()
+                path = self.save_checkpoint()
+                name = signal.Signals(self._signal).name if self._signal and self._signal > 0 else "pre-emption request"
+                raise PreemptedError(f"{name} received: checkpoint at step {self.step} in {path}; the run resumes "
+                                "from it (fit(resume=True), or HFMI_RESUME=1)", step=self.step, checkpoint=path)
             if stopped:
                 LOGGER.info("early stopping at step %d (%s did not improve)", self.step, self.monitor)
                 break

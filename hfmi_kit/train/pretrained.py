@@ -60,13 +60,20 @@ def migrate_config(cfg: dict[str, Any], *, path: Path | str = CONFIG) -> dict[st
     return cfg
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def state_dict_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A contiguous, de-duplicated CPU state dict (unwraps DDP / compiled modules)."""
+    """A contiguous, de-duplicated CPU state dict (unwraps DDP / compiled modules; gathers FSDP2
+    shards, which is collective: every process must call it)."""
     model = getattr(model, "module", model)
     model = getattr(model, "_orig_mod", model)
     out: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
     for k, v in model.state_dict().items():
+        if hasattr(v, "full_tensor"):  # a DTensor shard (FSDP2)
+            v = v.full_tensor()
         ptr = v.data_ptr() if v.numel() else -1
         t = v.detach().to("cpu").contiguous()
         if ptr in seen and ptr != -1:
@@ -142,7 +149,8 @@ def save_pretrained(
     config: Mapping[str, Any],
     train_state: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``model`` to directory ``path`` atomically.
+    """Write ``model`` to directory ``path`` atomically (under torchrun: every process calls it,
+    shards are gathered, process 0 writes and the others wait for it).
 
     Args:
         model: the module whose weights are saved.
@@ -160,6 +168,9 @@ def save_pretrained(
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     cfg["environment"] = environment(dev)
     tensors = state_dict_for_save(model)
+    if _distributed() and torch.distributed.get_rank() != 0:
+        torch.distributed.barrier()
+        return path
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "hfmi_schema": str(SCHEMA_VERSION)})
@@ -169,6 +180,8 @@ def save_pretrained(
             torch.save(dict(train_state), tmp / TRAIN_STATE)
 
     _write_dir_atomically(path, write)
+    if _distributed():
+        torch.distributed.barrier()
     return path
 
 

@@ -83,6 +83,7 @@ def pretrain(*, data: str | Path, out: str | Path, config: str = "tiny", steps: 
     mconf["training"] = {**dataclasses.asdict(tc), "seed": seed, "data": str(root)}
     mconf["metrics"] = {"train_loss": res.last_loss}
     path = save_pretrained(model, out / "model", config=mconf)
+    atomic_write_json(out / "metrics.json", mconf["metrics"])
     LOGGER.info("pretrained model written to %s", path)
     return path
 

@@ -1,0 +1,99 @@
+"""Sharded training: FSDP2 (``torch.distributed.fsdp.fully_shard``) wrapping and step checkpoints
+through ``torch.distributed.checkpoint`` (DCP).
+
+A sharded step checkpoint is a directory with ``config.json``, ``train_state.pt`` (schedule,
+data position, RNG; no tensors of the model) and ``sharded/`` (the DCP files of the model and
+optimiser). DCP re-shards on load, so it resumes on any number of processes, and
+:func:`convert_sharded` turns it, offline on one CPU, into the single-file
+:func:`~hfmi_kit.train.save_pretrained` form: the model is built once and DCP reads the shards
+into its tensors in place, so the whole model is never held twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hfmi_kit.errors import CheckpointError
+
+LOGGER = logging.getLogger(__name__)
+SHARDED = "sharded"
+
+
+def apply_fsdp(model: nn.Module) -> nn.Module:
+    """Shard ``model`` in place with FSDP2: each transformer block is its own unit, the rest the root's."""
+    from torch.distributed.fsdp import fully_shard
+
+    from hfmi_kit.models.encoder import Block
+
+    for m in model.modules():
+        if isinstance(m, Block):
+            fully_shard(m)
+    fully_shard(model)
+    return model
+
+
+def is_sharded(path: str | Path) -> bool:
+    """Whether checkpoint directory ``path`` holds DCP shards."""
+    return (Path(path) / SHARDED).is_dir()
+
+
+def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: str | Path) -> None:
+    """Collective: every process writes its shards of model and optimiser under ``path``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
+
+
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: str | Path) -> None:
+    """Collective: read model and optimiser state from DCP shards written by any number of processes."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optim": osd}
+    try:
+        dcp.load(state, checkpoint_id=str(path), no_dist=not (dist.is_available() and dist.is_initialized()))
+    except Exception as e:  # DCP raises several types for missing / corrupt shards
+        raise CheckpointError(f"{path}: cannot read the sharded checkpoint ({e})") from e
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def convert_sharded(step_dir: str | Path, out: str | Path) -> Path:
+    """Convert a sharded step checkpoint into a ``save_pretrained`` directory at ``out``, on one
+    process (no process group): the model is built from the checkpoint's config and the shards
+    are read into it in place. Returns ``out``."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from hfmi_kit.domains import get_domain  # registers the model families of the recorded domain
+    from hfmi_kit.models import create_model
+    from hfmi_kit.train.pretrained import read_config, save_pretrained
+
+    step_dir = Path(step_dir)
+    if not is_sharded(step_dir):
+        raise CheckpointError(f"{step_dir}: no '{SHARDED}/' folder; not a sharded checkpoint")
+    cfg = read_config(step_dir)
+    if cfg.get("domain"):
+        get_domain(cfg["domain"])
+    if "model_type" not in cfg:
+        raise CheckpointError(f"{step_dir}/config.json: no model_type; cannot rebuild the model to convert")
+    model = create_model(cfg["model_type"], **cfg.get("model_kwargs", {}))
+    state: dict[str, Any] = {"model": model.state_dict()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+        try:
+            dcp.load(state, checkpoint_id=str(step_dir / SHARDED), no_dist=True)
+        except Exception as e:
+            raise CheckpointError(f"{step_dir / SHARDED}: cannot read the shards ({e})") from e
+    model.load_state_dict(state["model"])
+    cfg = {k: v for k, v in cfg.items() if k not in ("schema_version", "code_version", "environment")}
+    return save_pretrained(model, out, config=cfg)
