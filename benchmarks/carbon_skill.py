@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--pretrain-steps", type=int, default=1500)
     ap.add_argument("--steps", type=int, default=600, help="fine-tuning steps")
     ap.add_argument("--draws", type=int, default=3, help="draws of the training plots per budget")
+    ap.add_argument("--calibration-folds", type=int, default=5, help="cross-conformal folds of the 90%% interval")
     ap.add_argument("--budgets", default="20,50,150")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/carbon_bench")
@@ -46,14 +47,14 @@ def main() -> None:
         print(f"region {a.size}x{a.size} px, pretrained {a.pretrain_steps} steps in {time.time() - t0:.0f} s")
     keys = ["rmse_mg_ha", "rmse_mg_ha_scratch", "rmse_mg_ha_rf", "bias_mg_ha", "r2", "rmse_mg_ha_map",
             "rmse_mg_ha_map_scratch", "rmse_mg_ha_rf_map", "coverage_90", "calibration_raw_coverage_90",
-            "calibration_margin_mg_ha", "budget_error_pct", "budget_interval_halfwidth_pct", "budget_in_interval",
+            "calibration_width_factor", "budget_error_pct", "budget_interval_halfwidth_pct", "budget_in_interval",
             "change_error_mg_c", "change_in_interval"]
     res: dict[int, list[dict[str, float]]] = {}
     for b in [int(x) for x in a.budgets.split(",")]:
         for d in range(a.draws):
             t = time.time()
             m = finetune(ckpt=ckpt, data=region, out=out / f"n{b}_d{d}", labels=b, steps=a.steps, seed=a.seed + d,
-                         baselines=True, progress=False)
+                         baselines=True, calibration_folds=a.calibration_folds, progress=False)
             res.setdefault(b, []).append(m)
             print(f"  {b} plots, draw {d}: {time.time() - t:.0f} s  rmse pretrained / scratch / rf "
                   f"{m['rmse_mg_ha']:.1f} / {m['rmse_mg_ha_scratch']:.1f} / {m['rmse_mg_ha_rf']:.1f}", flush=True)
@@ -63,7 +64,7 @@ def main() -> None:
         cells = []
         for b in res:
             v = np.array([m.get(k, np.nan) for m in res[b]], dtype=float)
-            cells.append(f"{v.mean():9.2f} ({v.min():.1f}..{v.max():.1f})")
+            cells.append(f"{v.mean():9.3g} ({v.min():.3g}..{v.max():.3g})")
         print(f"{k:36s}" + "".join(f"{c:>24}" for c in cells))
     wins = {b: sum(m["rmse_mg_ha"] < min(m["rmse_mg_ha_scratch"], m["rmse_mg_ha_rf"]) for m in res[b]) for b in res}
     print("draws where pretrained beats both on held-out plots: " + ", ".join(f"{b}: {w}/{a.draws}"

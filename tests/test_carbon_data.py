@@ -155,13 +155,14 @@ def test_station_record_uses_the_real_mauna_loa_background(region):
     assert amp.max() - amp.min() > 3  # a local seasonal drawdown on top of the background
 
 
-def test_widen_moves_the_interval_and_keeps_quantiles_ordered():
+def test_widen_moves_the_interval_by_its_width_and_keeps_quantiles_ordered():
     from hfmi_kit.domains.carbon.tasks import widen
 
     q = np.array([[[10.0, 0.5]], [[20.0, 1.0]], [[30.0, 2.0]], [[21.0, 1.1]]])  # q05, q50, q95, mean
-    out = widen([q], 5.0, (0.05, 0.5, 0.95))[0]
-    assert out[0, 0, 0] == 5.0 and out[2, 0, 0] == 35.0 and out[0, 0, 1] == 0.0  # never below zero
+    out = widen([q], 0.5, (0.05, 0.5, 0.95))[0]  # half the width (20 Mg/ha) on each side
+    assert out[0, 0, 0] == 0.0 and out[2, 0, 0] == 40.0
+    assert out[2, 0, 1] == 2.75 and out[0, 0, 1] == 0.0  # a 1.5-wide interval moves by 0.75, never below 0
     assert (out[1] == q[1]).all() and (out[3] == q[3]).all()  # median and mean untouched
-    narrow = widen([q], -50.0, (0.05, 0.5, 0.95))[0]  # a negative margin stops at the median
+    narrow = widen([q], -5.0, (0.05, 0.5, 0.95))[0]  # a negative factor stops at the median
     assert (narrow[0] == q[1]).all() and (narrow[2] == q[1]).all()
     assert (q[0] == [[10.0, 0.5]]).all()  # the input is not modified

@@ -37,7 +37,7 @@ def test_finetune_learns_biomass_and_writes_maps_and_budget(pretrained, region, 
     assert m["r2"] > 0.2 and m["r2_map"] > 0.2  # it learned biomass, not the mean
     # the 90 % interval is calibrated by cross-conformal fits on the training plots only; its
     # coverage is then measured on the held-out pixels of the true map
-    assert m["calibration_scores"] == 2 * 60 and np.isfinite(m["calibration_margin_mg_ha"])
+    assert m["calibration_scores"] == 2 * 60 and np.isfinite(m["calibration_width_factor"])
     assert 0.75 <= m["coverage_90"] <= 0.99
     assert read_config(tmp_path / "model")["training"]["mode"] == "frozen"  # the default from a checkpoint
     assert m["labelled_plots"] == 60 and m["test_plots"] > 30

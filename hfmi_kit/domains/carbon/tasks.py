@@ -312,16 +312,20 @@ def _interval_ends(quantiles: Sequence[float]) -> tuple[int, int]:
     return (q.index(0.05) if 0.05 in q else 0), (q.index(0.95) if 0.95 in q else len(q) - 1)
 
 
-def widen(maps_q: list[np.ndarray], margin: float, quantiles: Sequence[float]) -> list[np.ndarray]:
-    """The 90 % interval moved out by ``margin`` Mg/ha on both sides (in by a negative one), kept
-    around the median and above zero (see :func:`calibrate_interval`)."""
+WIDTH_FLOOR = 1.0  # Mg/ha: the smallest interval width a calibration score divides by
+
+
+def widen(maps_q: list[np.ndarray], factor: float, quantiles: Sequence[float]) -> list[np.ndarray]:
+    """The 90 % interval moved out on both sides by ``factor`` times its own width (in by a
+    negative factor), kept around the median and above zero (see :func:`calibrate_interval`)."""
     lo, hi = _interval_ends(quantiles)
     mid = len(list(quantiles)) // 2
     out = []
     for q in maps_q:
         q = q.copy()
-        q[lo] = np.minimum(q[lo] - margin, q[mid]).clip(min=0)
-        q[hi] = np.maximum(q[hi] + margin, q[mid])
+        step = factor * np.maximum(q[hi] - q[lo], WIDTH_FLOOR)
+        q[lo] = np.minimum(q[lo] - step, q[mid]).clip(min=0)
+        q[hi] = np.maximum(q[hi] + step, q[mid])
         out.append(q)
     return out
 
@@ -330,8 +334,10 @@ def calibrate_interval(prep: Prepared, fit: Any, ids: Sequence[str], quantiles: 
                        seed: int) -> dict[str, float]:
     """Cross-conformal calibration of the 90 % interval (conformalised quantile regression): the
     training plots are split into ``folds`` groups (a plot's epochs stay together); a model fitted
-    on the other folds scores each group by ``max(q05 - y, y - q95)``; the margin is the
-    ``ceil(0.9 (n + 1))``-th smallest of the n scores. ``fit(ids, seed)`` returns a model.
+    on the other folds scores each group by ``max(q05 - y, y - q95) / (q95 - q05)`` (the miss in
+    units of the interval's own width, so a wide interval over dense forest and a narrow one over
+    a field are calibrated alike); the width factor is the ``ceil(0.9 (n + 1))``-th smallest of
+    the n scores. ``fit(ids, seed)`` returns a model.
     Held-out plots are never touched, so coverage on them stays an honest test."""
     ids = sorted(ids)
     if folds < 2 or len(ids) < 2 * folds:
@@ -345,12 +351,12 @@ def calibrate_interval(prep: Prepared, fit: Any, ids: Sequence[str], quantiles: 
         maps = [predict_map(model, f, prep.shape) for f in prep.fields]
         obs, plo = _plot_values(prep, [m[lo] for m in maps], held)
         _, phi = _plot_values(prep, [m[hi] for m in maps], held)
-        scores.append(np.maximum(plo - obs, obs - phi))
+        scores.append(np.maximum(plo - obs, obs - phi) / np.maximum(phi - plo, WIDTH_FLOOR))
     sc = np.sort(np.concatenate(scores))
     n = len(sc)
-    margin = float(sc[min(n, int(np.ceil(0.9 * (n + 1)))) - 1])  # the ceil(0.9 (n + 1))-th smallest
+    factor = float(sc[min(n, int(np.ceil(0.9 * (n + 1)))) - 1])  # the ceil(0.9 (n + 1))-th smallest
     raw = float(np.mean(sc <= 0))
-    return {"margin_mg_ha": margin, "folds": float(folds), "scores": float(n), "raw_coverage_90": raw}
+    return {"width_factor": factor, "folds": float(folds), "scores": float(n), "raw_coverage_90": raw}
 
 
 def evaluate_maps(prep: Prepared, maps_q: list[np.ndarray], train_ids: set[str], test_ids: set[str],
@@ -394,7 +400,7 @@ def evaluate_maps(prep: Prepared, maps_q: list[np.ndarray], train_ids: set[str],
 def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task: str = "biomass",
              labels: int | None = None, label_fraction: float = 1.0, steps: int = 300, seed: int = 0,
              mode: str | None = None, config: str | None = None, batch_size: int = 16, lr: float | None = None,
-             layer_decay: float | None = None, baselines: bool | Sequence[str] = False, calibration_folds: int = 3,
+             layer_decay: float | None = None, baselines: bool | Sequence[str] = False, calibration_folds: int = 5,
              precision: str = "auto", device: str = "auto", progress: bool = True) -> dict[str, float]:
     """Fine-tune biomass quantiles (5 %, 50 %, 95 %) and mean on ``labels`` field plots (default: all plots
     outside the held-out set, or ``label_fraction`` of them; each plot is measured at every
@@ -448,7 +454,7 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
                         **{**kw, "seed": s_, "progress": False})
 
         calib = calibrate_interval(prep, refit, chosen, model.quantiles, folds=calibration_folds, seed=seed)
-        maps = widen(maps, calib["margin_mg_ha"], model.quantiles)
+        maps = widen(maps, calib["width_factor"], model.quantiles)
     metrics = evaluate_maps(prep, maps, train_ids, test_ids, model.quantiles)
     metrics.update({f"calibration_{k}": v for k, v in calib.items()})
     if "scratch" in wanted and ckpt is not None:
@@ -546,9 +552,9 @@ def map_region(ckpt: str | Path, data: str | Path) -> tuple[CarbonNet, Prepared,
         raise ConfigError(f"{ckpt}: {cfg.get('model_type')} is not a carbon biomass model")
     prep = prepare(data, tile=model.tile, groups=model.groups)
     maps = [predict_map(model, f, prep.shape) for f in prep.fields]
-    margin = cfg.get("calibration", {}).get("margin_mg_ha")
-    if margin is not None:
-        maps = widen(maps, float(margin), model.quantiles)
+    factor = cfg.get("calibration", {}).get("width_factor")
+    if factor is not None:
+        maps = widen(maps, float(factor), model.quantiles)
     return model, prep, maps
 
 
