@@ -254,6 +254,68 @@ def cmd_demo(a: argparse.Namespace) -> None:
 TARGET_HELP = "materials: the value column of the --data CSV (default 'target'; band gaps in eV)"
 
 
+def cmd_plan(a: argparse.Namespace) -> int:
+    from hfmi_kit.launch.plan import parse_memory, plan
+
+    opts: dict[str, Any] = {}
+    size = a.config
+    if Path(a.config).is_file():  # a YAML/JSON file: size, tokens, batch_size, samples, mask_ratio, ...
+        opts = yaml.safe_load(Path(a.config).read_text(encoding="utf-8")) or {}
+        if not isinstance(opts, dict) or "size" not in opts:
+            raise HfmiError(f"{a.config}: expected a mapping with at least 'size' (and tokens, batch_size, ...)")
+        size = opts.pop("size")
+    flags = {"tokens": a.tokens, "batch_size": a.batch_size, "samples": a.samples, "mask_ratio": a.mask_ratio,
+             "mfu": a.mfu, "peak_tflops": a.peak_tflops}
+    opts.update({k: v for k, v in flags.items() if v is not None})
+    p = plan(size, tokens=int(opts.get("tokens", 1024)), batch_per_device=int(opts.get("batch_size", 8)),
+             devices=a.gpus, device_memory_gb=parse_memory(a.gpu_memory), dtype=a.dtype, strategy=a.strategy,
+             activation_checkpointing=a.activation_checkpointing, mask_ratio=float(opts.get("mask_ratio", 0.75)),
+             samples=float(opts.get("samples", 1e6)), mfu=float(opts.get("mfu", 0.4)),
+             peak_tflops=opts.get("peak_tflops"), overhead_gb=a.overhead_gb)
+    print(p.report())
+    return 0 if p.fits else 2
+
+
+def cmd_preflight(a: argparse.Namespace) -> None:
+    """Run the notebook with tiny parameters in one process, check what a batch run needs, print
+    the submit command."""
+    import shlex
+    import tempfile
+
+    from hfmi_kit.launch.notebook import read_notebook, run_notebook
+
+    params = _parse_params(a.p)
+    nb = read_notebook(a.notebook)
+    src = next((c.source for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])), "")
+    names = {ln.split("=")[0].strip() for ln in src.splitlines() if "=" in ln and not ln.lstrip().startswith("#")}
+    tiny = dict(params)
+    for n in names:
+        if n == "steps" or n.endswith("_steps"):
+            tiny[n] = 2
+    with tempfile.TemporaryDirectory(prefix="hfmi-preflight-") as tmp:
+        out_param = next((n for n in ("out_dir", "out") if n in names), None)
+        if out_param:
+            tiny[out_param] = str(Path(tmp) / "out")
+        t = time.time()
+        run_notebook(a.notebook, tiny, output=Path(tmp) / "preflight.ipynb")
+        print(f"preflight: the notebook ran with {sorted(k for k in tiny if k not in params or tiny[k] != params[k])} "
+              f"made tiny in {time.time() - t:.0f} s (data readable, every cell passed)")
+        if out_param:
+            ck = [p for p in (Path(tmp) / "out").rglob("model.safetensors")]
+            if not ck:
+                raise HfmiError(f"preflight: the notebook wrote no checkpoint under its {out_param}")
+            from hfmi_kit.train import load_pretrained
+
+            load_pretrained(ck[0].parent)
+            print(f"preflight: checkpoint written and loadable ({ck[0].parent.relative_to(tmp)})")
+    cmd = ["hfmi", "submit", a.notebook, *[x for k, v in (a.p or []) for x in ("-p", k, v)]]
+    for flag, val in (("--partition", a.partition), ("--nodes", a.nodes), ("--gpus-per-node", a.gpus_per_node),
+                      ("--cpus-per-task", a.cpus_per_task), ("--time", a.time), ("--strategy", a.strategy)):
+        if val not in (None, ""):
+            cmd += [flag, str(val)]
+    print("preflight passed; submit with:\n  " + " ".join(shlex.quote(c) for c in cmd))
+
+
 def cmd_convert(a: argparse.Namespace) -> None:
     from hfmi_kit.train.sharded import convert_sharded
 
@@ -391,6 +453,30 @@ def build_parser() -> argparse.ArgumentParser:
     slurm_opts(sp)
     sp.set_defaults(fn=cmd_submit)
 
+    sp = sub.add_parser("preflight", help="run a notebook with tiny parameters here, check data and checkpoint "
+                                          "writing, then print the submit command")
+    sp.add_argument("notebook")
+    sp.add_argument("-p", nargs=2, action="append", metavar=("NAME", "VALUE"), help="parameter of the real run")
+    slurm_opts(sp)
+    sp.set_defaults(fn=cmd_preflight)
+
+    sp = sub.add_parser("plan", help="pre-flight plan: parameters, FLOPs, memory per device, time; says if it fits")
+    sp.add_argument("config", help="a model size (tiny, small, base, 1b) or a YAML file with size, tokens, "
+                                   "batch_size, samples, mask_ratio")
+    sp.add_argument("--gpus", type=int, default=1, help="devices in total")
+    sp.add_argument("--gpu-memory", default="80GB", help="memory per device, e.g. 80GB")
+    sp.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    sp.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"])
+    sp.add_argument("--activation-checkpointing", action="store_true")
+    sp.add_argument("--tokens", type=int, help="tokens per sample (default 1024)")
+    sp.add_argument("--batch-size", type=int, help="samples per device per step (default 8)")
+    sp.add_argument("--samples", type=float, help="sample budget of the run (default 1e6)")
+    sp.add_argument("--mask-ratio", type=float, help="MAE mask ratio (default 0.75)")
+    sp.add_argument("--mfu", type=float, help="assumed model FLOPs utilisation (default 0.4)")
+    sp.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device (default: H100 dense for the dtype)")
+    sp.add_argument("--overhead-gb", type=float, default=1.0, help="fixed per-device overhead (CUDA context)")
+    sp.set_defaults(fn=cmd_plan)
+
     sp = sub.add_parser("sweep", help="run a notebook for every combination of parameters, locally or as a "
                                       "SLURM job array; summary table of the runs' metrics")
     sp.add_argument("notebook", nargs="?")
@@ -440,7 +526,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "strategy", None):
         os.environ["HFMI_STRATEGY"] = args.strategy
     try:
-        args.fn(args)
+        rc = args.fn(args)
+        if isinstance(rc, int):
+            return rc
     except PreemptedError as e:
         print(f"hfmi: pre-empted: {e}", file=sys.stderr)
         return REQUEUE_EXIT_CODE
