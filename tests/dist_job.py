@@ -1,6 +1,6 @@
 """A small deterministic training job for the scale-out tests, run by plain python or torchrun.
 
-    python tests/dist_job.py train OUT          # env: STEPS, BS, CKPT_EVERY, RESUME, SLOW, STALL_ON_SAVE
+    python tests/dist_job.py train OUT          # env: STEPS, BS, CKPT_EVERY, RESUME, UNTIL, SLOW, STALL_ON_SAVE
     python tests/dist_job.py convert OUT STEP   # a sharded step checkpoint -> single-file checkpoint
 
 The model has a real transformer block (what FSDP shards) and no randomness, so one process,
@@ -93,11 +93,14 @@ def main() -> int:
                       warmup_steps=2, checkpoint_every=int(os.environ.get("CKPT_EVERY", "10")), progress=False,
                       log_every=1, keep_checkpoints=10)
     tr = Trainer(model, Data(), config=cfg, out_dir=out, model_config=mc)
+    until = int(os.environ["UNTIL"]) if os.environ.get("UNTIL") else None
     try:
-        res = tr.fit(resume=os.environ.get("RESUME") == "1")
+        res = tr.fit(resume=os.environ.get("RESUME") == "1", until=until)
     except PreemptedError as e:
         print(f"pre-empted: {e}", file=sys.stderr)
         return REQUEUE_EXIT_CODE
+    if until is not None and res.step < cfg.steps:  # stopped part-way with a checkpoint, as a job at its limit
+        return 0
     save_pretrained(model, out / "model", config=mc)
     data = Data()
     with torch.no_grad():  # the final model on every sample (under FSDP the forward gathers the shards)

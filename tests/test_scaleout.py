@@ -174,3 +174,35 @@ def test_hfmi_pretrain_with_nproc_and_fsdp_then_convert(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = weights(tmp_path / "conv"), weights(out / "model")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in b)  # the last step is the final model
+
+
+def test_a_sharded_checkpoint_cannot_run_code_when_loaded(runs, tmp_path):
+    import pickle
+    import shutil
+
+    ck = runs / "fsdp" / "checkpoints"
+    bad = tmp_path / "step"
+    shutil.copytree(ck / (ck / "latest").read_text().strip(), bad)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (bad / "sharded" / ".metadata").write_bytes(pickle.dumps(Evil()))
+    r = run(tmp_path / "out", args=("convert", str(bad)))
+    assert r.returncode != 0 and "unsafe checkpoint metadata" in r.stderr and "refusing posix.system" in r.stderr
+    assert not marker.exists()
+
+
+def test_ddp_stopped_part_way_resumes_exactly(runs, tmp_path):
+    # two processes stop at step 17 (mid-epoch, between checkpoints), a new pair resumes: the same
+    # weights as the uninterrupted 2-process run, bit for bit (sampler position, RNG per rank)
+    env = {"BS": "8", "HFMI_STRATEGY": "ddp"}
+    r = run(tmp_path / "d", nproc=2, env={**env, "UNTIL": "17"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "d" / "checkpoints" / "latest").read_text().strip() == "step-00000017"
+    r = run(tmp_path / "d", nproc=2, env={**env, "RESUME": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = weights(tmp_path / "d" / "model"), weights(runs / "ddp" / "model")
+    assert all(torch.equal(a[k], b[k]) for k in b)

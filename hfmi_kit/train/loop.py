@@ -464,7 +464,7 @@ class Trainer:
         req = os.environ.get("HFMI_PREEMPT_FILE")
         if req and self._signal is None and os.path.exists(req):
             self._signal = -1
-        flag = torch.tensor([1.0 if self._signal is not None else 0.0])
+        flag = torch.tensor([1.0 if self._signal is not None else 0.0], device=self.device)  # NCCL: on the GPU
         if self.dist.distributed:  # every rank stops at the same step
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
@@ -526,7 +526,7 @@ class Trainer:
             bar.set_postfix(loss=f"{loss_sum:.4g}", refresh=False)
             if self.step % c.log_every == 0 or self.step == c.steps:
                 if self.dist.distributed:  # log the global loss, not rank 0's share of the batch
-                    t = torch.tensor([loss_sum], dtype=torch.float64)
+                    t = torch.tensor([loss_sum], dtype=torch.float64, device=self.device)
                     torch.distributed.all_reduce(t)
                     loss_sum = float(t.item()) / self.dist.world_size
                 dt = time.perf_counter() - t0

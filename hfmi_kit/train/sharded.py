@@ -7,11 +7,19 @@ optimiser). DCP re-shards on load, so it resumes on any number of processes, and
 :func:`convert_sharded` turns it, offline on one CPU, into the single-file
 :func:`~hfmi_kit.train.save_pretrained` form: the model is built once and DCP reads the shards
 into its tensors in place, so the whole model is never held twice.
+
+DCP pickles its ``.metadata`` file; reading it here goes through :class:`SafeReader`, whose
+unpickler accepts only DCP's own metadata classes, tensor sizes and dtypes, and paths, so a
+crafted checkpoint cannot run code (the shards themselves load with ``weights_only=True``).
 """
 
 from __future__ import annotations
 
+import builtins
+import collections
+import importlib
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +31,57 @@ from hfmi_kit.errors import CheckpointError
 
 LOGGER = logging.getLogger(__name__)
 SHARDED = "sharded"
+_SAFE_FUNCTIONS = {("torch.serialization", "_get_layout")}  # a layout name -> torch.layout
+_SAFE_BUILTINS = {"set", "frozenset", "tuple", "list", "dict", "slice", "range", "complex"}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """An unpickler for DCP metadata that refuses anything but data classes (no code)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        import inspect
+
+        obj = None
+        if (module, name) in _SAFE_FUNCTIONS:
+            obj = getattr(importlib.import_module(module), name)
+        elif module.startswith("torch.distributed.checkpoint.") and not name.startswith("__"):
+            cand = getattr(importlib.import_module(module), name, None)
+            if inspect.isclass(cand):
+                obj = cand
+        elif module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+            obj = getattr(torch, name)
+        elif module in ("pathlib", "pathlib._local") and name in ("Path", "PosixPath", "WindowsPath",
+                                                                  "PurePosixPath", "PureWindowsPath"):
+            obj = getattr(importlib.import_module(module), name)
+        elif module == "collections" and name == "OrderedDict":
+            obj = collections.OrderedDict
+        elif module == "builtins" and name in _SAFE_BUILTINS:
+            obj = getattr(builtins, name)
+        if obj is None:
+            raise pickle.UnpicklingError(f"refusing {module}.{name} in checkpoint metadata")
+        return obj
+
+
+def _safe_reader(path: str | Path) -> Any:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        """DCP's file reader with a metadata unpickler that cannot run code."""
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            f = Path(self.path) / ".metadata"
+            try:
+                with open(f, "rb") as fh:
+                    md = _MetadataUnpickler(fh).load()
+            except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
+                raise CheckpointError(f"{f}: unreadable or unsafe checkpoint metadata ({e})") from e
+            if getattr(md, "storage_meta", None) is None:
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
+            return md
+
+    return SafeReader(str(path))
 
 
 def apply_fsdp(model: nn.Module) -> nn.Module:
@@ -60,7 +119,10 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: str |
     msd, osd = get_state_dict(model, optimizer)
     state = {"model": msd, "optim": osd}
     try:
-        dcp.load(state, checkpoint_id=str(path), no_dist=not (dist.is_available() and dist.is_initialized()))
+        dcp.load(state, storage_reader=_safe_reader(path),
+                 no_dist=not (dist.is_available() and dist.is_initialized()))
+    except CheckpointError:
+        raise
     except Exception as e:  # DCP raises several types for missing / corrupt shards
         raise CheckpointError(f"{path}: cannot read the sharded checkpoint ({e})") from e
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
@@ -91,7 +153,9 @@ def convert_sharded(step_dir: str | Path, out: str | Path) -> Path:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
         try:
-            dcp.load(state, checkpoint_id=str(step_dir / SHARDED), no_dist=True)
+            dcp.load(state, storage_reader=_safe_reader(step_dir / SHARDED), no_dist=True)
+        except CheckpointError:
+            raise
         except Exception as e:
             raise CheckpointError(f"{step_dir / SHARDED}: cannot read the shards ({e})") from e
     model.load_state_dict(state["model"])
