@@ -206,18 +206,12 @@ def cmd_sweep(a: argparse.Namespace) -> None:
         job = _slurm_job(a, a.notebook, {})
         job.array = f"0-{n - 1}"
         job.workdir = job.workdir or str(Path(a.out).resolve())
-        script = slurm.batch_script(job, f"sweep-task {spec} $SLURM_ARRAY_TASK_ID")
-        path = Path(job.workdir) / "sweep.sbatch"
-        path.write_text(script, encoding="utf-8")
+        script, job_id = slurm.submit(job, dry_run=a.dry_run, run_cmd=f"sweep-task {spec} $SLURM_ARRAY_TASK_ID",
+                                      script_name="sweep.sbatch")
         if a.dry_run:
             print(script, end="")
-            return
-        import subprocess
-
-        r = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True, timeout=60)
-        if r.returncode != 0:
-            raise HfmiError(f"sbatch refused {path}: {r.stderr.strip()}")
-        print(f"submitted job array {r.stdout.strip()} ({n} runs); then: hfmi sweep --collect --out {a.out}")
+        else:
+            print(f"submitted job array {job_id} ({n} runs); then: hfmi sweep --collect --out {a.out}")
         return
     rows = slurm.run_sweep_local(spec)
     print((Path(a.out) / "summary.md").read_text(), end="")

@@ -165,3 +165,36 @@ def test_a_local_sweep_collects_a_summary_and_marks_failures(tmp_path):
     assert done == {("1", "10"): 10.0, ("1", "20"): 20.0, ("2", "10"): 20.0, ("2", "20"): 40.0}
     assert sorted(r["status"] for r in rows).count("failed") == 2
     assert "| run |" in (tmp_path / "sw" / "summary.md").read_text()
+
+
+def test_a_signalled_slurm_job_checkpoints_requeues_itself_and_the_rerun_resumes(slurm, tmp_path):
+    """What happens near the time limit (SLURM signals the batch shell; sent by hand here, with
+    scancel, so the test does not wait for a real limit): the run checkpoints and stops, the script
+    resubmits itself with HFMI_RESUME=1, and the second job's notebook resumes training."""
+    run_dir, out = tmp_path / "run", tmp_path / "nb.ipynb"
+    r = _hfmi(["submit", str(NB), "-p", "out_dir", str(run_dir), "-p", "steps", "200", "-p", "years", "6",
+               "-p", "variables", "[tas, tos, siconc, rsdt]", "-o", str(out), "--time", "00:20:00",
+               "--cpus-per-task", "2", "--workdir", str(tmp_path), "--job-name", "hfmi-preempt"], slurm)
+    assert r.returncode == 0, r.stderr
+    first = r.stdout.strip().split()[-1]
+    log = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.is_file() and log.read_text().count('"train"') >= 2):
+        time.sleep(0.5)
+    assert log.is_file(), "training never started"
+    subprocess.run(["scancel", "--batch", "--signal=USR1", first], env=slurm, check=True)
+    _wait(slurm, first)
+    deadline = time.time() + 600
+    while time.time() < deadline:  # the resubmitted job, then its end
+        q = subprocess.run(["squeue", "-h", "-n", "hfmi-preempt", "-o", "%i"], env=slurm, capture_output=True,
+                           text=True).stdout.split()
+        if not q:
+            break
+        time.sleep(1)
+    text = "\n".join(p.read_text() for p in sorted(tmp_path.glob("slurm-*.out")))
+    assert "pre-empted" in text and "resubmitting with HFMI_RESUME=1" in text, text[-3000:]
+    steps = [json.loads(x)["step"] for x in log.read_text().splitlines() if '"train"' in x]
+    assert steps == sorted(set(steps)) and steps[-1] == 200, steps  # continued, never restarted
+    assert len(list(tmp_path.glob("slurm-*.out"))) == 2  # two jobs: the signalled one and its requeue
+    nb = nbformat.read(out, as_version=4)
+    assert "train_loss" in json.dumps([c.get("outputs", []) for c in nb.cells])

@@ -132,17 +132,19 @@ def run_command(notebook: str, parameters: Mapping[str, Any], output: str) -> st
     return " ".join(parts)
 
 
-def submit(job: SlurmJob, *, dry_run: bool = False) -> tuple[str, str | None]:
-    """Write ``<workdir>/<job name>.sbatch`` and submit it (unless ``dry_run``); returns the
-    script and SLURM's job id (None when dry)."""
+def submit(job: SlurmJob, *, dry_run: bool = False, run_cmd: str | None = None,
+           script_name: str | None = None) -> tuple[str, str | None]:
+    """Write ``<workdir>/<job name>.sbatch`` (or ``script_name``) and submit it unless ``dry_run``;
+    ``run_cmd`` replaces the default ``hfmi run`` of the notebook. Returns the script and SLURM's
+    job id (None when dry)."""
     wd = Path(job.workdir or ".").resolve()
     job.workdir = str(wd)
     out = job.output or str(wd / f"{Path(job.notebook).stem}.out.ipynb")
-    script = batch_script(job, run_command(job.notebook, job.parameters, out))
+    script = batch_script(job, run_cmd or run_command(job.notebook, job.parameters, out))
     if dry_run:
         return script, None
     wd.mkdir(parents=True, exist_ok=True)
-    path = wd / f"{job.job_name or 'hfmi-' + Path(job.notebook).stem}.sbatch"
+    path = wd / (script_name or f"{job.job_name or 'hfmi-' + Path(job.notebook).stem}.sbatch")
     path.write_text(script, encoding="utf-8")
     try:
         r = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True, timeout=60)
