@@ -410,7 +410,8 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
     checkpoint (the pretrained encoder is kept, the pixel decoder and head learn: with tens of
     plots, updating the encoder too overfits) and ``full`` from scratch. The 90 % interval is
     calibrated by cross-conformal prediction on the training plots (``calibration_folds``
-    extra fits; 0 skips it; see :func:`calibrate_interval`). Writes ``out/model``, maps
+    extra fits, fewer when there are under two plots per fold; 0 skips it; see
+    :func:`calibrate_interval`). Writes ``out/model``, maps
     (``maps/*.tif`` cloud-optimised GeoTIFF, ``maps/carbon.nc`` CF NetCDF), ``budget.csv`` and
     ``metrics.json``."""
     if task != "biomass":
@@ -448,12 +449,16 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
                  out_dir=out / "train", **kw)
     maps = [predict_map(model, f, prep.shape) for f in prep.fields]
     calib: dict[str, float] = {}
-    if calibration_folds:
+    folds = min(calibration_folds, len(chosen) // 2)  # every fold holds >= 2 plots
+    if calibration_folds and folds < 2:
+        LOGGER.warning("%d plots are too few to calibrate the interval (>= 4 needed); it stays uncalibrated",
+                       len(chosen))
+    elif calibration_folds:
         def refit(ids: Sequence[str], s_: int) -> CarbonNet:
             return _fit(prep, ckpt, size, mk, ids, lr=lr, layer_decay=layer_decay, mode=mode, out_dir=None,
                         **{**kw, "seed": s_, "progress": False})
 
-        calib = calibrate_interval(prep, refit, chosen, model.quantiles, folds=calibration_folds, seed=seed)
+        calib = calibrate_interval(prep, refit, chosen, model.quantiles, folds=folds, seed=seed)
         maps = widen(maps, calib["width_factor"], model.quantiles)
     metrics = evaluate_maps(prep, maps, train_ids, test_ids, model.quantiles)
     metrics.update({f"calibration_{k}": v for k, v in calib.items()})
