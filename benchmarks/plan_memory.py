@@ -5,8 +5,9 @@
 
 Each measurement is a fresh process that trains an MAE (the core tokenizer, encoder and decoder)
 with the real training loop for a few steps in fp32 and reports its peak resident memory above
-the resident memory before the model was built (``ru_maxrss``; on CUDA it would be
-``torch.cuda.max_memory_allocated``). The planner gets the same size, tokens, batch and
+the resident memory before the model was built (``VmHWM``; with ``--device cuda``,
+``torch.cuda.max_memory_allocated`` above the allocation before the model, with flash attention
+assumed and no overhead). The planner gets the same size, tokens, batch and
 parameter count, ``attention="math"`` (the CPU's attention keeps the T x T softmax) and a fixed
 CPU runtime overhead of 0.07 GB (read off the smallest run, as a CUDA context would be on a GPU).
 """
@@ -32,6 +33,7 @@ from hfmi_kit.models.tokenizers import patchify
 from hfmi_kit.train import TrainConfig, Trainer
 
 size, side, patch, groups, batch, steps, mask = sys.argv[1], *map(int, sys.argv[2:7]), float(sys.argv[7])
+device = sys.argv[8]
 names = [f"v{i}" for i in range(groups)]
 
 class Fields(Dataset):
@@ -59,25 +61,34 @@ def rss():
 
 ds = Fields()
 _ = ds[0]
-before = rss()
+cuda = device.startswith("cuda")
+if cuda:
+    torch.zeros(1, device=device)  # the CUDA context is not the model's
+    torch.cuda.reset_peak_memory_stats()
+before = torch.cuda.memory_allocated() if cuda else rss()
 model = MAE()
 n = sum(p.numel() for p in model.parameters())
 tokens = groups * (side // patch) ** 2
-cfg = TrainConfig(steps=steps, batch_size=batch, progress=False, log_every=10_000, precision="fp32", warmup_steps=1)
+cfg = TrainConfig(steps=steps, batch_size=batch, progress=False, log_every=10_000, precision="fp32", warmup_steps=1,
+                  device=device)
 Trainer(model, ds, config=cfg).fit()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def hwm():  # this process image's peak RSS (ru_maxrss would carry a big parent's over through fork + exec)
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmHWM:"))
+
+peak = torch.cuda.max_memory_allocated() if cuda else hwm()
 print(json.dumps({"params": n, "tokens": tokens, "measured": peak - before}))
 """
 
 
 def measure(size: str, *, side: int = 64, patch: int = 4, groups: int = 2, batch: int = 8, steps: int = 3,
-            mask_ratio: float = 0.75) -> dict[str, Any]:
+            mask_ratio: float = 0.75, device: str = "cpu") -> dict[str, Any]:
     """Measured peak memory of a real run and the planner's estimate for the same configuration."""
     from hfmi_kit.launch.plan import _block_params, plan
     from hfmi_kit.models import get_size
 
     r = subprocess.run([sys.executable, "-c", WORKER, size, str(side), str(patch), str(groups), str(batch), str(steps),
-                        str(mask_ratio)], capture_output=True, text=True, timeout=1800)
+                        str(mask_ratio), device], capture_output=True, text=True, timeout=1800)
     if r.returncode:
         raise RuntimeError(f"measurement of {size} failed:\n{r.stderr[-3000:]}")
     m = json.loads(r.stdout.strip().splitlines()[-1])
@@ -85,8 +96,9 @@ def measure(size: str, *, side: int = 64, patch: int = 4, groups: int = 2, batch
     blocks = (cfg.depth * _block_params(cfg.dim, cfg.mlp_ratio) + cfg.decoder_depth
               * _block_params(cfg.decoder_dim, cfg.mlp_ratio) + cfg.dim * cfg.decoder_dim)
     p = plan(size, tokens=m["tokens"], batch_per_device=batch, devices=1, dtype="fp32", strategy="ddp",
-             mask_ratio=mask_ratio, extra_params=m["params"] - blocks, attention="math",
-             overhead_gb=CPU_RUNTIME_GB)
+             mask_ratio=mask_ratio, extra_params=m["params"] - blocks,
+             attention="flash" if device.startswith("cuda") else "math",
+             overhead_gb=0.0 if device.startswith("cuda") else CPU_RUNTIME_GB)
     return {"size": size, "batch": batch, "tokens": m["tokens"], "params": m["params"], "measured": m["measured"],
             "predicted": p.peak_memory, "ratio": p.peak_memory / m["measured"], "plan": p}
 
@@ -94,12 +106,13 @@ def measure(size: str, *, side: int = 64, patch: int = 4, groups: int = 2, batch
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default="tiny:8,tiny:32,base:4,base:8", help="size:batch pairs")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda to measure torch.cuda.max_memory_allocated")
     a = ap.parse_args()
     print(f"{'size':6s} {'params':>10s} {'tokens':>7s} {'batch':>6s} {'measured MiB':>13s} {'predicted MiB':>14s} "
           f"{'pred/meas':>10s}")
     for run in a.runs.split(","):
         s, b = run.split(":")
-        r = measure(s, batch=int(b))
+        r = measure(s, batch=int(b), device=a.device)
         print(f"{s:6s} {r['params']:10d} {r['tokens']:7d} {r['batch']:6d} {r['measured'] / 2**20:13.1f} "
               f"{r['predicted'] / 2**20:14.1f} {r['ratio']:10.2f}")
 

@@ -1,5 +1,6 @@
 """Scale-out on this machine's CPUs: pretraining throughput of one process against 2-process DDP
-and FSDP (torchrun, gloo) at the same global batch, and the scaling efficiency.
+and FSDP (torchrun, gloo) at the same global batch, the scaling efficiency, and the pre-flight
+planner's predicted against measured peak memory (see ``plan_memory.py``).
 
     .venv/bin/python benchmarks/scaling.py --steps 40 --config tiny
 
@@ -67,6 +68,14 @@ def main() -> None:
         n = 2 if k.startswith("2 procs") else 1
         eff = v["samples_per_s"] / (n * base) if n > 1 else float("nan")
         print(f"{k:22s} {v['samples_per_s']:10.1f} {eff:11.2f} {v['wall_s']:8.1f}")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from plan_memory import measure
+
+    print("\nhfmi plan: predicted vs measured peak memory (fp32 MAE training on this CPU)")
+    for size, batch in (("tiny", 8), ("tiny", 32), ("base", 4), ("base", 8)):
+        r = measure(size, batch=batch)
+        print(f"  {size:5s} batch {batch:3d}: predicted {r['predicted'] / 2**20:7.1f} MiB, measured "
+              f"{r['measured'] / 2**20:7.1f} MiB, ratio {r['ratio']:.2f}")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def test_plan_accounts_memory_by_strategy_and_says_when_it_does_not_fit(capsys):
         parse_memory("lots")
 
 
-@pytest.mark.parametrize("size,batch", [("tiny", 8), ("tiny", 32), ("base", 4), ("base", 8)])
+@pytest.mark.parametrize("size,batch", [("tiny", 32), ("base", 4)])  # benchmarks/plan_memory.py: 4 runs
 def test_planned_memory_matches_the_measured_peak_within_20_percent(size, batch):
     from plan_memory import measure
 
