@@ -84,7 +84,7 @@ print(json.dumps({"params": n, "tokens": tokens, "measured": peak - before}))
 def measure(size: str, *, side: int = 64, patch: int = 4, groups: int = 2, batch: int = 8, steps: int = 3,
             mask_ratio: float = 0.75, device: str = "cpu") -> dict[str, Any]:
     """Measured peak memory of a real run and the planner's estimate for the same configuration."""
-    from hfmi_kit.launch.plan import _block_params, plan
+    from hfmi_kit.launch.plan import block_params, plan
     from hfmi_kit.models import get_size
 
     r = subprocess.run([sys.executable, "-c", WORKER, size, str(side), str(patch), str(groups), str(batch), str(steps),
@@ -93,8 +93,7 @@ def measure(size: str, *, side: int = 64, patch: int = 4, groups: int = 2, batch
         raise RuntimeError(f"measurement of {size} failed:\n{r.stderr[-3000:]}")
     m = json.loads(r.stdout.strip().splitlines()[-1])
     cfg = get_size(size)
-    blocks = (cfg.depth * _block_params(cfg.dim, cfg.mlp_ratio) + cfg.decoder_depth
-              * _block_params(cfg.decoder_dim, cfg.mlp_ratio) + cfg.dim * cfg.decoder_dim)
+    blocks = block_params(cfg)[2]
     p = plan(size, tokens=m["tokens"], batch_per_device=batch, devices=1, dtype="fp32", strategy="ddp",
              mask_ratio=mask_ratio, extra_params=m["params"] - blocks,
              attention="flash" if device.startswith("cuda") else "math",

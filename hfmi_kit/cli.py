@@ -276,12 +276,10 @@ def cmd_preflight(a: argparse.Namespace) -> None:
     import shlex
     import tempfile
 
-    from hfmi_kit.launch.notebook import read_notebook, run_notebook
+    from hfmi_kit.launch.notebook import parameter_names, read_notebook, run_notebook
 
     params = _parse_params(a.p)
-    nb = read_notebook(a.notebook)
-    src = next((c.source for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])), "")
-    names = {ln.split("=")[0].strip() for ln in src.splitlines() if "=" in ln and not ln.lstrip().startswith("#")}
+    names = parameter_names(read_notebook(a.notebook))
     tiny = dict(params)
     for n in names:
         if n == "steps" or n.endswith("_steps"):

@@ -33,6 +33,19 @@ def has_parameters_cell(nb: Any) -> bool:
     return any("parameters" in c.get("metadata", {}).get("tags", []) for c in nb.cells)
 
 
+def parameter_names(nb: Any) -> list[str]:
+    """Names the ``parameters`` cell assigns at top level (empty without such a cell)."""
+    import ast
+
+    src = next((c.source for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])), "")
+    try:
+        tree = ast.parse(src)
+    except SyntaxError as e:
+        raise NotebookError(f"the parameters cell is not valid Python ({e})") from e
+    return [t.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)]
+
+
 def _running_cell(output: Path) -> str:
     import nbformat
 

@@ -20,6 +20,7 @@ CPU and wherever a mask rules out the fused kernels) also keep the softmax outpu
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,9 +32,12 @@ GB = 1024**3
 PEAK_TFLOPS = {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}  # H100 SXM dense; pass peak_tflops for yours
 
 
-def _block_params(dim: int, mlp_ratio: float) -> int:
-    hidden = int(dim * mlp_ratio)
-    return 4 * dim * dim + 2 * dim * hidden + 9 * dim + hidden
+def block_params(cfg: EncoderConfig) -> tuple[int, int, int]:
+    """(one encoder block, one decoder block, all transformer blocks + the encoder-to-decoder
+    projection) in parameters, from :meth:`EncoderConfig.num_params`."""
+    enc = cfg.num_params() // cfg.depth
+    dec = dataclasses.replace(cfg, dim=cfg.decoder_dim, depth=1, heads=1).num_params()
+    return enc, dec, cfg.depth * enc + cfg.decoder_depth * dec + cfg.dim * cfg.decoder_dim
 
 
 @dataclass
@@ -113,9 +117,8 @@ def plan(size: str | EncoderConfig, *, tokens: int, batch_per_device: int = 8, d
         raise ConfigError(f"strategy must be ddp or fsdp, got {strategy!r}")
     if tokens < 1 or batch_per_device < 1 or devices < 1 or not 0.0 <= mask_ratio < 1.0 or not 0.0 < mfu <= 1.0:
         raise ConfigError("tokens, batch and devices must be >= 1, mask_ratio in [0, 1), mfu in (0, 1]")
-    enc_block = _block_params(cfg.dim, cfg.mlp_ratio)
-    dec_block = _block_params(cfg.decoder_dim, cfg.mlp_ratio)
-    params = cfg.depth * enc_block + cfg.decoder_depth * dec_block + cfg.dim * cfg.decoder_dim + extra_params
+    enc_block, dec_block, blocks = block_params(cfg)
+    params = blocks + extra_params
     t_enc = max(1, int(round(tokens * (1 - mask_ratio))))
     # forward FLOPs: 2 per weight per token, plus attention scores and mixing (4 T D per token and layer)
     fwd = (cfg.depth * (2 * enc_block * t_enc + 4 * t_enc * t_enc * cfg.dim)

@@ -182,15 +182,10 @@ def grid(params: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
 
 def _out_param(notebook: str) -> str | None:
     """The notebook's output-folder parameter (``out_dir`` or ``out``), if it has one."""
-    from hfmi_kit.launch.notebook import read_notebook
+    from hfmi_kit.launch.notebook import parameter_names, read_notebook
 
-    nb = read_notebook(notebook)
-    for c in nb.cells:
-        if "parameters" in c.get("metadata", {}).get("tags", []):
-            for name in ("out_dir", "out"):
-                if re.search(rf"^{name}\s*=", c.source, re.M):
-                    return name
-    return None
+    names = parameter_names(read_notebook(notebook))
+    return next((n for n in ("out_dir", "out") if n in names), None)
 
 
 def plan_sweep(notebook: str, params: Sequence[tuple[str, str]], out: str | Path) -> Path:

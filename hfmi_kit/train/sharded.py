@@ -18,7 +18,6 @@ from __future__ import annotations
 import builtins
 import collections
 import importlib
-import logging
 import pickle
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,6 @@ from torch import nn
 
 from hfmi_kit.errors import CheckpointError
 
-LOGGER = logging.getLogger(__name__)
 SHARDED = "sharded"
 _SAFE_FUNCTIONS = {("torch.serialization", "_get_layout")}  # a layout name -> torch.layout
 _SAFE_BUILTINS = {"set", "frozenset", "tuple", "list", "dict", "slice", "range", "complex"}
