@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from hfmi_kit.config import parse_param
-from hfmi_kit.errors import HfmiError
+from hfmi_kit.errors import ConfigError, HfmiError
 
 
 def _domain(name: str) -> Any:
@@ -243,6 +243,25 @@ def cmd_demo(a: argparse.Namespace) -> None:
         print(f"output: {ft / name}")
     _print_metrics(m, ft, dom.headline_metrics)
     print(f"done in {time.time() - t0:.0f} s")
+
+
+def cmd_dashboard(a: argparse.Namespace) -> None:
+    from hfmi_kit.viz.dashboard import serve
+
+    root = Path(a.results)
+    if a.example:
+        from hfmi_kit.viz.examples import make_example_results
+
+        if root.exists() and any(root.iterdir()):
+            raise ConfigError(f"--example writes into an empty directory; {root} is not empty")
+        print(f"writing example runs of every domain into {root} (short real runs, a few minutes)")
+        make_example_results(root)
+    if not root.is_dir():
+        raise ConfigError(f"--results {root}: directory not found")
+    prefix = "/" + a.prefix.strip("/") if a.prefix.strip("/") else ""
+    print(f"hfmi dashboard of {root.resolve()} at http://{a.address}:{a.port}{prefix}/ (Ctrl-C stops it)", flush=True)
+    serve(root, port=a.port, address=a.address, prefix=a.prefix, websocket_origins=a.allow_websocket_origin or None,
+          show=a.show)
 
 
 TARGET_HELP = "materials: the value column of the --data CSV (default 'target'; band gaps in eV)"
@@ -489,6 +508,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("ckpt", help="a checkpoints/step-N directory with a sharded/ folder")
     sp.add_argument("--out", required=True, help="the single-file checkpoint directory to write")
     sp.set_defaults(fn=cmd_convert)
+
+    sp = sub.add_parser("dashboard", help="serve the Panel dashboard of a results directory (127.0.0.1 by default)")
+    sp.add_argument("--results", required=True, help="directory of runs (fine-tuning outputs, checkpoints)")
+    sp.add_argument("--port", type=int, default=5006)
+    sp.add_argument("--address", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    sp.add_argument("--prefix", default="", help="URL prefix when served behind a proxy (jupyter-server-proxy)")
+    sp.add_argument("--allow-websocket-origin", action="append", metavar="HOST[:PORT]",
+                    help="browser origins allowed to connect (default: this address and port); repeatable")
+    sp.add_argument("--example", action="store_true", help="first fill the (empty) directory with short example "
+                                                            "runs of every domain")
+    sp.add_argument("--show", action="store_true", help="open a browser tab")
+    sp.set_defaults(fn=cmd_dashboard)
 
     sp = sub.add_parser("demo", help="the main job: generate data, pretrain, fine-tune, report")
     sp.add_argument("--out", default="hfmi_demo")

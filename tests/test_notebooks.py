@@ -126,6 +126,10 @@ def test_materials_notebooks_chain_through_hfmi_run(tmp_path):
                  "-p", "out_dir", str(vis), "-o", str(tmp_path / "03.ipynb")]) == 0
     cands = pd.read_parquet(vis / "candidates.parquet")
     assert {"formula", "prediction_ev", "uncertainty_ev", "sq_limit_pct", "provenance"} <= set(cands.columns)
+    from hfmi_kit.domains.materials.discover import ALResult
+
+    al = ALResult.load(vis / "active_learning.json")  # what the dashboard reads
+    assert set(al.hits) == {"random", "foundation", "magpie"} and al.hits["random"].shape == (1, 30)
     nb = nbformat.read(tmp_path / "03.ipynb", as_version=4)
     assert any("application/vnd.holoviews_exec.v0+json" in o.get("data", {})
                for c in nb.cells for o in c.get("outputs", []))

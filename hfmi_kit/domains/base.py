@@ -32,6 +32,10 @@ class Domain(ABC):
             the value column of a table, also passed to ``pretrain`` and ``evaluate``).
         bundled_data: command -> data it uses when ``--data`` is not given (a domain that ships
             real data sets); otherwise the CLI generates example data or reads the checkpoint's.
+        primary_metric: the field's headline score in ``metrics.json`` (the label-efficiency axis).
+        higher_is_better: whether a larger ``primary_metric`` is better.
+        label_key: the ``metrics.json`` key that holds how many labels (or what fraction) a run used.
+        baselines: names a run's metrics carry as ``{primary_metric}_{baseline}`` (``dice_unet``).
         tasks_module: the module whose ``pretrain``, ``finetune``, ``evaluate`` (and optional
             ``whatif``) functions the commands call, with the keyword arguments shown below.
     """
@@ -43,6 +47,10 @@ class Domain(ABC):
     example_outputs: ClassVar[tuple[str, ...]] = ()
     finetune_options: ClassVar[tuple[str, ...]] = ()
     bundled_data: ClassVar[dict[str, str]] = {}
+    primary_metric: ClassVar[str] = ""
+    higher_is_better: ClassVar[bool] = False
+    label_key: ClassVar[str] = ""
+    baselines: ClassVar[tuple[str, ...]] = ()
     tasks_module: ClassVar[str]
 
     @abstractmethod

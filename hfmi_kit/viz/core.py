@@ -12,12 +12,38 @@ import xarray as xr
 
 from hfmi_kit.viz import require_holoviews
 
+DISPLAY_PX = 512  # the largest side of an image sent to a browser: maps go at the resolution shown
+
+
+def fit_display(a: np.ndarray, max_px: int = DISPLAY_PX) -> np.ndarray:
+    """Block-average (NaN-aware) a 2-D array by the smallest integer factor that brings both
+    sides to at most ``max_px``; smaller arrays come back unchanged."""
+    a = np.asarray(a)
+    f = int(np.ceil(max(a.shape) / max_px)) if a.ndim == 2 else 1
+    if f <= 1:
+        return a
+    H, W = (a.shape[0] // f) * f, (a.shape[1] // f) * f
+    blocks = a[:H, :W].astype(np.float64).reshape(H // f, f, W // f, f)
+    with np.errstate(invalid="ignore"):
+        cnt = np.isfinite(blocks).sum(axis=(1, 3))
+        tot = np.where(np.isfinite(blocks), blocks, 0.0).sum(axis=(1, 3))
+        return np.where(cnt > 0, tot / np.maximum(cnt, 1), np.nan).astype(np.float32)
+
+
+def fit_display_da(da: xr.DataArray, x: str, y: str, max_px: int = DISPLAY_PX) -> xr.DataArray:
+    """:func:`fit_display` for a DataArray with named ``x``/``y`` dims (coordinates averaged too)."""
+    f = int(np.ceil(max(da.sizes[x], da.sizes[y]) / max_px))
+    return da if f <= 1 else da.coarsen({x: f, y: f}, boundary="trim").mean()
+
 
 def map_with_slider(da: xr.DataArray, slider_dim: str, *, x: str = "lon", y: str = "lat",
                     cmap: str = "RdBu_r", title: str = "", symmetric: bool = False,
-                    width: int = 520, height: int = 280) -> Any:
-    """A map (``x``, ``y``) for each value of ``slider_dim``: a HoloMap with a slider widget."""
+                    width: int = 520, height: int = 280, dynamic: bool = False) -> Any:
+    """A map (``x``, ``y``) for each value of ``slider_dim`` with a slider widget: a HoloMap (every
+    frame computed, so a static notebook keeps its slider) or, with ``dynamic``, a DynamicMap that
+    renders (and sends to a browser) only the frame shown. Maps are reduced to display size."""
     hv = require_holoviews()
+    da = fit_display_da(da, x, y)
     vals = np.asarray(da.values, dtype=np.float64)
     lo, hi = np.nanmin(vals), np.nanmax(vals)
     if symmetric:
@@ -32,8 +58,10 @@ def map_with_slider(da: xr.DataArray, slider_dim: str, *, x: str = "lon", y: str
             cmap=cmap, clim=(lo, hi), colorbar=True, width=width, height=height, tools=["hover"],
             title=title)
 
-    return hv.HoloMap({v.item() if hasattr(v, "item") else v: img(v) for v in da[slider_dim].values},
-                      kdims=[slider_dim])
+    keys = [v.item() if hasattr(v, "item") else v for v in da[slider_dim].values]
+    if dynamic:
+        return hv.DynamicMap(img, kdims=[hv.Dimension(slider_dim, values=keys, default=keys[0])])
+    return hv.HoloMap({v: img(v) for v in keys}, kdims=[slider_dim])
 
 
 def single_map(da: xr.DataArray, *, x: str = "lon", y: str = "lat", cmap: str = "RdBu_r", title: str = "",
@@ -41,6 +69,7 @@ def single_map(da: xr.DataArray, *, x: str = "lon", y: str = "lat", cmap: str = 
                height: int = 240) -> Any:
     """One lat-lon map as an ``hv.Image``."""
     hv = require_holoviews()
+    da = fit_display_da(da, x, y)
     vals = np.asarray(da.values, dtype=np.float64)
     if clim is None:
         lo, hi = np.nanmin(vals), np.nanmax(vals)

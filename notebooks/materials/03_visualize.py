@@ -37,13 +37,14 @@ out_dir = "runs/materials_visualize"
 # %%
 from pathlib import Path
 
-import numpy as np
-
-from hfmi_kit.domains.materials import chem, load_property_csv
-from hfmi_kit.domains.materials.discover import active_learning, generate_candidates, rank_candidates
+from hfmi_kit.domains.materials import load_property_csv
+from hfmi_kit.domains.materials.discover import (
+    active_learning,
+    discovery_features,
+    generate_candidates,
+    rank_candidates,
+)
 from hfmi_kit.domains.materials.plots import active_learning_curve, sq_curve
-from hfmi_kit.domains.materials.tasks import embed_arrays, predict_arrays
-from hfmi_kit.train import load_pretrained
 
 out = Path(out_dir)
 out.mkdir(parents=True, exist_ok=True)
@@ -105,11 +106,9 @@ pred[["formula", "literature_ev", "prediction_ev", "uncertainty_ev", "sq_limit_p
 # 1.1–1.6 eV. Magpie features and random choice start from the same 10 measurements.
 
 # %%
-arrays = chem.encode(table.parsed)
-net = load_pretrained(pretrained)
-features = {"foundation": np.concatenate([embed_arrays(net, arrays), predict_arrays(net, arrays)[0].T], axis=1),
-            "magpie": chem.magpie_features(table.parsed)}
+features = discovery_features(pretrained, table)
 al = active_learning(features, table.y, budget=al_budget, repeats=al_repeats, seed=seed)
+al.save(out / "active_learning.json")  # the dashboard reads it with candidates.csv
 for k in (10, 25):
     print(f"measurements to find {k} absorbers:", {s: round(v) for s, v in al.measurements_to(k).items()})
 active_learning_curve(al)

@@ -4,18 +4,55 @@ map and the regional budget. Label-efficiency curves use :func:`hfmi_kit.viz.cor
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from hfmi_kit.errors import DataError
 from hfmi_kit.viz import require_holoviews
+from hfmi_kit.viz.core import fit_display
+
+
+@dataclass
+class MapSet:
+    """Predicted maps, from a run in memory or from its ``maps/carbon.nc``."""
+
+    epochs: list[str]  # epoch labels (years)
+    bounds: tuple[float, float, float, float]  # (left, bottom, right, top) in the grid's CRS [m]
+    maps: list[np.ndarray]  # per epoch (quantiles..., mean) x H x W [Mg/ha]
+    truth: list[np.ndarray] | None = None  # the true biomass per epoch when known (generated regions)
+
+
+def map_set(source: Any, maps: Sequence[np.ndarray] | None = None) -> MapSet:
+    """A :class:`MapSet` from ``(prep, maps)`` (what :func:`.tasks.map_region` returns) or from the
+    CF NetCDF a fine-tuning or evaluation writes (a path or an open Dataset)."""
+    if maps is not None:
+        return MapSet([str(e) for e in source.epochs], _bounds(source.grid, source.shape), list(maps),
+                      None if source.truth is None else list(source.truth))
+    import xarray as xr
+
+    ds = source if isinstance(source, xr.Dataset) else xr.open_dataset(Path(source))
+    names = [*sorted(str(v) for v in ds.data_vars if str(v).startswith("agb_q")), "agb_mean"]
+    missing = [v for v in names if v not in ds] + [c for c in ("time", "x", "y") if c not in ds.coords]
+    if missing or len(names) < 3:
+        raise DataError(f"{source}: not a carbon map file (missing {missing or 'quantile layers'})")
+    x, y = ds["x"].values, ds["y"].values
+    dx, dy = float(abs(x[1] - x[0])) if len(x) > 1 else 1.0, float(abs(y[1] - y[0])) if len(y) > 1 else 1.0
+    bounds = (float(x.min()) - dx / 2, float(y.min()) - dy / 2, float(x.max()) + dx / 2, float(y.max()) + dy / 2)
+    stack = np.stack([ds[v].transpose("time", "y", "x").values for v in names], axis=1).astype(np.float32)
+    if float(y[0]) < float(y[-1]):  # rows run north to south in the images
+        stack = stack[..., ::-1, :]
+    years = [str(t)[:4] for t in ds["time"].values]
+    return MapSet(years, bounds, list(stack))
 
 
 def _image(a: np.ndarray, bounds: tuple[float, float, float, float], title: str, cmap: str,
            clim: tuple[float, float] | None = None, size: int = 260) -> Any:
     hv = require_holoviews()
     lo, hi = clim or (float(np.nanpercentile(a, 2)), float(np.nanpercentile(a, 98)))
-    return hv.Image(a, bounds=bounds, kdims=["x [m]", "y [m]"]).opts(
+    return hv.Image(fit_display(a), bounds=bounds, kdims=["x [m]", "y [m]"]).opts(
         cmap=cmap, clim=(lo, hi), colorbar=True, width=size + 60, height=size, title=title, tools=["hover"],
         xaxis=None, yaxis=None, clipping_colors={"NaN": "#dddddd"})
 
@@ -36,31 +73,33 @@ def sources(prep: Any, epoch: int = 0, *, groups: Sequence[str] | None = None) -
     return hv.Layout(items).cols(4).opts(title=f"sources {prep.epochs[epoch]} (normalised)")
 
 
-def biomass_maps(prep: Any, maps: Sequence[np.ndarray], epoch: int = -1,
-                 quantiles: Sequence[float] = (0.05, 0.5, 0.95)) -> Any:
-    """Predicted biomass (mean), the 90 % interval width and, when known, the truth
-    (``maps``: per epoch the quantiles then the mean, as :func:`.tasks.predict_map` gives)."""
+def biomass_maps(source: Any, maps: Sequence[np.ndarray] | None = None, epoch: int = -1) -> Any:
+    """Predicted biomass (mean), the interval width (outer quantiles) and, when known, the truth.
+    ``source``/``maps``: see :func:`map_set` (``prep, maps`` or the ``carbon.nc`` of a run)."""
     hv = require_holoviews()
-    b = _bounds(prep.grid, prep.shape)
-    q = maps[epoch]
+    ms = map_set(source, maps)
+    q = ms.maps[epoch]
     hi = float(np.nanpercentile(q[-1], 99))
-    items = [_image(q[-1], b, f"AGB {prep.epochs[epoch]} [Mg/ha]", "YlGn", (0, hi)),
-             _image(q[len(quantiles) - 1] - q[0], b, "90 % interval width [Mg/ha]", "magma")]
-    if prep.truth is not None:
-        items.append(_image(prep.truth[epoch], b, "true AGB [Mg/ha]", "YlGn", (0, hi)))
+    items = [_image(q[-1], ms.bounds, f"AGB {ms.epochs[epoch]} [Mg/ha]", "YlGn", (0, hi)),
+             _image(q[-2] - q[0], ms.bounds, "90 % interval width [Mg/ha]", "magma")]
+    if ms.truth is not None:
+        items.append(_image(ms.truth[epoch], ms.bounds, "true AGB [Mg/ha]", "YlGn", (0, hi)))
     return hv.Layout(items).cols(3)
 
 
-def change_map(prep: Any, maps: Sequence[np.ndarray], carbon_fraction: float = 0.47) -> Any:
+def change_map(source: Any, maps: Sequence[np.ndarray] | None = None, carbon_fraction: float = 0.47) -> Any:
     """Carbon change between the first and last epoch (red: loss, a source; blue: gain, a sink)."""
     hv = require_holoviews()
-    b = _bounds(prep.grid, prep.shape)
-    d = (maps[-1][-1] - maps[0][-1]) * carbon_fraction  # the means
+    ms = map_set(source, maps)
+    if len(ms.maps) < 2:
+        raise DataError(f"a change map needs two epochs; the maps have {ms.epochs}")
+    d = (ms.maps[-1][-1] - ms.maps[0][-1]) * carbon_fraction  # the means
     lim = float(np.nanpercentile(np.abs(d), 99)) or 1.0
-    items = [_image(d, b, f"predicted change {prep.epochs[0]}-{prep.epochs[-1]} [Mg C/ha]", "RdBu", (-lim, lim))]
-    if prep.truth is not None:
-        items.append(_image((prep.truth[-1] - prep.truth[0]) * carbon_fraction, b, "true change [Mg C/ha]", "RdBu",
-                            (-lim, lim)))
+    title = f"predicted change {ms.epochs[0]}-{ms.epochs[-1]} [Mg C/ha]"
+    items = [_image(d, ms.bounds, title, "RdBu", (-lim, lim))]
+    if ms.truth is not None:
+        items.append(_image((ms.truth[-1] - ms.truth[0]) * carbon_fraction, ms.bounds, "true change [Mg C/ha]",
+                            "RdBu", (-lim, lim)))
     return hv.Layout(items).cols(2)
 
 

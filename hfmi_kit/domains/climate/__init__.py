@@ -22,6 +22,10 @@ class ClimateDomain(Domain):
     headline_metrics: ClassVar[tuple[str, ...]] = (
         "rmse", "rmse_persistence", "rmse_climatology", "acc", "acc_persistence", "seaice_extent_mae",
         "extent_mae", "extent_mae_persistence", "extent_mae_climatology")
+    primary_metric: ClassVar[str] = "rmse"
+    higher_is_better: ClassVar[bool] = False
+    label_key: ClassVar[str] = "label_fraction"
+    baselines: ClassVar[tuple[str, ...]] = ("persistence", "climatology", "damped_persistence")
     example_outputs: ClassVar[tuple[str, ...]] = ("forecast.nc",)
 
     def example_data(self, out_dir: str | Path, *, seed: int = 0, small: bool = True,

@@ -15,13 +15,15 @@ import xarray as xr
 from hfmi_kit.viz.core import curves, map_with_slider, single_map
 
 
-def forecast_maps(forecast: xr.Dataset | str | Path, var: str = "tas", init_index: int = 0) -> Any:
-    """Forecast of ``var`` from one initialisation, with a lead-time slider."""
+def forecast_maps(forecast: xr.Dataset | str | Path, var: str = "tas", init_index: int = 0, *,
+                  dynamic: bool = False) -> Any:
+    """Forecast of ``var`` from one initialisation, with a lead-time slider (``dynamic``: frames are
+    rendered on demand, as in the dashboard)."""
     ds = xr.open_dataset(forecast) if not isinstance(forecast, xr.Dataset) else forecast
     da = ds[var].isel(init_time=init_index).load()
     init = str(ds["init_time"].values[init_index])[:10]
     return map_with_slider(da, "lead", cmap="viridis" if var != "siconc" else "Blues_r",
-                           title=f"{var} forecast from {init}")
+                           title=f"{var} forecast from {init}", dynamic=dynamic)
 
 
 def skill_vs_lead(metrics: Mapping[str, float] | str | Path, var: str = "tas", metric: str = "rmse") -> Any:

@@ -25,6 +25,10 @@ class MaterialsDomain(Domain):
     headline_metrics: ClassVar[tuple[str, ...]] = (
         "mae_ev", "rmse_ev", "mae_ev_scratch", "mae_ev_rf", "mae_ev_dummy", "coverage_1sigma", "labels_per_fold",
         "rows", "rows_rejected")
+    primary_metric: ClassVar[str] = "mae_ev"
+    higher_is_better: ClassVar[bool] = False
+    label_key: ClassVar[str] = "labels_per_fold"
+    baselines: ClassVar[tuple[str, ...]] = ("scratch", "rf", "dummy")
     example_outputs: ClassVar[tuple[str, ...]] = ("cv_predictions.csv",)
     finetune_options: ClassVar[tuple[str, ...]] = ("labels", "baselines", "target")
     bundled_data: ClassVar[dict[str, str]] = {"pretrain": "mp_gap", "finetune": "expt_gap", "evaluate": "expt_gap"}

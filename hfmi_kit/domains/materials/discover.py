@@ -16,7 +16,7 @@ import numpy as np
 from hfmi_kit.domains.materials import chem
 from hfmi_kit.domains.materials.pv import sq_limit
 from hfmi_kit.domains.materials.tables import PropertyTable
-from hfmi_kit.errors import ConfigError
+from hfmi_kit.errors import ConfigError, DataError
 
 LOGGER = logging.getLogger(__name__)
 
@@ -148,6 +148,40 @@ class ALResult:
 
     def curves(self) -> Mapping[str, tuple[np.ndarray, np.ndarray]]:
         return {k: (np.arange(1, v.shape[1] + 1), v.mean(0)) for k, v in self.hits.items()}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the result as JSON (atomically): what the dashboard reads."""
+        from hfmi_kit.config import atomic_write_json
+
+        atomic_write_json(Path(path), {"targets": self.targets, "pool": self.pool,
+                                       "hits": {k: v.tolist() for k, v in self.hits.items()}})
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ALResult:
+        """Read a result written by :meth:`save`; a malformed file is a :class:`DataError`."""
+        import json
+
+        try:
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+            hits = {str(k): np.asarray(v, dtype=int) for k, v in raw["hits"].items()}
+            if any(h.ndim != 2 for h in hits.values()):
+                raise ValueError("hits must be (repeats, budget) arrays")
+            return cls(hits=hits, targets=int(raw["targets"]), pool=int(raw["pool"]))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise DataError(f"{path}: not an active-learning result ({e})") from e
+
+
+def discovery_features(pretrained: str | Path, table: PropertyTable) -> dict[str, np.ndarray]:
+    """Features for :func:`active_learning`: the pretrained model's embedding plus its DFT-gap
+    prediction (``foundation``; it never saw the measurements) and Magpie descriptors."""
+    from hfmi_kit.domains.materials.tasks import embed_arrays, predict_arrays
+    from hfmi_kit.train import load_pretrained
+
+    arrays = chem.encode(table.parsed)
+    net = load_pretrained(pretrained)
+    return {"foundation": np.concatenate([embed_arrays(net, arrays), predict_arrays(net, arrays)[0].T], axis=1),
+            "magpie": chem.magpie_features(table.parsed)}
 
 
 def _window_probability(mean: np.ndarray, std: np.ndarray, lo: float, hi: float) -> np.ndarray:

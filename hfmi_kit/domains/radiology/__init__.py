@@ -24,6 +24,10 @@ class RadiologyDomain(Domain):
     headline_metrics: ClassVar[tuple[str, ...]] = (
         "dice", "dice_std", "hd95_mm", "centroid_error_mm", "dice_core", "dice_scratch", "hd95_mm_scratch",
         "dice_unet", "hd95_mm_unet", "labelled_cases", "test_cases")
+    primary_metric: ClassVar[str] = "dice"
+    higher_is_better: ClassVar[bool] = True
+    label_key: ClassVar[str] = "labelled_cases"
+    baselines: ClassVar[tuple[str, ...]] = ("scratch", "unet")
     example_outputs: ClassVar[tuple[str, ...]] = ("predictions/", "cases.json")
     finetune_options: ClassVar[tuple[str, ...]] = ("labels", "baselines")
 

@@ -18,10 +18,13 @@ def _slice(vol: np.ndarray, axis: int, idx: int) -> np.ndarray:
 
 
 def orthoviews(image: np.ndarray, masks: Mapping[str, np.ndarray] | None = None, *, title: str = "",
-               positions: Sequence[int] | None = None, size: int = 240, centre: Sequence[int] | None = None) -> Any:
+               positions: Sequence[int] | None = None, size: int = 240, centre: Sequence[int] | None = None,
+               dynamic: bool = False) -> Any:
     """Sagittal, coronal and axial slices of ``image`` (I, J, K on a RAS-ordered grid) with
     label overlays (name -> label map, one column per name) and one slider for the slice
-    position (in % of each axis; 50 = the middle, or ``centre`` when given)."""
+    position (in % of each axis; 50 = the middle, or ``centre`` when given). ``dynamic`` makes a
+    DynamicMap that cuts (and sends to a browser) only the slices shown, as the dashboard does;
+    otherwise every position is precomputed so a saved notebook keeps its slider."""
     hv = require_holoviews()
     masks = dict(masks or {})
     positions = list(positions or range(10, 95, 5))
@@ -29,24 +32,35 @@ def orthoviews(image: np.ndarray, masks: Mapping[str, np.ndarray] | None = None,
     names = ("sagittal", "coronal", "axial")
     n = image.shape
 
-    def frame(pos: int) -> Any:
-        panels = []
-        for ax in range(3):
-            idx = int(round((n[ax] - 1) * pos / 100)) if centre is None else int(
-                np.clip(centre[ax] + round((pos - 50) / 100 * n[ax]), 0, n[ax] - 1))
-            base = hv.Image(_slice(image, ax, idx)[::-1], bounds=(0, 0, 1, 1)).opts(
-                cmap="gray", clim=(float(lo), float(hi)), xaxis=None, yaxis=None, width=size, height=size,
-                title=f"{names[ax]} {idx}")
-            panels.append(base)
-            for mname, m in masks.items():
-                sl = _slice(m, ax, idx)[::-1].astype(np.float32)
-                sl[sl == 0] = np.nan
-                over = hv.Image(sl, bounds=(0, 0, 1, 1)).opts(cmap=MASK_COLOURS, clim=(0.5, 2.5), alpha=0.55,
-                                                                xaxis=None, yaxis=None)
-                panels.append((base * over).opts(title=f"{names[ax]} {idx}: {mname}"))
-        return hv.Layout(panels).cols(1 + len(masks)).opts(title=title)
+    def index(ax: int, pos: int) -> int:
+        if centre is None:
+            return int(round((n[ax] - 1) * pos / 100))
+        return int(np.clip(centre[ax] + round((pos - 50) / 100 * n[ax]), 0, n[ax] - 1))
 
-    return hv.HoloMap({p: frame(p) for p in positions}, kdims=["slice position [%]"]).collate()
+    def base(ax: int, pos: int) -> Any:
+        idx = index(ax, pos)
+        return hv.Image(_slice(image, ax, idx)[::-1], bounds=(0, 0, 1, 1)).opts(
+            cmap="gray", clim=(float(lo), float(hi)), xaxis=None, yaxis=None, width=size, height=size,
+            title=f"{names[ax]} {idx}")
+
+    def overlaid(ax: int, mname: str, pos: int) -> Any:
+        idx = index(ax, pos)
+        sl = _slice(masks[mname], ax, idx)[::-1].astype(np.float32)
+        sl[sl == 0] = np.nan
+        over = hv.Image(sl, bounds=(0, 0, 1, 1)).opts(cmap=MASK_COLOURS, clim=(0.5, 2.5), alpha=0.55,
+                                                        xaxis=None, yaxis=None)
+        return (base(ax, pos) * over).opts(title=f"{names[ax]} {idx}: {mname}")
+
+    kdim = hv.Dimension("slice position [%]", values=positions, default=positions[len(positions) // 2])
+    makers = []
+    for ax in range(3):
+        makers.append(lambda pos, ax=ax: base(ax, pos))
+        makers.extend(lambda pos, ax=ax, m=m: overlaid(ax, m, pos) for m in masks)
+    if dynamic:
+        panels = [hv.DynamicMap(f, kdims=[kdim]) for f in makers]
+    else:
+        panels = [hv.HoloMap({p: f(p) for p in positions}, kdims=[kdim]) for f in makers]
+    return hv.Layout(panels).cols(1 + len(masks)).opts(title=title)
 
 
 def reconstruction_panels(out: Mapping[str, np.ndarray], original: np.ndarray, *, size: int = 200) -> Any:

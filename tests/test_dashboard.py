@@ -1,0 +1,376 @@
+"""The dashboard on results of short real runs of every domain: the results reader (status,
+traversal), the file server, and the pages in a real browser (Debian's Chromium driven by
+playwright) served by ``hfmi dashboard``, by ``panel serve`` and behind jupyter-server-proxy.
+
+Screenshots go to ``$HFMI_TEST_ARTIFACTS`` (default ``test-artifacts/`` at the repository root).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("panel")
+
+from hfmi_kit.viz.results import AccessRefusedError, label_rows, load_run, resolve_under, scan_results
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = Path(os.environ.get("HFMI_TEST_ARTIFACTS", REPO / "test-artifacts"))
+DOMAIN_RUNS = {"climate": "climate/pretrained_1", "radiology": "radiology/finetune_n2",
+               "carbon": "carbon/finetune_n20", "materials": "materials/discovery"}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Example runs of every domain, plus a malformed run, one still being written and a link
+    that points outside the directory."""
+    from hfmi_kit.viz.examples import make_example_results
+
+    root = tmp_path_factory.mktemp("dash") / "results"
+    make_example_results(root)
+    bad = root / "broken"
+    bad.mkdir()
+    (bad / "metrics.json").write_text("{not json", encoding="utf-8")
+    busy = root / "busy"
+    (busy / "model").mkdir(parents=True)
+    (busy / "model" / "config.json").write_text(json.dumps({"domain": "climate", "task": "forecast"}))
+    (busy / ".metrics.json.tmp").write_text("{")
+    secret = root.parent / "secret.txt"
+    secret.write_text("not for the browser")
+    (root / "climate" / "leak.txt").symlink_to(secret)
+    (root / "outside").symlink_to(root.parent)
+    return root
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(port: int, path: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            c.request("GET", path)
+            if c.getresponse().status < 500:
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"no HTTP answer on port {port} after {timeout} s")
+
+
+def _start(cmd: list[str], port: int, path: str = "/", env: dict[str, str] | None = None) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                            env={**os.environ, **(env or {})})
+    try:
+        _wait_http(port, path, proc)
+    except Exception:
+        proc.kill()
+        raise
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(results: Path):
+    port = _port()
+    proc = _start([sys.executable, "-m", "hfmi_kit.cli", "dashboard", "--results", str(results), "--port", str(port)],
+                  port)
+    yield f"http://127.0.0.1:{port}"
+    _stop(proc)
+
+
+def _get(url: str, path: str) -> tuple[int, bytes]:
+    """A raw GET (no client-side normalisation of ``..``)."""
+    host, port = url.split("//", 1)[1].split(":")
+    c = http.client.HTTPConnection(host, int(port), timeout=30)
+    c.request("GET", path)
+    r = c.getresponse()
+    return r.status, r.read()
+
+
+# ---------------------------------------------------------------- without a browser
+
+
+def test_results_reader_status_and_traversal(results: Path):
+    runs = {r.rel: r for r in scan_results(results)}
+    for rel in DOMAIN_RUNS.values():
+        assert runs[rel].status == "ok", (rel, runs[rel].problems)
+    assert runs["broken"].status == "malformed" and "metrics.json" in runs["broken"].problems[0]
+    assert runs["busy"].status == "in progress"
+    assert runs["climate/pretrained_1"].domain == "climate" and runs["climate/pretrained_1"].method == "pretrained"
+    assert runs["climate/scratch_1"].method == "scratch" and runs["climate/pretrain"].kind == "pretrain"
+    assert not any("checkpoints" in f or f.endswith("metrics.jsonl") for r in runs.values() for f in r.files)
+    assert not any(rel.startswith("outside") for rel in runs)  # links are not followed out
+    for bad in ("../secret.txt", "/etc/passwd", "climate/../../secret.txt", "climate/leak.txt", "outside",
+                "no/such/run"):
+        with pytest.raises(AccessRefusedError, match="refused"):
+            resolve_under(results, bad)
+    with pytest.raises(AccessRefusedError):
+        load_run(results, "../")
+    rows = label_rows(list(runs.values()))
+    clim = {(r["method"], r["labels"]) for r in rows if r["domain"] == "climate"}
+    assert {("pretrained", 0.5), ("scratch", 0.5), ("pretrained", 1.0), ("persistence", 1.0)} <= clim
+    assert {r["method"] for r in rows if r["domain"] == "carbon"} == {"pretrained", "rf"}
+
+
+def test_display_sized_arrays():
+    """Maps go to the browser at display size; slices, not volumes."""
+    import holoviews as hv
+    import xarray as xr
+
+    from hfmi_kit.domains.radiology.plots import orthoviews
+    from hfmi_kit.viz.core import DISPLAY_PX, fit_display, map_with_slider
+
+    big = np.random.default_rng(0).random((2000, 1500)).astype(np.float32)
+    big[:3, :3] = np.nan  # inside one 4x4 block: the block mean skips them
+    small = fit_display(big)
+    assert max(small.shape) <= DISPLAY_PX and np.isfinite(small).all()
+    assert abs(float(np.nanmean(small)) - float(np.nanmean(big))) < 1e-3
+    da = xr.DataArray(np.zeros((3, 721, 1440), np.float32), dims=("lead", "lat", "lon"),
+                      coords={"lead": [1, 2, 3], "lat": np.linspace(-90, 90, 721), "lon": np.arange(1440) * 0.25},
+                      name="tas")
+    dm = map_with_slider(da, "lead", dynamic=True)
+    assert isinstance(dm, hv.DynamicMap) and len(dm.data) == 0  # nothing computed until shown
+    img = dm[2]
+    assert max(img.data["tas"].shape if isinstance(img.data, dict) else img.dimension_values(2, flat=False).shape) \
+        <= DISPLAY_PX
+    vol = np.random.default_rng(1).random((60, 70, 50)).astype(np.float32)
+    lay = orthoviews(vol, {"m": (vol > 0.99).astype(np.uint8)}, dynamic=True, positions=[40, 50, 60])
+    frame = lay[0][50]  # the sagittal panel at 50 %
+    assert frame.dimension_values(2, flat=False).shape == (50, 70)  # one slice (K x J), not the volume
+
+
+def test_file_server_refuses_traversal_and_internals(server: str, results: Path):
+    status, body = _get(server, "/files/climate/pretrained_1/metrics.json")
+    assert status == 200 and "rmse" in json.loads(body)
+    for path in ("/files/../secret.txt", "/files/climate/../../secret.txt", "/files/%2e%2e/secret.txt",
+                 "/files/climate/leak.txt", "/files/outside/secret.txt", "/files//etc/passwd",
+                 "/files/radiology/finetune_n2/train_segmenter/metrics.jsonl", "/files/climate"):
+        status, body = _get(server, path)
+        assert status in (403, 404), (path, status)
+        assert b"not for the browser" not in body
+
+
+def test_cli_dashboard_bad_arguments(tmp_path: Path, capsys):
+    from hfmi_kit.cli import main
+
+    assert main(["dashboard", "--results", str(tmp_path / "nope")]) == 1
+    assert "directory not found" in capsys.readouterr().err
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "f").write_text("")
+    assert main(["dashboard", "--results", str(tmp_path / "x"), "--example"]) == 1
+    assert "not empty" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- in a real browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    exe = shutil.which("chromium")
+    if exe is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, headless=True)
+        yield b
+        b.close()
+
+
+class Page:
+    """A browser page that records failed requests and websocket traffic."""
+
+    def __init__(self, browser, url: str):
+        self.page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        self.bad: list[str] = []
+        self.ws_bytes = 0
+        self.page.on("requestfailed", lambda r: self.bad.append(f"failed {r.url}"))
+        self.page.on("response", lambda r: self.bad.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+        self.page.on("websocket", self._ws)
+        self.page.on("console", lambda m: self.bad.append(f"console {m.text}") if m.type == "error" else None)
+        self.t0 = time.time()
+        self.page.goto(url)
+
+    def _ws(self, ws) -> None:
+        def add(payload) -> None:
+            self.ws_bytes += len(payload)
+        ws.on("framereceived", add)
+
+    def rendered(self, timeout: float = 60_000) -> float:
+        """Wait for the first plot canvas; return the seconds since navigation."""
+        self.page.wait_for_selector("canvas", timeout=timeout)
+        return time.time() - self.t0
+
+    def text(self, s: str, timeout: float = 30_000) -> None:
+        self.page.get_by_text(s).first.wait_for(timeout=timeout)
+
+    def shot(self, name: str) -> Path:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        p = ARTIFACTS / f"dashboard_{name}.png"
+        self.page.screenshot(path=str(p), full_page=True)
+        return p
+
+
+def _plot_png(pg: Page, index: int = 0) -> bytes:
+    return pg.page.locator(".bk-Canvas, canvas").nth(index).screenshot()
+
+
+@pytest.mark.parametrize("domain", list(DOMAIN_RUNS))
+def test_each_domain_page_renders(browser, server: str, results: Path, domain: str):
+    rel = DOMAIN_RUNS[domain]
+    pg = Page(browser, f"{server}/?run={rel}")
+    pg.rendered()
+    pg.text(rel)
+    pg.text("Model card" if domain != "materials" else "Candidates")
+    expect = {"climate": "Skill against lead", "radiology": "Per-case scores", "carbon": "Regional carbon budget",
+              "materials": "Active learning"}[domain]
+    pg.text(expect)
+    pg.page.wait_for_timeout(1500)
+    assert pg.page.locator("canvas").count() >= 2
+    assert pg.shot(domain).stat().st_size > 20_000
+    assert not pg.bad, pg.bad
+    if domain == "radiology":
+        import nibabel as nib
+
+        vol = nib.load(str(next((results / "radiology" / "finetune_n2" / "predictions").glob("*_pred.nii.gz"))))
+        # the page got slices, not volumes: less than one float32 copy of the scan in all
+        assert pg.ws_bytes < np.prod(vol.shape) * 4, (pg.ws_bytes, vol.shape)
+    pg.page.close()
+
+
+def _slider_changes_plot(pg: Page, label: str) -> None:
+    handle = pg.page.locator(".noUi-handle").first
+    handle.wait_for(timeout=30_000)
+    pg.page.wait_for_timeout(1000)
+    before = _plot_png(pg)
+    lab = pg.page.get_by_text(re.compile("^" + re.escape(label) + ":")).first
+    text_before = lab.inner_text()
+    handle.focus()
+    for _ in range(2):
+        handle.press("ArrowRight")
+    pg.page.wait_for_function("() => true")
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        pg.page.wait_for_timeout(500)
+        if _plot_png(pg) != before:
+            break
+    assert _plot_png(pg) != before, "the plot did not change when the slider moved"
+    assert lab.inner_text() != text_before
+
+
+def test_sliders_change_the_plots(browser, server: str):
+    pg = Page(browser, f"{server}/?run=radiology/finetune_n2")
+    pg.rendered()
+    _slider_changes_plot(pg, "slice position [%]")
+    pg.page.close()
+    pg = Page(browser, f"{server}/?run=climate/pretrained_1")
+    pg.rendered()
+    _slider_changes_plot(pg, "lead")
+    assert not pg.bad, pg.bad
+    pg.page.close()
+
+
+def test_a_filter_changes_the_candidate_table(browser, server: str):
+    pg = Page(browser, f"{server}/?run=materials/discovery")
+    pg.rendered()
+    count = pg.page.get_by_text(re.compile(r"^\d+ of \d+ candidates$")).first
+    count.wait_for(timeout=30_000)
+    total = count.inner_text()
+    n_all, n_total = (int(x) for x in total.split(" candidates")[0].split(" of "))
+    assert n_all == n_total > 0
+    pg.page.locator("select").filter(has_text="known only").first.select_option("new only")
+    pg.page.wait_for_function("() => true")
+    deadline = time.time() + 20
+    while time.time() < deadline and count.inner_text() == total:
+        pg.page.wait_for_timeout(300)
+    shown = int(count.inner_text().split(" of ")[0])
+    assert shown < n_total, count.inner_text()
+    rows = pg.page.locator(".tabulator-row")
+    assert 0 < rows.count() <= 15
+    known = pg.page.locator(".tabulator-cell[tabulator-field=known]").all_inner_texts()
+    assert known and "true" not in [c.lower() for c in known]
+    assert not pg.bad, pg.bad
+    pg.page.close()
+
+
+def test_traversal_and_bad_runs_are_shown_not_crashing(browser, server: str):
+    for q, text in (("?run=../secret.txt", "refused"), ("?run=climate/leak.txt", "refused"),
+                    ("?run=%2e%2e%2f%2e%2e%2fetc", "refused"), ("?run=broken", "malformed"),
+                    ("?run=busy", "in progress"), ("?page=compare", "Label efficiency: climate"), ("?", "broken")):
+        pg = Page(browser, f"{server}/{q}")
+        pg.text(text)
+        assert "not for the browser" not in pg.page.content()
+        pg.page.close()
+
+
+def test_panel_serve_of_the_app_file(browser, results: Path):
+    port = _port()
+    proc = _start([sys.executable, "-m", "panel", "serve", str(REPO / "hfmi_kit" / "viz" / "app.py"), "--port",
+                   str(port), "--address", "127.0.0.1", "--allow-websocket-origin", f"127.0.0.1:{port}",
+                   "--args", "--results", str(results)], port, "/app")
+    try:
+        pg = Page(browser, f"http://127.0.0.1:{port}/app?run=carbon/finetune_n20")
+        pg.rendered()
+        pg.text("Regional carbon budget")
+        assert not pg.bad, pg.bad
+        pg.page.close()
+    finally:
+        _stop(proc)
+
+
+def test_behind_jupyter_server_proxy(browser, results: Path, tmp_path: Path):
+    """JupyterLab's server with a hub-like base URL; the launcher entry starts the dashboard, and
+    every asset, the websocket and the file links load under the proxy prefix."""
+    pytest.importorskip("jupyter_server_proxy")
+    from importlib.metadata import entry_points
+
+    assert "hfmi-dashboard" in {e.name for e in entry_points(group="jupyter_serverproxy_servers")}
+    from hfmi_kit.viz.proxy import setup_dashboard
+
+    spec = setup_dashboard()
+    assert spec["absolute_url"] and Path(spec["launcher_entry"]["icon_path"]).is_file()
+    port = _port()
+    cmd = [sys.executable, "-m", "jupyter", "server", "--no-browser", "--allow-root", f"--port={port}",
+           "--ServerApp.ip=127.0.0.1", "--ServerApp.base_url=/user/alice/", "--IdentityProvider.token=t0k",
+           f"--ServerApp.root_dir={tmp_path}"]
+    proc = _start(cmd, port, "/user/alice/api/status", env={"HFMI_RESULTS": str(results),
+                                                            "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt")})
+    try:
+        base = f"http://127.0.0.1:{port}/user/alice/hfmi-dashboard/"
+        pg = Page(browser, f"{base}?token=t0k&run=radiology/finetune_n2")
+        assert pg.rendered(timeout=120_000) < 120
+        pg.text("Per-case scores")
+        _slider_changes_plot(pg, "slice position [%]")  # the websocket works through the proxy
+        assert pg.ws_bytes > 0
+        assert not pg.bad, pg.bad  # no 404 for any asset behind the proxy
+        r = pg.page.request.get(f"{base}files/radiology/finetune_n2/metrics.json")
+        assert r.status == 200 and "dice" in r.json()
+        r = pg.page.request.get(f"{base}files/%2e%2e/%2e%2e/secret.txt")
+        assert r.status in (403, 404)
+        pg.shot("behind_proxy")
+        pg.page.close()
+    finally:
+        _stop(proc)
