@@ -242,7 +242,7 @@ def cmd_demo(a: argparse.Namespace) -> None:
     for name in dom.example_outputs:
         print(f"output: {ft / name}")
     _print_metrics(m, ft, dom.headline_metrics)
-    print(f"done in {time.time() - t0:.0f} s")
+    print(f"done in {time.time() - t0:.0f} s; to look at it: hfmi dashboard --results {out}")
 
 
 def cmd_dashboard(a: argparse.Namespace) -> None:

@@ -118,7 +118,7 @@ def test_segmenter_learns_from_three_cases(study: Path, tmp_path: Path):
     """Learning happens: the training loss falls and test Dice beats the empty prediction's 0."""
     from hfmi_kit.domains.radiology import finetune
 
-    m = finetune(ckpt=None, data=study, out=tmp_path / "learn", labels=3, steps=200, batch_size=4, progress=False)
+    m = finetune(ckpt=None, data=study, out=tmp_path / "learn", labels=3, steps=200, batch_size=2, progress=False)
     rows = [json.loads(x) for x in (tmp_path / "learn" / "train_segmenter" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if r.get("split") == "train"]
     assert losses[-1] < 0.85 * losses[0], losses

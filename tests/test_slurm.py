@@ -142,9 +142,9 @@ def test_a_notebook_submitted_to_slurm_completes_with_its_metrics(slurm, tmp_pat
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
 
 
-def test_a_sweep_of_four_runs_as_a_slurm_job_array(slurm, tmp_path):
+def test_a_sweep_of_two_runs_as_a_slurm_job_array(slurm, tmp_path):
     sw = tmp_path / "sweep"
-    r = _hfmi(["sweep", str(NB), "-p", "steps", "5,10", "-p", "seed", "0,1", "-p", "years", "6",
+    r = _hfmi(["sweep", str(NB), "-p", "steps", "5,10", "-p", "seed", "0", "-p", "years", "6",
                "-p", "variables", "[[tas, tos, siconc, rsdt]]", "--out", str(sw), "--slurm",
                "--cpus-per-task", "1", "--time", "00:15:00"], slurm)
     assert r.returncode == 0, r.stderr
@@ -154,8 +154,8 @@ def test_a_sweep_of_four_runs_as_a_slurm_job_array(slurm, tmp_path):
     assert r.returncode == 0, r.stderr
     rows = list(__import__("csv").DictReader(open(sw / "summary.csv")))
     logs = "\n".join(p.read_text()[-1500:] for p in sw.glob("slurm-*.out"))
-    assert len(rows) == 4 and all(row["status"] == "done" for row in rows), logs
-    assert {(row["steps"], row["seed"]) for row in rows} == {("5", "0"), ("5", "1"), ("10", "0"), ("10", "1")}
+    assert len(rows) == 2 and all(row["status"] == "done" for row in rows), logs
+    assert {(row["steps"], row["seed"]) for row in rows} == {("5", "0"), ("10", "0")}
     assert all(float(row["train_loss"]) > 0 for row in rows)
     assert all((sw / row["run"] / "01_pretrain.ipynb").is_file() for row in rows)
 
