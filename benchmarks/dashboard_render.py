@@ -21,10 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-PAGES = {"overview": "", "climate": "?run=climate/pretrained_1", "climate what-if": "?run=climate/whatif",
-         "radiology": "?run=radiology/finetune_n2", "carbon": "?run=carbon/finetune_n20",
-         "materials (cv)": "?run=materials/finetune_n100", "materials (discovery)": "?run=materials/discovery",
-         "compare": "?page=compare"}
+PAGES = {"overview": "", "climate": "?run=runs/climate/pretrained_n1_s0", "climate what-if": "?run=runs/climate/whatif",
+         "radiology": "?run=runs/radiology/pretrained_n1_s0", "carbon": "?run=runs/carbon/pretrained_n10_s0",
+         "materials (cv)": "?run=runs/materials/pretrained_n150_s0",
+         "materials (discovery)": "?run=runs/materials/discovery", "compare": "?page=compare"}
 
 
 def _port() -> int:
@@ -82,7 +82,7 @@ def main() -> None:
                     t = time.time()
                     page.goto(f"http://127.0.0.1:{port}/{q}")
                     if name == "overview":
-                        page.get_by_text("climate/pretrained_1").first.wait_for(timeout=60_000)
+                        page.get_by_text("runs/climate/pretrained_n1_s0").first.wait_for(timeout=60_000)
                         first = time.time() - t
                         full = first
                     else:

@@ -245,6 +245,34 @@ def cmd_demo(a: argparse.Namespace) -> None:
     print(f"done in {time.time() - t0:.0f} s; to look at it: hfmi dashboard --results {out}")
 
 
+def cmd_scorecard(a: argparse.Namespace) -> None:
+    from hfmi_kit.scorecard import PLANS, run_scorecard
+
+    domains = [d.strip() for d in a.domains.split(",") if d.strip()] if a.domains else list(PLANS)
+    seeds = [int(s) for s in a.seeds.split(",")]
+    t0 = time.time()
+    rows = run_scorecard(a.out, domains=domains, budget=a.budget, seeds=seeds)
+    out = Path(a.out)
+    print((out / "scorecard.md").read_text(encoding="utf-8"))
+    print(f"{len(rows)} rows: {out / 'scorecard.csv'}; curves: {out / 'label_efficiency.html'}; runs: {out / 'runs'} "
+          f"({time.time() - t0:.0f} s)")
+
+
+def cmd_reproduce(a: argparse.Namespace) -> int:
+    from hfmi_kit.train.provenance import reproduce
+
+    rep = reproduce(a.ckpt, a.out, allow_changed_inputs=a.allow_changed_inputs)
+    for c in rep.input_changes:
+        print(f"input changed: {c}")
+    for c in rep.environment_changes:
+        print(f"environment: {c}")
+    print(rep.table())
+    bad = [r["metric"] for r in rep.rows if not r["match"]]
+    print(f"reproduction of {a.ckpt} in {a.out}: " + ("every metric matches the model card" if not bad else
+                                                     f"{len(bad)} of {len(rep.rows)} metrics differ: {bad}"))
+    return 0 if not bad else 3
+
+
 def cmd_dashboard(a: argparse.Namespace) -> None:
     from hfmi_kit.viz.dashboard import serve
 
@@ -508,6 +536,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("ckpt", help="a checkpoints/step-N directory with a sharded/ folder")
     sp.add_argument("--out", required=True, help="the single-file checkpoint directory to write")
     sp.set_defaults(fn=cmd_convert)
+
+    sp = sub.add_parser("scorecard", help="label-efficiency scorecard: pretrained vs scratch vs classical baselines "
+                                          "per domain, label budget and seed")
+    sp.add_argument("--domains", help="comma-separated (default: every domain)")
+    sp.add_argument("--budget", choices=["small", "full"], default="small",
+                    help="small: minutes on a laptop CPU; full: a cluster job")
+    sp.add_argument("--seeds", default="0,1,2", help="comma-separated fine-tuning seeds (at least 3)")
+    sp.add_argument("--out", required=True)
+    sp.set_defaults(fn=cmd_scorecard)
+
+    sp = sub.add_parser("reproduce", help="re-run the training a checkpoint records and compare its metrics with "
+                                          "the model card (exit 3 when any differs)")
+    sp.add_argument("ckpt", help="checkpoint directory (…/model) written by pretrain or finetune")
+    sp.add_argument("--out", required=True, help="where the re-run writes")
+    sp.add_argument("--allow-changed-inputs", action="store_true",
+                    help="run even when a recorded input file's checksum differs (reported)")
+    sp.set_defaults(fn=cmd_reproduce)
 
     sp = sub.add_parser("dashboard", help="serve the Panel dashboard of a results directory (127.0.0.1 by default)")
     sp.add_argument("--results", required=True, help="directory of runs (fine-tuning outputs, checkpoints)")

@@ -33,3 +33,16 @@ def climate_runs(climate_zarr: Path, tmp_path_factory: pytest.TempPathFactory) -
     assert main(["finetune", "climate", "--from", str(root / "pre" / "model"), "--data", str(climate_zarr),
                  "--out", str(root / "ft"), "--steps", "120"]) == 0
     return {"data": climate_zarr, "pre": root / "pre", "ft": root / "ft", "root": root}
+
+
+@pytest.fixture(scope="session")
+def small_scorecard(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``hfmi scorecard --budget small`` of every domain (3 seeds), plus the what-if and discovery
+    runs the 03 notebooks write: the results directory the dashboard tests open too."""
+    from hfmi_kit.cli import main
+    from hfmi_kit.viz.examples import add_extras
+
+    out = tmp_path_factory.mktemp("scorecard") / "results"
+    assert main(["scorecard", "--budget", "small", "--out", str(out)]) == 0
+    add_extras(out)
+    return out

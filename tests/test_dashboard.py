@@ -27,18 +27,15 @@ from hfmi_kit.viz.results import AccessRefusedError, label_rows, load_run, resol
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("HFMI_TEST_ARTIFACTS", REPO / "test-artifacts"))
-DOMAIN_RUNS = {"climate": "climate/pretrained_1", "radiology": "radiology/finetune_n2",
-               "carbon": "carbon/finetune_n20", "materials": "materials/discovery"}
+DOMAIN_RUNS = {"climate": "runs/climate/pretrained_n1_s0", "radiology": "runs/radiology/pretrained_n1_s0",
+               "carbon": "runs/carbon/pretrained_n10_s0", "materials": "runs/materials/discovery"}
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Example runs of every domain, plus a malformed run, one still being written and a link
-    that points outside the directory."""
-    from hfmi_kit.viz.examples import make_example_results
-
-    root = tmp_path_factory.mktemp("dash") / "results"
-    make_example_results(root)
+def results(small_scorecard: Path) -> Path:
+    """The small scorecard's runs of every domain with the what-if and discovery runs, plus a
+    malformed run, one still being written and links that point outside the directory."""
+    root = small_scorecard
     bad = root / "broken"
     bad.mkdir()
     (bad / "metrics.json").write_text("{not json", encoding="utf-8")
@@ -48,7 +45,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (busy / ".metrics.json.tmp").write_text("{")
     secret = root.parent / "secret.txt"
     secret.write_text("not for the browser")
-    (root / "climate" / "leak.txt").symlink_to(secret)
+    (root / "runs" / "climate" / "leak.txt").symlink_to(secret)
     (root / "outside").symlink_to(root.parent)
     return root
 
@@ -120,11 +117,12 @@ def test_results_reader_status_and_traversal(results: Path):
         assert runs[rel].status == "ok", (rel, runs[rel].problems)
     assert runs["broken"].status == "malformed" and "metrics.json" in runs["broken"].problems[0]
     assert runs["busy"].status == "in progress"
-    assert runs["climate/pretrained_1"].domain == "climate" and runs["climate/pretrained_1"].method == "pretrained"
-    assert runs["climate/scratch_1"].method == "scratch" and runs["climate/pretrain"].kind == "pretrain"
+    clim = runs["runs/climate/pretrained_n1_s0"]
+    assert clim.domain == "climate" and clim.method == "pretrained" and clim.kind == "finetune"
+    assert runs["runs/climate/scratch_n1_s0"].method == "scratch" and runs["runs/climate/pretrain"].kind == "pretrain"
     assert not any("checkpoints" in f or f.endswith("metrics.jsonl") for r in runs.values() for f in r.files)
     assert not any(rel.startswith("outside") for rel in runs)  # links are not followed out
-    for bad in ("../secret.txt", "/etc/passwd", "climate/../../secret.txt", "climate/leak.txt", "outside",
+    for bad in ("../secret.txt", "/etc/passwd", "runs/../../secret.txt", "runs/climate/leak.txt", "outside",
                 "no/such/run"):
         with pytest.raises(AccessRefusedError, match="refused"):
             resolve_under(results, bad)
@@ -132,8 +130,8 @@ def test_results_reader_status_and_traversal(results: Path):
         load_run(results, "../")
     rows = label_rows(list(runs.values()))
     clim = {(r["method"], r["labels"]) for r in rows if r["domain"] == "climate"}
-    assert {("pretrained", 0.5), ("scratch", 0.5), ("pretrained", 1.0), ("persistence", 1.0)} <= clim
-    assert {r["method"] for r in rows if r["domain"] == "carbon"} == {"pretrained", "rf"}
+    assert {("pretrained", 0.25), ("scratch", 0.25), ("pretrained", 1.0), ("persistence", 1.0)} <= clim
+    assert {r["method"] for r in rows if r["domain"] == "carbon"} == {"pretrained", "rf", "scratch"}
 
 
 def test_display_sized_arrays():
@@ -164,11 +162,11 @@ def test_display_sized_arrays():
 
 
 def test_file_server_refuses_traversal_and_internals(server: str, results: Path):
-    status, body = _get(server, "/files/climate/pretrained_1/metrics.json")
+    status, body = _get(server, "/files/runs/climate/pretrained_n1_s0/metrics.json")
     assert status == 200 and "rmse" in json.loads(body)
-    for path in ("/files/../secret.txt", "/files/climate/../../secret.txt", "/files/%2e%2e/secret.txt",
-                 "/files/climate/leak.txt", "/files/outside/secret.txt", "/files//etc/passwd",
-                 "/files/radiology/finetune_n2/train_segmenter/metrics.jsonl", "/files/climate"):
+    for path in ("/files/../secret.txt", "/files/runs/../../secret.txt", "/files/%2e%2e/secret.txt",
+                 "/files/runs/climate/leak.txt", "/files/outside/secret.txt", "/files//etc/passwd",
+                 "/files/runs/radiology/pretrained_n1_s0/train_segmenter/metrics.jsonl", "/files/runs/climate"):
         status, body = _get(server, path)
         assert status in (403, 404), (path, status)
         assert b"not for the browser" not in body
@@ -255,7 +253,7 @@ def test_each_domain_page_renders(browser, server: str, results: Path, domain: s
     if domain == "radiology":
         import nibabel as nib
 
-        vol = nib.load(str(next((results / "radiology" / "finetune_n2" / "predictions").glob("*_pred.nii.gz"))))
+        vol = nib.load(str(next((results / rel / "predictions").glob("*_pred.nii.gz"))))
         # the page got slices, not volumes: less than one float32 copy of the scan in all
         assert pg.ws_bytes < np.prod(vol.shape) * 4, (pg.ws_bytes, vol.shape)
     pg.page.close()
@@ -282,11 +280,11 @@ def _slider_changes_plot(pg: Page, label: str) -> None:
 
 
 def test_sliders_change_the_plots(browser, server: str):
-    pg = Page(browser, f"{server}/?run=radiology/finetune_n2")
+    pg = Page(browser, f"{server}/?run={DOMAIN_RUNS['radiology']}")
     pg.rendered()
     _slider_changes_plot(pg, "slice position [%]")
     pg.page.close()
-    pg = Page(browser, f"{server}/?run=climate/pretrained_1")
+    pg = Page(browser, f"{server}/?run={DOMAIN_RUNS['climate']}")
     pg.rendered()
     _slider_changes_plot(pg, "lead")
     assert not pg.bad, pg.bad
@@ -294,7 +292,7 @@ def test_sliders_change_the_plots(browser, server: str):
 
 
 def test_a_filter_changes_the_candidate_table(browser, server: str):
-    pg = Page(browser, f"{server}/?run=materials/discovery")
+    pg = Page(browser, f"{server}/?run={DOMAIN_RUNS['materials']}")
     pg.rendered()
     count = pg.page.get_by_text(re.compile(r"^\d+ of \d+ candidates$")).first
     count.wait_for(timeout=30_000)
@@ -317,7 +315,7 @@ def test_a_filter_changes_the_candidate_table(browser, server: str):
 
 
 def test_traversal_and_bad_runs_are_shown_not_crashing(browser, server: str):
-    for q, text in (("?run=../secret.txt", "refused"), ("?run=climate/leak.txt", "refused"),
+    for q, text in (("?run=../secret.txt", "refused"), ("?run=runs/climate/leak.txt", "refused"),
                     ("?run=%2e%2e%2f%2e%2e%2fetc", "refused"), ("?run=broken", "malformed"),
                     ("?run=busy", "in progress"), ("?page=compare", "Label efficiency: climate"), ("?", "broken")):
         pg = Page(browser, f"{server}/{q}")
@@ -332,7 +330,7 @@ def test_panel_serve_of_the_app_file(browser, results: Path):
                    str(port), "--address", "127.0.0.1", "--allow-websocket-origin", f"127.0.0.1:{port}",
                    "--args", "--results", str(results)], port, "/app")
     try:
-        pg = Page(browser, f"http://127.0.0.1:{port}/app?run=carbon/finetune_n20")
+        pg = Page(browser, f"http://127.0.0.1:{port}/app?run={DOMAIN_RUNS['carbon']}")
         pg.rendered()
         pg.text("Regional carbon budget")
         assert not pg.bad, pg.bad
@@ -360,13 +358,13 @@ def test_behind_jupyter_server_proxy(browser, results: Path, tmp_path: Path):
                                                             "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt")})
     try:
         base = f"http://127.0.0.1:{port}/user/alice/hfmi-dashboard/"
-        pg = Page(browser, f"{base}?token=t0k&run=radiology/finetune_n2")
+        pg = Page(browser, f"{base}?token=t0k&run={DOMAIN_RUNS['radiology']}")
         assert pg.rendered(timeout=120_000) < 120
         pg.text("Per-case scores")
         _slider_changes_plot(pg, "slice position [%]")  # the websocket works through the proxy
         assert pg.ws_bytes > 0
         assert not pg.bad, pg.bad  # no 404 for any asset behind the proxy
-        r = pg.page.request.get(f"{base}files/radiology/finetune_n2/metrics.json")
+        r = pg.page.request.get(f"{base}files/{DOMAIN_RUNS['radiology']}/metrics.json")
         assert r.status == 200 and "dice" in r.json()
         r = pg.page.request.get(f"{base}files/%2e%2e/%2e%2e/secret.txt")
         assert r.status in (403, 404)

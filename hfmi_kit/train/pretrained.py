@@ -118,6 +118,15 @@ def render_model_card(cfg: Mapping[str, Any]) -> str:
     lines += ["", "## Licence", "", card.get("licence", "Weights: Apache-2.0, as hfmi_kit."), ""]
     lines += ["## How to load", "", "```python", "import hfmi_kit",
               "model = hfmi_kit.load_pretrained('<this folder>')", "```", ""]
+    rec = cfg.get("reproduce")
+    if isinstance(rec, Mapping):
+        kw = rec.get("kwargs", {})
+        lines += ["## How to reproduce", "",
+                  f"`{rec.get('function')}` with seed {kw.get('seed', '?')} and the arguments below, at code "
+                  f"version `{cfg.get('code_version', '?')}`; `hfmi reproduce <this folder> --out DIR` re-runs it "
+                  "and compares every metric with this card.", "", "| input | path | sha256 |", "| --- | --- | --- |"]
+        lines += [f"| {k} | {v.get('path')} | {str(v.get('sha256'))[:16]} |" for k, v in rec.get("inputs", {}).items()]
+        lines += ["", "```json", json.dumps(kw, indent=2, default=str), "```", ""]
     return "\n".join(lines)
 
 

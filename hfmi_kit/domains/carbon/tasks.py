@@ -22,6 +22,7 @@ from hfmi_kit.domains.carbon.synth import CARBON_FRACTION, write_geotiff
 from hfmi_kit.errors import ConfigError, DataError
 from hfmi_kit.models import create_model
 from hfmi_kit.train import TrainConfig, Trainer, load_pretrained, read_config, save_pretrained
+from hfmi_kit.train.provenance import recorded
 
 LOGGER = logging.getLogger(__name__)
 Z90 = 1.6449  # two-sided 90 % normal interval
@@ -153,6 +154,7 @@ def _card(prep: Prepared, summary: str) -> dict[str, Any]:
             "limitations": "trained on one region; sources must be described as in region.json"}
 
 
+@recorded("carbon", "pretrain")
 def pretrain(*, data: str | Path, out: str | Path, config: str = "tiny", steps: int = 300, seed: int = 0,
              resume: bool = False, batch_size: int = 16, lr: float = 1e-3, tile: int = 32, patch: int = 8,
              mask_ratio: float = 0.5, precision: str = "auto", device: str = "auto", progress: bool = True,
@@ -397,6 +399,7 @@ def evaluate_maps(prep: Prepared, maps_q: list[np.ndarray], train_ids: set[str],
     return m
 
 
+@recorded("carbon", "finetune")
 def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task: str = "biomass",
              labels: int | None = None, label_fraction: float = 1.0, steps: int = 300, seed: int = 0,
              mode: str | None = None, config: str | None = None, batch_size: int = 16, lr: float | None = None,

@@ -22,6 +22,7 @@ from hfmi_kit.errors import ConfigError, DataError
 from hfmi_kit.models import create_model, get_size
 from hfmi_kit.train import TrainConfig, Trainer, load_pretrained, read_config, save_pretrained
 from hfmi_kit.train.env import code_version
+from hfmi_kit.train.provenance import recorded
 
 LOGGER = logging.getLogger(__name__)
 LICENCE = "CC0-1.0 (synthetic data from hfmi_kit's generator); other data: see the file's own licence"
@@ -81,6 +82,7 @@ def _val_loss(ds: cdata.ForecastWindows, batch_size: int = 32) -> Any:
     return _fork_eval(fn)
 
 
+@recorded("climate", "pretrain")
 def pretrain(*, data: str | Path, out: str | Path, config: str = "tiny", steps: int = 300, seed: int = 0,
              resume: bool = False, variables: list[str] | None = None, batch_size: int = 16,
              lr: float = 1e-3, context: int = 2, patch: tuple[int, int] | None = None,
@@ -159,6 +161,7 @@ class _ExtentWindows(torch.utils.data.Dataset):
         return item
 
 
+@recorded("climate", "finetune")
 def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task: str = "forecast",
              label_fraction: float = 1.0, steps: int = 300, seed: int = 0, mode: str = "full",
              config: str | None = None, batch_size: int = 16, lr: float | None = None, leads: int = 6,

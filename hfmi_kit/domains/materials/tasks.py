@@ -23,6 +23,7 @@ from hfmi_kit.errors import ConfigError, DataError
 from hfmi_kit.models import create_model
 from hfmi_kit.train import TrainConfig, Trainer, load_pretrained, read_config, save_pretrained
 from hfmi_kit.train.pretrained import read_weights, transfer_weights
+from hfmi_kit.train.provenance import recorded
 
 LOGGER = logging.getLogger(__name__)
 LICENCE = "Apache-2.0 (weights and code); data: see the provenance table"
@@ -89,6 +90,7 @@ def _train_net(model: MaterialsNet, ds: Dataset, *, steps: int, batch_size: int,
     return tc, {"loss": res.last_loss, **{k: float(v) for k, v in last.items() if k in ("l1", "mlm_accuracy")}}
 
 
+@recorded("materials", "pretrain")
 def pretrain(*, data: str | Path = "mp_gap", out: str | Path, config: str = "tiny", steps: int = 300,
              supervised_steps: int | None = None, target: str | None = None, exclude: str | Path | None = "expt_gap",
              seed: int = 0, resume: bool = False, batch_size: int = 256, lr: float = 1e-3, mask_prob: float = 0.3,
@@ -355,6 +357,7 @@ def _write_rejections(table: PropertyTable, out: Path) -> None:
                        table.rejection_summary(), out / "rejected_rows.csv")
 
 
+@recorded("materials", "finetune")
 def finetune(*, ckpt: str | Path | None, data: str | Path = "expt_gap", out: str | Path, task: str = "band_gap",
              target: str | None = None, labels: int | None = None, label_fraction: float = 1.0, folds: int = 5,
              members: int = 3, steps: int = 1000, batch_size: int = 64, lr: float | None = None,

@@ -23,6 +23,7 @@ from hfmi_kit.domains.radiology.synth import LABELS
 from hfmi_kit.errors import ConfigError, DataError
 from hfmi_kit.models import create_model
 from hfmi_kit.train import TrainConfig, Trainer, load_pretrained, read_config, save_pretrained
+from hfmi_kit.train.provenance import recorded
 
 LOGGER = logging.getLogger(__name__)
 SEGMENT_NAMES = ("oedema", "tumour core")
@@ -41,6 +42,7 @@ def _card(root: Path, subjects: Sequence[rdata.Subject], summary: str) -> dict[s
             "limitations": "trained on synthetic lesions in warped template anatomy unless stated otherwise"}
 
 
+@recorded("radiology", "pretrain")
 def pretrain(*, data: str | Path, out: str | Path, config: str = "tiny", steps: int = 300, seed: int = 0,
              resume: bool = False, batch_size: int = 8, lr: float = 1e-3, spacing: float = 3.0, crop: int = 32,
              patch: int = 4, mask_ratio: float = 0.75, precision: str = "auto", device: str = "auto",
@@ -152,6 +154,7 @@ def write_prediction(lab: np.ndarray, case: rdata.Prepared, out_dir: Path) -> li
     return written
 
 
+@recorded("radiology", "finetune")
 def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task: str = "segment",
              labels: int | None = None, label_fraction: float = 1.0, steps: int = 300, seed: int = 0,
              mode: str = "full", config: str | None = None, batch_size: int = 4, lr: float | None = None,

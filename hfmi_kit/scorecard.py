@@ -1,0 +1,257 @@
+"""The label-efficiency scorecard: for each domain, the pretrained model against the same model
+from scratch and the domain's classical baselines, at each label budget, on the same split,
+over several seeds, with the field's metric.
+
+    hfmi scorecard [--domains climate,radiology,carbon,materials] [--budget small|full] --out DIR
+
+writes ``DIR/scorecard.csv`` (domain, task, label_budget, method, seed, metric, value),
+``DIR/scorecard.md`` (mean ± standard deviation per budget and method, and whether the
+pretrained model beats scratch beyond the spread), ``DIR/label_efficiency.html`` (the curves)
+and every run under ``DIR/runs`` (the dashboard can show them). One pretraining per domain
+(seed 0) serves every fine-tuning; each (budget, seed) fine-tunes once from the checkpoint and
+once from scratch; the baselines are trained or computed on the same split inside those runs
+(radiology: U-Net; carbon: random forest; materials: random forest on Magpie features and the
+mean; climate: damped persistence, persistence and climatology).
+
+``small`` runs in minutes on a laptop CPU (tiny models, few steps: it checks the machinery and
+gives rough numbers); ``full`` is sized for a cluster job.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hfmi_kit.errors import ConfigError
+
+LOGGER = logging.getLogger(__name__)
+COLUMNS = ("domain", "task", "label_budget", "method", "seed", "metric", "value")
+BUDGETS = ("small", "full")
+
+
+@dataclass
+class DomainPlan:
+    """How one domain is scored."""
+
+    data: Callable[[Path, str], dict[str, Any]]  # (data dir, budget) -> data kwargs for pretrain / finetune
+    label_arg: str  # finetune keyword that sets the label budget (labels or label_fraction)
+    budgets: dict[str, list[float]]  # budget -> label budgets
+    pretrain_kw: dict[str, dict[str, Any]]  # budget -> pretrain keywords
+    finetune_kw: dict[str, dict[str, Any]]  # budget -> finetune keywords (both methods)
+    scratch_separately: bool = False  # finetune has no ``baselines`` option: run ckpt=None too
+    baselines: Sequence[str] = ()  # what finetune(baselines=...) trains
+    extra_methods: Sequence[str] = field(default_factory=tuple)  # metric suffixes computed in every run
+    method_names: dict[str, str] = field(default_factory=dict)  # metric suffix -> method name in the table
+
+
+def _climate_data(d: Path, budget: str) -> dict[str, Any]:
+    from hfmi_kit.domains.climate import GeneratorConfig, generate, write_dataset
+
+    years = 10 if budget == "small" else 40
+    p = d / "climate.zarr"
+    if not p.exists():
+        write_dataset(generate(GeneratorConfig(years=years, spinup_years=8, seed=0)), p)
+    return {"data": p}
+
+
+def _radiology_data(d: Path, budget: str) -> dict[str, Any]:
+    from hfmi_kit.domains.radiology import StudyConfig, generate_study
+
+    p = d / "radiology_study"
+    if not p.exists():
+        cfg = StudyConfig(unlabelled=2, labelled=6, spacing_scale=1.6, seed=3) if budget == "small" else StudyConfig()
+        generate_study(p, cfg)
+    return {"data": p}
+
+
+def _carbon_data(d: Path, budget: str) -> dict[str, Any]:
+    from hfmi_kit.domains.carbon import LandscapeConfig, generate_region
+
+    p = d / "carbon_region"
+    if not p.exists():
+        cfg = LandscapeConfig(size=64, plots=60, seed=2) if budget == "small" else LandscapeConfig(size=256, plots=300)
+        generate_region(p, cfg)
+    return {"data": p}
+
+
+def _materials_data(d: Path, budget: str) -> dict[str, Any]:
+    import pandas as pd
+
+    from hfmi_kit.domains.materials.tables import bundled_path
+
+    if budget == "full":
+        return {"data": "expt_gap", "pretrain_data": "mp_gap"}
+    d.mkdir(parents=True, exist_ok=True)
+    dft, expt = d / "dft.csv", d / "expt.csv"
+    if not dft.exists():
+        pd.read_csv(bundled_path("mp_gap")).sample(3000, random_state=0).to_csv(dft, index=False)
+        pd.read_csv(bundled_path("expt_gap")).sample(400, random_state=0).to_csv(expt, index=False)
+    return {"data": expt, "pretrain_data": dft, "exclude": expt}
+
+
+PLANS: dict[str, DomainPlan] = {
+    "climate": DomainPlan(
+        data=_climate_data, label_arg="label_fraction",
+        budgets={"small": [0.25, 1.0], "full": [0.05, 0.1, 0.25, 0.5, 1.0]},
+        pretrain_kw={"small": {"steps": 20}, "full": {"steps": 3000, "config": "small"}},
+        finetune_kw={"small": {"steps": 10, "rollout_train": 2, "leads": 2}, "full": {"steps": 1500}},
+        scratch_separately=True, extra_methods=("damped_persistence", "persistence", "climatology")),
+    "radiology": DomainPlan(
+        data=_radiology_data, label_arg="labels", budgets={"small": [1, 3], "full": [1, 2, 4, 8, 16]},
+        pretrain_kw={"small": {"steps": 6, "batch_size": 2, "spacing": 4.5}, "full": {"steps": 3000}},
+        finetune_kw={"small": {"steps": 6, "batch_size": 2, "spacing": 4.5}, "full": {"steps": 600}},
+        baselines=("scratch", "unet"), method_names={"unet": "unet_all_cases"}),
+    "carbon": DomainPlan(
+        data=_carbon_data, label_arg="labels", budgets={"small": [10, 30], "full": [20, 50, 100, 150]},
+        pretrain_kw={"small": {"steps": 20, "batch_size": 8}, "full": {"steps": 2000}},
+        finetune_kw={"small": {"steps": 30, "calibration_folds": 2}, "full": {"steps": 400}},
+        baselines=("scratch", "rf")),
+    "materials": DomainPlan(
+        data=_materials_data, label_arg="labels", budgets={"small": [50, 150], "full": [50, 100, 200, 400, 800]},
+        pretrain_kw={"small": {"steps": 40, "supervised_steps": 60}, "full": {"steps": 3000}},
+        finetune_kw={"small": {"steps": 30, "folds": 2, "members": 1}, "full": {"steps": 1000}},
+        baselines=("scratch", "rf", "dummy")),
+}
+
+
+def _rows(domain: str, task: str, budget: float, seed: int, metrics: dict[str, float], metric: str,
+          methods: dict[str, str]) -> list[dict[str, Any]]:
+    return [{"domain": domain, "task": task, "label_budget": budget, "method": method, "seed": seed, "metric": metric,
+             "value": float(metrics[key])} for method, key in methods.items() if key in metrics]
+
+
+def run_domain(domain: str, out: Path, *, budget: str = "small", seeds: Sequence[int] = (0, 1, 2)) -> list[dict]:
+    """Pretrain once, fine-tune at every label budget and seed with the baselines; the rows."""
+    from hfmi_kit.domains import get_domain
+
+    plan, dom = PLANS[domain], get_domain(domain)
+    metric, task = dom.primary_metric, dom.tasks[0]
+    data = plan.data(out / "data", budget)
+    runs = out / "runs" / domain
+    pkw = {**plan.pretrain_kw[budget]}
+    if "exclude" in data:
+        pkw["exclude"] = data["exclude"]
+    t0 = time.time()
+    pre = dom.pretrain(data=data.get("pretrain_data", data["data"]), out=runs / "pretrain", seed=0, progress=False,
+                       **pkw)
+    LOGGER.info("scorecard %s: pretrained in %.0f s", domain, time.time() - t0)
+    rows: list[dict[str, Any]] = []
+    for b in plan.budgets[budget]:
+        for seed in seeds:
+            kw = {**plan.finetune_kw[budget], plan.label_arg: b, "seed": seed, "progress": False}
+            tag = f"n{b:g}_s{seed}"
+            if plan.baselines:
+                kw["baselines"] = list(plan.baselines)
+            m = dom.finetune(ckpt=pre, data=data["data"], out=runs / f"pretrained_{tag}", **kw)
+            methods = {"pretrained": metric, **{plan.method_names.get(x, x): f"{metric}_{x}"
+                                                for x in (*plan.baselines, *plan.extra_methods)}}
+            rows += _rows(domain, task, b, seed, m, metric, methods)
+            if plan.scratch_separately:
+                ms = dom.finetune(ckpt=None, data=data["data"], out=runs / f"scratch_{tag}", config="tiny",
+                                  **{k: v for k, v in kw.items() if k != "baselines"})
+                rows += _rows(domain, task, b, seed, ms, metric, {"scratch": metric})
+    return rows
+
+
+def summarise(rows: Sequence[dict[str, Any]], budget: str = "") -> str:
+    """Markdown: per domain, mean ± std (n) per label budget and method; and whether the
+    pretrained model beats scratch by more than their combined spread."""
+    from hfmi_kit.domains import get_domain
+
+    lines = ["# Label-efficiency scorecard", ""]
+    if budget == "small":
+        lines += ["Budget `small`: tiny models trained for a few steps. It checks the whole comparison "
+                  "(same splits, seeds, baselines) in minutes; its numbers are not the foundation-model claim "
+                  "(run `--budget full` on a cluster for that).", ""]
+    if any(r["method"] == "unet_all_cases" for r in rows):
+        lines += ["`unet_all_cases`: the radiology U-Net reference is trained on every labelled training "
+                  "case, whatever the budget (an upper reference, not a same-budget baseline).", ""]
+    for domain in sorted({r["domain"] for r in rows}):
+        dom = get_domain(domain)
+        dr = [r for r in rows if r["domain"] == domain]
+        methods = list(dict.fromkeys(r["method"] for r in dr))
+        budgets = sorted({r["label_budget"] for r in dr})
+        better = "higher" if dom.higher_is_better else "lower"
+        lines += [f"## {domain}: {dr[0]['task']} ({dr[0]['metric']}, {better} is better; label budget = "
+                  f"{dom.label_key})", "", "| label budget | " + " | ".join(methods) + " | pretrained vs scratch |",
+                  "| --- |" + " --- |" * (len(methods) + 1)]
+        for b in budgets:
+            stats = {}
+            for meth in methods:
+                v = np.array([r["value"] for r in dr if r["label_budget"] == b and r["method"] == meth])
+                stats[meth] = (v.mean(), v.std(ddof=1) if len(v) > 1 else 0.0, len(v)) if len(v) else None
+            cells = [f"{s[0]:.4g} ± {s[1]:.2g} ({s[2]})" if s else "" for s in stats.values()]
+            verdict = ""
+            if stats.get("pretrained") and stats.get("scratch"):
+                (mp, sp, _), (ms, ss, _) = stats["pretrained"], stats["scratch"]
+                gain = (mp - ms) if dom.higher_is_better else (ms - mp)
+                verdict = ("better" if gain > sp + ss else "worse" if -gain > sp + ss else "within spread") + \
+                    f" ({gain:+.3g})"
+            lines.append(f"| {b:g} | " + " | ".join(cells) + f" | {verdict} |")
+        lines.append("")
+    lines.append("Mean ± sample standard deviation over seeds (n). 'better' / 'worse': the difference of "
+                 "the means exceeds the sum of the two standard deviations.")
+    return "\n".join(lines) + "\n"
+
+
+def curves_html(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """The label-efficiency curves (mean over seeds) per domain as one standalone HTML file."""
+    import holoviews as hv
+    from bokeh.resources import INLINE
+
+    from hfmi_kit.domains import get_domain
+    from hfmi_kit.viz.core import label_efficiency
+
+    plots = []
+    for domain in sorted({r["domain"] for r in rows}):
+        dr = [r for r in rows if r["domain"] == domain]
+        mean_rows = []
+        for b in sorted({r["label_budget"] for r in dr}):
+            for meth in dict.fromkeys(r["method"] for r in dr):
+                v = [r["value"] for r in dr if r["label_budget"] == b and r["method"] == meth]
+                if v:
+                    mean_rows.append({"labels": b, "method": meth, "value": float(np.mean(v))})
+        dom = get_domain(domain)
+        plots.append(label_efficiency(mean_rows, "value", xlabel=dom.label_key,
+                                      title=f"{domain}: {dr[0]['metric']} (mean over seeds)"))
+    hv.save(hv.Layout(plots).cols(2), str(path), resources=INLINE)
+    return path
+
+
+def run_scorecard(out: str | Path, *, domains: Sequence[str] = tuple(PLANS), budget: str = "small",
+                  seeds: Sequence[int] = (0, 1, 2)) -> list[dict[str, Any]]:
+    """Score ``domains`` into ``out``; return the rows of ``scorecard.csv``."""
+    from hfmi_kit.config import atomic_write_text
+    from hfmi_kit.viz import require_holoviews
+
+    if budget not in BUDGETS:
+        raise ConfigError(f"--budget must be one of {list(BUDGETS)}, got {budget!r}")
+    unknown = [d for d in domains if d not in PLANS]
+    if unknown:
+        raise ConfigError(f"unknown domains {unknown}; the scorecard covers {list(PLANS)}")
+    if len(set(seeds)) < 3:
+        raise ConfigError(f"a scorecard needs at least 3 seeds, got {list(seeds)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    for d in domains:
+        t0 = time.time()
+        rows += run_domain(d, out, budget=budget, seeds=seeds)
+        LOGGER.info("scorecard %s done in %.0f s", d, time.time() - t0)
+    tmp = out / ".scorecard.csv.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(out / "scorecard.csv")
+    atomic_write_text(out / "scorecard.md", summarise(rows, budget))
+    require_holoviews()
+    curves_html(rows, out / "label_efficiency.html")
+    return rows

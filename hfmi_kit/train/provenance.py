@@ -1,0 +1,205 @@
+"""Reproduction from a model card: what a run records, and re-running it.
+
+Every domain's ``pretrain`` and ``finetune`` are wrapped by :func:`recorded`: after the run, the
+checkpoint's ``config.json`` gains a ``reproduce`` entry with the function, its keyword
+arguments (the seed among them) and a checksum of every file or folder the arguments name
+(data, the parent checkpoint's weights). With the code version and environment that every
+checkpoint already records, that is enough to re-run it: :func:`reproduce` checks the inputs,
+calls the same function with the same arguments into a new directory and compares each metric
+with the card.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hfmi_kit.errors import CheckpointError, DataError
+
+LOGGER = logging.getLogger(__name__)
+RECORD = "reproduce"
+LARGE_FILE = 256 * 2**20  # files above this size enter a folder's checksum by name and size only
+SKIP_ARGS = {"out", "progress"}
+
+
+def digest(path: str | Path) -> str:
+    """sha256 of a file; of a folder, over its files' relative paths and contents (files above
+    256 MiB by size only; temporary files of atomic writes and caches skipped, dotfiles such as
+    Zarr's ``.zattrs`` kept); of a checkpoint folder, of its weights file."""
+    p = Path(path)
+    if p.is_dir() and (p / "model.safetensors").is_file():
+        p = p / "model.safetensors"
+    h = hashlib.sha256()
+    if p.is_file():
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(2**20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+    if not p.is_dir():
+        raise DataError(f"{path}: neither a file nor a folder")
+    for f in sorted(x for x in p.rglob("*") if x.is_file()):
+        rel = f.relative_to(p)
+        if f.name.endswith(".tmp") or any(p in ("__pycache__", ".ipynb_checkpoints") for p in rel.parts):
+            continue
+        h.update(str(rel).encode() + b"\0")
+        size = f.stat().st_size
+        if size > LARGE_FILE:
+            h.update(f"size={size}".encode())
+        else:
+            h.update(digest(f).encode())
+    return h.hexdigest()
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, Mapping):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return str(v)
+
+
+def _inputs(kw: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    out = {}
+    for k, v in kw.items():
+        if k in SKIP_ARGS or not isinstance(v, (str, Path)) or not str(v):
+            continue
+        p = Path(v)
+        if p.exists():
+            out[k] = {"path": str(p.resolve()), "sha256": digest(p)}
+    return out
+
+
+def _rank0() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def recorded(domain: str, command: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate a domain's keyword-only ``pretrain`` (returns the checkpoint) or ``finetune``
+    (writes ``out/model``) so that its checkpoint records how to re-run it."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def run(**kw: Any) -> Any:
+            inputs = _inputs(kw)  # before the run: what it read, not what it wrote
+            result = fn(**kw)
+            ck = Path(result) if isinstance(result, (str, Path)) else Path(kw["out"]) / "model"
+            if _rank0() and (ck / "config.json").is_file():
+                rec = {"domain": domain, "command": command, "function": f"{fn.__module__}.{fn.__name__}",
+                       "kwargs": {k: _jsonable(v) for k, v in kw.items() if k not in SKIP_ARGS},
+                       "inputs": inputs}
+                update_config(ck, {RECORD: rec})
+            return result
+
+        return run
+
+    return wrap
+
+
+def update_config(path: str | Path, fields: Mapping[str, Any]) -> None:
+    """Set top-level ``fields`` of a checkpoint's config and re-render its card, atomically."""
+    from hfmi_kit.config import atomic_write_text
+    from hfmi_kit.train.pretrained import CARD, CONFIG, read_config, render_model_card
+
+    path = Path(path)
+    cfg = read_config(path)
+    cfg.update(fields)
+    atomic_write_text(path / CONFIG, json.dumps(cfg, indent=2, default=str) + "\n")
+    atomic_write_text(path / CARD, render_model_card(cfg))
+
+
+@dataclass
+class Reproduction:
+    """What :func:`reproduce` found: per metric the card's and the new value."""
+
+    ckpt: str
+    out: str
+    rows: list[dict[str, Any]] = field(default_factory=list)  # metric, recorded, reproduced, match
+    input_changes: list[str] = field(default_factory=list)
+    environment_changes: list[str] = field(default_factory=list)
+
+    @property
+    def matches(self) -> bool:
+        return all(r["match"] for r in self.rows)
+
+    def table(self) -> str:
+        lines = ["| metric | model card | reproduced | difference | match |", "| --- | --- | --- | --- | --- |"]
+        for r in self.rows:
+            d = "" if r["difference"] is None else f"{r['difference']:.3g}"
+            lines.append(f"| {r['metric']} | {_fmt(r['recorded'])} | {_fmt(r['reproduced'])} | {d} | "
+                         f"{'yes' if r['match'] else 'NO'} |")
+        return "\n".join(lines)
+
+
+def _fmt(v: float | None) -> str:
+    return "missing" if v is None else f"{v:.4g}"
+
+
+def compare_metrics(recorded_m: Mapping[str, float], new: Mapping[str, float]) -> list[dict[str, Any]]:
+    """Each metric of either side; equal when they print the same to 4 significant digits (as
+    ``hfmi`` prints them)."""
+    rows = []
+    for k in sorted(set(recorded_m) | set(new)):
+        a, b = recorded_m.get(k), new.get(k)
+        a = float(a) if isinstance(a, (int, float)) else None
+        b = float(b) if isinstance(b, (int, float)) else None
+        both = a is not None and b is not None
+        same = both and (_fmt(a) == _fmt(b) or (math.isnan(a) and math.isnan(b)))
+        rows.append({"metric": k, "recorded": a, "reproduced": b, "difference": (b - a) if both else None,
+                     "match": bool(same)})
+    return rows
+
+
+def reproduce(ckpt: str | Path, out: str | Path, *, allow_changed_inputs: bool = False) -> Reproduction:
+    """Re-run the training recorded in ``ckpt`` into ``out`` and compare the metrics with its card.
+
+    Raises:
+        CheckpointError: the checkpoint has no reproduction record.
+        DataError: an input's checksum differs from the record (unless ``allow_changed_inputs``).
+    """
+    from hfmi_kit.config import atomic_write_json
+    from hfmi_kit.train.env import environment
+    from hfmi_kit.train.pretrained import read_config
+
+    cfg = read_config(ckpt)
+    rec = cfg.get(RECORD)
+    if not isinstance(rec, Mapping) or "function" not in rec:
+        raise CheckpointError(f"{ckpt}: no reproduction record in config.json (written by hfmi_kit before it "
+                              "recorded runs, or not by a domain's pretrain/finetune)")
+    rep = Reproduction(ckpt=str(ckpt), out=str(out))
+    for name, inp in (rec.get("inputs") or {}).items():
+        p = Path(inp["path"])
+        if not p.exists():
+            rep.input_changes.append(f"{name}: {p} is missing")
+        elif digest(p) != inp["sha256"]:
+            rep.input_changes.append(f"{name}: {p} changed (sha256 {digest(p)[:12]} != {inp['sha256'][:12]})")
+    if rep.input_changes and not allow_changed_inputs:
+        raise DataError(f"{ckpt}: the recorded inputs differ: {'; '.join(rep.input_changes)}")
+    env_now = environment(cfg.get("environment", {}).get("device", "cpu"))
+    rep.environment_changes = [f"{k}: {v} -> {env_now.get(k)}" for k, v in (cfg.get("environment") or {}).items()
+                               if env_now.get(k) != v]
+    mod, fname = rec["function"].rsplit(".", 1)
+    fn = getattr(importlib.import_module(mod), fname)
+    kwargs = dict(rec["kwargs"])
+    if "resume" in kwargs:
+        kwargs["resume"] = False
+    result = fn(**kwargs, out=out, progress=False)
+    new_ck = Path(result) if isinstance(result, (str, Path)) else Path(out) / "model"
+    rep.rows = compare_metrics(cfg.get("metrics") or {}, read_config(new_ck).get("metrics") or {})
+    atomic_write_json(Path(out) / "reproduction.json",
+                      {"ckpt": str(ckpt), "matches": rep.matches, "metrics": rep.rows,
+                       "input_changes": rep.input_changes, "environment_changes": rep.environment_changes})
+    return rep
