@@ -12,7 +12,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip setuptools wheel
 .venv/bin/python -m pip install -q --disable-pip-version-check "${TORCH_SPEC:-torch==2.13.0}"
-extras="climate,radiology,materials,carbon,viz,lab"
+extras="climate,radiology,materials,carbon,viz,lab,explain"
 if [ "${1:-}" = "dev" ]; then
   extras="$extras,dev"
 fi
