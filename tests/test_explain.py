@@ -47,3 +47,25 @@ def test_carbon_source_attributions(small_scorecard):
     src = ex.source_attributions(model, batch)
     assert set(src) == {"optical", "radar", "lidar"} and all(v >= 0 for v in src.values())
     assert pd.Series(src).sum() > 0
+
+
+def test_climate_forecast_attributions(small_scorecard):
+    from hfmi_kit.explain import climate as ex
+
+    model, batch = ex.samples(small_scorecard / "runs" / "climate" / "pretrained_n1_s0" / "model",
+                              small_scorecard / "data" / "climate.zarr", n=4)
+    for c in ex.checks(model, batch, var="tas"):
+        assert c.passed, c
+    share, amap = ex.importance(model, batch, var="tas")
+    assert set(share) == set(model.variables) and abs(sum(share.values()) - 1) < 1e-6
+    assert amap.shape == tuple(model.tokenizer.grid) and np.isfinite(amap).all()
+
+
+def test_radiology_voxel_attributions(small_scorecard):
+    from hfmi_kit.explain import radiology as ex
+
+    model, image, mask = ex.crops(small_scorecard / "runs" / "radiology" / "pretrained_n3_s0" / "model",
+                                  small_scorecard / "data" / "radiology_study", n=2)
+    assert image.shape[0] == 2 and mask.sum() > 0
+    for c in ex.checks(model, image, mask):
+        assert c.passed, c

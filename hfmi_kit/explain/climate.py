@@ -1,0 +1,97 @@
+"""Which variables and regions drive a forecast: integrated gradients (captum) of the network's
+correction to the statistical skip path, for one variable's lead-1 forecast (latitude-weighted
+global mean), with respect to every input field (context step, variable, grid cell).
+
+The forecaster predicts x(t+1) = skip(x) + scale * Δ(x); the skip path (damped anomaly
+persistence with a forcing response) is fitted statistics, so the attribution is of Δ, the
+part the network learned (and the part pretraining changes).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hfmi_kit.explain import CheckResult, deletion_check, randomization_check, randomized_copy
+
+
+def samples(ckpt: str | Path, data: str | Path, *, n: int = 8) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The model and ``n`` evaluation windows (the years it was not trained on) of ``data``."""
+    from hfmi_kit.domains.climate import data as cdata
+    from hfmi_kit.domains.climate.tasks import _load_with_geometry
+    from hfmi_kit.train import load_pretrained
+
+    cfg, d = _load_with_geometry(ckpt, data)
+    geom = cfg["geometry"]
+    model = load_pretrained(ckpt).eval()
+    tens = cdata.to_tensors(d, cdata.Normaliser(geom["normalisation"]))
+    seen = set(geom.get("split", {}).get("train_years", ())) | set(geom.get("split", {}).get("val_years", ()))
+    idx = np.flatnonzero(~np.isin(d.years, list(seen)))
+    win = cdata.ForecastWindows(tens, idx if idx.size > 4 else np.arange(d.time.size),
+                                context=int(cfg["model_kwargs"]["context"]))
+    take = np.linspace(0, len(win) - 1, min(n, len(win))).round().astype(int)
+    items = [win[int(i)] for i in take]
+    return model, {k: torch.stack([it[k] for it in items]) for k in ("inputs", "forcing", "scalars", "mask", "month")}
+
+
+def _target(model: Any, batch: dict[str, torch.Tensor], var: str) -> Any:
+    """inputs (B, C, V, H, W) -> (B,) the network's correction to ``var`` at lead 1, averaged
+    over the valid cells with latitude weights, in normalised units."""
+    vi = list(model.variables).index(var)
+
+    def f(inputs: torch.Tensor) -> torch.Tensor:
+        B = inputs.shape[0]
+        rep = B // batch["forcing"].shape[0]  # captum stacks the interpolation steps on the batch
+        forcing = batch["forcing"][:, 0].repeat(rep, 1, 1, 1)
+        scalars = batch["scalars"][:, 0].repeat(rep, 1)
+        tb = model.tokenize(inputs, forcing, scalars)
+        delta = model.head(model.backbone.encode(tb), tb)[var]  # (B, H, W)
+        w = model.lat_weight * batch["mask"][:1, vi]  # (1, H, W)
+        return model.residual_scale[0, vi, 0, 0] * (delta * w).sum(dim=(1, 2)) / w.sum().clamp_min(1e-6)
+
+    return f
+
+
+def attributions(model: Any, batch: dict[str, torch.Tensor], *, var: str = "tas", steps: int = 16) -> np.ndarray:
+    """(B, C, V, H, W) integrated gradients (baseline: the mean state, 0 in normalised units) of
+    the network's (latitude-weighted, global-mean) correction to ``var`` at lead 1."""
+    from captum.attr import IntegratedGradients
+
+    x = batch["inputs"].clone().requires_grad_(True)
+    ig = IntegratedGradients(_target(model, batch, var))
+    return ig.attribute(x, baselines=torch.zeros_like(x), n_steps=steps).detach().numpy()
+
+
+def importance(model: Any, batch: dict[str, torch.Tensor], **kw: Any) -> tuple[dict[str, float], np.ndarray]:
+    """Per input variable the share of |attribution|, and the (H, W) map of |attribution|."""
+    a = np.abs(attributions(model, batch, **kw))
+    per_var = a.sum(axis=(0, 1, 3, 4))
+    return ({v: float(x / per_var.sum()) for v, x in zip(model.variables, per_var)}, a.sum(axis=(0, 1, 2)))
+
+
+def checks(model: Any, batch: dict[str, torch.Tensor], *, var: str = "tas", frac: float = 0.05,
+           seed: int = 0) -> list[CheckResult]:
+    """Randomisation check; deletion of the ``frac`` most attributed input values (set to the
+    climatological mean) against as many random ones, measured on the network's correction."""
+    a = attributions(model, batch, var=var)
+    r = attributions(randomized_copy(model, seed), batch, var=var)
+    f = _target(model, batch, var)
+    x = batch["inputs"]
+    with torch.no_grad():
+        base = f(x).numpy()
+    k = max(1, int(frac * a[0].size))
+
+    def effect(score: np.ndarray) -> np.ndarray:
+        flat = score.reshape(score.shape[0], -1)
+        drop = np.zeros_like(flat, dtype=bool)
+        np.put_along_axis(drop, np.argsort(-flat, axis=1)[:, :k], True, axis=1)
+        xd = torch.where(torch.from_numpy(drop.reshape(x.shape)), torch.zeros_like(x), x)
+        with torch.no_grad():
+            return np.abs(f(xd).numpy() - base)
+
+    return [randomization_check(a, r),
+            deletion_check(lambda: effect(np.abs(a)),
+                           lambda i: effect(np.random.default_rng(seed + 1 + i).random(a.shape)))]
