@@ -77,4 +77,34 @@ def deletion_check(effect_top: Callable[[], np.ndarray], effect_random: Callable
     return CheckResult("deletion", top > rnd, top - rnd, f"top-ranked {top:.4g} vs random {rnd:.4g}")
 
 
-__all__ = ["CheckResult", "deletion_check", "randomization_check", "randomized_copy", "rank_correlation"]
+def zeroing_effect(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, score: np.ndarray, k: int,
+                   base: np.ndarray) -> np.ndarray:
+    """|f(x) - f(x')| per sample, where x' sets the ``k`` values of each sample with the highest
+    ``score`` (same shape as ``x``) to 0 (the mean in normalised units)."""
+    flat = score.reshape(score.shape[0], -1)
+    drop = np.zeros_like(flat, dtype=bool)
+    np.put_along_axis(drop, np.argsort(-flat, axis=1)[:, :k], True, axis=1)
+    xd = torch.where(torch.from_numpy(drop.reshape(x.shape)), torch.zeros_like(x), x)
+    with torch.no_grad():
+        return np.abs(f(xd).numpy() - base)
+
+
+def zeroing_checks(attribute: Callable[[nn.Module], np.ndarray], model: nn.Module, x: torch.Tensor,
+                   f: Callable[[torch.Tensor], torch.Tensor], *, frac: float, seed: int = 0) -> list[CheckResult]:
+    """Both checks for a method whose attributions have the shape of the input ``x``:
+    ``attribute(model)`` for the trained and a randomised copy, then deletion (to 0) of the
+    ``frac`` most attributed values against as many random values, measured by ``f``."""
+    a = attribute(model)
+    r = attribute(randomized_copy(model, seed))
+    with torch.no_grad():
+        base = f(x).numpy()
+    k = max(1, int(frac * a[0].size))
+
+    def random(i: int) -> np.ndarray:
+        return zeroing_effect(f, x, np.random.default_rng(seed + 1 + i).random(a.shape), k, base)
+
+    return [randomization_check(a, r), deletion_check(lambda: zeroing_effect(f, x, np.abs(a), k, base), random)]
+
+
+__all__ = ["CheckResult", "deletion_check", "randomization_check", "randomized_copy", "rank_correlation",
+           "zeroing_checks", "zeroing_effect"]

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hfmi_kit.explain import CheckResult, deletion_check, randomization_check, randomized_copy
+from hfmi_kit.explain import CheckResult, zeroing_checks
 
 
 def samples(ckpt: str | Path, data: str | Path, *, n: int = 8) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -76,22 +76,5 @@ def checks(model: Any, batch: dict[str, torch.Tensor], *, var: str = "tas", frac
            seed: int = 0) -> list[CheckResult]:
     """Randomisation check; deletion of the ``frac`` most attributed input values (set to the
     climatological mean) against as many random ones, measured on the network's correction."""
-    a = attributions(model, batch, var=var)
-    r = attributions(randomized_copy(model, seed), batch, var=var)
-    f = _target(model, batch, var)
-    x = batch["inputs"]
-    with torch.no_grad():
-        base = f(x).numpy()
-    k = max(1, int(frac * a[0].size))
-
-    def effect(score: np.ndarray) -> np.ndarray:
-        flat = score.reshape(score.shape[0], -1)
-        drop = np.zeros_like(flat, dtype=bool)
-        np.put_along_axis(drop, np.argsort(-flat, axis=1)[:, :k], True, axis=1)
-        xd = torch.where(torch.from_numpy(drop.reshape(x.shape)), torch.zeros_like(x), x)
-        with torch.no_grad():
-            return np.abs(f(xd).numpy() - base)
-
-    return [randomization_check(a, r),
-            deletion_check(lambda: effect(np.abs(a)),
-                           lambda i: effect(np.random.default_rng(seed + 1 + i).random(a.shape)))]
+    return zeroing_checks(lambda m: attributions(m, batch, var=var), model, batch["inputs"],
+                          _target(model, batch, var), frac=frac, seed=seed)

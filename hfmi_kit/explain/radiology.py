@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hfmi_kit.explain import CheckResult, deletion_check, randomization_check, randomized_copy
+from hfmi_kit.explain import CheckResult, zeroing_checks
 
 
 def crops(ckpt: str | Path, data: str | Path, *, n: int = 2) -> tuple[Any, torch.Tensor, torch.Tensor]:
@@ -65,21 +65,5 @@ def checks(model: Any, image: torch.Tensor, mask: torch.Tensor, *, frac: float =
            seed: int = 0) -> list[CheckResult]:
     """Randomisation check; deletion of the ``frac`` most attributed voxels (set to 0) against
     as many random voxels, measured on the tumour evidence."""
-    a = attributions(model, image, mask)
-    r = attributions(randomized_copy(model, seed), image, mask)
-    f = _target(model, mask)
-    with torch.no_grad():
-        base = f(image).numpy()
-    k = max(1, int(frac * a[0].size))
-
-    def effect(score: np.ndarray) -> np.ndarray:
-        flat = score.reshape(score.shape[0], -1)
-        drop = np.zeros_like(flat, dtype=bool)
-        np.put_along_axis(drop, np.argsort(-flat, axis=1)[:, :k], True, axis=1)
-        xd = torch.where(torch.from_numpy(drop.reshape(image.shape)), torch.zeros_like(image), image)
-        with torch.no_grad():
-            return np.abs(f(xd).numpy() - base)
-
-    return [randomization_check(a, r),
-            deletion_check(lambda: effect(np.abs(a)),
-                           lambda i: effect(np.random.default_rng(seed + 1 + i).random(a.shape)))]
+    return zeroing_checks(lambda m: attributions(m, image, mask), model, image, _target(model, mask), frac=frac,
+                          seed=seed)
