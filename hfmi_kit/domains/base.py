@@ -27,6 +27,8 @@ class Domain(ABC):
         data_formats: what ``--data`` may point to.
         headline_metrics: the metrics (with their baselines) the CLI prints after a run.
         example_outputs: files a fine-tuning run writes besides the checkpoint, for the demo.
+        published_files: every file or folder a run of this domain publishes for others to read
+            (the dashboard recognises runs by them; default: ``example_outputs``).
         finetune_options: extra keyword options of ``finetune`` the CLI may pass (``labels``:
             a number of labelled examples; ``baselines``: also train the baselines; ``target``:
             the value column of a table, also passed to ``pretrain`` and ``evaluate``).
@@ -45,6 +47,7 @@ class Domain(ABC):
     data_formats: ClassVar[str]
     headline_metrics: ClassVar[tuple[str, ...]] = ()
     example_outputs: ClassVar[tuple[str, ...]] = ()
+    published_files: ClassVar[tuple[str, ...]] = ()
     finetune_options: ClassVar[tuple[str, ...]] = ()
     bundled_data: ClassVar[dict[str, str]] = {}
     primary_metric: ClassVar[str] = ""

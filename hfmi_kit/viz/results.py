@@ -6,6 +6,7 @@ checkpoint's ``config.json`` and ``MODEL_CARD.md``, prediction files); never tra
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -15,13 +16,6 @@ from typing import Any
 
 from hfmi_kit.errors import HfmiError
 
-# files a run publishes, by domain (what identifies a run directory when it has no checkpoint)
-PREDICTION_FILES: dict[str, tuple[str, ...]] = {
-    "climate": ("forecast.nc", "whatif.nc"),
-    "radiology": ("cases.json", "predictions"),
-    "carbon": ("budget.csv", "maps"),
-    "materials": ("cv_predictions.csv", "candidates.csv", "active_learning.json", "predictions.csv"),
-}
 SKIP_DIRS = {"checkpoints", "model", "predictions", "maps", "__pycache__"}  # inside a run, not runs
 MAX_DEPTH = 5
 
@@ -76,16 +70,32 @@ class Run:
         return (self.path / name).exists()
 
 
+@functools.lru_cache(maxsize=1)
+def published_files() -> dict[str, tuple[str, ...]]:
+    """Domain -> the files its runs publish (:attr:`Domain.published_files`): what identifies a
+    run directory, and its domain, when it has no checkpoint."""
+    from hfmi_kit.domains import get_domain, list_domains
+
+    out = {}
+    for name in list_domains():
+        try:
+            dom = get_domain(name)
+        except ImportError:  # a domain whose extra is not installed publishes nothing here
+            continue
+        out[name] = tuple(dom.published_files or dom.example_outputs)
+    return out
+
+
 def _is_run_dir(d: Path) -> bool:
     names = {p.name for p in d.iterdir()} if d.is_dir() else set()
     if "metrics.json" in names or (d / "model" / "config.json").exists():
         return True
-    return any(f in names for fs in PREDICTION_FILES.values() for f in fs)
+    return any(f.rstrip("/") in names for fs in published_files().values() for f in fs)
 
 
 def _guess_domain(d: Path) -> str | None:
-    for dom, files in PREDICTION_FILES.items():
-        if any((d / f).exists() for f in files):
+    for dom, files in published_files().items():
+        if any((d / f.rstrip("/")).exists() for f in files):
             return dom
     return None
 

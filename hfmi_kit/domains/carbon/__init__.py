@@ -23,6 +23,7 @@ class CarbonDomain(Domain):
     headline_metrics: ClassVar[tuple[str, ...]] = (
         "rmse_mg_ha", "bias_mg_ha", "r2", "rmse_mg_ha_map", "coverage_90", "rmse_mg_ha_scratch", "rmse_mg_ha_rf",
         "budget_error_pct", "budget_in_interval", "labelled_plots", "test_plots")
+    published_files: ClassVar[tuple[str, ...]] = ("budget.csv", "maps")
     primary_metric: ClassVar[str] = "rmse_mg_ha"
     higher_is_better: ClassVar[bool] = False
     label_key: ClassVar[str] = "labelled_plots"

@@ -22,6 +22,7 @@ class ClimateDomain(Domain):
     headline_metrics: ClassVar[tuple[str, ...]] = (
         "rmse", "rmse_persistence", "rmse_climatology", "acc", "acc_persistence", "seaice_extent_mae",
         "extent_mae", "extent_mae_persistence", "extent_mae_climatology")
+    published_files: ClassVar[tuple[str, ...]] = ("forecast.nc", "whatif.nc")
     primary_metric: ClassVar[str] = "rmse"
     higher_is_better: ClassVar[bool] = False
     label_key: ClassVar[str] = "label_fraction"

@@ -25,6 +25,8 @@ class MaterialsDomain(Domain):
     headline_metrics: ClassVar[tuple[str, ...]] = (
         "mae_ev", "rmse_ev", "mae_ev_scratch", "mae_ev_rf", "mae_ev_dummy", "coverage_1sigma", "labels_per_fold",
         "rows", "rows_rejected")
+    published_files: ClassVar[tuple[str, ...]] = ("cv_predictions.csv", "candidates.csv", "active_learning.json",
+                                                  "predictions.csv")
     primary_metric: ClassVar[str] = "mae_ev"
     higher_is_better: ClassVar[bool] = False
     label_key: ClassVar[str] = "labels_per_fold"

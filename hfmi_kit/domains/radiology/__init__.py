@@ -24,6 +24,7 @@ class RadiologyDomain(Domain):
     headline_metrics: ClassVar[tuple[str, ...]] = (
         "dice", "dice_std", "hd95_mm", "centroid_error_mm", "dice_core", "dice_scratch", "hd95_mm_scratch",
         "dice_unet", "hd95_mm_unet", "labelled_cases", "test_cases")
+    published_files: ClassVar[tuple[str, ...]] = ("cases.json", "predictions")
     primary_metric: ClassVar[str] = "dice"
     higher_is_better: ClassVar[bool] = True
     label_key: ClassVar[str] = "labelled_cases"
