@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rollout-train", type=int, default=6, help="lead times in the fine-tuning loss")
     ap.add_argument("--base-ppm", type=float, default=420.0, help="what-if baseline CO2 (doubled)")
+    ap.add_argument("--no-scratch", action="store_true", help="fine-tune the pretrained model only")
     a = ap.parse_args()
     out = Path(a.out)
     t = time.time()
@@ -38,9 +39,11 @@ def main() -> None:
     ck = pretrain(data=data, out=out / "pretrain", config=a.config, steps=a.pretrain_steps, seed=a.seed,
                   progress=False)
     print(f"pretrain: {a.pretrain_steps} steps in {time.time() - t:.0f} s", flush=True)
+    modes = json.loads((Path(ck) / "config.json").read_text())["model_kwargs"].get("lim_modes", 0)
+    print(f"skip path: {f'linear inverse model, {modes} EOF modes' if modes else 'per-cell regression'}", flush=True)
     rows = []
     for frac in [float(x) for x in a.fractions.split(",")]:
-        for name, src in (("pretrained", ck), ("scratch", None)):
+        for name, src in (("pretrained", ck), ("scratch", None))[: 1 if a.no_scratch else 2]:
             t = time.time()
             m = finetune(ckpt=src, data=data, out=out / f"ft_{name}_{frac}", steps=a.finetune_steps,
                          label_fraction=frac, seed=a.seed, leads=a.leads, config=a.config, progress=False,
@@ -55,6 +58,7 @@ def main() -> None:
         print(f"  lead {k}: model {full[f'rmse_tas_lead{k}']:.3f}  persistence "
               f"{full[f'rmse_persistence_tas_lead{k}']:.3f}  climatology {full[f'rmse_climatology_tas_lead{k}']:.3f}"
               f"  damped-pers {full[f'rmse_damped_persistence_tas_lead{k}']:.3f}"
+              f"  skip path alone {full.get(f'rmse_skip_tas_lead{k}', float('nan')):.3f}"
               f"  acc {full[f'acc_tas_lead{k}']:.3f}")
     t = time.time()
     w = whatif(ckpt=out / "ft_pretrained_1.0" / "model", data=data, out=out / "whatif", co2_factor=2.0,

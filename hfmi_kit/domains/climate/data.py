@@ -151,7 +151,7 @@ def load_climate(path: str | Path, *, variables: Sequence[str] | None = None,
         GeometryMismatchError: the data does not match ``expect``.
     """
     src = str(path)
-    ds = open_cf(path)
+    ds = open_cf(path, chunks="auto")  # read whole on-disk chunks in few dask tasks
     axes = find_axes(ds, source=src)
     check_time(ds, axes.time, source=src)
     if expect is not None:
@@ -271,16 +271,21 @@ def compute_stats(path: str | Path, data: ClimateData,
     Reads the file (so it scales past memory), restricted to ``time_index`` (the training
     years) when given; CO2 statistics are those of its radiative forcing.
     """
-    ds = open_cf(path, chunks={})
+    ds = open_cf(path, chunks="auto")  # dask's chunk size (whole on-disk chunks): few tasks, bounded memory
     if time_index is not None:
         tdim = find_axes(ds, source=str(path)).time
         ds = ds.isel({tdim: np.asarray(time_index)})
+    import dask
+
+    names = [*data.state, *data.forcing]
+    # one dask graph for every mean and std: each chunk is read once, not twice per variable
+    means, stds = dask.compute([ds[v].mean(skipna=True) for v in names], [ds[v].std(skipna=True) for v in names])
     stats = {}
-    for v in [*data.state, *data.forcing]:
+    for v, m, sd in zip(names, means, stds):
         da = ds[v]
         a = data.attrs[v]
         conv = UNITS.get(a.get("standard_name", ""), ("", set(), {}))[2]
-        mean, std = float(da.mean(skipna=True).compute()), float(da.std(skipna=True).compute())
+        mean, std = float(m), float(sd)
         units = str(da.attrs.get("units", "")).strip()
         if units in conv:
             s, o = conv[units]
@@ -447,6 +452,155 @@ def anomaly_regression(tens: Tensors, index: np.ndarray, clim: torch.Tensor) -> 
     a = torch.where(ok, coef[..., 0].clamp(0.0, 1.0), torch.ones_like(coef[..., 0])).float()
     b = torch.where(ok[None], coef[..., 1:].permute(3, 0, 1, 2), torch.zeros(())).float()
     return a, b, ref.float()
+
+
+@dataclass
+class LinearInverseModel:
+    """A forced linear inverse model of the monthly anomalies (Penland and Sardeshmukh 1995) in
+    the leading EOFs of the training years, the skip path's large-scale dynamics:
+
+    ``p[t+1] = p[t] A + (s[t+1] - s_ref) B`` with ``p = <anom, project>`` the EOF coefficients and
+    ``anom ≈ p reconstruct + r``; the residual ``r`` outside the EOF space decays per cell by
+    ``residual_damping``. Unlike a per-cell regression, A carries the non-local part (advection,
+    diffusion, ocean-atmosphere-ice coupling), so the response to a changed forcing,
+    ``(I - A)^-1 B ds`` at equilibrium, has the spatial pattern the data shows.
+    """
+
+    project: torch.Tensor  # (k, V, H, W) EOFs times the per-variable weights: p = sum(anom * project)
+    reconstruct: torch.Tensor  # (k, V, H, W) EOFs over the weights: the anomaly of p
+    operator: torch.Tensor  # (k, k) A
+    forcing: torch.Tensor  # (S, k) B
+    residual_damping: torch.Tensor  # (V, H, W) lag-1 coefficient of the residual, in [0, 1]
+    ref: torch.Tensor  # (S,) reference forcing (mean over the fitted steps)
+    val_error: float = float("nan")  # validation rollout error it was chosen by (weighted MSE)
+
+    @property
+    def modes(self) -> int:
+        return int(self.operator.shape[0])
+
+    def step(self, anom: torch.Tensor, ds: torch.Tensor) -> torch.Tensor:
+        """Anomaly (B, V, H, W) at t -> t+1 given the forcing change ``ds`` (B, S) at t+1."""
+        p = torch.einsum("bvhw,kvhw->bk", anom, self.project)
+        r = anom - torch.einsum("bk,kvhw->bvhw", p, self.reconstruct)
+        p1 = p @ self.operator + ds @ self.forcing
+        return torch.einsum("bk,kvhw->bvhw", p1, self.reconstruct) + self.residual_damping * r
+
+
+def _anomalies(tens: Tensors, clim: torch.Tensor) -> torch.Tensor:
+    return ((tens.state - clim[tens.months]) * tens.mask).double()
+
+
+def fit_lim(tens: Tensors, index: np.ndarray, clim: torch.Tensor, modes: int) -> LinearInverseModel:
+    """Fit a :class:`LinearInverseModel` with ``modes`` EOFs on consecutive steps of ``index``.
+
+    Every state variable gets the same total weight (its anomalies are divided by their standard
+    deviation over the training steps before the EOF analysis), so sea ice is not drowned by
+    temperature. Least squares for A and B jointly.
+    """
+    idx = np.asarray(index)
+    pairs = idx[np.isin(idx + 1, idx)]
+    S = tens.scalars.shape[1]
+    if pairs.size < modes + S + 2:
+        raise DataError(f"too few consecutive training steps ({pairs.size}) for a {modes}-mode linear inverse model")
+    anom = _anomalies(tens, clim)
+    mask = tens.mask.bool()
+    V = anom.shape[1]
+    sd = torch.stack([anom[idx][:, v][:, mask[v]].std() for v in range(V)]).clamp_min(1e-6)
+    w = (mask.double() / sd[:, None, None]).reshape(-1)  # (D,)
+    X = anom.reshape(anom.shape[0], -1) * w  # scaled anomalies (T, D)
+    _, _, Vt = torch.linalg.svd(X[torch.from_numpy(idx)], full_matrices=False)
+    k = min(modes, Vt.shape[0])
+    E = Vt[:k]  # (k, D), orthonormal rows
+    P = X @ E.T  # (T, k)
+    s = tens.scalars.double()
+    p = torch.from_numpy(pairs)
+    ref = s[p + 1].mean(0) if S else torch.zeros(0, dtype=torch.float64)
+    Z = torch.cat([P[p], s[p + 1] - ref], dim=1)
+    W = torch.linalg.lstsq(Z, P[p + 1]).solution  # (k + S, k)
+    R = X - P @ E
+    num, den = (R[p] * R[p + 1]).sum(0), (R[p] * R[p]).sum(0)
+    rd = torch.where(den > 1e-12, num / den.clamp_min(1e-12), torch.ones_like(den)).clamp(0.0, 1.0)
+    shape = (k, *anom.shape[1:])
+    inv_w = torch.where(w > 0, 1.0 / w.clamp_min(1e-12), torch.zeros_like(w))
+    return LinearInverseModel(project=(E * w).reshape(shape).float(), reconstruct=(E * inv_w).reshape(shape).float(),
+                              operator=W[:k].float(), forcing=W[k:].float(),
+                              residual_damping=torch.where(mask, rd.reshape(anom.shape[1:]), torch.ones(())).float(),
+                              ref=ref.float())
+
+
+def lim_rollout_error(lim: LinearInverseModel, tens: Tensors, index: np.ndarray, clim: torch.Tensor,
+                      leads: int = 12) -> float:
+    """Mean squared error of ``leads``-step rollouts of ``lim`` from every start in ``index`` whose
+    next ``leads`` steps are in ``index`` too (anomalies over the valid cells, each variable
+    divided by its anomaly variance over ``index``); inf when no start fits."""
+    return rollout_error(lambda x, s: lim.step(x, s - lim.ref), tens, index, clim, leads)
+
+
+def rollout_error(step: Any, tens: Tensors, index: np.ndarray, clim: torch.Tensor, leads: int = 12) -> float:
+    """:func:`lim_rollout_error` of any anomaly step ``step(anom (B, V, H, W), scalars (B, S))``."""
+    idx = np.asarray(index)
+    ok = set(idx.tolist())
+    starts = [t for t in idx if all(t + k in ok for k in range(1, leads + 1))]
+    if not starts:
+        return float("inf")
+    anom = _anomalies(tens, clim).float()
+    st = torch.tensor(starts)
+    x = anom[st]
+    s = tens.scalars
+    for k in range(1, leads + 1):
+        x = step(x, s[st + k])
+    err = (x - anom[st + leads]) ** 2
+    mask = tens.mask.bool()
+    per_var = [err[:, v][:, mask[v]].mean() / anom[torch.from_numpy(idx)][:, v][:, mask[v]].var().clamp_min(1e-12)
+               for v in range(err.shape[1])]
+    return float(torch.stack(per_var).mean())
+
+
+def validation_leads(val: np.ndarray, leads: int = 12) -> int:
+    """``leads``, or fewer when the validation steps hold no consecutive run that long."""
+    v = np.sort(np.asarray(val))
+    runs = np.split(v, np.flatnonzero(np.diff(v) != 1) + 1) if v.size else []
+    return max(1, min(leads, max((r.size for r in runs), default=2) - 1))
+
+
+def per_cell_rollout_error(tens: Tensors, train: np.ndarray, val: np.ndarray, clim: torch.Tensor,
+                           leads: int = 12) -> float:
+    """:func:`rollout_error` on ``val`` of the per-cell forced regression fitted on ``train``."""
+    a, b, ref = anomaly_regression(tens, train, clim)
+
+    def step(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return a * x + torch.einsum("bs,svhw->bvhw", s - ref, b)
+
+    return rollout_error(step, tens, val, clim, validation_leads(val, leads))
+
+
+def choose_lim(tens: Tensors, train: np.ndarray, val: np.ndarray, clim: torch.Tensor,
+               candidates: Sequence[int] = (5, 10, 20, 40, 80), leads: int = 12) -> LinearInverseModel:
+    """The :func:`fit_lim` (on ``train``) whose ``leads``-month rollouts err least on ``val``
+    (fewer leads when the validation years hold no run that long). Skipped: candidates with
+    fewer than 4 training pairs per coefficient of a row of the operator, and unstable ones
+    (spectral radius >= 1)."""
+    leads = validation_leads(val, leads)
+    idx = np.asarray(train)
+    n_pairs = int(np.isin(idx + 1, idx).sum())
+    best: LinearInverseModel | None = None
+    for k in candidates:
+        if n_pairs < 4 * (k + tens.scalars.shape[1]):
+            continue
+        try:
+            lim = fit_lim(tens, train, clim, k)
+        except DataError:
+            continue
+        if float(torch.linalg.eigvals(lim.operator.double()).abs().max()) >= 1.0:
+            continue
+        lim.val_error = lim_rollout_error(lim, tens, val, clim, leads)
+        LOGGER.info("linear inverse model with %d modes: %d-month validation error %.4f", lim.modes, leads,
+                    lim.val_error)
+        if best is None or lim.val_error < best.val_error:
+            best = lim
+    if best is None:
+        raise DataError("no stable linear inverse model fits the training years")
+    return best
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ class ClimateNet(nn.Module):
     def __init__(self, *, size: EncoderConfig, variables: Sequence[str], field_forcings: Sequence[str],
                  scalar_forcings: Sequence[str], grid: Sequence[int], patch: Sequence[int] = (4, 4),
                  context: int = 2, lat: Sequence[float] | None = None,
-                 residual_scale: Sequence[float] | None = None) -> None:
+                 residual_scale: Sequence[float] | None = None, lim_modes: int = 0) -> None:
         super().__init__()
         self.variables, self.field_forcings = list(variables), list(field_forcings)
         self.scalar_forcings, self.context = list(scalar_forcings), context
@@ -68,11 +68,22 @@ class ClimateNet(nn.Module):
         # cell: the data's own response pattern, which the network refines.
         self.register_buffer("forcing_response", torch.zeros(len(self.scalar_forcings), len(self.variables), *grid))
         self.register_buffer("forcing_ref", torch.zeros(len(self.scalar_forcings)))
+        # With ``lim_modes`` > 0 the anomaly step is a forced linear inverse model in that many EOFs
+        # (see ``data.LinearInverseModel``; non-local, so a changed forcing gets the data's response
+        # pattern) and ``damping`` applies to the residual outside the EOFs only.
+        self.lim_modes = int(lim_modes)
+        V, S, k = len(self.variables), len(self.scalar_forcings), self.lim_modes
+        self.register_buffer("lim_project", torch.zeros(k, V, *grid))
+        self.register_buffer("lim_reconstruct", torch.zeros(k, V, *grid))
+        self.register_buffer("lim_operator", torch.zeros(k, k))
+        self.register_buffer("lim_forcing", torch.zeros(S, k))
         self._register_load_state_dict_pre_hook(self._unforced_if_absent)
 
     def _unforced_if_absent(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        """Checkpoints written before the forced skip path load as they were saved: no forcing response."""
-        for name in ("forcing_response", "forcing_ref"):
+        """Checkpoints written before the forced skip path load as they were saved: no forcing
+        response, no linear inverse model."""
+        for name in ("forcing_response", "forcing_ref", "lim_project", "lim_reconstruct", "lim_operator",
+                     "lim_forcing"):
             if prefix + name not in state_dict:
                 state_dict[prefix + name] = torch.zeros_like(getattr(self, name))
 
@@ -96,14 +107,35 @@ class ClimateNet(nn.Module):
         self.forcing_response.copy_(response)
         self.forcing_ref.copy_(ref)
 
+    def set_lim(self, lim: Any) -> None:
+        """Set the skip path's :class:`~hfmi_kit.domains.climate.data.LinearInverseModel` (its
+        residual damping becomes ``damping``; the per-cell forcing response is then unused)."""
+        if lim.modes != self.lim_modes:
+            raise ValueError(f"linear inverse model with {lim.modes} modes; this model was built for {self.lim_modes}")
+        for name, value in (("lim_project", lim.project), ("lim_reconstruct", lim.reconstruct),
+                            ("lim_operator", lim.operator), ("lim_forcing", lim.forcing)):
+            if tuple(value.shape) != tuple(getattr(self, name).shape):
+                raise ValueError(f"{name} shape {tuple(value.shape)}, expected {tuple(getattr(self, name).shape)}")
+            getattr(self, name).copy_(value)
+        self.set_damping(lim.residual_damping)
+        self.set_forcing_response(torch.zeros_like(self.forcing_response), lim.ref)
+
     def skip(self, inputs: torch.Tensor, month: torch.Tensor, scalars: torch.Tensor | None = None) -> torch.Tensor:
-        """The statistical forecast the network corrects: clim[m+1] + a (x_t - clim[m]) + b (s_t+1 - s_ref),
-        (B, V, H, W); ``month`` (B,) is that of t+1, ``scalars`` (B, S) the forcing at t+1."""
-        prev = self.climatology[(month - 1) % 12]
-        out = self.climatology[month] + self.damping * (inputs[:, -1] - prev)
-        if scalars is not None and self.scalar_forcings:
-            ds = scalars - self.forcing_ref  # (B, S)
-            out = out + torch.einsum("bs,svhw->bvhw", ds.to(out.dtype), self.forcing_response)
+        """The statistical forecast the network corrects, (B, V, H, W): clim[m+1] plus the anomaly
+        x_t - clim[m] stepped by the linear inverse model (``lim_modes`` > 0) or per cell as
+        a anom + b (s_t+1 - s_ref); ``month`` (B,) is that of t+1, ``scalars`` (B, S) the forcing at t+1."""
+        anom = inputs[:, -1] - self.climatology[(month - 1) % 12]
+        forced = scalars is not None and bool(self.scalar_forcings)
+        ds = (scalars - self.forcing_ref).to(anom.dtype) if forced else None  # (B, S)
+        if self.lim_modes:
+            p = torch.einsum("bvhw,kvhw->bk", anom, self.lim_project)
+            resid = anom - torch.einsum("bk,kvhw->bvhw", p, self.lim_reconstruct)
+            p = p @ self.lim_operator + (ds @ self.lim_forcing if ds is not None else 0.0)
+            return (self.climatology[month] + torch.einsum("bk,kvhw->bvhw", p, self.lim_reconstruct)
+                    + self.damping * resid)
+        out = self.climatology[month] + self.damping * anom
+        if ds is not None:
+            out = out + torch.einsum("bs,svhw->bvhw", ds, self.forcing_response)
         return out
 
     def next_state(self, inputs: torch.Tensor, delta: dict[str, torch.Tensor], month: torch.Tensor,
@@ -157,13 +189,19 @@ class ClimateForecaster(ClimateNet):
         return self.next_state(inputs, delta, month, scalars) * mask
 
     def rollout(self, inputs: torch.Tensor, forcing: torch.Tensor, scalars: torch.Tensor,
-                mask: torch.Tensor, month: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+                mask: torch.Tensor, month: torch.Tensor, steps: int | None = None,
+                network: bool = True) -> torch.Tensor:
         """Autoregressive rollout: forcing (B, K, F, H, W), scalars (B, K, S), ``month`` (B,) of
-        the first predicted step -> (B, K, V, H, W)."""
+        the first predicted step -> (B, K, V, H, W). ``network=False`` rolls out the statistical
+        skip path alone (what the network's corrections are measured against)."""
         K = steps or forcing.shape[1]
         ctx, outs = inputs, []
         for k in range(K):
-            nxt = self.step(ctx, forcing[:, k], scalars[:, k], mask, (month + k) % 12)
+            m = (month + k) % 12
+            if network:
+                nxt = self.step(ctx, forcing[:, k], scalars[:, k], mask, m)
+            else:
+                nxt = self.skip(ctx, m, scalars[:, k]) * mask
             outs.append(nxt)
             ctx = torch.cat([ctx[:, 1:], nxt[:, None]], dim=1)
         return torch.stack(outs, dim=1)
