@@ -215,11 +215,12 @@ def pixel_features(prep: Prepared, e: int) -> np.ndarray:
     return np.stack([v[:H, :W].ravel() for v in prep.fields[e].values()], axis=1)
 
 
-def _random_forest(prep: Prepared, train_ids: set[str], seed: int) -> list[np.ndarray]:
-    """RF on per-pixel values of the training plots; returns a biomass map per epoch."""
+def random_forest(prep: Prepared, train_ids: set[str], seed: int) -> Any:
+    """The classical baseline: a random forest on the per-pixel source values of the training
+    plots (every epoch), to be applied to :func:`pixel_features`."""
     from sklearn.ensemble import RandomForestRegressor
 
-    H, W = prep.shape
+    W = prep.shape[1]
     X, y = [], []
     for e, p in enumerate(prep.plots):
         F_ = pixel_features(prep, e)
@@ -228,8 +229,13 @@ def _random_forest(prep: Prepared, train_ids: set[str], seed: int) -> list[np.nd
                 X.append(F_[r * W + c])
                 y.append(v)
     rf = RandomForestRegressor(n_estimators=300, min_samples_leaf=2, n_jobs=-1, random_state=seed)
-    rf.fit(np.array(X), np.array(y))
-    return [rf.predict(pixel_features(prep, e)).reshape(H, W) for e in range(len(prep.plots))]
+    return rf.fit(np.array(X), np.array(y))
+
+
+def _random_forest(prep: Prepared, train_ids: set[str], seed: int) -> list[np.ndarray]:
+    """The random-forest baseline's biomass map per epoch."""
+    rf = random_forest(prep, train_ids, seed)
+    return [rf.predict(pixel_features(prep, e)).reshape(prep.shape) for e in range(len(prep.plots))]
 
 
 def _plot_values(prep: Prepared, maps: list[np.ndarray], ids: set[str]) -> tuple[np.ndarray, np.ndarray]:
