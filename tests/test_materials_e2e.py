@@ -49,14 +49,14 @@ def test_pretraining_learns_chemistry_and_excludes_finetuning_compositions(pretr
 
 
 def test_finetune_cross_validated_beats_dummy_and_writes_tables(pretrained, sets, tmp_path):
-    m = finetune(ckpt=pretrained, data=sets / "expt.csv", out=tmp_path, labels=200, folds=3, members=2, steps=150,
+    m = finetune(ckpt=pretrained, data=sets / "expt.csv", out=tmp_path, labels=200, folds=2, members=2, steps=150,
                  baselines=True, progress=False)
     for k in ("mae_ev", "rmse_ev", "mae_ev_scratch", "mae_ev_rf", "mae_ev_dummy", "coverage_1sigma"):
         assert k in m and np.isfinite(m[k])
     assert m["mae_ev"] < 0.85 * m["mae_ev_dummy"], m
     assert m["labels_per_fold"] == 200 and m["rows"] == 800
     cv = pd.read_csv(tmp_path / "cv_predictions.csv")
-    assert len(cv) == 800 and set(cv["fold"]) == {0, 1, 2}
+    assert len(cv) == 800 and set(cv["fold"]) == {0, 1}
     assert np.isclose(np.abs(cv["prediction_ev"] - cv["target_ev"]).mean(), m["mae_ev"])
     assert (cv["uncertainty_ev"] > 0).all() and cv["sq_limit_pct"].between(0, 34).all()
     saved = json.loads((tmp_path / "metrics.json").read_text())
@@ -102,7 +102,7 @@ def test_finetune_bad_parameters_and_rejected_rows(pretrained, sets, tmp_path):
 
 def test_cli_finetune_and_evaluate(pretrained, sets, tmp_path):
     cmd = [sys.executable, "-m", "hfmi_kit.cli", "finetune", "materials", "--from", str(pretrained),
-           "--data", str(sets / "expt.csv"), "--out", str(tmp_path / "ft"), "--labels", "50", "--steps", "30",
+           "--data", str(sets / "expt.csv"), "--out", str(tmp_path / "ft"), "--labels", "50", "--steps", "10",
            "--baselines"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
