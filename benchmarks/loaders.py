@@ -37,7 +37,7 @@ def best_rate(fn: Callable[[], object], units: float, repeats: int = 3) -> float
 
 def report(domain: str, fmt: str, unit: str, raw: float, ours: float, note: str = "") -> None:
     print(f"  {domain:9s} {fmt:12s} raw {raw:10.1f} {unit:10s} hfmi {ours:10.1f} {unit:10s} "
-          f"({ours / raw:5.2f} x raw){'  ' + note if note else ''}")
+          f"({ours / raw:#.3g} x raw){'  ' + note if note else ''}")
 
 
 def _size_mb(paths: Sequence[Path]) -> float:
