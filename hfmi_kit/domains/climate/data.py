@@ -480,10 +480,17 @@ class LinearInverseModel:
 
     def step(self, anom: torch.Tensor, ds: torch.Tensor) -> torch.Tensor:
         """Anomaly (B, V, H, W) at t -> t+1 given the forcing change ``ds`` (B, S) at t+1."""
-        p = torch.einsum("bvhw,kvhw->bk", anom, self.project)
-        r = anom - torch.einsum("bk,kvhw->bvhw", p, self.reconstruct)
-        p1 = p @ self.operator + ds @ self.forcing
-        return torch.einsum("bk,kvhw->bvhw", p1, self.reconstruct) + self.residual_damping * r
+        return lim_step(anom, ds, self.project, self.reconstruct, self.operator, self.forcing,
+                        self.residual_damping)
+
+
+def lim_step(anom: torch.Tensor, ds: torch.Tensor | None, project: torch.Tensor, reconstruct: torch.Tensor,
+             operator: torch.Tensor, forcing: torch.Tensor, residual_damping: torch.Tensor) -> torch.Tensor:
+    """One step of a :class:`LinearInverseModel` from its tensors (``ds`` None: unforced)."""
+    p = torch.einsum("bvhw,kvhw->bk", anom, project)
+    r = anom - torch.einsum("bk,kvhw->bvhw", p, reconstruct)
+    p1 = p @ operator + (ds @ forcing if ds is not None else 0.0)
+    return torch.einsum("bk,kvhw->bvhw", p1, reconstruct) + residual_damping * r
 
 
 def _anomalies(tens: Tensors, clim: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hfmi_kit.domains.climate.data import lim_step
 from hfmi_kit.models import (
     Backbone,
     DenseHead,
@@ -128,11 +129,8 @@ class ClimateNet(nn.Module):
         forced = scalars is not None and bool(self.scalar_forcings)
         ds = (scalars - self.forcing_ref).to(anom.dtype) if forced else None  # (B, S)
         if self.lim_modes:
-            p = torch.einsum("bvhw,kvhw->bk", anom, self.lim_project)
-            resid = anom - torch.einsum("bk,kvhw->bvhw", p, self.lim_reconstruct)
-            p = p @ self.lim_operator + (ds @ self.lim_forcing if ds is not None else 0.0)
-            return (self.climatology[month] + torch.einsum("bk,kvhw->bvhw", p, self.lim_reconstruct)
-                    + self.damping * resid)
+            return self.climatology[month] + lim_step(anom, ds, self.lim_project, self.lim_reconstruct,
+                                                      self.lim_operator, self.lim_forcing, self.damping)
         out = self.climatology[month] + self.damping * anom
         if ds is not None:
             out = out + torch.einsum("bs,svhw->bvhw", ds, self.forcing_response)
