@@ -497,41 +497,62 @@ def _anomalies(tens: Tensors, clim: torch.Tensor) -> torch.Tensor:
     return ((tens.state - clim[tens.months]) * tens.mask).double()
 
 
-def fit_lim(tens: Tensors, index: np.ndarray, clim: torch.Tensor, modes: int) -> LinearInverseModel:
+@dataclass
+class _EOFBasis:
+    """Scaled anomalies (T, D) of a dataset and the right singular vectors of its fitting steps:
+    what every :func:`fit_lim` candidate shares (computed once by :func:`choose_lim`)."""
+
+    X: torch.Tensor  # (T, D) anomalies times w
+    Vt: torch.Tensor  # (r, D) EOFs, orthonormal rows
+    w: torch.Tensor  # (D,) per-variable weights, 0 outside the mask
+    mask: torch.Tensor  # (V, H, W) bool
+    pairs: np.ndarray  # fitting steps whose next step is fitted too
+
+
+def _eof_basis(tens: Tensors, index: np.ndarray, clim: torch.Tensor) -> _EOFBasis:
+    idx = np.asarray(index)
+    anom = _anomalies(tens, clim)
+    mask = tens.mask.bool()
+    sd = torch.stack([anom[idx][:, v][:, mask[v]].std() for v in range(anom.shape[1])]).clamp_min(1e-6)
+    w = (mask.double() / sd[:, None, None]).reshape(-1)
+    X = anom.reshape(anom.shape[0], -1) * w
+    _, _, Vt = torch.linalg.svd(X[torch.from_numpy(idx)], full_matrices=False)
+    return _EOFBasis(X=X, Vt=Vt, w=w, mask=mask, pairs=idx[np.isin(idx + 1, idx)])
+
+
+def fit_lim(tens: Tensors, index: np.ndarray, clim: torch.Tensor, modes: int,
+            basis: _EOFBasis | None = None) -> LinearInverseModel:
     """Fit a :class:`LinearInverseModel` with ``modes`` EOFs on consecutive steps of ``index``.
 
     Every state variable gets the same total weight (its anomalies are divided by their standard
     deviation over the training steps before the EOF analysis), so sea ice is not drowned by
-    temperature. Least squares for A and B jointly.
+    temperature. Least squares for A and B jointly. ``basis``: the EOF analysis of ``index``,
+    when already made.
     """
-    idx = np.asarray(index)
-    pairs = idx[np.isin(idx + 1, idx)]
     S = tens.scalars.shape[1]
-    if pairs.size < modes + S + 2:
-        raise DataError(f"too few consecutive training steps ({pairs.size}) for a {modes}-mode linear inverse model")
-    anom = _anomalies(tens, clim)
-    mask = tens.mask.bool()
-    V = anom.shape[1]
-    sd = torch.stack([anom[idx][:, v][:, mask[v]].std() for v in range(V)]).clamp_min(1e-6)
-    w = (mask.double() / sd[:, None, None]).reshape(-1)  # (D,)
-    X = anom.reshape(anom.shape[0], -1) * w  # scaled anomalies (T, D)
-    _, _, Vt = torch.linalg.svd(X[torch.from_numpy(idx)], full_matrices=False)
-    k = min(modes, Vt.shape[0])
-    E = Vt[:k]  # (k, D), orthonormal rows
+    idx = np.asarray(index)
+    n_pairs = int(np.isin(idx + 1, idx).sum())
+    if n_pairs < modes + S + 2:
+        raise DataError(f"too few consecutive training steps ({n_pairs}) for a {modes}-mode linear inverse model")
+    b = basis if basis is not None else _eof_basis(tens, index, clim)
+    X, w, mask = b.X, b.w, b.mask
+    k = min(modes, b.Vt.shape[0])
+    E = b.Vt[:k]  # (k, D), orthonormal rows
     P = X @ E.T  # (T, k)
     s = tens.scalars.double()
-    p = torch.from_numpy(pairs)
+    p = torch.from_numpy(b.pairs)
     ref = s[p + 1].mean(0) if S else torch.zeros(0, dtype=torch.float64)
     Z = torch.cat([P[p], s[p + 1] - ref], dim=1)
     W = torch.linalg.lstsq(Z, P[p + 1]).solution  # (k + S, k)
     R = X - P @ E
     num, den = (R[p] * R[p + 1]).sum(0), (R[p] * R[p]).sum(0)
     rd = torch.where(den > 1e-12, num / den.clamp_min(1e-12), torch.ones_like(den)).clamp(0.0, 1.0)
-    shape = (k, *anom.shape[1:])
+    grid = tuple(mask.shape)
     inv_w = torch.where(w > 0, 1.0 / w.clamp_min(1e-12), torch.zeros_like(w))
-    return LinearInverseModel(project=(E * w).reshape(shape).float(), reconstruct=(E * inv_w).reshape(shape).float(),
+    return LinearInverseModel(project=(E * w).reshape(k, *grid).float(),
+                              reconstruct=(E * inv_w).reshape(k, *grid).float(),
                               operator=W[:k].float(), forcing=W[k:].float(),
-                              residual_damping=torch.where(mask, rd.reshape(anom.shape[1:]), torch.ones(())).float(),
+                              residual_damping=torch.where(mask, rd.reshape(grid), torch.ones(())).float(),
                               ref=ref.float())
 
 
@@ -591,11 +612,13 @@ def choose_lim(tens: Tensors, train: np.ndarray, val: np.ndarray, clim: torch.Te
     idx = np.asarray(train)
     n_pairs = int(np.isin(idx + 1, idx).sum())
     best: LinearInverseModel | None = None
+    basis: _EOFBasis | None = None
     for k in candidates:
         if n_pairs < 4 * (k + tens.scalars.shape[1]):
             continue
         try:
-            lim = fit_lim(tens, train, clim, k)
+            basis = basis or _eof_basis(tens, train, clim)
+            lim = fit_lim(tens, train, clim, k, basis)
         except DataError:
             continue
         if float(torch.linalg.eigvals(lim.operator.double()).abs().max()) >= 1.0:
