@@ -20,7 +20,7 @@ from hfmi_kit.errors import DataError  # noqa: E402
 
 @pytest.fixture(scope="module")
 def region(tmp_path_factory):
-    return generate_region(tmp_path_factory.mktemp("carbon") / "r", LandscapeConfig(size=64, plots=80, seed=1))
+    return generate_region(tmp_path_factory.mktemp("carbon") / "r", LandscapeConfig(size=64, plots=60, seed=1))
 
 
 def _copy(region, tmp_path):
@@ -50,8 +50,14 @@ def test_generated_region_aligns_and_plots_match_the_truth(region):
     assert 0.4 < np.isnan(chm).mean() < 0.8
     ok = np.isfinite(chm)
     assert np.corrcoef(chm[ok], truth[ok])[0, 1] > 0.5
+    # 1-ha plots cover 5 x 5 cells; stem positions put every tree in its cell, so each cell's
+    # biomass and the plot's (their mean) match the truth up to the rounding of the tree sizes
     p = prep.plots[0]
-    assert len(p.ids) == 80 and np.abs(p.agb - truth[p.rows, p.cols]).max() < 3.0  # trees rounded to 0.1 cm / m
+    assert len(p.ids) == 60 and p.stem_mapped and len(p.pix_plot) == 60 * 25
+    assert np.abs(p.pix_agb - truth[p.pix_rows, p.pix_cols]).max() < 3.0  # trees rounded to 0.1 cm / m
+    block = np.array([truth[p.pix_rows[p.pix_plot == k], p.pix_cols[p.pix_plot == k]].mean() for k in range(60)])
+    assert np.abs(p.agb - block).max() < 1.0
+    assert np.abs(p.rows - p.pix_rows[p.pix_plot == 0].mean()).min() <= 1  # the centre cell
     # the change is known: disturbance removes biomass somewhere, growth adds it elsewhere
     d = prep.truth[1] - prep.truth[0]
     assert d.min() < -50 and (d > 0).mean() > 0.3
@@ -128,6 +134,24 @@ def test_bad_inputs_name_the_file_and_problem(region, tmp_path):
         cells[2] = "20.5"  # lon far east of the map
         (r / "plots.csv").write_text("\n".join([t[0], ",".join(cells), *t[2:]]) + "\n")
     _bad(region, tmp_path / "e", far_plot, "lies outside the map")
+
+    def edge_plot(r):  # a 1-ha plot whose centre lies 40 m inside the map's west edge
+        t = (r / "plots.csv").read_text().splitlines()
+        cells = t[1].split(",")
+        from pyproj import Transformer
+
+        lon, lat = Transformer.from_crs(32633, 4326, always_xy=True).transform(500040.0, 5399400.0)
+        cells[2], cells[3] = f"{lon:.7f}", f"{lat:.7f}"
+        (r / "plots.csv").write_text("\n".join([t[0], ",".join(cells), *t[2:]]) + "\n")
+    _bad(region, tmp_path / "e2", edge_plot, "plot P0000 .* lies partly outside the map")
+
+    def stray_tree(r):
+        t = (r / "trees.csv").read_text().splitlines()
+        head = t[0].split(",")
+        cells = t[1].split(",")
+        cells[head.index("x_m")] = "130.0"
+        (r / "trees.csv").write_text("\n".join([t[0], ",".join(cells), *t[2:]]) + "\n")
+    _bad(region, tmp_path / "e3", stray_tree, r"trees.csv: row 2: x_m=.*130.* lies outside plot P\d+ \(0..100 m")
 
     def giant(r):
         t = (r / "trees.csv").read_text().splitlines()

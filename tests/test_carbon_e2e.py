@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 rasterio = pytest.importorskip("rasterio")
 pytest.importorskip("laspy")
@@ -21,7 +22,7 @@ from hfmi_kit.train import read_config  # noqa: E402
 
 @pytest.fixture(scope="module")
 def region(tmp_path_factory):
-    return generate_region(tmp_path_factory.mktemp("carbon") / "r", LandscapeConfig(size=64, plots=150, seed=2))
+    return generate_region(tmp_path_factory.mktemp("carbon") / "r", LandscapeConfig(size=64, plots=70, seed=2))
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def pretrained(region, tmp_path_factory):
 
 
 def test_finetune_learns_biomass_and_writes_maps_and_budget(pretrained, region, tmp_path):
-    m = finetune(ckpt=pretrained, data=region, out=tmp_path, labels=60, steps=160, baselines=True,
+    m = finetune(ckpt=pretrained, data=region, out=tmp_path, labels=30, steps=160, baselines=True,
                  calibration_folds=3, progress=False)
     for k in ("rmse_mg_ha", "rmse_mg_ha_rf", "rmse_mg_ha_scratch", "coverage_90", "budget_error_pct", "bias_mg_ha",
               "r2", "rmse_mg_ha_map", "change_in_interval"):
@@ -38,10 +39,13 @@ def test_finetune_learns_biomass_and_writes_maps_and_budget(pretrained, region, 
     assert m["r2"] > 0.2 and m["r2_map"] > 0.2  # it learned biomass, not the mean
     # the 90 % interval is calibrated by cross-conformal fits on the training plots only; its
     # coverage is then measured on the held-out pixels of the true map
-    assert m["calibration_scores"] == 2 * 60 and np.isfinite(m["calibration_width_factor"])
+    # (scored per cell of the held-out folds' plots: 25 cells of 20 m per 1-ha plot, two epochs)
+    assert m["calibration_scores"] == 2 * 25 * 30 and np.isfinite(m["calibration_width_factor"])
     assert 0.75 <= m["coverage_90"] <= 0.99
-    assert read_config(tmp_path / "model")["training"]["mode"] == "frozen"  # the default from a checkpoint
-    assert m["labelled_plots"] == 60 and m["test_plots"] > 30
+    # the default from a checkpoint: the pretrained network frozen, a forest on its embedding
+    assert read_config(tmp_path / "model")["training"]["head"] == "forest"
+    assert read_config(tmp_path / "model")["training"]["mode"] == "frozen"
+    assert m["labelled_plots"] == 30 and m["test_plots"] > 15
     assert read_config(tmp_path / "model")["training"]["plots"][:1]
 
     with rasterio.open(tmp_path / "maps" / "agb_2001.tif") as src:
@@ -61,8 +65,38 @@ def test_finetune_learns_biomass_and_writes_maps_and_budget(pretrained, region, 
     assert (stock["lower_90"] < stock["value"]).all() and (stock["value"] < stock["upper_90"]).all()
 
     ev = evaluate(ckpt=tmp_path / "model", data=region, out=tmp_path / "ev")
-    assert ev["test_plots"] == 150 - 60 and ev["rmse_mg_ha"] == pytest.approx(m["rmse_mg_ha"], rel=0.25)
+    assert ev["test_plots"] == 70 - 30 and ev["rmse_mg_ha"] == pytest.approx(m["rmse_mg_ha"], rel=0.25)
     assert ev["coverage_90"] == pytest.approx(m["coverage_90"])  # the calibrated interval travels with the model
+
+
+def test_forest_head_walks_the_trees_like_scikit_learn_and_old_checkpoints_load():
+    from sklearn.ensemble import RandomForestRegressor
+
+    from hfmi_kit.domains.carbon.model import CarbonNet
+    from hfmi_kit.models import SIZES
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 71)).astype(np.float32)
+    y = 100 * np.abs(X[:, 0]) + 20 * (X[:, 3] > 0.5) + rng.normal(0, 5, 400)
+    rf = RandomForestRegressor(n_estimators=20, min_samples_leaf=2, max_features=1 / 3, random_state=0).fit(X, y)
+    net = CarbonNet(size=SIZES["tiny"], groups=[f"s:{i}" for i in range(7)])
+    assert not net.has_forest
+    net.set_forest(rf)
+    Xt = rng.normal(size=(300, 71)).astype(np.float32)
+    per_tree = net.forest_predict(torch.from_numpy(Xt)).numpy()
+    assert per_tree.shape == (20, 300)
+    np.testing.assert_allclose(per_tree.mean(0), rf.predict(Xt), rtol=1e-10)
+    np.testing.assert_allclose(per_tree[3], rf.estimators_[3].predict(Xt), rtol=1e-10)
+    # the trees travel as tensors: a model built with the recorded sizes loads them strictly
+    again = CarbonNet(size=SIZES["tiny"], groups=net.groups, forest_trees=20, forest_nodes=int(net.forest_left.numel()))
+    again.load_state_dict(net.state_dict())
+    np.testing.assert_allclose(again.forest_predict(torch.from_numpy(Xt)).numpy(), per_tree)
+    # a network-head checkpoint written before the forest head existed has no forest tensors
+    old = {k: v for k, v in CarbonNet(size=SIZES["tiny"], groups=net.groups).state_dict().items()
+           if not k.startswith("forest_")}
+    plain = CarbonNet(size=SIZES["tiny"], groups=net.groups)
+    plain.load_state_dict(old)
+    assert not plain.has_forest
 
 
 def test_finetune_bad_parameters(pretrained, region, tmp_path):
@@ -70,6 +104,10 @@ def test_finetune_bad_parameters(pretrained, region, tmp_path):
         finetune(ckpt=pretrained, data=region, out=tmp_path, labels=1000, steps=2, progress=False)
     with pytest.raises(ConfigError, match="unknown baselines"):
         finetune(ckpt=pretrained, data=region, out=tmp_path, labels=10, steps=2, baselines=["svm"], progress=False)
+    with pytest.raises(ConfigError, match="unknown head 'svm'"):
+        finetune(ckpt=pretrained, data=region, out=tmp_path, labels=10, head="svm", progress=False)
+    with pytest.raises(ConfigError, match="forest head .* needs a checkpoint"):
+        finetune(ckpt=None, data=region, out=tmp_path, labels=10, head="forest", progress=False)
 
 
 def test_cli_finetune_from_scratch(region, tmp_path):

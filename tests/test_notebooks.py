@@ -141,7 +141,7 @@ def test_carbon_notebooks_chain_through_hfmi_run(tmp_path):
     nbdir = REPO / "notebooks" / "carbon"
     pre, ft = tmp_path / "pre", tmp_path / "ft"
     assert main(["run", str(nbdir / "01_pretrain.py"), "-p", "out_dir", str(pre), "-p", "steps", "5",
-                 "-p", "size", "64", "-o", str(tmp_path / "01.ipynb")]) == 0
+                 "-p", "size", "64", "-p", "plots", "60", "-o", str(tmp_path / "01.ipynb")]) == 0
     assert main(["run", str(nbdir / "02_finetune.py"), "-p", "pretrained", str(pre / "model"), "-p", "steps", "5",
                  "-p", "budgets", "[20]", "-p", "out_dir", str(ft), "-o", str(tmp_path / "02.ipynb")]) == 0
     m = json.loads((ft / "n20" / "metrics.json").read_text())

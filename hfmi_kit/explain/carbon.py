@@ -63,7 +63,11 @@ def checks(model: Any, batch: dict[str, torch.Tensor], *, k: int = 2, seed: int 
     """Randomisation check on the band attributions; deletion of the ``k`` bands with the
     largest |attribution| per tile against ``k`` random bands."""
     _, attr = band_attributions(model, batch)
-    _, rnd = band_attributions(randomized_copy(model, seed), batch)
+    rnd_model = randomized_copy(model, seed)
+    if getattr(rnd_model, "has_forest", False):  # a forest head is learned too: its leaf values shuffled
+        g = torch.Generator().manual_seed(seed)
+        rnd_model.forest_value = rnd_model.forest_value[torch.randperm(rnd_model.forest_value.numel(), generator=g)]
+    _, rnd = band_attributions(rnd_model, batch)
     base = _mean_biomass(model, batch)
 
     def drop_by(score: np.ndarray) -> np.ndarray:

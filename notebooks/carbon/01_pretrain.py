@@ -29,6 +29,7 @@
 # %% tags=["parameters"]
 data_path = ""  # region folder; empty: generate one into out_dir
 size = 128  # generated region side [pixels of 20 m]
+plots = 300  # generated 1-ha field plots (at most half of the region's 100 m cells)
 config = "tiny"
 steps = 300
 seed = 0
@@ -45,7 +46,7 @@ from hfmi_kit.viz.core import loss_curve
 
 out = Path(out_dir)
 if not data_path:
-    data_path = str(generate_region(out / "region", LandscapeConfig(size=size, seed=seed)))
+    data_path = str(generate_region(out / "region", LandscapeConfig(size=size, plots=plots, seed=seed)))
 region = open_region(data_path)
 print(json.dumps({k: region.meta[k] for k in ("name", "epochs", "grid")}, indent=1))
 prep = prepare(data_path)

@@ -16,10 +16,13 @@
 # %% [markdown]
 # # Carbon 2: biomass from a few field plots
 #
-# A fixed 30 % of the plots is held out for scoring and for the model-assisted budget. The model
-# learns the 5 %, 50 % and 95 % quantiles of biomass per pixel from `N` plots (each measured at
-# both epochs); the same plots train the model from scratch and a random forest on the pixel's
-# source values.
+# A fixed 30 % of the plots is held out for scoring and for the model-assisted budget. The plots
+# are 1 ha with every stem mapped, so each 20 m cell they cover has its own biomass. The
+# pretrained network stays frozen and a random forest learns biomass from its per-pixel
+# embedding on `N` plots (each measured at both epochs); the trees' spread gives the 5 % and
+# 95 % quantiles, calibrated on the training plots. The same plots train the network from
+# scratch and a random forest on the pixel's raw source values (the same forest settings).
+# Scores on held-out plots compare each plot's biomass with the map's mean over the plot.
 
 # %% tags=["parameters"]
 pretrained = "runs/carbon_pretrain/model"

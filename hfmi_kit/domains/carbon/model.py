@@ -30,6 +30,9 @@ class CarbonNet(nn.Module):
         tile, patch: tile side and patch side in pixels.
         quantiles: predicted biomass quantiles (the middle one is the point estimate).
         min_valid: a patch becomes a token only if this fraction of its pixels has data.
+        plot_weight: weight of the plot-mean error in the fine-tuning loss (batches with a
+            ``plot_index``: each labelled cell's plot, -1 elsewhere); 0 leaves it out.
+        forest_trees, forest_nodes: sizes of a forest head (see :meth:`set_forest`); 0: none.
 
     A batch holds ``fields`` as ``<group>`` keys (B, tile, tile) already normalised, NaN where the
     source has no data, and for fine-tuning ``target`` (B, tile, tile) in Mg/ha, NaN off the plots.
@@ -37,11 +40,12 @@ class CarbonNet(nn.Module):
 
     def __init__(self, *, size: EncoderConfig, groups: Sequence[str], tile: int = 32, patch: int = 8,
                  quantiles: Sequence[float] = (0.05, 0.5, 0.95), min_valid: float = 0.5,
-                 mask_ratio: float = 0.5) -> None:
+                 mask_ratio: float = 0.5, plot_weight: float = 1.0, forest_trees: int = 0,
+                 forest_nodes: int = 0) -> None:
         super().__init__()
         self.groups, self.tile, self.patch = list(groups), tile, patch
         self.quantiles = list(quantiles)
-        self.min_valid, self.mask_ratio = min_valid, mask_ratio
+        self.min_valid, self.mask_ratio, self.plot_weight = min_valid, mask_ratio, plot_weight
         tok = GridTokenizer(groups=[*self.groups, QUERY], grid=(tile, tile), patch=(patch, patch), dim=size.dim)
         self.backbone = Backbone(tok, size)
         self.decoder = make_decoder(self.backbone, num_groups=len(self.groups) + 1, num_positions=tok.num_patches,
@@ -53,6 +57,16 @@ class CarbonNet(nn.Module):
         self.trunk = nn.Sequential(nn.GELU(), nn.Linear(D, D), nn.GELU())
         self.recon = nn.Linear(D, G)  # pretraining: a hidden source's values at every pixel
         self.out = nn.Linear(D, len(self.quantiles) + 1)  # fine-tuning: quantiles + mean
+        # the forest head: regression trees on the frozen per-pixel embedding, stored as tensors
+        # (node arrays of every tree, concatenated) so a checkpoint stays plain safetensors
+        self.register_buffer("forest_roots", torch.zeros(forest_trees, dtype=torch.int64))
+        self.register_buffer("forest_left", torch.zeros(forest_nodes, dtype=torch.int64))
+        self.register_buffer("forest_right", torch.zeros(forest_nodes, dtype=torch.int64))
+        self.register_buffer("forest_feature", torch.zeros(forest_nodes, dtype=torch.int64))
+        self.register_buffer("forest_threshold", torch.zeros(forest_nodes, dtype=torch.float64))
+        self.register_buffer("forest_value", torch.zeros(forest_nodes, dtype=torch.float64))
+        self.forest_depth = 0
+        self._register_load_state_dict_pre_hook(_no_forest_in_old_checkpoints)
         sources = sorted({g.split(":", 1)[0] for g in self.groups})
         self.register_buffer("group_map", torch.tensor(
             [sources.index(g.split(":", 1)[0]) for g in self.groups] + [len(sources)]), persistent=False)
@@ -96,9 +110,69 @@ class CarbonNet(nn.Module):
         pix = self.pixel_proj(torch.cat([torch.nan_to_num(vals), valid], -1).to(ctx.dtype))
         return self.trunk(self.ctx_norm(ctx) + pix)
 
+    def embedding(self, fields: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """(B, H, W, D + G) per-pixel embedding for a forest head: the pixel features and the
+        pixel decoder's reconstruction of every source (its estimate where a source is missing)."""
+        z = self.pixel_features(fields)
+        return torch.cat([z, self.recon(z)], -1)
+
+    @property
+    def has_forest(self) -> bool:
+        return self.forest_roots.numel() > 0
+
+    def set_forest(self, forest: Any) -> None:
+        """Make a fitted scikit-learn ``RandomForestRegressor`` (on :meth:`embedding` features)
+        the biomass head: its trees are copied into the ``forest_*`` buffers."""
+        trees = [est.tree_ for est in forest.estimators_]
+        sizes = [t.node_count for t in trees]
+        roots = torch.tensor([0, *sizes[:-1]], dtype=torch.int64).cumsum(0)
+
+        def cat(name: str, dtype: torch.dtype, shift: bool = False) -> torch.Tensor:
+            parts = []
+            for r, t in zip(roots.tolist(), trees):
+                a = torch.as_tensor(getattr(t, name) if name != "value" else t.value[:, 0, 0]).to(dtype)
+                parts.append(torch.where(a >= 0, a + r, a) if shift else a)
+            return torch.cat(parts)
+
+        self.forest_roots = roots
+        self.forest_left = cat("children_left", torch.int64, True)
+        self.forest_right = cat("children_right", torch.int64, True)
+        self.forest_feature = cat("feature", torch.int64)
+        self.forest_threshold, self.forest_value = cat("threshold", torch.float64), cat("value", torch.float64)
+        self.forest_depth = max(t.max_depth for t in trees)
+
+    def forest_predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Every tree's prediction (T, N) for embeddings ``x`` (N, F): the walk of scikit-learn's
+        trees (``x <= threshold`` goes left), on float32 inputs as scikit-learn compares them."""
+        x = x.float().double()
+        node = self.forest_roots[:, None].expand(-1, x.shape[0]).clone()  # (T, N)
+        rows = torch.arange(x.shape[0], device=x.device)[None].expand_as(node)
+        depth = self.forest_depth or 64  # a loaded forest walks until every row is at a leaf
+        for _ in range(depth):
+            left = self.forest_left[node]
+            leaf = left < 0
+            if bool(leaf.all()):
+                break
+            feat = self.forest_feature[node].clamp_min(0)
+            go_left = x[rows, feat] <= self.forest_threshold[node]
+            node = torch.where(leaf, node, torch.where(go_left, left, self.forest_right[node]))
+        return self.forest_value[node]
+
+    def _forest_quantiles(self, emb: torch.Tensor) -> torch.Tensor:
+        """(Q + 1, N) in Mg/ha from the forest: the quantiles of the trees' predictions (their
+        spread; the interval is calibrated at fine-tuning) and their mean."""
+        per_tree = self.forest_predict(emb)
+        q = torch.quantile(per_tree, torch.tensor(self.quantiles, dtype=per_tree.dtype, device=emb.device), dim=0)
+        return torch.cat([q, per_tree.mean(0, keepdim=True)]).float()
+
     def predict(self, fields: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Biomass (B, Q + 1, tile, tile) in Mg/ha: the quantiles (monotone) and, last, the mean
-        (the point estimate: unbiased, so maps sum to totals; biomass is skewed, its median is not)."""
+        (the point estimate: unbiased, so maps sum to totals; biomass is skewed, its median is not).
+        With a forest head (:meth:`set_forest`) the trees map the tile's embedding."""
+        if self.has_forest:
+            emb = self.embedding(fields)
+            B, H, W, F_ = emb.shape
+            return self._forest_quantiles(emb.reshape(-1, F_)).reshape(-1, B, H, W).permute(1, 0, 2, 3)
         out = self.out(self.pixel_features(fields)).permute(0, 3, 1, 2)  # (B, Q + 1, H, W)
         maps, mean = out[:, :-1], out[:, -1:]
         mid = len(self.quantiles) // 2
@@ -145,8 +219,37 @@ class CarbonNet(nn.Module):
         diff = yv[:, None] - q
         pinball = (torch.maximum(tau * diff, (tau - 1) * diff) * lab[:, None]).sum() / (n * len(self.quantiles))
         mse = (((mean - yv) ** 2) * lab).sum() / n
-        return {"loss": pinball + 0.5 * mse, "pinball": pinball.detach(), "mse": mse.detach(),
-                "labelled_pixels": lab.sum().float()}
+        loss = pinball + 0.5 * mse
+        out_ = {"pinball": pinball.detach(), "mse": mse.detach(), "labelled_pixels": lab.sum().float()}
+        if "plot_index" in batch and self.plot_weight > 0:
+            plot_mse = _plot_mse(mean, yv, lab, batch["plot_index"])
+            loss = loss + self.plot_weight * plot_mse
+            out_["plot_mse"] = plot_mse.detach()
+        return {"loss": loss, **out_}
+
+
+def _no_forest_in_old_checkpoints(state: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Checkpoints written before the forest head have no ``forest_*`` tensors: empty ones."""
+    for name, dtype in (("roots", torch.int64), ("left", torch.int64), ("right", torch.int64),
+                        ("feature", torch.int64), ("threshold", torch.float64), ("value", torch.float64)):
+        state.setdefault(f"{prefix}forest_{name}", torch.zeros(0, dtype=dtype))
+
+
+def _plot_mse(mean: torch.Tensor, y: torch.Tensor, lab: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Squared error of the plot means: the predicted mean biomass averaged over each plot's
+    labelled cells in the tile against the same cells' observed mean (errors shared by a
+    plot's cells, which a per-cell loss barely sees, are what a plot-level estimate is made of)."""
+    ok = lab & (index >= 0)
+    if not ok.any():
+        return mean.sum() * 0.0
+    B = index.shape[0]
+    key = (torch.arange(B, device=index.device)[:, None, None] * (int(index.max()) + 1) + index)[ok]
+    _, inv = torch.unique(key, return_inverse=True)
+    m = int(inv.max()) + 1
+    n = torch.zeros(m, device=mean.device).index_add_(0, inv, torch.ones_like(mean[ok]))
+    p = torch.zeros(m, device=mean.device).index_add_(0, inv, mean[ok].float()) / n
+    t = torch.zeros(m, device=mean.device).index_add_(0, inv, y[ok].float()) / n
+    return ((p - t) ** 2).mean()
 
 
 @register_model("carbon_net")

@@ -270,26 +270,78 @@ def read_sources(region: Region, epoch_index: int, grid: Grid) -> dict[str, np.n
 
 @dataclass
 class Plots:
-    """Field plots of one epoch on the grid: id, row, col and biomass [Mg/ha] from their trees."""
+    """Field plots of one epoch on the grid.
+
+    Per plot: ``ids``, the centre cell ``rows``/``cols`` and the plot's biomass ``agb`` [Mg/ha]
+    from all its trees. Per grid cell a plot covers (its footprint: the cells whose centres lie
+    in the plot square): ``pix_plot`` (index into ``ids``), ``pix_rows``, ``pix_cols`` and
+    ``pix_agb``, the biomass of that cell [Mg/ha] from the trees standing in it when the trees are
+    stem-mapped (``x_m``, ``y_m``), else the plot's biomass (every cell gets the plot mean).
+    ``stem_mapped`` says which.
+    """
 
     ids: list[str]
     rows: np.ndarray
     cols: np.ndarray
     agb: np.ndarray
+    pix_plot: np.ndarray
+    pix_rows: np.ndarray
+    pix_cols: np.ndarray
+    pix_agb: np.ndarray
+    stem_mapped: bool = False
+
+    def cells(self, ids: set[str] | None = None) -> np.ndarray:
+        """Indices of the footprint cells of the plots in ``ids`` (all plots if None)."""
+        if ids is None:
+            return np.arange(len(self.pix_plot))
+        keep = np.array([i in ids for i in self.ids], dtype=bool)
+        return np.flatnonzero(keep[self.pix_plot]) if len(self.pix_plot) else np.zeros(0, int)
 
 
 TREE_LIMITS = {"dbh_cm": (1.0, 500.0), "height_m": (1.3, 120.0), "wood_density_g_cm3": (0.1, 1.5)}
 
 
-def read_plots(region: Region, epoch: int, grid: Grid) -> Plots:
-    """Plots of ``epoch`` (``plots.csv``: plot_id, epoch, lon, lat, size_m; ``trees.csv``: plot_id,
-    epoch, dbh_cm, height_m, wood_density_g_cm3), biomass by the Chave et al. 2014 allometry.
+def _plot_frame(lon: float, lat: float) -> Any:
+    """A metric CRS for a plot's square: the UTM zone of its centre."""
+    from pyproj import CRS
 
-    Errors name the file and row: a plot outside the map, a tree size outside the plausible range
-    (1-500 cm, 1.3-120 m, 0.1-1.5 g cm-3), missing columns or unknown plot ids.
+    return CRS.from_epsg((32600 if lat >= 0 else 32700) + int((lon + 180) // 6) % 60 + 1)
+
+
+def _footprint(grid: Grid, lon: float, lat: float, size: float) -> tuple[np.ndarray, np.ndarray, Any, float, float]:
+    """Cells whose centres lie in the plot square (``size`` m, axis-aligned in the plot's UTM
+    frame), the transformer from that frame to the grid CRS and the square's south-west corner."""
+    from pyproj import Transformer
+
+    frame = _plot_frame(lon, lat)
+    cx, cy = Transformer.from_crs("EPSG:4326", frame, always_xy=True).transform(lon, lat)
+    x0, y0 = cx - size / 2, cy - size / 2
+    to_grid = Transformer.from_crs(frame, grid.crs.to_wkt(), always_xy=True)
+    gx, gy = to_grid.transform(np.array([x0, x0 + size, x0, x0 + size]), np.array([y0, y0, y0 + size, y0 + size]))
+    r, c = grid.rowcol(gx, gy)
+    rr, cc = np.meshgrid(np.arange(r.min(), r.max() + 1), np.arange(c.min(), c.max() + 1), indexing="ij")
+    rr, cc = rr.ravel(), cc.ravel()
+    t = grid.transform
+    px, py = t.c + (cc + 0.5) * t.a, t.f + (rr + 0.5) * t.e  # cell centres in the grid CRS
+    fx, fy = to_grid.transform(px, py, direction="INVERSE")
+    inside = (fx >= x0) & (fx < x0 + size) & (fy > y0) & (fy <= y0 + size)
+    if not inside.any():  # a plot smaller than a cell: the cell under its centre
+        r0, c0 = grid.rowcol(*to_grid.transform(cx, cy))
+        return np.atleast_1d(r0), np.atleast_1d(c0), to_grid, x0, y0
+    return rr[inside], cc[inside], to_grid, x0, y0
+
+
+def read_plots(region: Region, epoch: int, grid: Grid) -> Plots:
+    """Plots of ``epoch`` (``plots.csv``: plot_id, epoch, lon, lat (the plot centre), size_m (the
+    side of the square plot); ``trees.csv``: plot_id, epoch, dbh_cm, height_m, wood_density_g_cm3
+    and, for stem-mapped plots, x_m, y_m (east and north of the plot's south-west corner)),
+    biomass by the Chave et al. 2014 allometry, per plot and per grid cell of its footprint.
+
+    Errors name the file and row: a plot (partly) outside the map, a tree size outside the
+    plausible range (1-500 cm, 1.3-120 m, 0.1-1.5 g cm-3), a tree position outside its plot,
+    missing columns or unknown plot ids.
     """
     import pandas as pd
-    from pyproj import Transformer
 
     fp, ft = region.root / "plots.csv", region.root / "trees.csv"
     for f in (fp, ft):
@@ -302,7 +354,7 @@ def read_plots(region: Region, epoch: int, grid: Grid) -> Plots:
         miss = [c for c in cols if c not in df.columns]
         if miss:
             raise DataError(f"{f}: missing column(s) {miss}; found {list(df.columns)}")
-    plots, trees = plots[plots.epoch == epoch], trees[trees.epoch == epoch]
+    plots, trees = plots[plots.epoch == epoch].reset_index(drop=True), trees[trees.epoch == epoch]
     for col, (lo, hi) in TREE_LIMITS.items():
         v = pd.to_numeric(trees[col], errors="coerce")
         bad = trees.index[~v.between(lo, hi)]
@@ -310,23 +362,58 @@ def read_plots(region: Region, epoch: int, grid: Grid) -> Plots:
             i = bad[0]
             raise DataError(f"{ft}: row {i + 2}: {col}={trees.loc[i, col]!r} outside the plausible range {lo}..{hi} "
                             f"({len(bad)} such row(s))")
+    size = pd.to_numeric(plots.size_m, errors="coerce")
+    if not size.between(1.0, 1000.0).all():
+        i = int(np.flatnonzero(~size.between(1.0, 1000.0))[0])
+        raise DataError(f"{fp}: plot {plots.plot_id.iloc[i]}: size_m={plots.size_m.iloc[i]!r} is not a side in "
+                        "metres (1-1000)")
     unknown = sorted(set(trees.plot_id) - set(plots.plot_id))
     if unknown:
         raise DataError(f"{ft}: trees of unknown plot id(s) {unknown[:5]} in epoch {epoch}")
-    x, y = Transformer.from_crs("EPSG:4326", grid.crs.to_wkt(), always_xy=True).transform(
-        plots.lon.to_numpy(), plots.lat.to_numpy())
-    r, c = grid.rowcol(x, y)
-    outside = np.flatnonzero((r < 0) | (r >= grid.shape[0]) | (c < 0) | (c >= grid.shape[1]))
-    if len(outside):
-        i = outside[0]
-        raise DataError(f"{fp}: plot {plots.plot_id.iloc[i]} (lon {plots.lon.iloc[i]}, lat {plots.lat.iloc[i]}) "
-                        f"lies outside the map ({len(outside)} plot(s) outside)")
+    mapped = {"x_m", "y_m"} <= set(trees.columns)
+    if mapped:
+        for col in ("x_m", "y_m"):
+            v = pd.to_numeric(trees[col], errors="coerce")
+            side = trees.plot_id.map(dict(zip(plots.plot_id, size)))
+            bad = trees.index[~((v >= 0) & (v <= side))]
+            if len(bad):
+                i = bad[0]
+                raise DataError(f"{ft}: row {i + 2}: {col}={trees.loc[i, col]!r} lies outside plot "
+                                f"{trees.loc[i, 'plot_id']} (0..{side.loc[i]:g} m from its south-west corner)")
     kg = chave_agb_kg(trees.dbh_cm.to_numpy(float), trees.height_m.to_numpy(float),
                       trees.wood_density_g_cm3.to_numpy(float))
-    per_plot = pd.Series(kg, index=trees.plot_id.to_numpy()).groupby(level=0).sum()
-    area = plots.size_m.to_numpy(float) ** 2 / 1e4
-    agb = per_plot.reindex(plots.plot_id).fillna(0.0).to_numpy() / 1000.0 / area
-    return Plots(ids=plots.plot_id.tolist(), rows=r, cols=c, agb=agb)
+    by_plot = {pid: np.flatnonzero(trees.plot_id.to_numpy() == pid) for pid in plots.plot_id}
+    rows, cols, agb, pp, pr, pc, pa = [], [], [], [], [], [], []
+    H, W = grid.shape
+    for k, (pid, lon, lat, s) in enumerate(zip(plots.plot_id, plots.lon, plots.lat, size)):
+        r, c, to_grid, x0, y0 = _footprint(grid, float(lon), float(lat), float(s))
+        inside = (r >= 0) & (r < H) & (c >= 0) & (c < W)
+        if not inside.all():
+            where = "partly outside" if inside.any() else "outside"
+            raise DataError(f"{fp}: plot {pid} (lon {lon}, lat {lat}, {s:g} m) lies {where} the map")
+        sel = by_plot[pid]
+        total = kg[sel].sum()
+        agb.append(total / 1000.0 / (s * s / 1e4))
+        cr, cc = grid.rowcol(*to_grid.transform(x0 + s / 2, y0 + s / 2))
+        rows.append(int(cr))
+        cols.append(int(cc))
+        if mapped and len(r) > 1:
+            tr, tc = grid.rowcol(*to_grid.transform(x0 + trees.x_m.to_numpy(float)[sel],
+                                                    y0 + trees.y_m.to_numpy(float)[sel]))
+            # each tree to its footprint cell (the nearest one for a tree on the square's edge)
+            near = np.argmin((tr[:, None] - r[None]) ** 2 + (tc[:, None] - c[None]) ** 2, axis=1)
+            cell = np.bincount(near, weights=kg[sel], minlength=len(r)) / 1000.0 / grid.area_ha
+        else:
+            cell = np.full(len(r), agb[-1])
+        pp.append(np.full(len(r), k))
+        pr.append(r)
+        pc.append(c)
+        pa.append(cell)
+    def cat(x: list[np.ndarray], t: type) -> np.ndarray:
+        return np.concatenate(x).astype(t) if x else np.zeros(0, t)
+    return Plots(ids=plots.plot_id.tolist(), rows=np.array(rows, int), cols=np.array(cols, int),
+                 agb=np.array(agb, float), pix_plot=cat(pp, int), pix_rows=cat(pr, int), pix_cols=cat(pc, int),
+                 pix_agb=cat(pa, float), stem_mapped=mapped)
 
 
 def read_station(region: Region) -> Any:

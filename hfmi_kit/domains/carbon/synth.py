@@ -14,8 +14,9 @@ real ones do:
   it saturates at a few hundred Mg/ha;
 - airborne lidar (LAS 1.4 points in flight strips, UTM): ground returns on the terrain and canopy
   returns below the local top height, with classification codes;
-- field plots (CSV): 20 m x 20 m plots with every tree's diameter, height and wood density, at
-  geographic coordinates;
+- field plots (CSV): square plots (default 1 ha, 100 m x 100 m, the size of biomass reference
+  plots such as GEO-TREES'; a 20 m pixel's biomass is dominated by which few trees stand in it)
+  with every tree's diameter, height, wood density and stem position, at geographic coordinates;
 - a CO2 station (CSV): the real Mauna Loa record (statsmodels) as the atmospheric background plus
   a local biospheric seasonal cycle.
 
@@ -36,7 +37,6 @@ import numpy as np
 from hfmi_kit.errors import ConfigError
 
 CARBON_FRACTION = 0.47  # IPCC default carbon fraction of dry wood
-PLOT_SIZE_M = 20.0  # side of a square field plot
 
 
 def chave_agb_kg(d_cm: Any, h_m: Any, rho: Any) -> np.ndarray:
@@ -54,6 +54,7 @@ class LandscapeConfig:
     origin: tuple[float, float] = (500000.0, 5400000.0)  # upper-left corner (easting, northing) [m]
     epochs: tuple[int, ...] = (1997, 2001)  # years of the two acquisitions (within the Mauna Loa record)
     plots: int = 300  # permanent field plots, measured at every epoch
+    plot_size_m: float = 100.0  # side of a square plot: 1 ha, the size of biomass reference plots
     cloud_fraction: float = 0.2  # share of optical pixels under clouds
     lidar_strips: int = 2  # flight strips (each ~18 % of the width)
     lidar_density: float = 0.08  # lidar returns per m2
@@ -270,12 +271,25 @@ def generate_region(out_dir: str | Path, cfg: LandscapeConfig | None = None) -> 
     crs = rasterio.crs.CRS.from_epsg(cfg.epsg)
     tr = _transform(cfg)
     n = cfg.size
-    plot_pix = rng.choice(n * n, size=cfg.plots, replace=False)
+    k = int(round(cfg.plot_size_m / cfg.resolution_m))
+    if k < 1 or abs(k * cfg.resolution_m - cfg.plot_size_m) > 1e-6:
+        raise ConfigError(f"LandscapeConfig.plot_size_m={cfg.plot_size_m} must be a whole number of "
+                          f"{cfg.resolution_m} m pixels")
+    slots = (n // k) ** 2  # plots sit on a lattice of k x k pixel cells, never overlapping
+    if not 1 <= cfg.plots <= slots // 2:
+        raise ConfigError(f"LandscapeConfig.plots={cfg.plots}: a {n}x{n} px region holds 1..{slots // 2} plots of "
+                          f"{cfg.plot_size_m:g} m (at most half of its {slots} plot cells)")
+    slot = rng.choice(slots, size=cfg.plots, replace=False)
+    plot_r0, plot_c0 = (slot // (n // k)) * k, (slot % (n // k)) * k  # upper-left pixel of each plot
+    owner = np.full((n, n), -1)
+    for j, (r0, c0) in enumerate(zip(plot_r0, plot_c0)):
+        owner[r0:r0 + k, c0:c0 + k] = j
     plot_rows, tree_rows, agb_maps = [], [], []
     from pyproj import Transformer
 
     to_geo = Transformer.from_crs(cfg.epsg, 4326, always_xy=True)
     moisture = 1 / (1 + np.exp(-_smooth_field(rng, n, 12)))
+    res = cfg.resolution_m
     for e, (year, trees) in enumerate(zip(cfg.epochs, (trees1, trees2))):
         d = root / f"epoch{e + 1}"
         agb = trees.agb_map(n, area_ha)
@@ -289,20 +303,23 @@ def generate_region(out_dir: str | Path, cfg: LandscapeConfig | None = None) -> 
         _lidar(d / "lidar.laz", trees, fields, cfg, rng)
         write_geotiff(root / "truth" / f"agb_epoch{e + 1}.tif", agb, crs=crs, transform=tr, nodata=-9999.0,
                       band_names=["agb"], units="Mg ha-1", description=f"true above-ground biomass {year}")
-        in_plot = np.isin(trees.pixel, plot_pix)
-        for k, p in enumerate(plot_pix):
-            r, c = divmod(int(p), n)
-            x, y = cfg.origin[0] + (c + 0.5) * cfg.resolution_m, cfg.origin[1] - (r + 0.5) * cfg.resolution_m
+        for j, (r0, c0) in enumerate(zip(plot_r0, plot_c0)):
+            x, y = cfg.origin[0] + (c0 + k / 2) * res, cfg.origin[1] - (r0 + k / 2) * res
             lon, lat = to_geo.transform(x, y)
-            plot_rows.append({"plot_id": f"P{k:04d}", "epoch": year, "lon": round(lon, 7), "lat": round(lat, 7),
-                              "size_m": PLOT_SIZE_M})
-        sel = np.flatnonzero(in_plot)
-        pid = {int(p): f"P{k:04d}" for k, p in enumerate(plot_pix)}
-        for i in sel:
-            tree_rows.append({"plot_id": pid[int(trees.pixel[i])], "epoch": year,
+            plot_rows.append({"plot_id": f"P{j:04d}", "epoch": year, "lon": round(lon, 7), "lat": round(lat, 7),
+                              "size_m": cfg.plot_size_m})
+        tr_, tc_ = np.divmod(trees.pixel, n)
+        sel = np.flatnonzero(owner[tr_, tc_] >= 0)
+        j = owner[tr_[sel], tc_[sel]]
+        # stem position east and north of the plot's south-west corner, anywhere in the tree's pixel
+        xm = (tc_[sel] - plot_c0[j] + rng.uniform(0.05, 0.95, sel.size)) * res
+        ym = (plot_r0[j] + k - 1 - tr_[sel] + rng.uniform(0.05, 0.95, sel.size)) * res
+        for i, jj, xx, yy in zip(sel, j, xm, ym):
+            tree_rows.append({"plot_id": f"P{jj:04d}", "epoch": year,
                               "dbh_cm": round(float(trees.d_cm[i]), 1),
                               "height_m": round(float(trees.h_m[i]), 1),
-                              "wood_density_g_cm3": round(float(trees.rho[i]), 3)})
+                              "wood_density_g_cm3": round(float(trees.rho[i]), 3),
+                              "x_m": round(float(xx), 1), "y_m": round(float(yy), 1)})
     write_geotiff(root / "truth" / "disturbance.tif", disturbance.astype(np.float32), crs=crs, transform=tr,
                   nodata=None, band_names=["disturbance"], units="1",
                   description="0 none, 1 clear-cut, 2 fire between the epochs")

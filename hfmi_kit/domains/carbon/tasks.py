@@ -108,21 +108,27 @@ class TileCrops(Dataset):
 
 
 class PlotCrops(TileCrops):
-    """Tiles around the training plots: ``target`` holds the plots' biomass, NaN elsewhere."""
+    """Tiles around the training plots: ``target`` holds the biomass of the cells the plots cover
+    (per cell for stem-mapped plots, else the plot's biomass), NaN elsewhere. Each plot and epoch
+    is drawn equally often, the tile placed at random but covering the plot's centre."""
 
     def __init__(self, prep: Prepared, plot_ids: Sequence[str], *, tile: int, length: int = 100_000,
                  seed: int = 0) -> None:
         super().__init__(prep, tile=tile, length=length, seed=seed)
         keep = set(plot_ids)
         self.labels = []  # per epoch (H, W) NaN except training plots
-        self.where = []  # (epoch, row, col) of each training measurement
+        self.index = []  # per epoch (H, W) the plot each labelled cell belongs to, -1 elsewhere
+        self.where = []  # (epoch, row, col) of each training plot's centre
         for e, p in enumerate(prep.plots):
-            lab = np.full(prep.fields[e][next(iter(prep.fields[e]))].shape, np.nan, dtype=np.float32)
-            for pid, r, c, v in zip(p.ids, p.rows, p.cols, p.agb):
-                if pid in keep:
-                    lab[r, c] = v
-                    self.where.append((e, int(r), int(c)))
+            shape = prep.fields[e][next(iter(prep.fields[e]))].shape
+            lab = np.full(shape, np.nan, dtype=np.float32)
+            idx = np.full(shape, -1, dtype=np.int64)
+            cells = p.cells(keep)
+            lab[p.pix_rows[cells], p.pix_cols[cells]] = p.pix_agb[cells]
+            idx[p.pix_rows[cells], p.pix_cols[cells]] = p.pix_plot[cells]
+            self.where += [(e, int(r), int(c)) for pid, r, c in zip(p.ids, p.rows, p.cols) if pid in keep]
             self.labels.append(lab)
+            self.index.append(idx)
         if not self.where:
             raise DataError("no training plots selected")
 
@@ -134,6 +140,7 @@ class PlotCrops(TileCrops):
         c0 = int(rng.integers(max(0, c - self.tile + 1), min(c, W - self.tile) + 1))
         item = _crop(self.prep.fields[e], r0, c0, self.tile)
         item["target"] = torch.from_numpy(np.ascontiguousarray(self.labels[e][r0:r0 + self.tile, c0:c0 + self.tile]))
+        item["plot_index"] = torch.from_numpy(np.ascontiguousarray(self.index[e][r0:r0 + self.tile, c0:c0 + self.tile]))
         return self._augment(item, rng)
 
 
@@ -186,27 +193,49 @@ def pretrain(*, data: str | Path, out: str | Path, config: str = "tiny", steps: 
 
 
 @torch.no_grad()
-def predict_map(model: CarbonNet, fields: dict[str, np.ndarray], shape: tuple[int, int], *,
-                batch_size: int = 8) -> np.ndarray:
-    """Biomass maps (Q + 1, H, W) [Mg/ha], the quantiles then the mean: tiles at half-tile
-    stride, overlaps averaged."""
+def _tiled(model: CarbonNet, fields: dict[str, np.ndarray], shape: tuple[int, int], fn: Any, channels: int,
+           batch_size: int) -> np.ndarray:
+    """``fn(batch) -> (B, channels, tile, tile)`` over tiles at half-tile stride, overlaps averaged."""
     model.eval()
     t = model.tile
     Hp, Wp = next(iter(fields.values())).shape
     step = t // 2
     starts = [(r, c) for r in range(0, Hp - t + 1, step) for c in range(0, Wp - t + 1, step)]
-    acc = np.zeros((len(model.quantiles) + 1, Hp, Wp))
+    acc = np.zeros((channels, Hp, Wp))
     cnt = np.zeros((Hp, Wp))
     dev = next(model.parameters()).device
     for i in range(0, len(starts), batch_size):
         chunk = starts[i:i + batch_size]
         batch = {g: torch.stack([_crop(fields, r, c, t)[g] for r, c in chunk]).to(dev) for g in fields}
-        q = model.predict(batch).cpu().numpy()
+        q = fn(batch).cpu().numpy()
         for (r, c), qi in zip(chunk, q):
             acc[:, r:r + t, c:c + t] += qi
             cnt[r:r + t, c:c + t] += 1
     H, W = shape
-    return (acc / np.maximum(cnt, 1))[:, :H, :W].clip(min=0)
+    return (acc / np.maximum(cnt, 1))[:, :H, :W]
+
+
+def embed_map(model: CarbonNet, fields: dict[str, np.ndarray], shape: tuple[int, int], *,
+              batch_size: int = 8) -> np.ndarray:
+    """The per-pixel embedding (F, H, W) of :meth:`.CarbonNet.embedding`, tiles averaged."""
+    F_ = model.trunk[1].out_features + len(model.groups)
+    return _tiled(model, fields, shape, lambda b: model.embedding(b).permute(0, 3, 1, 2), F_, batch_size)
+
+
+@torch.no_grad()
+def predict_map(model: CarbonNet, fields: dict[str, np.ndarray], shape: tuple[int, int], *,
+                batch_size: int = 8) -> np.ndarray:
+    """Biomass maps (Q + 1, H, W) [Mg/ha], the quantiles then the mean: tiles at half-tile
+    stride, overlaps averaged. A forest head maps the averaged embedding (the features it was
+    fitted on, see :func:`embed_map`)."""
+    Q = len(model.quantiles) + 1
+    if model.has_forest:
+        emb = embed_map(model, fields, shape, batch_size=batch_size)
+        F_, H, W = emb.shape
+        x = torch.from_numpy(emb.reshape(F_, -1).T.copy())
+        out = torch.cat([model._forest_quantiles(x[i:i + 8192]) for i in range(0, x.shape[0], 8192)], 1)
+        return out.numpy().reshape(Q, H, W).clip(min=0)
+    return _tiled(model, fields, shape, model.predict, Q, batch_size).clip(min=0)
 
 
 def pixel_features(prep: Prepared, e: int) -> np.ndarray:
@@ -216,20 +245,39 @@ def pixel_features(prep: Prepared, e: int) -> np.ndarray:
 
 
 def random_forest(prep: Prepared, train_ids: set[str], seed: int) -> Any:
-    """The classical baseline: a random forest on the per-pixel source values of the training
-    plots (every epoch), to be applied to :func:`pixel_features`."""
-    from sklearn.ensemble import RandomForestRegressor
-
+    """The classical baseline: a random forest on the per-pixel source values of the cells the
+    training plots cover (every epoch; the same labels the network learns from), to be applied
+    to :func:`pixel_features`."""
     W = prep.shape[1]
     X, y = [], []
     for e, p in enumerate(prep.plots):
-        F_ = pixel_features(prep, e)
-        for pid, r, c, v in zip(p.ids, p.rows, p.cols, p.agb):
-            if pid in train_ids:
-                X.append(F_[r * W + c])
-                y.append(v)
-    rf = RandomForestRegressor(n_estimators=300, min_samples_leaf=2, n_jobs=-1, random_state=seed)
-    return rf.fit(np.array(X), np.array(y))
+        cells = p.cells(train_ids)
+        X.append(pixel_features(prep, e)[p.pix_rows[cells] * W + p.pix_cols[cells]])
+        y.append(p.pix_agb[cells])
+    return _forest(seed).fit(np.concatenate(X), np.concatenate(y))
+
+
+def _forest(seed: int) -> Any:
+    """The random forest of the baseline and of the forest head (same settings for both)."""
+    from sklearn.ensemble import RandomForestRegressor
+
+    return RandomForestRegressor(n_estimators=300, min_samples_leaf=2, max_features=1 / 3, n_jobs=-1,
+                                 random_state=seed)
+
+
+def _fit_forest_head(base: CarbonNet, emb: list[np.ndarray], prep: Prepared, ids: set[str], seed: int) -> CarbonNet:
+    """A copy of the pretrained ``base`` whose biomass head is a forest on its per-pixel
+    embedding ``emb`` (per epoch, see :func:`embed_map`) at the cells of the plots in ``ids``."""
+    import copy
+
+    X, y = [], []
+    for e, p in enumerate(prep.plots):
+        cells = p.cells(ids)
+        X.append(emb[e][:, p.pix_rows[cells], p.pix_cols[cells]].T)
+        y.append(p.pix_agb[cells])
+    model = copy.deepcopy(base)
+    model.set_forest(_forest(seed).fit(np.concatenate(X), np.concatenate(y)))
+    return model.eval()
 
 
 def _random_forest(prep: Prepared, train_ids: set[str], seed: int) -> list[np.ndarray]:
@@ -239,14 +287,28 @@ def _random_forest(prep: Prepared, train_ids: set[str], seed: int) -> list[np.nd
 
 
 def _plot_values(prep: Prepared, maps: list[np.ndarray], ids: set[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(observed, predicted) at the plots in ``ids`` over every epoch."""
+    """(observed, predicted) biomass of the plots in ``ids`` over every epoch: the plot's own
+    biomass against the map's mean over the cells the plot covers."""
     obs, pred = [], []
     for e, p in enumerate(prep.plots):
-        for pid, r, c, v in zip(p.ids, p.rows, p.cols, p.agb):
-            if pid in ids:
-                obs.append(v)
-                pred.append(maps[e][r, c])
-    return np.array(obs), np.array(pred)
+        cells = p.cells(ids)
+        k = p.pix_plot[cells]
+        sums = np.bincount(k, weights=maps[e][p.pix_rows[cells], p.pix_cols[cells]], minlength=len(p.ids))
+        n = np.bincount(k, minlength=len(p.ids))
+        sel = np.flatnonzero(n > 0)
+        obs.append(p.agb[sel])
+        pred.append(sums[sel] / n[sel])
+    return np.concatenate(obs), np.concatenate(pred)
+
+
+def _cell_values(prep: Prepared, maps: list[np.ndarray], ids: set[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(observed, predicted) biomass of every cell the plots in ``ids`` cover, over every epoch."""
+    obs, pred = [], []
+    for e, p in enumerate(prep.plots):
+        cells = p.cells(ids)
+        obs.append(p.pix_agb[cells])
+        pred.append(maps[e][p.pix_rows[cells], p.pix_cols[cells]])
+    return np.concatenate(obs), np.concatenate(pred)
 
 
 def _scores(obs: np.ndarray, pred: np.ndarray, suffix: str = "") -> dict[str, float]:
@@ -266,8 +328,12 @@ def budget(prep: Prepared, maps: list[np.ndarray], test_ids: set[str]) -> list[d
     rows, resid = [], []
     for e, year in enumerate(prep.epochs):
         p = prep.plots[e]
+        cells = p.cells(test_ids)
+        k_ = p.pix_plot[cells]
+        mean = (np.bincount(k_, weights=maps[e][p.pix_rows[cells], p.pix_cols[cells]], minlength=len(p.ids))
+                / np.maximum(np.bincount(k_, minlength=len(p.ids)), 1))
         sel = [i for i, pid in enumerate(p.ids) if pid in test_ids]
-        res = p.agb[sel] - maps[e][p.rows[sel], p.cols[sel]]
+        res = p.agb[sel] - mean[sel]
         resid.append(dict(zip([p.ids[i] for i in sel], res)))
         total = (maps[e].sum() + N * res.mean()) * k
         se = N * res.std(ddof=1) / np.sqrt(len(res)) * k
@@ -357,8 +423,8 @@ def calibrate_interval(prep: Prepared, fit: Any, ids: Sequence[str], quantiles: 
         held = {ids[i] for i in order[k::folds]}
         model = fit([i for i in ids if i not in held], seed + 1000 + k)
         maps = [predict_map(model, f, prep.shape) for f in prep.fields]
-        obs, plo = _plot_values(prep, [m[lo] for m in maps], held)
-        _, phi = _plot_values(prep, [m[hi] for m in maps], held)
+        obs, plo = _cell_values(prep, [m[lo] for m in maps], held)
+        _, phi = _cell_values(prep, [m[hi] for m in maps], held)
         scores.append(np.maximum(plo - obs, obs - phi) / np.maximum(phi - plo, WIDTH_FLOOR))
     sc = np.sort(np.concatenate(scores))
     n = len(sc)
@@ -383,14 +449,13 @@ def evaluate_maps(prep: Prepared, maps_q: list[np.ndarray], train_ids: set[str],
         for e, (q, t) in enumerate(zip(maps_q, prep.truth)):
             ok = np.ones((H, W), bool)
             p = prep.plots[e]
-            for pid, r, c in zip(p.ids, p.rows, p.cols):
-                if pid in train_ids:
-                    ok[r, c] = False
+            cells = p.cells(train_ids)
+            ok[p.pix_rows[cells], p.pix_cols[cells]] = False
             held.append(((t >= q[lo]) & (t <= q[hi]))[ok])
         m["coverage_90"] = float(np.concatenate(held).mean())
     else:
-        obs_lo, p_lo = _plot_values(prep, [q[lo] for q in maps_q], test_ids)
-        _, p_hi = _plot_values(prep, [q[hi] for q in maps_q], test_ids)
+        obs_lo, p_lo = _cell_values(prep, [q[lo] for q in maps_q], test_ids)
+        _, p_hi = _cell_values(prep, [q[hi] for q in maps_q], test_ids)
         m["coverage_90"] = float(((obs_lo >= p_lo) & (obs_lo <= p_hi)).mean())
     rows = budget(prep, med, test_ids)
     last = [r for r in rows if r["quantity"].startswith("carbon stock")][-1]
@@ -410,14 +475,19 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
              labels: int | None = None, label_fraction: float = 1.0, steps: int = 300, seed: int = 0,
              mode: str | None = None, config: str | None = None, batch_size: int = 16, lr: float | None = None,
              layer_decay: float | None = None, baselines: bool | Sequence[str] = False, calibration_folds: int = 5,
-             precision: str = "auto", device: str = "auto", progress: bool = True) -> dict[str, float]:
+             head: str | None = None, precision: str = "auto", device: str = "auto",
+             progress: bool = True) -> dict[str, float]:
     """Fine-tune biomass quantiles (5 %, 50 %, 95 %) and mean on ``labels`` field plots (default: all plots
     outside the held-out set, or ``label_fraction`` of them; each plot is measured at every
     epoch); the fixed held-out 30 % of plots (see :func:`split_plots`) score it. With
     ``baselines`` (True or a subset of ``scratch``, ``rf``) the same plots train the model from
     scratch and a random forest on per-pixel source values. ``mode`` defaults to ``frozen`` from a
     checkpoint (the pretrained encoder is kept, the pixel decoder and head learn: with tens of
-    plots, updating the encoder too overfits) and ``full`` from scratch. The 90 % interval is
+    plots, updating the encoder too overfits) and ``full`` from scratch. ``head`` is ``forest``
+    (the default from a checkpoint: the pretrained network is frozen whole and a random forest,
+    the same learner as the baseline, maps its per-pixel embedding to biomass; the quantiles are
+    the trees' spread, calibrated below; ``steps`` and ``mode`` do not apply) or ``network``
+    (the default from scratch: the pixel decoder and quantile head trained by gradient). The 90 % interval is
     calibrated by cross-conformal prediction on the training plots (``calibration_folds``
     extra fits, fewer when there are under two plots per fold; 0 skips it; see
     :func:`calibrate_interval`). Writes ``out/model``, maps
@@ -452,10 +522,30 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
     mode = mode or ("frozen" if ckpt is not None else "full")
     if layer_decay is None:
         layer_decay = 0.8 if ckpt is not None and mode == "full" else 1.0
+    head = head or ("forest" if ckpt is not None else "network")
+    if head not in ("forest", "network"):
+        raise ConfigError(f"unknown head {head!r}; expected 'forest' or 'network'")
+    if head == "forest" and ckpt is None:
+        raise ConfigError("a forest head maps a pretrained embedding: it needs a checkpoint (--from PATH)")
     kw = {"steps": steps, "batch_size": batch_size, "seed": seed, "precision": precision, "device": device,
           "progress": progress}
-    model = _fit(prep, ckpt, size, mk, chosen, lr=lr, layer_decay=layer_decay, mode=mode,
-                 out_dir=out / "train", **kw)
+    if head == "forest":
+        torch.manual_seed(seed)
+        base = create_model(f"carbon_net.{size}", **mk)
+        load_pretrained(ckpt, mode="transfer", model=base)
+        emb = [embed_map(base, f, prep.shape) for f in prep.fields]
+
+        def refit(ids: Sequence[str], s_: int) -> CarbonNet:
+            return _fit_forest_head(base, emb, prep, set(ids), s_)
+        model = refit(chosen, seed)
+        mode = "frozen"
+        mk = {**mk, "forest_trees": int(model.forest_roots.numel()), "forest_nodes": int(model.forest_left.numel())}
+    else:
+        def refit(ids: Sequence[str], s_: int) -> CarbonNet:
+            return _fit(prep, ckpt, size, mk, ids, lr=lr, layer_decay=layer_decay, mode=mode, out_dir=None,
+                        **{**kw, "seed": s_, "progress": False})
+        model = _fit(prep, ckpt, size, mk, chosen, lr=lr, layer_decay=layer_decay, mode=mode,
+                     out_dir=out / "train", **kw)
     maps = [predict_map(model, f, prep.shape) for f in prep.fields]
     calib: dict[str, float] = {}
     folds = min(calibration_folds, len(chosen) // 2)  # every fold holds >= 2 plots
@@ -463,16 +553,13 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
         LOGGER.warning("%d plots are too few to calibrate the interval (>= 4 needed); it stays uncalibrated",
                        len(chosen))
     elif calibration_folds:
-        def refit(ids: Sequence[str], s_: int) -> CarbonNet:
-            return _fit(prep, ckpt, size, mk, ids, lr=lr, layer_decay=layer_decay, mode=mode, out_dir=None,
-                        **{**kw, "seed": s_, "progress": False})
-
         calib = calibrate_interval(prep, refit, chosen, model.quantiles, folds=folds, seed=seed)
         maps = widen(maps, calib["width_factor"], model.quantiles)
     metrics = evaluate_maps(prep, maps, train_ids, test_ids, model.quantiles)
     metrics.update({f"calibration_{k}": v for k, v in calib.items()})
     if "scratch" in wanted and ckpt is not None:
-        sm = _fit(prep, None, size, mk, chosen, lr=lr, layer_decay=1.0, mode="full", out_dir=None, **kw)
+        smk = {k: mk[k] for k in ("groups", "tile", "patch")}
+        sm = _fit(prep, None, size, smk, chosen, lr=lr, layer_decay=1.0, mode="full", out_dir=None, **kw)
         smaps = [predict_map(sm, f, prep.shape) for f in prep.fields]
         ms = evaluate_maps(prep, smaps, train_ids, test_ids, sm.quantiles)
         metrics.update({f"{k}_scratch": v for k, v in ms.items() if k.startswith(("rmse", "bias", "r2"))})
@@ -490,9 +577,12 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
              "geometry": {"grid": prep.grid.describe(), "sources": S.sources_json(prep.specs), "tile": mk["tile"],
                           "quantiles": list(model.quantiles)},
              "calibration": calib,
-             "card": _card(prep, f"Biomass quantile model fine-tuned ({mode}) from {ckpt or 'scratch'} on "
-                                 f"{labels} field plots."),
-             "training": {"plots": chosen, "from": str(ckpt) if ckpt else "scratch", "steps": steps, "lr": lr,
+             "card": _card(prep, (f"Random forest on the per-pixel embedding of {ckpt} (frozen), fitted on"
+                                  if head == "forest" else
+                                  f"Biomass quantile model fine-tuned ({mode}) from {ckpt or 'scratch'} on")
+                           + f" {labels} field plots."),
+             "training": {"plots": chosen, "from": str(ckpt) if ckpt else "scratch", "head": head,
+                          "steps": steps if head == "network" else 0, "lr": lr,
                           "layer_decay": layer_decay, "mode": mode, "seed": seed, "data": str(data)},
              "metrics": metrics}
     save_pretrained(model, out / "model", config=mconf)
