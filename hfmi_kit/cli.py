@@ -99,7 +99,7 @@ def cmd_finetune(a: argparse.Namespace) -> None:
     if a.config:
         kw["config"] = a.config
     _target_option(dom, a, kw)
-    for opt, val in (("labels", a.labels), ("baselines", a.baselines or None)):
+    for opt, val in (("labels", a.labels), ("baselines", a.baselines or None), ("head", a.head)):
         if val is not None:
             if opt not in dom.finetune_options:
                 raise HfmiError(f"--{opt} is not an option of {a.domain} fine-tuning")
@@ -438,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mode", choices=["full", "frozen", "linear_probe"],
                     help="what is trained: everything, or the head with the pretrained encoder frozen "
                          "(default: full; carbon from a checkpoint: frozen)")
+    sp.add_argument("--head", choices=["ensemble", "forest", "network"],
+                    help="carbon: the network's quantile head trained by gradient (network; default from scratch), "
+                         "a random forest on the frozen pretrained embedding (forest), or the two averaged "
+                         "(ensemble; default from a checkpoint)")
     sp.add_argument("--config", help="model size when training from scratch")
     common_train(sp)
     sp.set_defaults(fn=cmd_finetune)

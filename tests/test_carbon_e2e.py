@@ -42,8 +42,10 @@ def test_finetune_learns_biomass_and_writes_maps_and_budget(pretrained, region, 
     # (scored per cell of the held-out folds' plots: 25 cells of 20 m per 1-ha plot, two epochs)
     assert m["calibration_scores"] == 2 * 25 * 30 and np.isfinite(m["calibration_width_factor"])
     assert 0.75 <= m["coverage_90"] <= 0.99
-    # the default from a checkpoint: the pretrained network frozen, a forest on its embedding
-    assert read_config(tmp_path / "model")["training"]["head"] == "forest"
+    # the default from a checkpoint: the frozen-encoder network head averaged with a forest on the
+    # pretrained embedding, saved as one model
+    assert read_config(tmp_path / "model")["training"]["head"] == "ensemble"
+    assert read_config(tmp_path / "model")["model_type"] == "carbon_ensemble.tiny"
     assert read_config(tmp_path / "model")["training"]["mode"] == "frozen"
     assert m["labelled_plots"] == 30 and m["test_plots"] > 15
     assert read_config(tmp_path / "model")["training"]["plots"][:1]
@@ -104,15 +106,17 @@ def test_finetune_bad_parameters(pretrained, region, tmp_path):
         finetune(ckpt=pretrained, data=region, out=tmp_path, labels=1000, steps=2, progress=False)
     with pytest.raises(ConfigError, match="unknown baselines"):
         finetune(ckpt=pretrained, data=region, out=tmp_path, labels=10, steps=2, baselines=["svm"], progress=False)
-    with pytest.raises(ConfigError, match="unknown head 'svm'"):
+    with pytest.raises(ConfigError, match="unknown head 'svm'; expected one of ensemble, forest, network"):
         finetune(ckpt=pretrained, data=region, out=tmp_path, labels=10, head="svm", progress=False)
-    with pytest.raises(ConfigError, match="forest head .* needs a checkpoint"):
-        finetune(ckpt=None, data=region, out=tmp_path, labels=10, head="forest", progress=False)
+    for head in ("forest", "ensemble"):
+        with pytest.raises(ConfigError, match=f"a {head} head .* needs a checkpoint"):
+            finetune(ckpt=None, data=region, out=tmp_path, labels=10, head=head, progress=False)
 
 
 def test_cli_finetune_from_scratch(region, tmp_path):
     r = subprocess.run([sys.executable, "-m", "hfmi_kit.cli", "finetune", "carbon", "--from", "scratch", "--data",
-                        str(region), "--out", str(tmp_path / "ft"), "--labels", "20", "--steps", "10", "--baselines"],
+                        str(region), "--out", str(tmp_path / "ft"), "--labels", "20", "--steps", "10", "--baselines",
+                        "--head", "network"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "ft" / "metrics.json").read_text())
@@ -121,3 +125,8 @@ def test_cli_finetune_from_scratch(region, tmp_path):
                         str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 1 and "region.json" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "hfmi_kit.cli", "finetune", "carbon", "--from", "scratch", "--data",
+                        str(region), "--out", str(tmp_path / "y"), "--head", "forest"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 1 and "a forest head" in r.stderr and "needs a checkpoint" in r.stderr
+    assert not (tmp_path / "y" / "model").exists()

@@ -206,3 +206,43 @@ def test_ddp_stopped_part_way_resumes_exactly(runs, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = weights(tmp_path / "d" / "model"), weights(runs / "ddp" / "model")
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_two_nodes_meet_through_the_batch_scripts_rendezvous(runs, tmp_path):
+    """Two torchrun agents, one per "node" (both on this machine), started with the flags the
+    SLURM batch script gives ``srun`` for ``--nodes 2``, meet through the c10d rendezvous on the
+    head node and train like the 2-process DDP run (the same global batches, the same losses)."""
+    import shlex
+    import socket
+
+    from hfmi_kit.launch.slurm import SlurmJob, batch_script
+
+    script = batch_script(SlurmJob(notebook="notebooks/climate/01_pretrain.py", nodes=2), "run nb.py")
+    line = next(x for x in script.splitlines() if x.startswith("srun "))
+    flags = shlex.split(line.split("torch.distributed.run", 1)[1].split(" -m hfmi_kit.cli", 1)[0])
+    assert "--nnodes=2" in flags and "--rdzv-backend=c10d" in flags
+    # the head node as the script finds it from SLURM_JOB_NODELIST (here the one local node)
+    head_line = next(x for x in script.splitlines() if x.startswith("HEAD="))
+    head = subprocess.run(["bash", "-c", f"{head_line}; echo $HEAD"], capture_output=True, text=True,
+                          env={**os.environ, "SLURM_JOB_NODELIST": "localhost"}).stdout.strip()
+    assert head == "localhost"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    flags = [f.replace("$HEAD:29500", f"127.0.0.1:{port}").replace("${SLURM_JOB_ID}", "two-nodes") for f in flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BS": "8", "HFMI_STRATEGY": "ddp"}
+    out = tmp_path / "two_nodes"
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *flags, JOB, "train", str(out)],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    try:
+        results = [a.communicate(timeout=300) for a in agents]
+    finally:
+        for a in agents:
+            a.kill()
+    for a, (_, err) in zip(agents, results):
+        assert a.returncode == 0, err[-3000:]
+    got = json.loads((out / "losses.json").read_text())
+    ddp = json.loads((runs / "ddp" / "losses.json").read_text())
+    assert got["world_size"] == 2 and not got["sharded"]
+    assert got["losses"] == pytest.approx(ddp["losses"], rel=1e-4, abs=1e-6)

@@ -64,9 +64,10 @@ def checks(model: Any, batch: dict[str, torch.Tensor], *, k: int = 2, seed: int 
     largest |attribution| per tile against ``k`` random bands."""
     _, attr = band_attributions(model, batch)
     rnd_model = randomized_copy(model, seed)
-    if getattr(rnd_model, "has_forest", False):  # a forest head is learned too: its leaf values shuffled
-        g = torch.Generator().manual_seed(seed)
-        rnd_model.forest_value = rnd_model.forest_value[torch.randperm(rnd_model.forest_value.numel(), generator=g)]
+    g = torch.Generator().manual_seed(seed)
+    for m in rnd_model.modules():  # a forest head is learned too: its leaf values shuffled
+        if getattr(m, "has_forest", False):
+            m.forest_value = m.forest_value[torch.randperm(m.forest_value.numel(), generator=g)]
     _, rnd = band_attributions(rnd_model, batch)
     base = _mean_biomass(model, batch)
 

@@ -173,6 +173,10 @@ class CarbonNet(nn.Module):
             emb = self.embedding(fields)
             B, H, W, F_ = emb.shape
             return self._forest_quantiles(emb.reshape(-1, F_)).reshape(-1, B, H, W).permute(1, 0, 2, 3)
+        return self.network_predict(fields)
+
+    def network_predict(self, fields: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The network's own biomass head (what fine-tuning by gradient trains), as :meth:`predict`."""
         out = self.out(self.pixel_features(fields)).permute(0, 3, 1, 2)  # (B, Q + 1, H, W)
         maps, mean = out[:, :-1], out[:, -1:]
         mid = len(self.quantiles) // 2
@@ -209,7 +213,7 @@ class CarbonNet(nn.Module):
                                      strategy="group", group_map=self.group_map)
             pix = self._pixel_recon(fields)
             return {"loss": loss + pix, "token_loss": loss.detach(), "pixel_loss": pix.detach()}
-        out = self.predict(fields) / TARGET_SCALE  # (B, Q + 1, H, W)
+        out = self.network_predict(fields) / TARGET_SCALE  # (B, Q + 1, H, W)
         q, mean = out[:, :-1], out[:, -1]
         y = batch["target"] / TARGET_SCALE
         lab = ~torch.isnan(y)
@@ -252,6 +256,39 @@ def _plot_mse(mean: torch.Tensor, y: torch.Tensor, lab: torch.Tensor, index: tor
     return ((p - t) ** 2).mean()
 
 
+class CarbonEnsemble(CarbonNet):
+    """The two heads of one pretrained model, averaged: this network with its quantile head
+    fine-tuned by gradient, and ``forest_net``, the pretrained network unchanged with a forest on
+    its embedding (each head's quantiles and means averaged; the interval is calibrated after).
+
+    Built from the same arguments as :class:`CarbonNet` plus the forest's sizes; :meth:`combine`
+    makes one from two fitted models.
+    """
+
+    def __init__(self, *, size: EncoderConfig, groups: Sequence[str], forest_trees: int = 0, forest_nodes: int = 0,
+                 **kw: Any) -> None:
+        super().__init__(size=size, groups=groups, **kw)
+        self.forest_net = CarbonNet(size=size, groups=groups, forest_trees=forest_trees, forest_nodes=forest_nodes,
+                                    **kw)
+
+    @classmethod
+    def combine(cls, network: CarbonNet, forest: CarbonNet, size: EncoderConfig, **kw: Any) -> CarbonEnsemble:
+        """One model from a network fine-tuned by gradient and a forest-head model (same groups)."""
+        ens = cls(size=size, forest_trees=int(forest.forest_roots.numel()),
+                  forest_nodes=int(forest.forest_left.numel()), **kw)
+        ens.load_state_dict({**network.state_dict(), **{f"forest_net.{k}": v for k, v in forest.state_dict().items()}})
+        ens.forest_net.forest_depth = forest.forest_depth
+        return ens.eval()
+
+    def predict(self, fields: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return 0.5 * (self.network_predict(fields) + self.forest_net.predict(fields))
+
+
 @register_model("carbon_net")
 def _carbon_net(*, size: EncoderConfig, **kw: Any) -> CarbonNet:
     return CarbonNet(size=size, **kw)
+
+
+@register_model("carbon_ensemble")
+def _carbon_ensemble(*, size: EncoderConfig, **kw: Any) -> CarbonEnsemble:
+    return CarbonEnsemble(size=size, **kw)

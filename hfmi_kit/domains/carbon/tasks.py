@@ -17,10 +17,10 @@ from torch.utils.data import Dataset
 
 from hfmi_kit.config import atomic_write_json
 from hfmi_kit.domains.carbon import sources as S
-from hfmi_kit.domains.carbon.model import CarbonNet
+from hfmi_kit.domains.carbon.model import CarbonEnsemble, CarbonNet
 from hfmi_kit.domains.carbon.synth import CARBON_FRACTION, write_geotiff
 from hfmi_kit.errors import ConfigError, DataError
-from hfmi_kit.models import create_model
+from hfmi_kit.models import create_model, get_size
 from hfmi_kit.train import TrainConfig, Trainer, load_pretrained, read_config, save_pretrained
 from hfmi_kit.train.provenance import recorded
 
@@ -229,6 +229,9 @@ def predict_map(model: CarbonNet, fields: dict[str, np.ndarray], shape: tuple[in
     stride, overlaps averaged. A forest head maps the averaged embedding (the features it was
     fitted on, see :func:`embed_map`)."""
     Q = len(model.quantiles) + 1
+    if isinstance(model, CarbonEnsemble):  # each head as it maps alone, then averaged
+        net = _tiled(model, fields, shape, model.network_predict, Q, batch_size).clip(min=0)
+        return 0.5 * (net + predict_map(model.forest_net, fields, shape, batch_size=batch_size))
     if model.has_forest:
         emb = embed_map(model, fields, shape, batch_size=batch_size)
         F_, H, W = emb.shape
@@ -386,6 +389,10 @@ def _interval_ends(quantiles: Sequence[float]) -> tuple[int, int]:
     return (q.index(0.05) if 0.05 in q else 0), (q.index(0.95) if 0.95 in q else len(q) - 1)
 
 
+HEADS = {"ensemble": "The network's quantile head fine-tuned with the encoder frozen, averaged with a random forest "
+                     "on the pretrained network's per-pixel embedding",
+         "forest": "A random forest on the pretrained network's per-pixel embedding (the network frozen)",
+         "network": "The network's quantile head trained by gradient"}
 WIDTH_FLOOR = 1.0  # Mg/ha: the smallest interval width a calibration score divides by
 
 
@@ -483,11 +490,11 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
     ``baselines`` (True or a subset of ``scratch``, ``rf``) the same plots train the model from
     scratch and a random forest on per-pixel source values. ``mode`` defaults to ``frozen`` from a
     checkpoint (the pretrained encoder is kept, the pixel decoder and head learn: with tens of
-    plots, updating the encoder too overfits) and ``full`` from scratch. ``head`` is ``forest``
-    (the default from a checkpoint: the pretrained network is frozen whole and a random forest,
-    the same learner as the baseline, maps its per-pixel embedding to biomass; the quantiles are
-    the trees' spread, calibrated below; ``steps`` and ``mode`` do not apply) or ``network``
-    (the default from scratch: the pixel decoder and quantile head trained by gradient). The 90 % interval is
+    plots, updating the encoder too overfits) and ``full`` from scratch. ``head``: ``network``
+    (the default from scratch: the pixel decoder and quantile head trained by gradient),
+    ``forest`` (the pretrained network frozen whole and a random forest, the baseline's own
+    settings, on its per-pixel embedding; the quantiles are the trees' spread; ``steps`` does
+    not apply) or ``ensemble`` (the default from a checkpoint: the two averaged). The 90 % interval is
     calibrated by cross-conformal prediction on the training plots (``calibration_folds``
     extra fits, fewer when there are under two plots per fold; 0 skips it; see
     :func:`calibrate_interval`). Writes ``out/model``, maps
@@ -522,30 +529,36 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
     mode = mode or ("frozen" if ckpt is not None else "full")
     if layer_decay is None:
         layer_decay = 0.8 if ckpt is not None and mode == "full" else 1.0
-    head = head or ("forest" if ckpt is not None else "network")
-    if head not in ("forest", "network"):
-        raise ConfigError(f"unknown head {head!r}; expected 'forest' or 'network'")
-    if head == "forest" and ckpt is None:
-        raise ConfigError("a forest head maps a pretrained embedding: it needs a checkpoint (--from PATH)")
+    head = head or ("ensemble" if ckpt is not None else "network")
+    if head not in HEADS:
+        raise ConfigError(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
+    if head != "network" and ckpt is None:
+        raise ConfigError(f"a {head} head maps a pretrained embedding: it needs a checkpoint (--from PATH)")
     kw = {"steps": steps, "batch_size": batch_size, "seed": seed, "precision": precision, "device": device,
           "progress": progress}
-    if head == "forest":
+    if head != "network":
         torch.manual_seed(seed)
         base = create_model(f"carbon_net.{size}", **mk)
         load_pretrained(ckpt, mode="transfer", model=base)
         emb = [embed_map(base, f, prep.shape) for f in prep.fields]
-
-        def refit(ids: Sequence[str], s_: int) -> CarbonNet:
-            return _fit_forest_head(base, emb, prep, set(ids), s_)
-        model = refit(chosen, seed)
         mode = "frozen"
-        mk = {**mk, "forest_trees": int(model.forest_roots.numel()), "forest_nodes": int(model.forest_left.numel())}
-    else:
-        def refit(ids: Sequence[str], s_: int) -> CarbonNet:
-            return _fit(prep, ckpt, size, mk, ids, lr=lr, layer_decay=layer_decay, mode=mode, out_dir=None,
-                        **{**kw, "seed": s_, "progress": False})
-        model = _fit(prep, ckpt, size, mk, chosen, lr=lr, layer_decay=layer_decay, mode=mode,
-                     out_dir=out / "train", **kw)
+
+    mk0 = dict(mk)  # the network's own arguments (the forest's sizes are added for the saved model)
+
+    def refit(ids: Sequence[str], s_: int, out_dir: Path | None = None) -> CarbonNet:
+        if head == "forest":
+            return _fit_forest_head(base, emb, prep, set(ids), s_)
+        net = _fit(prep, ckpt, size, mk0, ids, lr=lr, layer_decay=layer_decay, mode=mode, out_dir=out_dir,
+                   **{**kw, "seed": s_, "progress": kw["progress"] and out_dir is not None})
+        if head == "network":
+            return net
+        return CarbonEnsemble.combine(net, _fit_forest_head(base, emb, prep, set(ids), s_), get_size(size), **mk0)
+
+    model = refit(chosen, seed, out / "train")
+    family = "carbon_ensemble" if head == "ensemble" else "carbon_net"
+    if model.has_forest or isinstance(model, CarbonEnsemble):
+        fm = model.forest_net if isinstance(model, CarbonEnsemble) else model
+        mk = {**mk, "forest_trees": int(fm.forest_roots.numel()), "forest_nodes": int(fm.forest_left.numel())}
     maps = [predict_map(model, f, prep.shape) for f in prep.fields]
     calib: dict[str, float] = {}
     folds = min(calibration_folds, len(chosen) // 2)  # every fold holds >= 2 plots
@@ -558,8 +571,7 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
     metrics = evaluate_maps(prep, maps, train_ids, test_ids, model.quantiles)
     metrics.update({f"calibration_{k}": v for k, v in calib.items()})
     if "scratch" in wanted and ckpt is not None:
-        smk = {k: mk[k] for k in ("groups", "tile", "patch")}
-        sm = _fit(prep, None, size, smk, chosen, lr=lr, layer_decay=1.0, mode="full", out_dir=None, **kw)
+        sm = _fit(prep, None, size, mk0, chosen, lr=lr, layer_decay=1.0, mode="full", out_dir=None, **kw)
         smaps = [predict_map(sm, f, prep.shape) for f in prep.fields]
         ms = evaluate_maps(prep, smaps, train_ids, test_ids, sm.quantiles)
         metrics.update({f"{k}_scratch": v for k, v in ms.items() if k.startswith(("rmse", "bias", "r2"))})
@@ -573,16 +585,13 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
     metrics.update({"labelled_plots": float(labels), "test_plots": float(len(test)), "epochs": float(len(prep.epochs))})
     rows = budget(prep, [q[-1] for q in maps], test_ids)
     write_outputs(prep, maps, rows, out, model.quantiles)
-    mconf = {"domain": "carbon", "task": "biomass", "model_type": f"carbon_net.{size}", "model_kwargs": mk,
+    mconf = {"domain": "carbon", "task": "biomass", "model_type": f"{family}.{size}", "model_kwargs": mk,
              "geometry": {"grid": prep.grid.describe(), "sources": S.sources_json(prep.specs), "tile": mk["tile"],
                           "quantiles": list(model.quantiles)},
              "calibration": calib,
-             "card": _card(prep, (f"Random forest on the per-pixel embedding of {ckpt} (frozen), fitted on"
-                                  if head == "forest" else
-                                  f"Biomass quantile model fine-tuned ({mode}) from {ckpt or 'scratch'} on")
-                           + f" {labels} field plots."),
+             "card": _card(prep, f"{HEADS[head]} ({ckpt or 'scratch'}), fitted on {labels} field plots."),
              "training": {"plots": chosen, "from": str(ckpt) if ckpt else "scratch", "head": head,
-                          "steps": steps if head == "network" else 0, "lr": lr,
+                          "steps": steps if head != "forest" else 0, "lr": lr,
                           "layer_decay": layer_decay, "mode": mode, "seed": seed, "data": str(data)},
              "metrics": metrics}
     save_pretrained(model, out / "model", config=mconf)
