@@ -17,11 +17,12 @@
 # # Carbon 2: biomass from a few field plots
 #
 # A fixed 30 % of the plots is held out for scoring and for the model-assisted budget. The plots
-# are 1 ha with every stem mapped, so each 20 m cell they cover has its own biomass. The
-# pretrained network stays frozen and a random forest learns biomass from its per-pixel
-# embedding on `N` plots (each measured at both epochs); the trees' spread gives the 5 % and
-# 95 % quantiles, calibrated on the training plots. The same plots train the network from
-# scratch and a random forest on the pixel's raw source values (the same forest settings).
+# are 1 ha with every stem mapped, so each 20 m cell they cover has its own biomass. From `N`
+# plots (each measured at both epochs) the pretrained model gets two heads, averaged: its
+# quantile head fine-tuned with the encoder frozen, and a random forest on the frozen network's
+# per-pixel embedding (the trees' spread gives its quantiles); the 90 % interval is calibrated
+# on the training plots. The same plots train the network from scratch and a random forest on
+# the pixel's raw source values (the same forest settings).
 # Scores on held-out plots compare each plot's biomass with the map's mean over the plot.
 
 # %% tags=["parameters"]
