@@ -145,21 +145,17 @@ def test_bad_inputs_name_the_file_and_problem(region, tmp_path):
         (r / "plots.csv").write_text("\n".join([t[0], ",".join(cells), *t[2:]]) + "\n")
     _bad(region, tmp_path / "e2", edge_plot, "plot P0000 .* lies partly outside the map")
 
-    def stray_tree(r):
-        t = (r / "trees.csv").read_text().splitlines()
-        head = t[0].split(",")
-        cells = t[1].split(",")
-        cells[head.index("x_m")] = "130.0"
-        (r / "trees.csv").write_text("\n".join([t[0], ",".join(cells), *t[2:]]) + "\n")
-    _bad(region, tmp_path / "e3", stray_tree, r"trees.csv: row 2: x_m=.*130.* lies outside plot P\d+ \(0..100 m")
-
-    def giant(r):
-        t = (r / "trees.csv").read_text().splitlines()
-        head = t[0].split(",")
-        cells = t[1].split(",")
-        cells[head.index("height_m")] = "450"
-        (r / "trees.csv").write_text("\n".join([t[0], ",".join(cells), *t[2:]]) + "\n")
-    _bad(region, tmp_path / "f", giant, r"trees.csv: row 2: height_m=.*450.* outside the plausible range")
+    def first_tree(column, value):
+        def edit(r):
+            t = (r / "trees.csv").read_text().splitlines()
+            cells = t[1].split(",")
+            cells[t[0].split(",").index(column)] = value
+            (r / "trees.csv").write_text("\n".join([t[0], ",".join(cells), *t[2:]]) + "\n")
+        return edit
+    _bad(region, tmp_path / "e3", first_tree("x_m", "130.0"),
+         r"trees.csv: row 2: x_m=.*130.* lies outside plot P\d+ \(0..100 m")
+    _bad(region, tmp_path / "f", first_tree("height_m", "450"),
+         r"trees.csv: row 2: height_m=.*450.* outside the plausible range")
 
     def no_ground(r):
         las = laspy.read(str(r / "epoch1" / "lidar.laz"))
