@@ -294,14 +294,20 @@ def _plot_values(prep: Prepared, maps: list[np.ndarray], ids: set[str]) -> tuple
     biomass against the map's mean over the cells the plot covers."""
     obs, pred = [], []
     for e, p in enumerate(prep.plots):
-        cells = p.cells(ids)
-        k = p.pix_plot[cells]
-        sums = np.bincount(k, weights=maps[e][p.pix_rows[cells], p.pix_cols[cells]], minlength=len(p.ids))
-        n = np.bincount(k, minlength=len(p.ids))
-        sel = np.flatnonzero(n > 0)
+        sel, mean = _plot_means(p, maps[e], ids)
         obs.append(p.agb[sel])
-        pred.append(sums[sel] / n[sel])
+        pred.append(mean)
     return np.concatenate(obs), np.concatenate(pred)
+
+
+def _plot_means(p: S.Plots, m: np.ndarray, ids: set[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the plots in ``ids`` and the mean of the map ``m`` over each one's cells."""
+    cells = p.cells(ids)
+    k = p.pix_plot[cells]
+    n = np.bincount(k, minlength=len(p.ids))
+    sums = np.bincount(k, weights=m[p.pix_rows[cells], p.pix_cols[cells]], minlength=len(p.ids))
+    sel = np.flatnonzero(n > 0)
+    return sel, sums[sel] / n[sel]
 
 
 def _cell_values(prep: Prepared, maps: list[np.ndarray], ids: set[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -331,12 +337,8 @@ def budget(prep: Prepared, maps: list[np.ndarray], test_ids: set[str]) -> list[d
     rows, resid = [], []
     for e, year in enumerate(prep.epochs):
         p = prep.plots[e]
-        cells = p.cells(test_ids)
-        k_ = p.pix_plot[cells]
-        mean = (np.bincount(k_, weights=maps[e][p.pix_rows[cells], p.pix_cols[cells]], minlength=len(p.ids))
-                / np.maximum(np.bincount(k_, minlength=len(p.ids)), 1))
-        sel = [i for i, pid in enumerate(p.ids) if pid in test_ids]
-        res = p.agb[sel] - mean[sel]
+        sel, mean = _plot_means(p, maps[e], test_ids)
+        res = p.agb[sel] - mean
         resid.append(dict(zip([p.ids[i] for i in sel], res)))
         total = (maps[e].sum() + N * res.mean()) * k
         se = N * res.std(ddof=1) / np.sqrt(len(res)) * k
@@ -541,7 +543,8 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
         base = create_model(f"carbon_net.{size}", **mk)
         load_pretrained(ckpt, mode="transfer", model=base)
         emb = [embed_map(base, f, prep.shape) for f in prep.fields]
-        mode = "frozen"
+    if head == "forest":
+        mode = "frozen"  # the network is not trained at all
 
     mk0 = dict(mk)  # the network's own arguments (the forest's sizes are added for the saved model)
 
