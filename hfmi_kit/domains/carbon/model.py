@@ -281,6 +281,7 @@ class CarbonEnsemble(CarbonNet):
         return ens.eval()
 
     def predict(self, fields: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Biomass (B, Q + 1, tile, tile) in Mg/ha: the two heads' quantiles and means, averaged."""
         return 0.5 * (self.network_predict(fields) + self.forest_net.predict(fields))
 
 
