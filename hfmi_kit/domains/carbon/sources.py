@@ -13,6 +13,7 @@ absent tokens in the model.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -185,7 +186,7 @@ def target_grid(region: Region, *, crs: str | None = None, resolution: float | N
     crs = crs or g.get("crs")
     if crs is None:
         lon0, lat0 = (w + e_) / 2, (s_ + n) / 2
-        crs = f"EPSG:{(32600 if lat0 >= 0 else 32700) + int((lon0 + 180) // 6) + 1}"
+        crs = f"EPSG:{utm_epsg(lon0, lat0)}"
     res = float(resolution or g.get("resolution_m") or DEFAULT_RESOLUTION_M)
     dst = rasterio.crs.CRS.from_user_input(crs)
     left, bottom, right, top = transform_bounds("EPSG:4326", dst, w, s_, e_, n)
@@ -301,22 +302,25 @@ class Plots:
 TREE_LIMITS = {"dbh_cm": (1.0, 500.0), "height_m": (1.3, 120.0), "wood_density_g_cm3": (0.1, 1.5)}
 
 
-def _plot_frame(lon: float, lat: float) -> Any:
-    """A metric CRS for a plot's square: the UTM zone of its centre."""
-    from pyproj import CRS
+def utm_epsg(lon: float, lat: float) -> int:
+    """EPSG code of the WGS 84 UTM zone of a point (the default grid CRS and a plot's frame)."""
+    return (32600 if lat >= 0 else 32700) + int((lon + 180) // 6) % 60 + 1
 
-    return CRS.from_epsg((32600 if lat >= 0 else 32700) + int((lon + 180) // 6) % 60 + 1)
+
+@functools.lru_cache(maxsize=64)
+def _transformer(src: str, dst: str) -> Any:
+    from pyproj import Transformer
+
+    return Transformer.from_crs(src, dst, always_xy=True)
 
 
 def _footprint(grid: Grid, lon: float, lat: float, size: float) -> tuple[np.ndarray, np.ndarray, Any, float, float]:
     """Cells whose centres lie in the plot square (``size`` m, axis-aligned in the plot's UTM
     frame), the transformer from that frame to the grid CRS and the square's south-west corner."""
-    from pyproj import Transformer
-
-    frame = _plot_frame(lon, lat)
-    cx, cy = Transformer.from_crs("EPSG:4326", frame, always_xy=True).transform(lon, lat)
+    frame = f"EPSG:{utm_epsg(lon, lat)}"  # the plot square is axis-aligned in its own UTM zone
+    cx, cy = _transformer("EPSG:4326", frame).transform(lon, lat)
     x0, y0 = cx - size / 2, cy - size / 2
-    to_grid = Transformer.from_crs(frame, grid.crs.to_wkt(), always_xy=True)
+    to_grid = _transformer(frame, grid.crs.to_wkt())
     gx, gy = to_grid.transform(np.array([x0, x0 + size, x0, x0 + size]), np.array([y0, y0, y0 + size, y0 + size]))
     r, c = grid.rowcol(gx, gy)
     rr, cc = np.meshgrid(np.arange(r.min(), r.max() + 1), np.arange(c.min(), c.max() + 1), indexing="ij")
