@@ -1,26 +1,37 @@
 """The pre-flight planner's memory estimate against the measured peak memory of real training.
 
     .venv/bin/python benchmarks/plan_memory.py                 # tiny and base, two batch sizes each
-    .venv/bin/python benchmarks/plan_memory.py --runs base:16
+    .venv/bin/python benchmarks/plan_memory.py --runs base:2,base:4 --optimizer foreach
+    .venv/bin/python benchmarks/plan_memory.py --device cuda   # on a GPU
 
 Each measurement is a fresh process that trains an MAE (the core tokenizer, encoder and decoder)
-with the real training loop for a few steps in fp32 and reports its peak resident memory above
-the resident memory before the model was built (``VmHWM``; with ``--device cuda``,
-``torch.cuda.max_memory_allocated`` above the allocation before the model, with flash attention
-assumed and no overhead). The planner gets the same size, tokens, batch and
-parameter count, ``attention="math"`` (the CPU's attention keeps the T x T softmax) and a fixed
-CPU runtime overhead of 0.07 GB (read off the smallest run, as a CUDA context would be on a GPU).
+with the real training loop for a few steps in fp32 and reports its peak memory above the
+memory before the model was built. On the CPU that is the peak resident set (``VmHWM``) with
+glibc told to serve every block over 128 KiB by ``mmap`` (``MALLOC_MMAP_THRESHOLD_``), so a freed
+tensor leaves the resident set at once and the peak follows the live tensors, as the GPU
+allocator's ``torch.cuda.max_memory_allocated`` does (with glibc's default, freed activations stay
+in its heap and the peak RSS was 10-30 % higher here: ``--glibc-default`` shows it). On a GPU, the
+cuBLAS workspaces are allocated by a warm-up product before the baseline (runtime, like the CUDA
+context) and ``max_memory_reserved`` is printed too (what the caching allocator held: the planner's
+``overhead_gb`` is there for it).
+
+The planner gets the same size, tokens, batch and parameter count, flash attention (PyTorch runs a
+flash kernel on the CPU as on the GPU; no T x T scores are kept), the optimiser update AdamW uses
+(``loop`` on the CPU by default; ``--optimizer foreach`` forces the GPU's default multi-tensor
+update, whose step temporaries the planner counts) and a fixed CPU runtime overhead of 0.1 GB
+(read off the smallest run, as a CUDA context would be on a GPU; 0 on a GPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from typing import Any
 
-CPU_RUNTIME_GB = 0.07  # what the first training step allocates beyond the model on this CPU (oneDNN/MKL
+CPU_RUNTIME_GB = 0.1  #  what the first training step allocates beyond the model on this CPU (oneDNN/MKL
 #                        caches, thread buffers): the smallest run's excess, like a CUDA context on a GPU
 WORKER = r"""
 import json, resource, sys
@@ -33,7 +44,10 @@ from hfmi_kit.models.tokenizers import patchify
 from hfmi_kit.train import TrainConfig, Trainer
 
 size, side, patch, groups, batch, steps, mask = sys.argv[1], *map(int, sys.argv[2:7]), float(sys.argv[7])
-device = sys.argv[8]
+device, foreach = sys.argv[8], sys.argv[9] == "foreach"
+if foreach:  # what AdamW does by default on a GPU: one update over all tensors of a group at once
+    _init = torch.optim.AdamW.__init__
+    torch.optim.AdamW.__init__ = lambda self, *a, **k: _init(self, *a, **{**k, "foreach": True})
 names = [f"v{i}" for i in range(groups)]
 
 class Fields(Dataset):
@@ -62,8 +76,11 @@ def rss():
 ds = Fields()
 _ = ds[0]
 cuda = device.startswith("cuda")
-if cuda:
-    torch.zeros(1, device=device)  # the CUDA context is not the model's
+if cuda:  # the CUDA context and the cuBLAS workspaces are the runtime's, not the model's
+    w = torch.zeros(8, 8, device=device, requires_grad=True)
+    (w @ w).sum().backward()
+    del w
+    torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
 before = torch.cuda.memory_allocated() if cuda else rss()
 model = MAE()
@@ -77,18 +94,30 @@ def hwm():  # this process image's peak RSS (ru_maxrss would carry a big parent'
         return next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmHWM:"))
 
 peak = torch.cuda.max_memory_allocated() if cuda else hwm()
-print(json.dumps({"params": n, "tokens": tokens, "measured": peak - before}))
+reserved = torch.cuda.max_memory_reserved() - before if cuda else None
+print(json.dumps({"params": n, "tokens": tokens, "measured": peak - before, "reserved": reserved}))
 """
 
 
 def measure(size: str, *, side: int = 64, patch: int = 4, groups: int = 2, batch: int = 8, steps: int = 3,
-            mask_ratio: float = 0.75, device: str = "cpu") -> dict[str, Any]:
-    """Measured peak memory of a real run and the planner's estimate for the same configuration."""
+            mask_ratio: float = 0.75, device: str = "cpu", optimizer: str | None = None,
+            glibc_default: bool = False) -> dict[str, Any]:
+    """Measured peak memory of a real run and the planner's estimate for the same configuration.
+
+    ``optimizer``: ``foreach`` forces AdamW's multi-tensor update; None keeps PyTorch's default
+    for the device (``foreach`` on a GPU, ``loop`` on the CPU)."""
     from hfmi_kit.launch.plan import block_params, plan
     from hfmi_kit.models import get_size
 
+    cuda = device.startswith("cuda")
+    optimizer = optimizer or ("foreach" if cuda else "loop")
+    if optimizer not in ("foreach", "loop"):
+        raise ValueError(f"optimizer must be foreach or loop, got {optimizer!r}")
+    env = dict(os.environ)
+    if not glibc_default:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
     r = subprocess.run([sys.executable, "-c", WORKER, size, str(side), str(patch), str(groups), str(batch), str(steps),
-                        str(mask_ratio), device], capture_output=True, text=True, timeout=1800)
+                        str(mask_ratio), device, optimizer], capture_output=True, text=True, timeout=1800, env=env)
     if r.returncode:
         raise RuntimeError(f"measurement of {size} failed:\n{r.stderr[-3000:]}")
     m = json.loads(r.stdout.strip().splitlines()[-1])
@@ -96,24 +125,29 @@ def measure(size: str, *, side: int = 64, patch: int = 4, groups: int = 2, batch
     blocks = block_params(cfg)[2]
     p = plan(size, tokens=m["tokens"], batch_per_device=batch, devices=1, dtype="fp32", strategy="ddp",
              mask_ratio=mask_ratio, extra_params=m["params"] - blocks,
-             attention="flash" if device.startswith("cuda") else "math",
-             overhead_gb=0.0 if device.startswith("cuda") else CPU_RUNTIME_GB)
+             attention="flash", optimizer=optimizer, overhead_gb=0.0 if cuda else CPU_RUNTIME_GB)
     return {"size": size, "batch": batch, "tokens": m["tokens"], "params": m["params"], "measured": m["measured"],
-            "predicted": p.peak_memory, "ratio": p.peak_memory / m["measured"], "plan": p}
+            "reserved": m["reserved"], "optimizer": optimizer, "predicted": p.peak_memory,
+            "ratio": p.peak_memory / m["measured"], "plan": p}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default="tiny:8,tiny:32,base:4,base:8", help="size:batch pairs")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda to measure torch.cuda.max_memory_allocated")
+    ap.add_argument("--optimizer", choices=["foreach", "loop"],
+                    help="AdamW's update (default: PyTorch's for the device, foreach on a GPU, loop on the CPU)")
+    ap.add_argument("--glibc-default", action="store_true",
+                    help="CPU: leave glibc's allocator as it is (freed memory may stay resident)")
     a = ap.parse_args()
-    print(f"{'size':6s} {'params':>10s} {'tokens':>7s} {'batch':>6s} {'measured MiB':>13s} {'predicted MiB':>14s} "
-          f"{'pred/meas':>10s}")
+    print(f"{'size':6s} {'params':>10s} {'tokens':>7s} {'batch':>6s} {'optimizer':>9s} {'measured MiB':>13s} "
+          f"{'predicted MiB':>14s} {'pred/meas':>10s}" + (f" {'reserved MiB':>13s}" if a.device != "cpu" else ""))
     for run in a.runs.split(","):
         s, b = run.split(":")
-        r = measure(s, batch=int(b), device=a.device)
-        print(f"{s:6s} {r['params']:10d} {r['tokens']:7d} {r['batch']:6d} {r['measured'] / 2**20:13.1f} "
-              f"{r['predicted'] / 2**20:14.1f} {r['ratio']:10.2f}")
+        r = measure(s, batch=int(b), device=a.device, optimizer=a.optimizer, glibc_default=a.glibc_default)
+        print(f"{s:6s} {r['params']:10d} {r['tokens']:7d} {r['batch']:6d} {r['optimizer']:>9s} "
+              f"{r['measured'] / 2**20:13.1f} {r['predicted'] / 2**20:14.1f} {r['ratio']:10.2f}"
+              + (f" {r['reserved'] / 2**20:13.1f}" if r["reserved"] is not None else ""), flush=True)
 
 
 if __name__ == "__main__":

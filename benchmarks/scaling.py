@@ -72,9 +72,10 @@ def main() -> None:
     from plan_memory import measure
 
     print("\nhfmi plan: predicted vs measured peak memory (fp32 MAE training on this CPU)")
-    for size, batch in (("tiny", 8), ("tiny", 32), ("base", 4), ("base", 8)):
-        r = measure(size, batch=batch)
-        print(f"  {size:5s} batch {batch:3d}: predicted {r['predicted'] / 2**20:7.1f} MiB, measured "
+    for size, batch, opt in (("tiny", 8, "loop"), ("tiny", 32, "loop"), ("base", 4, "loop"), ("base", 8, "loop"),
+                             ("base", 2, "foreach")):
+        r = measure(size, batch=batch, optimizer=opt)
+        print(f"  {size:5s} batch {batch:3d} {opt:7s}: predicted {r['predicted'] / 2**20:7.1f} MiB, measured "
               f"{r['measured'] / 2**20:7.1f} MiB, ratio {r['ratio']:.2f}")
 
 

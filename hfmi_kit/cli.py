@@ -312,7 +312,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
              devices=a.gpus, device_memory_gb=parse_memory(a.gpu_memory), dtype=a.dtype, strategy=a.strategy,
              activation_checkpointing=a.activation_checkpointing, mask_ratio=float(opts.get("mask_ratio", 0.75)),
              samples=float(opts.get("samples", 1e6)), mfu=float(opts.get("mfu", 0.4)),
-             peak_tflops=opts.get("peak_tflops"), overhead_gb=a.overhead_gb)
+             peak_tflops=opts.get("peak_tflops"), overhead_gb=a.overhead_gb, optimizer=a.optimizer)
     print(p.report())
     return 0 if p.fits else 2
 
@@ -518,6 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mfu", type=float, help="assumed model FLOPs utilisation (default 0.4)")
     sp.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device (default: H100 dense for the dtype)")
     sp.add_argument("--overhead-gb", type=float, default=1.0, help="fixed per-device overhead (CUDA context)")
+    sp.add_argument("--optimizer", default="foreach", choices=["foreach", "fused", "loop"],
+                    help="AdamW's update: foreach (PyTorch's default on a GPU; one fp32 temporary per "
+                         "parameter at the step), fused or loop")
     sp.set_defaults(fn=cmd_plan)
 
     sp = sub.add_parser("sweep", help="run a notebook for every combination of parameters, locally or as a "

@@ -13,9 +13,15 @@ the weights (2 per parameter). Activations saved for backward per token and laye
 projections, the MLP's hidden and GELU output), 4 bytes in fp32 and about 2.5 in bf16 (norms
 stay fp32); with activation checkpointing a layer keeps only its input, and one layer at a time
 is recomputed. The encoder sees ``(1 - mask_ratio)`` of the tokens, the decoder all of them.
-Attention kernels that materialise the scores (``attention="math"``: PyTorch's fallback on the
-CPU and wherever a mask rules out the fused kernels) also keep the softmax output, a
-``heads x T x T`` array per layer and sample; flash / memory-efficient kernels do not.
+Attention kernels that materialise the scores (``attention="math"``: PyTorch's fallback where the
+fused kernels cannot run, e.g. an unsupported head size or the fused back-ends switched off) also
+keep the softmax output, a ``heads x T x T`` array per layer and sample; the flash and
+memory-efficient kernels (CUDA, and the CPU's flash kernel, which PyTorch picks with or without a
+padding mask) do not. The optimiser step is the other peak: all gradients are alive, the
+activations freed, and AdamW's default multi-tensor (``foreach``) update on a GPU allocates one
+more fp32 value per parameter of a group (``optimizer="foreach"``; the fused and per-tensor
+updates do not). So the peak is the fixed states plus the larger of the activations and the
+gradients with that temporary.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from hfmi_kit.models.config import EncoderConfig, get_size
 
 ACT_PER_TOKEN_LAYER = 17.0  # values saved per token per block, in units of the block width
 GB = 1024**3
+STEP_TEMP = "optimiser step (foreach)"
+OPTIMIZERS = ("foreach", "fused", "loop")
 PEAK_TFLOPS = {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}  # H100 SXM dense; pass peak_tflops for yours
 
 
@@ -57,10 +65,11 @@ class Plan:
     @property
     def total_memory(self) -> float:
         """The peak per device: gradients are freed before the next forward (``zero_grad(set_to_none)``)
-        and activations during the backward, so the two overlap only in part: the larger of them counts."""
+        and activations during the backward, so the two overlap only in part: the larger of the
+        activations and the optimiser step (gradients plus its temporaries) counts."""
         m = self.memory
-        g, a = m.get("gradients (fp32)", 0.0), m.get("activations", 0.0)
-        return sum(m.values()) - min(g, a)
+        g, a, t = (m.get(k, 0.0) for k in ("gradients (fp32)", "activations", STEP_TEMP))
+        return sum(m.values()) - g - a - t + max(a, g + t)
 
     @property
     def peak_memory(self) -> float:
@@ -78,7 +87,7 @@ class Plan:
                  f"memory per device ({a['strategy']}, {a['dtype']}, batch {a['batch_per_device']} per device"
                  f"{', activation checkpointing' if a['activation_checkpointing'] else ''}):"]
         lines += [f"  {k:24s} {v / GB:9.2f} GiB" for k, v in self.memory.items()]
-        lines.append(f"  {'peak (grads or acts)':24s} {self.total_memory / GB:9.2f} GiB of "
+        lines.append(f"  {'peak (acts or step)':24s} {self.total_memory / GB:9.2f} GiB of "
                      f"{self.device_memory / GB:.1f} GiB")
         if self.fits:
             lines.append(f"FITS with {(self.device_memory - self.total_memory) / GB:.1f} GiB to spare")
@@ -99,7 +108,7 @@ def plan(size: str | EncoderConfig, *, tokens: int, batch_per_device: int = 8, d
          device_memory_gb: float = 80.0, dtype: str = "bf16", strategy: str = "ddp",
          activation_checkpointing: bool = False, mask_ratio: float = 0.75, samples: float = 1e6,
          mfu: float = 0.4, peak_tflops: float | None = None, extra_params: int = 0,
-         overhead_gb: float = 0.0, attention: str = "flash") -> Plan:
+         overhead_gb: float = 0.0, attention: str = "flash", optimizer: str = "foreach") -> Plan:
     """Estimate memory per device and time of pretraining ``size`` (see the module docstring).
 
     Args:
@@ -107,12 +116,17 @@ def plan(size: str | EncoderConfig, *, tokens: int, batch_per_device: int = 8, d
         extra_params: parameters outside the transformer blocks (embeddings, heads), if known.
         overhead_gb: fixed per-device overhead (CUDA context, allocator); 0 counts only the model.
         attention: ``flash`` (fused kernels, no T x T storage) or ``math`` (scores kept).
+        optimizer: how AdamW updates: ``foreach`` (PyTorch's default on a GPU: one fp32 temporary
+            per parameter at the step), ``fused`` or ``loop`` (the CPU's default; no whole-model
+            temporary).
     """
     cfg = get_size(size) if isinstance(size, str) else size
     if dtype not in PEAK_TFLOPS:
         raise ConfigError(f"dtype must be one of {sorted(PEAK_TFLOPS)}, got {dtype!r}")
     if attention not in ("flash", "math"):
         raise ConfigError(f"attention must be flash or math, got {attention!r}")
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     if strategy not in ("ddp", "fsdp"):
         raise ConfigError(f"strategy must be ddp or fsdp, got {strategy!r}")
     if tokens < 1 or batch_per_device < 1 or devices < 1 or not 0.0 <= mask_ratio < 1.0 or not 0.0 < mfu <= 1.0:
@@ -130,6 +144,8 @@ def plan(size: str | EncoderConfig, *, tokens: int, batch_per_device: int = 8, d
     mem["weights (fp32)"] = 4.0 * params / shard
     mem["gradients (fp32)"] = 4.0 * params / shard
     mem["AdamW moments (fp32)"] = 8.0 * params / shard
+    if optimizer == "foreach":
+        mem[STEP_TEMP] = 4.0 * params / shard
     if strategy == "fsdp" and devices > 1:
         mem["gathered blocks (FSDP)"] = 2 * 4.0 * enc_block
     if strategy == "ddp" and devices > 1:
@@ -159,7 +175,8 @@ def plan(size: str | EncoderConfig, *, tokens: int, batch_per_device: int = 8, d
                 assumptions={"size": size if isinstance(size, str) else "custom", "tokens": tokens,
                              "encoder_tokens": t_enc, "strategy": strategy, "dtype": dtype,
                              "batch_per_device": batch_per_device, "activation_checkpointing": activation_checkpointing,
-                             "mfu": mfu, "peak_tflops": peak / 1e12, "samples": samples, "attention": attention})
+                             "mfu": mfu, "peak_tflops": peak / 1e12, "samples": samples, "attention": attention,
+                             "optimizer": optimizer})
 
 
 def parse_memory(text: str) -> float:
