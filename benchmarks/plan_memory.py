@@ -1,7 +1,7 @@
 """The pre-flight planner's memory estimate against the measured peak memory of real training.
 
-    .venv/bin/python benchmarks/plan_memory.py                 # tiny and base, two batch sizes each
-    .venv/bin/python benchmarks/plan_memory.py --runs base:2,base:4 --optimizer foreach
+    .venv/bin/python benchmarks/plan_memory.py                 # 13 runs: tiny and base, batches, AC, DDP, FSDP
+    .venv/bin/python benchmarks/plan_memory.py --runs base:2,base:4:ac,base:4:fsdp2 --optimizer foreach
     .venv/bin/python benchmarks/plan_memory.py --device cuda   # on a GPU
 
 Each measurement is a fresh process that trains an MAE (the core tokenizer, encoder and decoder)
@@ -29,12 +29,14 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
-CPU_RUNTIME_GB = 0.1  #  what the first training step allocates beyond the model on this CPU (oneDNN/MKL
+CPU_RUNTIME_GB = 0.1  # what the first training step allocates beyond the model on this CPU (oneDNN/MKL
 #                        caches, thread buffers): the smallest run's excess, like a CUDA context on a GPU
 WORKER = r"""
-import json, resource, sys
+import json, os, resource, sys
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -44,7 +46,7 @@ from hfmi_kit.models.tokenizers import patchify
 from hfmi_kit.train import TrainConfig, Trainer
 
 size, side, patch, groups, batch, steps, mask = sys.argv[1], *map(int, sys.argv[2:7]), float(sys.argv[7])
-device, foreach = sys.argv[8], sys.argv[9] == "foreach"
+device, foreach, strategy, ac = sys.argv[8], sys.argv[9] == "foreach", sys.argv[10], sys.argv[11] == "ac"
 if foreach:  # what AdamW does by default on a GPU: one update over all tensors of a group at once
     _init = torch.optim.AdamW.__init__
     torch.optim.AdamW.__init__ = lambda self, *a, **k: _init(self, *a, **{**k, "foreach": True})
@@ -59,7 +61,7 @@ class Fields(Dataset):
 class MAE(nn.Module):
     def __init__(self):
         super().__init__()
-        cfg = get_size(size)
+        cfg = get_size(size, activation_checkpointing=ac)
         tok = GridTokenizer(groups=names, grid=(side, side), patch=(patch, patch), dim=cfg.dim)
         self.mae = MaskedAutoencoder(Backbone(tok, cfg), num_groups=groups, num_positions=tok.num_patches,
                                      patch_numel=patch * patch, mask_ratio=mask)
@@ -87,7 +89,7 @@ model = MAE()
 n = sum(p.numel() for p in model.parameters())
 tokens = groups * (side // patch) ** 2
 cfg = TrainConfig(steps=steps, batch_size=batch, progress=False, log_every=10_000, precision="fp32", warmup_steps=1,
-                  device=device)
+                  device=device, strategy=strategy)
 Trainer(model, ds, config=cfg).fit()
 def hwm():  # this process image's peak RSS (ru_maxrss would carry a big parent's over through fork + exec)
     with open("/proc/self/status") as f:
@@ -95,13 +97,15 @@ def hwm():  # this process image's peak RSS (ru_maxrss would carry a big parent'
 
 peak = torch.cuda.max_memory_allocated() if cuda else hwm()
 reserved = torch.cuda.max_memory_reserved() - before if cuda else None
-print(json.dumps({"params": n, "tokens": tokens, "measured": peak - before, "reserved": reserved}))
+with open(f"peak-{os.environ.get('RANK', '0')}.json", "w") as f:  # in the measuring process's own folder
+    json.dump({"params": n, "tokens": tokens, "measured": peak - before, "reserved": reserved}, f)
 """
 
 
 def measure(size: str, *, side: int = 64, patch: int = 4, groups: int = 2, batch: int = 8, steps: int = 3,
             mask_ratio: float = 0.75, device: str = "cpu", optimizer: str | None = None,
-            glibc_default: bool = False) -> dict[str, Any]:
+            glibc_default: bool = False, nproc: int = 1, strategy: str = "ddp",
+            activation_checkpointing: bool = False) -> dict[str, Any]:
     """Measured peak memory of a real run and the planner's estimate for the same configuration.
 
     ``optimizer``: ``foreach`` forces AdamW's multi-tensor update; None keeps PyTorch's default
@@ -116,36 +120,75 @@ def measure(size: str, *, side: int = 64, patch: int = 4, groups: int = 2, batch
     env = dict(os.environ)
     if not glibc_default:
         env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
-    r = subprocess.run([sys.executable, "-c", WORKER, size, str(side), str(patch), str(groups), str(batch), str(steps),
-                        str(mask_ratio), device, optimizer], capture_output=True, text=True, timeout=1800, env=env)
-    if r.returncode:
-        raise RuntimeError(f"measurement of {size} failed:\n{r.stderr[-3000:]}")
-    m = json.loads(r.stdout.strip().splitlines()[-1])
+    args = [size, str(side), str(patch), str(groups), str(batch), str(steps), str(mask_ratio), device, optimizer,
+            strategy, "ac" if activation_checkpointing else "-"]
+    with tempfile.TemporaryDirectory() as tmp:
+        if nproc == 1:
+            cmd = [sys.executable, "-c", WORKER, *args]
+        else:  # every process measures its own peak; the largest counts
+            (Path(tmp) / "worker.py").write_text(WORKER, encoding="utf-8")
+            env["OMP_NUM_THREADS"] = "1"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                   str(Path(tmp) / "worker.py"), *args]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env, cwd=tmp)
+        if r.returncode:
+            raise RuntimeError(f"measurement of {size} failed:\n{r.stderr[-3000:]}")
+        ranks = [json.loads(f.read_text(encoding="utf-8")) for f in sorted(Path(tmp).glob("peak-*.json"))]
+    if len(ranks) != nproc:
+        raise RuntimeError(f"measurement of {size}: {len(ranks)} of {nproc} processes reported")
+    m = max(ranks, key=lambda x: x["measured"])
     cfg = get_size(size)
     blocks = block_params(cfg)[2]
-    p = plan(size, tokens=m["tokens"], batch_per_device=batch, devices=1, dtype="fp32", strategy="ddp",
+    p = plan(size, tokens=m["tokens"], batch_per_device=batch, devices=nproc, dtype="fp32", strategy=strategy,
              mask_ratio=mask_ratio, extra_params=m["params"] - blocks,
-             attention="flash", optimizer=optimizer, overhead_gb=0.0 if cuda else CPU_RUNTIME_GB)
+             activation_checkpointing=activation_checkpointing, attention="flash", optimizer=optimizer,
+             overhead_gb=0.0 if cuda else CPU_RUNTIME_GB)
     return {"size": size, "batch": batch, "tokens": m["tokens"], "params": m["params"], "measured": m["measured"],
             "reserved": m["reserved"], "optimizer": optimizer, "predicted": p.peak_memory,
             "ratio": p.peak_memory / m["measured"], "plan": p}
 
 
+DEFAULT_RUNS = ("tiny:8,tiny:32,base:2,base:4,base:8,base:2:foreach,base:8:ac,base:16:ac,tiny:8:ddp2,"
+                "base:4:ddp2,base:4:fsdp2,base:4:fsdp2:ac,base:2:tokens2048")
+
+
+def parse_run(run: str) -> dict[str, Any]:
+    """``size:batch[:opt]...`` with opts ``foreach``, ``loop``, ``ac``, ``ddpN``, ``fsdpN``, ``tokensN``."""
+    size, batch, *opts = run.split(":")
+    kw: dict[str, Any] = {"size": size, "batch": int(batch)}
+    for o in opts:
+        if o in ("foreach", "loop"):
+            kw["optimizer"] = o
+        elif o == "ac":
+            kw["activation_checkpointing"] = True
+        elif o.startswith(("ddp", "fsdp")):
+            kw["strategy"] = o.rstrip("0123456789")
+            kw["nproc"] = int(o[len(kw["strategy"]):] or 2)
+        elif o.startswith("tokens"):  # 2 groups of (side / 4)^2 patches
+            kw["side"] = 4 * int((int(o[6:]) // 2) ** 0.5)
+        else:
+            raise SystemExit(f"unknown option {o!r} in run {run!r}")
+    return kw
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", default="tiny:8,tiny:32,base:4,base:8", help="size:batch pairs")
+    ap.add_argument("--runs", default=DEFAULT_RUNS,
+                    help="comma-separated size:batch[:foreach|loop][:ac][:ddpN|fsdpN][:tokensN] "
+                         "(ac: activation checkpointing; ddpN/fsdpN: N processes, gloo on the CPU)")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda to measure torch.cuda.max_memory_allocated")
     ap.add_argument("--optimizer", choices=["foreach", "loop"],
                     help="AdamW's update (default: PyTorch's for the device, foreach on a GPU, loop on the CPU)")
     ap.add_argument("--glibc-default", action="store_true",
                     help="CPU: leave glibc's allocator as it is (freed memory may stay resident)")
     a = ap.parse_args()
-    print(f"{'size':6s} {'params':>10s} {'tokens':>7s} {'batch':>6s} {'optimizer':>9s} {'measured MiB':>13s} "
-          f"{'predicted MiB':>14s} {'pred/meas':>10s}" + (f" {'reserved MiB':>13s}" if a.device != "cpu" else ""))
+    gpu = a.device != "cpu"
+    print(f"{'run':22s} {'params':>10s} {'tokens':>7s} {'optimizer':>9s} {'measured MiB':>13s} "
+          f"{'predicted MiB':>14s} {'pred/meas':>10s}" + (f" {'reserved MiB':>13s}" if gpu else ""))
     for run in a.runs.split(","):
-        s, b = run.split(":")
-        r = measure(s, batch=int(b), device=a.device, optimizer=a.optimizer, glibc_default=a.glibc_default)
-        print(f"{s:6s} {r['params']:10d} {r['tokens']:7d} {r['batch']:6d} {r['optimizer']:>9s} "
+        kw = {"optimizer": a.optimizer, **parse_run(run)}
+        r = measure(kw.pop("size"), device=a.device, glibc_default=a.glibc_default, **kw)
+        print(f"{run:22s} {r['params']:10d} {r['tokens']:7d} {r['optimizer']:>9s} "
               f"{r['measured'] / 2**20:13.1f} {r['predicted'] / 2**20:14.1f} {r['ratio']:10.2f}"
               + (f" {r['reserved'] / 2**20:13.1f}" if r["reserved"] is not None else ""), flush=True)
 

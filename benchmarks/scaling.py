@@ -69,15 +69,15 @@ def main() -> None:
         eff = v["samples_per_s"] / (n * base) if n > 1 else float("nan")
         print(f"{k:22s} {v['samples_per_s']:10.1f} {eff:11.2f} {v['wall_s']:8.1f}")
     sys.path.insert(0, str(Path(__file__).parent))
-    from plan_memory import measure
+    from plan_memory import measure, parse_run
 
-    print("\nhfmi plan: predicted vs measured peak memory (fp32 MAE training on this CPU)")
-    for size, batch, opt in (("tiny", 8, "loop"), ("tiny", 32, "loop"), ("base", 4, "loop"), ("base", 8, "loop"),
-                             ("base", 2, "foreach")):
-        r = measure(size, batch=batch, optimizer=opt)
-        print(f"  {size:5s} batch {batch:3d} {opt:7s}: predicted {r['predicted'] / 2**20:7.1f} MiB, measured "
+    print("\nhfmi plan: predicted vs measured peak memory per process (fp32 MAE training on this CPU)")
+    for spec in ("tiny:8", "tiny:32", "base:4", "base:8", "base:2:foreach", "base:16:ac", "base:4:ddp2",
+                 "base:4:fsdp2"):
+        kw = parse_run(spec)
+        r = measure(kw.pop("size"), **kw)
+        print(f"  {spec:16s}: predicted {r['predicted'] / 2**20:7.1f} MiB, measured "
               f"{r['measured'] / 2**20:7.1f} MiB, ratio {r['ratio']:.2f}")
-
 
 if __name__ == "__main__":
     main()

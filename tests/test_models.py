@@ -97,19 +97,31 @@ def test_encoder_padding_does_not_leak():
 
 
 def test_activation_checkpointing_gives_same_gradients():
+    """Encoder and MAE decoder both recompute their blocks; the loss and every gradient are unchanged."""
+    from hfmi_kit.models.mae import MaskedAutoencoder
+
+    def mae(**over):
+        tok = GridTokenizer(groups=["a"], grid=(8, 8), patch=(4, 4), dim=64)
+        return MaskedAutoencoder(Backbone(tok, get_size("tiny", **over)), num_groups=1, num_positions=4,
+                                 patch_numel=16)
+
     torch.manual_seed(0)
-    tok = GridTokenizer(groups=["a"], grid=(8, 8), patch=(4, 4), dim=64)
-    bb = Backbone(tok, get_size("tiny"))
-    bb_ckpt = Backbone(GridTokenizer(groups=["a"], grid=(8, 8), patch=(4, 4), dim=64),
-                       get_size("tiny", activation_checkpointing=True))
-    bb_ckpt.load_state_dict(bb.state_dict())
+    plain, ckpt = mae(), mae(activation_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    assert ckpt.decoder.activation_checkpointing and not plain.decoder.activation_checkpointing
     x = {"a": torch.randn(2, 8, 8)}
-    grads = []
-    for m in (bb, bb_ckpt):
+    losses, grads = [], []
+    for m in (plain, ckpt):
         m.train()
-        m.encode(m.tokenizer(x)).pow(2).mean().backward()
-        grads.append(m.encoder.blocks[0].attn.qkv.weight.grad.clone())
-    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+        torch.manual_seed(1)  # the same mask
+        loss, _, _ = m(m.backbone.tokenizer(x), patchify(x["a"], (4, 4)))
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([m.backbone.encoder.blocks[0].attn.qkv.weight.grad.clone(),
+                      m.decoder.blocks[0].mlp[0].weight.grad.clone()])
+    assert torch.allclose(losses[0], losses[1])
+    for g0, g1 in zip(*grads, strict=True):
+        assert g0.abs().sum() > 0 and torch.allclose(g0, g1, atol=1e-6)
 
 
 def test_sizes_table():

@@ -32,7 +32,8 @@ def test_plan_accounts_memory_by_strategy_and_says_when_it_does_not_fit(capsys):
     small = dict(tokens=64, batch_per_device=1, devices=1, dtype="fp32")
     fused, foreach = plan("base", optimizer="fused", **small), plan("base", optimizer="foreach", **small)
     assert foreach.memory["activations"] < foreach.memory["gradients (fp32)"]
-    assert foreach.total_memory - fused.total_memory == pytest.approx(4 * foreach.params)
+    # at the step: weights, gradients, two moments and the temporary, 20 bytes per parameter
+    assert foreach.total_memory == pytest.approx(20 * foreach.params) and fused.total_memory < 17 * fused.params
     big = dict(tokens=4096, batch_per_device=16, devices=1, dtype="fp32")
     assert plan("base", optimizer="foreach", **big).total_memory == plan("base", optimizer="fused", **big).total_memory
     with pytest.raises(Exception, match="optimizer must be"):
@@ -47,22 +48,25 @@ def test_plan_accounts_memory_by_strategy_and_says_when_it_does_not_fit(capsys):
         parse_memory("lots")
 
 
-# benchmarks/plan_memory.py runs more; base at batch 2 with the GPU's default foreach update peaks at the step
-@pytest.mark.parametrize("size,batch,optimizer", [("tiny", 32, "loop"), ("base", 4, "loop"), ("base", 2, "foreach")])
-def test_planned_memory_matches_the_measured_peak_within_20_percent(size, batch, optimizer):
-    from plan_memory import measure
+# benchmarks/plan_memory.py runs more. base at batch 2 with the GPU's default foreach update peaks at the
+# optimiser step; with activation checkpointing at the end of the backward; fsdp2 is two gloo processes
+@pytest.mark.parametrize("run", ["tiny:32", "base:4", "base:2:foreach", "base:16:ac", "base:4:fsdp2"])
+def test_planned_memory_matches_the_measured_peak_within_20_percent(run):
+    from plan_memory import measure, parse_run
 
-    r = measure(size, batch=batch, optimizer=optimizer)
-    assert 0.8 <= r["ratio"] <= 1.2, (size, r["measured"] / 2**20, r["predicted"] / 2**20)
+    kw = parse_run(run)
+    r = measure(kw.pop("size"), **kw)
+    assert 0.8 <= r["ratio"] <= 1.2, (run, r["measured"] / 2**20, r["predicted"] / 2**20)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU in this session")
-@pytest.mark.parametrize("size,batch", [("tiny", 32), ("base", 4), ("base", 16)])
-def test_planned_memory_matches_the_measured_gpu_peak_within_20_percent(size, batch):
-    from plan_memory import measure
+@pytest.mark.parametrize("run", ["tiny:32", "base:4", "base:16", "base:16:ac"])
+def test_planned_memory_matches_the_measured_gpu_peak_within_20_percent(run):
+    from plan_memory import measure, parse_run
 
-    r = measure(size, batch=batch, device="cuda")
-    assert 0.8 <= r["ratio"] <= 1.2, (size, r["measured"] / 2**20, r["predicted"] / 2**20)
+    kw = parse_run(run)
+    r = measure(kw.pop("size"), device="cuda", **kw)
+    assert 0.8 <= r["ratio"] <= 1.2, (run, r["measured"] / 2**20, r["predicted"] / 2**20)
 
 
 def test_preflight_runs_the_notebook_tiny_and_prints_the_submit_command(capsys):

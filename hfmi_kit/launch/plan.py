@@ -20,8 +20,10 @@ memory-efficient kernels (CUDA, and the CPU's flash kernel, which PyTorch picks 
 padding mask) do not. The optimiser step is the other peak: all gradients are alive, the
 activations freed, and AdamW's default multi-tensor (``foreach``) update on a GPU allocates one
 more fp32 value per parameter of a group (``optimizer="foreach"``; the fused and per-tensor
-updates do not). So the peak is the fixed states plus the larger of the activations and the
-gradients with that temporary.
+updates do not). The end of the backward is the third candidate: every gradient is alive with the
+first block's activations (recomputed there under activation checkpointing). So the peak is the
+fixed states plus the largest of the activations, the gradients with the first block's
+activations, and the gradients with the step temporary.
 """
 
 from __future__ import annotations
@@ -66,10 +68,13 @@ class Plan:
     def total_memory(self) -> float:
         """The peak per device: gradients are freed before the next forward (``zero_grad(set_to_none)``)
         and activations during the backward, so the two overlap only in part: the larger of the
-        activations and the optimiser step (gradients plus its temporaries) counts."""
+        activations, the end of the backward (every gradient and the first block's activations,
+        recomputed under activation checkpointing) and the optimiser step (gradients plus its
+        temporaries) counts."""
         m = self.memory
         g, a, t = (m.get(k, 0.0) for k in ("gradients (fp32)", "activations", STEP_TEMP))
-        return sum(m.values()) - g - a - t + max(a, g + t)
+        tail = self.assumptions.get("first_block_activations", 0.0)
+        return sum(m.values()) - g - a - t + max(a, g + tail, g + t)
 
     @property
     def peak_memory(self) -> float:
@@ -176,6 +181,7 @@ def plan(size: str | EncoderConfig, *, tokens: int, batch_per_device: int = 8, d
                              "encoder_tokens": t_enc, "strategy": strategy, "dtype": dtype,
                              "batch_per_device": batch_per_device, "activation_checkpointing": activation_checkpointing,
                              "mfu": mfu, "peak_tflops": peak / 1e12, "samples": samples, "attention": attention,
+                             "first_block_activations": per_layer_enc * batch_per_device,
                              "optimizer": optimizer})
 
 

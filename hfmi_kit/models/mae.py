@@ -19,6 +19,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from hfmi_kit.errors import ConfigError
 from hfmi_kit.models.encoder import Block, _init_weights
@@ -53,11 +54,15 @@ def mask_scores(batch: TokenBatch, strategy: str, batch_size: int,
 
 
 class MAEDecoder(nn.Module):
-    """Light transformer decoder: visible latents + mask tokens -> patch values per group."""
+    """Light transformer decoder: visible latents + mask tokens -> patch values per group.
+
+    ``activation_checkpointing`` recomputes each block in the backward, as the encoder does: the
+    decoder sees every token, so it holds most of an MAE's activations."""
 
     def __init__(self, *, enc_dim: int, dim: int, depth: int, heads: int, num_groups: int,
-                 num_positions: int, patch_numel: int) -> None:
+                 num_positions: int, patch_numel: int, activation_checkpointing: bool = False) -> None:
         super().__init__()
+        self.activation_checkpointing = activation_checkpointing
         self.embed = nn.Linear(enc_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(dim))
         self.group_embed = nn.Parameter(torch.zeros(num_groups, dim))
@@ -80,7 +85,10 @@ class MAEDecoder(nn.Module):
         x = x.to(emb.dtype).scatter(1, keep_idx[..., None].expand(-1, -1, x.shape[-1]), emb)
         x = x + self.group_embed[batch.group_ids] + self.pos_embed[batch.pos_ids + 1]
         for blk in self.blocks:
-            x = blk(x)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
         return self.out(self.norm(x))
 
 
@@ -126,7 +134,8 @@ def make_decoder(backbone: nn.Module, *, num_groups: int, num_positions: int, pa
     cfg = backbone.cfg
     return MAEDecoder(enc_dim=cfg.dim, dim=cfg.decoder_dim, depth=cfg.decoder_depth,
                       heads=max(1, cfg.decoder_dim // 32), num_groups=num_groups,
-                      num_positions=num_positions, patch_numel=patch_numel)
+                      num_positions=num_positions, patch_numel=patch_numel,
+                      activation_checkpointing=cfg.activation_checkpointing)
 
 
 class MaskedAutoencoder(nn.Module):
