@@ -65,6 +65,12 @@ def test_finetune_learns_biomass_and_writes_maps_and_budget(pretrained, region, 
     assert set(b["unit"]) == {"Mg C"} and b["quantity"].str.startswith("net change").any()
     stock = b[b["quantity"].str.startswith("carbon stock")]
     assert (stock["lower_90"] < stock["value"]).all() and (stock["value"] < stock["upper_90"]).all()
+    # gross losses and gains are model-assisted from the stem-mapped plots' own cell changes: map
+    # differencing alone inflates the losses (noise in two maps), the plots' residuals correct it
+    gross = b[b["quantity"].str.startswith(("losses", "gains"))]
+    assert len(gross) == 2 and (gross["plots"] == m["test_plots"]).all()
+    assert (gross["lower_90"] < gross["value"]).all() and (gross["value"] < gross["upper_90"]).all()
+    assert m["losses_map_only_error_pct"] < -50 and abs(m["losses_error_pct"]) < abs(m["losses_map_only_error_pct"])
 
     ev = evaluate(ckpt=tmp_path / "model", data=region, out=tmp_path / "ev")
     assert ev["test_plots"] == 70 - 30 and ev["rmse_mg_ha"] == pytest.approx(m["rmse_mg_ha"], rel=0.25)

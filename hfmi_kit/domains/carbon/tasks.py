@@ -320,6 +320,30 @@ def _cell_values(prep: Prepared, maps: list[np.ndarray], ids: set[str]) -> tuple
     return np.concatenate(obs), np.concatenate(pred)
 
 
+def _gross_residuals(prep: Prepared, maps: list[np.ndarray], ids: set[str]) -> dict[str, np.ndarray] | None:
+    """Per plot in ``ids``, the mean over its cells measured at the first and last epoch of the
+    true minus the mapped cell loss (``min(0, change)``) and gain (``max(0, change)``); None
+    unless both epochs are stem-mapped (only then is a cell's own change known)."""
+    p0, p1 = prep.plots[0], prep.plots[-1]
+    if not (p0.stem_mapped and p1.stem_mapped):
+        return None
+    first = {}
+    for c in p0.cells(ids):
+        first[(p0.ids[p0.pix_plot[c]], int(p0.pix_rows[c]), int(p0.pix_cols[c]))] = float(p0.pix_agb[c])
+    out: dict[str, dict[str, list[float]]] = {"losses (sources)": {}, "gains (sinks)": {}}
+    for c in p1.cells(ids):
+        pid, r, q = p1.ids[p1.pix_plot[c]], int(p1.pix_rows[c]), int(p1.pix_cols[c])
+        if (pid, r, q) not in first:
+            continue
+        true = float(p1.pix_agb[c]) - first[(pid, r, q)]
+        mapped = float(maps[-1][r, q] - maps[0][r, q])
+        out["losses (sources)"].setdefault(pid, []).append(min(true, 0.0) - min(mapped, 0.0))
+        out["gains (sinks)"].setdefault(pid, []).append(max(true, 0.0) - max(mapped, 0.0))
+    if len(out["gains (sinks)"]) < 2:
+        return None
+    return {name: np.array([np.mean(v) for v in per.values()]) for name, per in out.items()}
+
+
 def _scores(obs: np.ndarray, pred: np.ndarray, suffix: str = "") -> dict[str, float]:
     err = pred - obs
     ss = ((obs - obs.mean()) ** 2).sum()
@@ -331,7 +355,14 @@ def budget(prep: Prepared, maps: list[np.ndarray], test_ids: set[str]) -> list[d
     """Regional carbon per epoch and its change, model-assisted (a difference estimator with the
     held-out plots as the probability sample): total = sum of the map + N x mean plot residual,
     90 % interval from the residuals' standard error. Rows: quantity, value, lower, upper, unit
-    (Mg C), and ``true`` when the region's true biomass is known."""
+    (Mg C), and ``true`` when the region's true biomass is known.
+
+    The gross losses and gains are per map cell (the sum of the cells' decreases, and of their
+    increases). Differencing two noisy maps inflates both (noise adds to each side), so when the
+    plots are stem-mapped at both epochs they are model-assisted too: each held-out plot's mean
+    over its cells of (true cell loss - mapped cell loss) is the residual (see
+    :func:`_gross_residuals`). Without stem maps they are the maps' difference alone, with no
+    interval (``plots`` 0)."""
     N = prep.shape[0] * prep.shape[1]
     k = prep.grid.area_ha * CARBON_FRACTION  # Mg/ha -> Mg C per pixel
     rows, resid = [], []
@@ -357,10 +388,16 @@ def budget(prep: Prepared, maps: list[np.ndarray], test_ids: set[str]) -> list[d
         span = f"{prep.epochs[0]}-{prep.epochs[-1]}"
         rows.append({"quantity": f"net change {span}", "value": change, "lower_90": change - Z90 * se,
                      "upper_90": change + Z90 * se, "unit": "Mg C", "map_only": delta.sum() * k, "plots": len(dres)})
-        rows.append({"quantity": f"losses (sources) {span}", "value": float(np.minimum(delta, 0).sum() * k),
-                     "unit": "Mg C", "map_only": float(np.minimum(delta, 0).sum() * k)})
-        rows.append({"quantity": f"gains (sinks) {span}", "value": float(np.maximum(delta, 0).sum() * k),
-                     "unit": "Mg C", "map_only": float(np.maximum(delta, 0).sum() * k)})
+        gross = _gross_residuals(prep, maps, test_ids)
+        for name, part in (("losses (sources)", np.minimum), ("gains (sinks)", np.maximum)):
+            mapped = float(part(delta, 0).sum() * k)
+            row = {"quantity": f"{name} {span}", "value": mapped, "unit": "Mg C", "map_only": mapped, "plots": 0}
+            if gross is not None:  # model-assisted like the stocks, from the re-measured stem-mapped plots
+                r = gross[name]
+                value = mapped + N * r.mean() * k
+                se = N * r.std(ddof=1) / np.sqrt(len(r)) * k
+                row.update(value=value, lower_90=value - Z90 * se, upper_90=value + Z90 * se, plots=len(r))
+            rows.append(row)
         if prep.truth is not None:
             td = prep.truth[-1] - prep.truth[0]
             rows[-3]["true"] = float(td.sum() * k)
@@ -476,6 +513,12 @@ def evaluate_maps(prep: Prepared, maps_q: list[np.ndarray], train_ids: set[str],
         ch = next(r for r in rows if r["quantity"].startswith("net change"))
         m["change_error_mg_c"] = float(ch["value"] - ch["true"])
         m["change_in_interval"] = float(ch["lower_90"] <= ch["true"] <= ch["upper_90"])
+        for r in rows:
+            if r["quantity"].startswith(("losses", "gains")) and "lower_90" in r:
+                key = r["quantity"].split()[0]
+                m[f"{key}_error_pct"] = float(100 * (r["value"] - r["true"]) / abs(r["true"]))
+                m[f"{key}_map_only_error_pct"] = float(100 * (r["map_only"] - r["true"]) / abs(r["true"]))
+                m[f"{key}_in_interval"] = float(r["lower_90"] <= r["true"] <= r["upper_90"])
     return m
 
 
