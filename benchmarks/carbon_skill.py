@@ -52,7 +52,8 @@ def main() -> None:
     keys = ["rmse_mg_ha", "rmse_mg_ha_scratch", "rmse_mg_ha_rf", "bias_mg_ha", "r2", "rmse_mg_ha_map",
             "rmse_mg_ha_map_scratch", "rmse_mg_ha_rf_map", "coverage_90", "calibration_raw_coverage_90",
             "calibration_width_factor", "budget_error_pct", "budget_interval_halfwidth_pct", "budget_in_interval",
-            "change_error_mg_c", "change_in_interval"]
+            "change_error_mg_c", "change_in_interval", "losses_error_pct", "losses_map_only_error_pct",
+            "losses_in_interval", "gains_error_pct", "gains_map_only_error_pct", "gains_in_interval"]
     res: dict[int, list[dict[str, float]]] = {}
     for b in [int(x) for x in a.budgets.split(",")]:
         for d in range(a.draws):
