@@ -16,7 +16,7 @@ rasterio = pytest.importorskip("rasterio")
 pytest.importorskip("laspy")
 
 from hfmi_kit.domains.carbon import LandscapeConfig, evaluate, finetune, generate_region, pretrain  # noqa: E402
-from hfmi_kit.errors import ConfigError  # noqa: E402
+from hfmi_kit.errors import ConfigError, DataError  # noqa: E402
 from hfmi_kit.train import read_config  # noqa: E402
 
 
@@ -95,10 +95,16 @@ def test_forest_head_walks_the_trees_like_scikit_learn_and_old_checkpoints_load(
     assert per_tree.shape == (20, 300)
     np.testing.assert_allclose(per_tree.mean(0), rf.predict(Xt), rtol=1e-10)
     np.testing.assert_allclose(per_tree[3], rf.estimators_[3].predict(Xt), rtol=1e-10)
+    np.testing.assert_array_equal(net.forest_predict(torch.from_numpy(Xt), chunk=7).numpy(), per_tree)
     # the trees travel as tensors: a model built with the recorded sizes loads them strictly
     again = CarbonNet(size=SIZES["tiny"], groups=net.groups, forest_trees=20, forest_nodes=int(net.forest_left.numel()))
+    with pytest.raises(DataError, match="do not form trees"):  # still all zeros: node 0 is its own child
+        again.forest_predict(torch.from_numpy(Xt))
     again.load_state_dict(net.state_dict())
     np.testing.assert_allclose(again.forest_predict(torch.from_numpy(Xt)).numpy(), per_tree)
+    rf2 = RandomForestRegressor(n_estimators=5, random_state=1).fit(X, -y)  # a new forest replaces the packed one
+    again.set_forest(rf2)
+    np.testing.assert_allclose(again.forest_predict(torch.from_numpy(Xt)).numpy().mean(0), rf2.predict(Xt), rtol=1e-10)
     # a network-head checkpoint written before the forest head existed has no forest tensors
     old = {k: v for k, v in CarbonNet(size=SIZES["tiny"], groups=net.groups).state_dict().items()
            if not k.startswith("forest_")}

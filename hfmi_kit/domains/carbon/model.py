@@ -8,12 +8,14 @@ Fine-tuning predicts biomass quantiles and the mean per pixel from the pixel dec
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hfmi_kit.errors import DataError
 from hfmi_kit.models import Backbone, EncoderConfig, GridTokenizer, mae_forward, make_decoder, register_model
 from hfmi_kit.models.tokenizers import TokenBatch, patchify
 
@@ -65,7 +67,6 @@ class CarbonNet(nn.Module):
         self.register_buffer("forest_feature", torch.zeros(forest_nodes, dtype=torch.int64))
         self.register_buffer("forest_threshold", torch.zeros(forest_nodes, dtype=torch.float64))
         self.register_buffer("forest_value", torch.zeros(forest_nodes, dtype=torch.float64))
-        self.forest_depth = 0
         self._register_load_state_dict_pre_hook(_no_forest_in_old_checkpoints)
         sources = sorted({g.split(":", 1)[0] for g in self.groups})
         self.register_buffer("group_map", torch.tensor(
@@ -139,24 +140,25 @@ class CarbonNet(nn.Module):
         self.forest_right = cat("children_right", torch.int64, True)
         self.forest_feature = cat("feature", torch.int64)
         self.forest_threshold, self.forest_value = cat("threshold", torch.float64), cat("value", torch.float64)
-        self.forest_depth = max(t.max_depth for t in trees)
 
-    def forest_predict(self, x: torch.Tensor) -> torch.Tensor:
+    def forest_predict(self, x: torch.Tensor, *, chunk: int = 512) -> torch.Tensor:
         """Every tree's prediction (T, N) for embeddings ``x`` (N, F): the walk of scikit-learn's
-        trees (``x <= threshold`` goes left), on float32 inputs as scikit-learn compares them."""
-        x = x.float().double()
-        node = self.forest_roots[:, None].expand(-1, x.shape[0]).clone()  # (T, N)
-        rows = torch.arange(x.shape[0], device=x.device)[None].expand_as(node)
-        depth = self.forest_depth or 64  # a loaded forest walks until every row is at a leaf
-        for _ in range(depth):
-            left = self.forest_left[node]
-            leaf = left < 0
-            if bool(leaf.all()):
-                break
-            feat = self.forest_feature[node].clamp_min(0)
-            go_left = x[rows, feat] <= self.forest_threshold[node]
-            node = torch.where(leaf, node, torch.where(go_left, left, self.forest_right[node]))
-        return self.forest_value[node]
+        trees (``x <= threshold`` goes left, float32 inputs as scikit-learn compares them), on the
+        breadth-first table of :func:`pack_forest`, ``chunk`` rows at a time; a (row, tree) pair
+        leaves the walk at its leaf."""
+        table = self._forest_table()
+        x = x.float()
+        return torch.cat([_walk(table, part) for part in x.split(chunk)], dim=1) if len(x) else \
+            table.value.new_zeros(table.trees, 0)
+
+    def _forest_table(self) -> ForestTable:
+        """The packed table of the ``forest_*`` buffers, rebuilt when they change (set, loaded, moved)."""
+        bufs = (self.forest_roots, self.forest_left, self.forest_right, self.forest_feature, self.forest_threshold,
+                self.forest_value)
+        key = tuple((b.data_ptr(), b._version, b.device) for b in bufs)
+        if getattr(self, "_forest_cache", (None,))[0] != key:
+            self._forest_cache = (key, pack_forest(*bufs))
+        return self._forest_cache[1]
 
     def _forest_quantiles(self, emb: torch.Tensor) -> torch.Tensor:
         """(Q + 1, N) in Mg/ha from the forest: the quantiles of the trees' predictions (their
@@ -232,6 +234,68 @@ class CarbonNet(nn.Module):
         return {"loss": loss, **out_}
 
 
+class ForestTable(NamedTuple):
+    """A forest's nodes renumbered breadth-first so that an inner node's children are ``left`` and
+    ``left + 1``; a leaf points at itself. ``threshold`` is float32 (rounded down, so ``x <= t``
+    on float32 ``x`` is scikit-learn's float64 test exactly; +inf at leaves), ``value`` float64."""
+
+    trees: int
+    left: torch.Tensor  # (nodes,) int64
+    feature: torch.Tensor  # (nodes,) int64
+    threshold: torch.Tensor  # (nodes,) float32
+    value: torch.Tensor  # (nodes,) float64
+    inner: torch.Tensor  # (nodes,) bool: not a leaf
+    depth: int
+
+
+def pack_forest(roots: torch.Tensor, left: torch.Tensor, right: torch.Tensor, feature: torch.Tensor,
+                threshold: torch.Tensor, value: torch.Tensor) -> ForestTable:
+    """The :class:`ForestTable` of concatenated scikit-learn node arrays (children < 0 at leaves)."""
+    dev = left.device
+    lt, rt, ft = left.cpu().numpy(), right.cpu().numpy(), feature.cpu().numpy()
+    th, va = threshold.cpu().numpy(), value.cpu().numpy()
+    new_id = np.zeros(len(lt), np.int64)
+    levels, frontier, start = [], roots.cpu().numpy(), 0
+    while len(frontier):  # one level of every tree at a time; children of a node stay adjacent
+        levels.append(frontier)
+        new_id[frontier] = start + np.arange(len(frontier))
+        start += len(frontier)
+        if start > len(lt):
+            raise DataError(f"the forest_* tensors do not form trees (a node is reached twice; {len(lt)} nodes)")
+        inner = frontier[lt[frontier] >= 0]
+        frontier = np.stack([lt[inner], rt[inner]], 1).ravel()
+    old = np.concatenate(levels) if levels else np.zeros(0, np.int64)
+    leaf = lt[old] < 0
+    new_left = np.where(leaf, np.arange(len(old)), new_id[np.where(leaf, 0, lt[old])])
+    t32 = th[old].astype(np.float32)
+    t32 = np.where(t32.astype(np.float64) > th[old], np.nextafter(t32, np.float32(-np.inf)), t32)
+    t32[leaf] = np.inf
+
+    def put(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(dev)
+
+    return ForestTable(trees=len(roots), left=put(new_left), feature=put(np.where(leaf, 0, ft[old]).astype(np.int64)),
+                       threshold=put(t32), value=put(va[old]), inner=put(~leaf), depth=max(len(levels) - 1, 0))
+
+
+def _walk(t: ForestTable, x: torch.Tensor) -> torch.Tensor:
+    """(T, N) leaf values of float32 rows ``x`` (N, F); roots are nodes 0..T-1 of the table."""
+    N, F_ = x.shape
+    node = torch.arange(t.trees, device=x.device).repeat(N)  # (N * T,) row-major: row r's trees
+    offset = torch.arange(N, device=x.device).repeat_interleave(t.trees) * F_
+    flat = x.contiguous().reshape(-1)
+    active, n, off = torch.arange(N * t.trees, device=x.device), node, offset
+    for _ in range(t.depth):
+        xv = flat.index_select(0, t.feature.index_select(0, n).add_(off))
+        n = t.left.index_select(0, n).add_(xv > t.threshold.index_select(0, n))
+        node.index_copy_(0, active, n)
+        keep = t.inner.index_select(0, n)
+        if not bool(keep.any()):
+            break
+        active, n, off = active[keep], n[keep], off[keep]
+    return t.value.index_select(0, node).view(N, t.trees).T
+
+
 def _no_forest_in_old_checkpoints(state: dict[str, Any], prefix: str, *args: Any) -> None:
     """Checkpoints written before the forest head have no ``forest_*`` tensors: empty ones."""
     for name, dtype in (("roots", torch.int64), ("left", torch.int64), ("right", torch.int64),
@@ -277,7 +341,6 @@ class CarbonEnsemble(CarbonNet):
         ens = cls(size=size, forest_trees=int(forest.forest_roots.numel()),
                   forest_nodes=int(forest.forest_left.numel()), **kw)
         ens.load_state_dict({**network.state_dict(), **{f"forest_net.{k}": v for k, v in forest.state_dict().items()}})
-        ens.forest_net.forest_depth = forest.forest_depth
         return ens.eval()
 
     def predict(self, fields: Mapping[str, torch.Tensor]) -> torch.Tensor:
