@@ -72,10 +72,10 @@ def finetuned(domain: str, root: Path, data: dict[str, Any]) -> Path:
 @torch.no_grad()
 def climate(ckpt: Path, data: dict[str, Any], repeats: int) -> None:
     from hfmi_kit.domains.climate import data as cdata
-    from hfmi_kit.domains.climate.tasks import _load_with_geometry
+    from hfmi_kit.domains.climate.tasks import load_with_geometry
     from hfmi_kit.train import load_pretrained
 
-    cfg, d = _load_with_geometry(ckpt, data["data"])
+    cfg, d = load_with_geometry(ckpt, data["data"])
     model = load_pretrained(ckpt).eval()
     norm = cdata.Normaliser(cfg["geometry"]["normalisation"])
     tens = cdata.to_tensors(d, norm)

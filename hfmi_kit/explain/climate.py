@@ -21,10 +21,10 @@ from hfmi_kit.explain import CheckResult, zeroing_checks
 def samples(ckpt: str | Path, data: str | Path, *, n: int = 8) -> tuple[Any, dict[str, torch.Tensor]]:
     """The model and ``n`` evaluation windows (the years it was not trained on) of ``data``."""
     from hfmi_kit.domains.climate import data as cdata
-    from hfmi_kit.domains.climate.tasks import _load_with_geometry
+    from hfmi_kit.domains.climate.tasks import load_with_geometry
     from hfmi_kit.train import load_pretrained
 
-    cfg, d = _load_with_geometry(ckpt, data)
+    cfg, d = load_with_geometry(ckpt, data)
     geom = cfg["geometry"]
     model = load_pretrained(ckpt).eval()
     tens = cdata.to_tensors(d, cdata.Normaliser(geom["normalisation"]))

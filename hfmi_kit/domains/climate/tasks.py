@@ -163,7 +163,9 @@ def _fit_lim(tens: cdata.Tensors, split: cdata.Split, clim: torch.Tensor,
     return lim
 
 
-def _load_with_geometry(ckpt: str | Path, data: str | Path) -> tuple[dict[str, Any], cdata.ClimateData]:
+def load_with_geometry(ckpt: str | Path, data: str | Path) -> tuple[dict[str, Any], cdata.ClimateData]:
+    """A climate checkpoint's config and ``data`` loaded on its geometry (variables, grid, land
+    mask, normalisation), with a clear error when the data or the checkpoint does not match."""
     cfg = read_config(ckpt)
     if cfg.get("domain") != "climate":
         raise ConfigError(f"{ckpt}: a {cfg.get('domain')!r} checkpoint, not a climate one")
@@ -219,7 +221,7 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
         raise ConfigError(f"unknown climate task {task!r}; expected 'forecast' or 'seaice'")
     out = Path(out)
     if ckpt is not None:
-        pcfg, d = _load_with_geometry(ckpt, data)
+        pcfg, d = load_with_geometry(ckpt, data)
         geom = pcfg["geometry"]
         size = config or pcfg["model_type"].split(".", 1)[1]
         mk = dict(pcfg["model_kwargs"])
@@ -455,7 +457,7 @@ def evaluate(*, ckpt: str | Path, data: str | Path, out: str | Path, leads: int 
     the climatology of those years (in-sample, marked by ``climatology_in_sample`` = 1).
     """
     out = Path(out)
-    cfg, d = _load_with_geometry(ckpt, data)
+    cfg, d = load_with_geometry(ckpt, data)
     geom = cfg["geometry"]
     model = load_pretrained(ckpt)
     model.eval()
@@ -507,7 +509,7 @@ def whatif(*, ckpt: str | Path, data: str | Path, out: str | Path, co2_factor: f
     if co2_factor <= 0 or months < 1 or members < 1 or not 0 <= average_from < months:
         raise ConfigError("whatif needs co2_factor > 0, months >= 1, members >= 1, 0 <= average_from < months")
     out = Path(out)
-    cfg, d = _load_with_geometry(ckpt, data)
+    cfg, d = load_with_geometry(ckpt, data)
     model = load_pretrained(ckpt)
     if not isinstance(model, ClimateForecaster):
         raise ConfigError(f"{ckpt}: what-if needs a fine-tuned forecaster, got {cfg.get('model_type')}")
