@@ -147,9 +147,9 @@ class CarbonNet(nn.Module):
         breadth-first table of :func:`pack_forest`, ``chunk`` rows at a time; a (row, tree) pair
         leaves the walk at its leaf."""
         table = self._forest_table()
-        x = x.float()
-        return torch.cat([_walk(table, part) for part in x.split(chunk)], dim=1) if len(x) else \
-            table.value.new_zeros(table.trees, 0)
+        if not len(x):
+            return table.value.new_zeros(table.trees, 0)
+        return torch.cat([_walk(table, part) for part in x.float().split(chunk)], dim=1)
 
     def _forest_table(self) -> ForestTable:
         """The packed table of the ``forest_*`` buffers, rebuilt when they change (set, loaded, moved)."""
