@@ -62,6 +62,7 @@ class Plan:
     step_time_s: float
     total_hours: float
     steps: int
+    first_block_activations: float = 0.0  # bytes alive with every gradient at the end of the backward
     assumptions: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -73,7 +74,7 @@ class Plan:
         temporaries) counts."""
         m = self.memory
         g, a, t = (m.get(k, 0.0) for k in ("gradients (fp32)", "activations", STEP_TEMP))
-        tail = self.assumptions.get("first_block_activations", 0.0)
+        tail = self.first_block_activations
         return sum(m.values()) - g - a - t + max(a, g + tail, g + t)
 
     @property
@@ -177,11 +178,11 @@ def plan(size: str | EncoderConfig, *, tokens: int, batch_per_device: int = 8, d
     steps = int(-(-samples // (batch_per_device * devices)))
     return Plan(params=params, flops_per_sample=flops, memory=mem, devices=devices,
                 device_memory=device_memory_gb * GB, step_time_s=step, total_hours=steps * step / 3600, steps=steps,
+                first_block_activations=per_layer_enc * batch_per_device,
                 assumptions={"size": size if isinstance(size, str) else "custom", "tokens": tokens,
                              "encoder_tokens": t_enc, "strategy": strategy, "dtype": dtype,
                              "batch_per_device": batch_per_device, "activation_checkpointing": activation_checkpointing,
                              "mfu": mfu, "peak_tflops": peak / 1e12, "samples": samples, "attention": attention,
-                             "first_block_activations": per_layer_enc * batch_per_device,
                              "optimizer": optimizer})
 
 
