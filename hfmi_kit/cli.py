@@ -26,13 +26,31 @@ def _domain(name: str) -> Any:
     return get_domain(name)
 
 
+EXAMPLE_RECORD = "EXAMPLE.json"  # in --out/data: which example data a run generated there
+
+
 def _data_or_example(dom: Any, data: str | None, out: Path, seed: int, stage: str = "pretrain") -> Path | str:
+    """``--data``, the domain's bundled data, or example data generated into ``out/data`` (reused
+    when an earlier run of the same domain and seed generated it there, e.g. before ``--resume``)."""
     if data:
         return Path(data)
     if stage in dom.bundled_data:
         print(f"no --data given: using the bundled {dom.bundled_data[stage]!r} data set")
         return dom.bundled_data[stage]
+    rec_file = out / "data" / EXAMPLE_RECORD
+    try:
+        rec = json.loads(rec_file.read_text(encoding="utf-8")) if rec_file.is_file() else {}
+    except (OSError, ValueError):
+        rec = {}
+    if isinstance(rec, dict) and rec.get("domain") == dom.name and rec.get("seed") == seed and isinstance(
+            rec.get("path"), str) and (out / "data" / rec["path"]).exists():
+        p = out / "data" / rec["path"]
+        print(f"no --data given: using the example data generated earlier at {p}")
+        return p
     p = dom.example_data(out / "data", seed=seed)
+    from hfmi_kit.config import atomic_write_json
+
+    atomic_write_json(rec_file, {"domain": dom.name, "seed": seed, "path": str(Path(p).relative_to(out / "data"))})
     print(f"no --data given: generated example data at {p}")
     return p
 
@@ -44,7 +62,22 @@ def _print_metrics(metrics: dict[str, float], out: Path, keys: Sequence[str] | N
     print(f"metrics: {out / 'metrics.json'}")
 
 
+def _check_train_flags(a: argparse.Namespace) -> None:
+    """The training flags every domain shares, checked before anything is read or written."""
+    import math
+
+    for flag, v in (("--steps", a.steps), ("--batch-size", a.batch_size)):
+        if v is not None and v < 1:
+            raise ConfigError(f"{flag} must be an integer >= 1, got {v}")
+    if a.lr is not None and not (math.isfinite(a.lr) and a.lr > 0):
+        raise ConfigError(f"--lr must be a finite number > 0, got {a.lr}")
+    lf = getattr(a, "label_fraction", None)
+    if lf is not None and not 0 < lf <= 1:
+        raise ConfigError(f"--label-fraction must lie in (0, 1], got {lf}")
+
+
 def cmd_pretrain(a: argparse.Namespace) -> None:
+    _check_train_flags(a)
     dom = _domain(a.domain)
     out = Path(a.out)
     data = _data_or_example(dom, a.data, out, a.seed)
@@ -56,6 +89,10 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
         kw["lr"] = a.lr
     if a.variables:
         kw["variables"] = a.variables.split(",")
+    if a.checkpoint_every is not None:
+        if a.checkpoint_every < 1:
+            raise ConfigError(f"--checkpoint-every must be >= 1 (steps between checkpoints), got {a.checkpoint_every}")
+        kw["checkpoint_every"] = a.checkpoint_every
     _target_option(dom, a, kw)
     ck = dom.pretrain(data=data, out=out, **kw)
     print(f"checkpoint: {ck}")
@@ -79,6 +116,7 @@ def _target_option(dom: Any, a: argparse.Namespace, kw: dict[str, Any]) -> None:
 
 
 def cmd_finetune(a: argparse.Namespace) -> None:
+    _check_train_flags(a)
     dom = _domain(a.domain)
     out = Path(a.out)
     scratch = a.from_ == "scratch"
@@ -130,9 +168,14 @@ def cmd_whatif(a: argparse.Namespace) -> None:
 
 
 def cmd_info(a: argparse.Namespace) -> None:
-    from hfmi_kit.train.pretrained import CARD, read_config
+    from hfmi_kit.train.pretrained import CARD, WEIGHTS, read_config, verify_weights
+    from hfmi_kit.train.sharded import is_sharded, read_metadata
 
     cfg = read_config(a.ckpt)
+    if is_sharded(a.ckpt):
+        read_metadata(Path(a.ckpt) / "sharded")
+    elif (Path(a.ckpt) / WEIGHTS).exists() or cfg.get("model_type"):
+        verify_weights(a.ckpt)  # the header and every tensor's extent against the file's size
     card = Path(a.ckpt) / CARD
     print(card.read_text(encoding="utf-8") if card.is_file() else f"(no {CARD})")
     print("## config.json\n")
@@ -387,7 +430,8 @@ def _torchrun(argv: Sequence[str], nproc: int, strategy: str | None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hfmi", description="hfmi_kit: scientific foundation models")
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="log progress at INFO level; show the traceback of an error")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     def common_train(sp: argparse.ArgumentParser) -> None:
@@ -412,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--config", default="tiny", help="model size: tiny, small, base")
     sp.add_argument("--steps", type=int, default=300)
     sp.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    sp.add_argument("--checkpoint-every", type=int, metavar="N",
+                    help="steps between step checkpoints in --out/checkpoints (default: half the steps)")
     sp.add_argument("--variables", help="comma-separated variables to use (default: all on the grid)")
     sp.add_argument("--target", help=TARGET_HELP)
     common_train(sp)
@@ -600,6 +646,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _torchrun(argv, nproc, args.strategy)
     if getattr(args, "strategy", None):
         os.environ["HFMI_STRATEGY"] = args.strategy
+    out = getattr(args, "out", None) if args.cmd not in ("sweep",) else None
+    fresh_out = out is not None and not Path(out).exists() and os.environ.get("RANK", "0") == "0"
     try:
         rc = args.fn(args)
         if isinstance(rc, int):
@@ -607,11 +655,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PreemptedError as e:
         print(f"hfmi: pre-empted: {e}", file=sys.stderr)
         return REQUEUE_EXIT_CODE
-    except (HfmiError, FileNotFoundError, ImportError, ValueError, KeyboardInterrupt) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"hfmi: error: {msg}", file=sys.stderr)
+    except BrokenPipeError:  # the reader of stdout went away (`hfmi info CKPT | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (HfmiError, OSError, ImportError, ValueError, KeyboardInterrupt) as e:
+        if fresh_out:
+            _discard_partial(Path(out))
+        if args.verbose:
+            raise
+        print(f"hfmi: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a failure no check caught: still one line; -v shows the traceback
+        if fresh_out:
+            _discard_partial(Path(out))
+        if args.verbose:
+            raise
+        print(f"hfmi: error: unexpected {type(e).__name__}: {_one_line(e)} (run with -v for the traceback; "
+              "please report it)", file=sys.stderr)
         return 1
     return 0
+
+
+def _discard_partial(out: Path) -> None:
+    """Remove the ``--out`` folder a failed command created, unless it already holds a checkpoint
+    (training state is never thrown away: a rerun with ``--resume`` continues from it)."""
+    import shutil
+
+    if not out.is_dir():
+        return
+    kept = ("model.safetensors", "train_state.pt", ".metadata")
+    if any(p.name in kept for p in out.rglob("*")):
+        return
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def _one_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none)."""
+    text = str(e).strip()
+    if isinstance(e, KeyError) and e.args:
+        text = f"missing key {e.args[0]!r}"
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 if __name__ == "__main__":

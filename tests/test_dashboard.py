@@ -172,6 +172,14 @@ def test_file_server_refuses_traversal_and_internals(server: str, results: Path)
         assert b"not for the browser" not in body
 
 
+def test_component_route_answers_bad_paths_with_404(server: str):
+    # Panel's own handler answered 500 on a relative module name and imported any installed module
+    for path in ("/components/..%2f..%2fetc%2fpasswd", "/components/..%2f..", "/components/x",
+                 "/components/antigravity/x/__javascript__/y.js", "/components/os/path/__css__/x"):
+        status, _ = _get(server, path)
+        assert status in (403, 404), (path, status)
+
+
 def test_cli_dashboard_bad_arguments(tmp_path: Path, capsys):
     from hfmi_kit.cli import main
 

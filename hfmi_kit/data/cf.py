@@ -36,18 +36,30 @@ def is_zarr(path: str | Path) -> bool:
 
 
 def open_cf(path: str | Path, *, chunks: dict | str | None = None) -> xr.Dataset:
-    """Open a CF NetCDF file or Zarr store lazily, with CF time decoding.
+    """Open a CF NetCDF file or Zarr store lazily, with CF time decoding, after the checks of
+    :mod:`hfmi_kit.data.safety` (no references to other files, no pickle codecs).
 
     Raises:
-        DataError: the path does not exist or is not a readable NetCDF/Zarr dataset.
+        DataError: the path does not exist, is not a readable NetCDF/Zarr dataset, or refers to
+            other files or to pickled data.
     """
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: no such file or directory")
+    from hfmi_kit.data.safety import check_netcdf, check_zarr
+
     try:
         if is_zarr(p):
             _need("zarr", "climate")
-            return xr.open_zarr(p, chunks=chunks if chunks is not None else {}, decode_times=True)
+            check_zarr(p)
+            import warnings
+
+            with warnings.catch_warnings():  # a store without consolidated metadata, or with a
+                # folder zarr does not recognise, is still read; the checks that follow name what is missing
+                warnings.filterwarnings("ignore", message=".*consolidated metadata.*", category=RuntimeWarning)
+                warnings.filterwarnings("ignore", message="Object at .* is not recognized")
+                return xr.open_zarr(p, chunks=chunks if chunks is not None else {}, decode_times=True)
+        check_netcdf(p)
         return xr.open_dataset(p, chunks=chunks, decode_times=True)
     except DataError:
         raise

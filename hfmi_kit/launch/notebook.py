@@ -46,6 +46,28 @@ def parameter_names(nb: Any) -> list[str]:
             for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)]
 
 
+def check_parameters(nb: Any, parameters: Mapping[str, Any], *, source: str | Path = "notebook") -> None:
+    """Refuse parameters the notebook's ``parameters`` cell does not assign, or whose names are
+    not Python identifiers (papermill would paste them into the injected cell as code).
+
+    Raises:
+        NotebookError: naming the parameters and listing the known ones.
+    """
+    import keyword
+
+    if not parameters:
+        return
+    if not has_parameters_cell(nb):
+        raise NotebookError(f"{source}: no cell tagged 'parameters'; cannot inject {sorted(parameters)}")
+    bad = [k for k in parameters if not isinstance(k, str) or not k.isidentifier() or keyword.iskeyword(k)]
+    if bad:
+        raise NotebookError(f"{source}: parameter name(s) {bad} are not Python identifiers")
+    known = parameter_names(nb)
+    unknown = [k for k in parameters if k not in known]
+    if unknown:
+        raise NotebookError(f"{source}: unknown parameter(s) {unknown}; the parameters cell sets {known}")
+
+
 def _running_cell(output: Path) -> str:
     import nbformat
 
@@ -69,8 +91,8 @@ def run_notebook(path: str | Path, parameters: Mapping[str, Any] | None = None, 
 
     Raises:
         NotebookError: a cell raised (with the cell and error), or the kernel died (with the
-            cell that was running), or the notebook has no ``parameters`` cell while
-            parameters were given.
+            cell that was running), or a parameter is not one the ``parameters`` cell sets
+            (checked before the kernel starts).
     """
     import nbformat
     import papermill as pm
@@ -79,8 +101,7 @@ def run_notebook(path: str | Path, parameters: Mapping[str, Any] | None = None, 
     src = Path(path)
     nb = read_notebook(src)
     params = dict(parameters or {})
-    if params and not has_parameters_cell(nb):
-        raise NotebookError(f"{src}: no cell tagged 'parameters'; cannot inject {sorted(params)}")
+    check_parameters(nb, params, source=src)  # before the kernel starts
     out = Path(output) if output else src.with_name(f"{src.stem}.out.ipynb")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

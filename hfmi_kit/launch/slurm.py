@@ -137,6 +137,10 @@ def submit(job: SlurmJob, *, dry_run: bool = False, run_cmd: str | None = None,
     """Write ``<workdir>/<job name>.sbatch`` (or ``script_name``) and submit it unless ``dry_run``;
     ``run_cmd`` replaces the default ``hfmi run`` of the notebook. Returns the script and SLURM's
     job id (None when dry)."""
+    from hfmi_kit.launch.notebook import check_parameters, read_notebook
+
+    if run_cmd is None:  # the job runs the notebook: its parameters must be the notebook's
+        check_parameters(read_notebook(job.notebook), job.parameters, source=job.notebook)
     wd = Path(job.workdir or ".").resolve()
     job.workdir = str(wd)
     out = job.output or str(wd / f"{Path(job.notebook).stem}.out.ipynb")
@@ -191,8 +195,11 @@ def _out_param(notebook: str) -> str | None:
 def plan_sweep(notebook: str, params: Sequence[tuple[str, str]], out: str | Path) -> Path:
     """Write ``out/sweep.json``: the notebook and one parameter set per run (``run-000``, ...);
     a notebook output folder parameter points into each run's folder."""
+    from hfmi_kit.launch.notebook import check_parameters, read_notebook
+
     out = Path(out).resolve()
     runs = grid(params)
+    check_parameters(read_notebook(notebook), runs[0], source=notebook)
     op = _out_param(notebook)
     entries = []
     for i, p in enumerate(runs):

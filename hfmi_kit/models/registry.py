@@ -6,6 +6,8 @@ A family is registered once with :func:`register_model`; its sizes come from the
 
 from __future__ import annotations
 
+import inspect
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -32,10 +34,56 @@ def list_models() -> list[str]:
     return sorted(f"{fam}.{size}" for fam in _REGISTRY for size in SIZES)
 
 
+def accepted_kwargs(name: str) -> set[str] | None:
+    """The keyword arguments family ``name`` (``family`` or ``family.size``) accepts, read from the
+    signatures of the class its constructor returns (its annotation) and that class's bases up to
+    the first ``__init__`` without ``**kw``; None when the family is not registered or its
+    constructor does not name a class."""
+    fn = _REGISTRY.get(name.partition(".")[0])
+    if fn is None:
+        return None
+    try:
+        cls = typing.get_type_hints(fn).get("return")
+    except Exception:  # an annotation that does not resolve here
+        return None
+    if not isinstance(cls, type) or cls is nn.Module or not issubclass(cls, nn.Module):
+        return None
+    names = {"size_overrides"}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names |= {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} - {"self", "size"}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names
+    return None
+
+
+def check_kwargs(name: str, kwargs: dict[str, Any], *, where: str = "model_kwargs") -> None:
+    """Refuse keyword arguments family ``name`` does not accept (when that can be told).
+
+    Raises:
+        ConfigError: naming ``where``, the unknown keys and the accepted ones.
+    """
+    known = accepted_kwargs(name)
+    if known is None:
+        return
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown} for {name.partition('.')[0]}; it accepts "
+                          f"{sorted(known)}")
+
+
 def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """Create ``family.size`` (size defaults to ``tiny``) with keyword arguments for the family."""
+    """Create ``family.size`` (size defaults to ``tiny``) with keyword arguments for the family.
+
+    Raises:
+        ConfigError: an unknown family, or a keyword argument the family does not accept.
+    """
     family, _, size = name.partition(".")
     if family not in _REGISTRY:
         raise ConfigError(f"unknown model family {family!r}; registered: {sorted(_REGISTRY)}")
+    check_kwargs(name, kwargs)
     size_overrides = kwargs.pop("size_overrides", {}) or {}
     return _REGISTRY[family](size=get_size(size or "tiny", **size_overrides), **kwargs)

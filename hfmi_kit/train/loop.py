@@ -201,6 +201,8 @@ class Trainer:
                 f"steps, batch_size and grad_accum must be >= 1, got {self.cfg.steps}, "
                 f"{self.cfg.batch_size}, {self.cfg.grad_accum}"
             )
+        if not (math.isfinite(self.cfg.lr) and self.cfg.lr > 0):
+            raise ConfigError(f"lr (--lr) must be a finite number > 0, got {self.cfg.lr}")
         self.dist: DistInfo = init_distributed(self.cfg.device)
         self.device = self.dist.device
         self.model = model.to(self.device)
@@ -290,6 +292,8 @@ class Trainer:
             path = self._save_sharded(root, name, cfg, state)
         else:
             state["optimizer"] = self.optimizer.state_dict()
+            if self._best_state is not None:  # the weights fit() will return unless a later eval beats them
+                state["best_state"] = {k: v.detach().to("cpu") for k, v in self._best_state.items()}
             path = save_pretrained(self.model, root / name, config=cfg, train_state=state)  # process 0 writes
         if self.dist.is_main:
             atomic_write_text(root / "latest", name + "\n")
@@ -309,7 +313,9 @@ class Trainer:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         torch.distributed.barrier()
-        save_sharded(self.model, self.optimizer, partial / SHARDED)
+        state["optim_param_groups"] = save_sharded(self.model, self.optimizer, partial / SHARDED,
+                                                   best=self._best_state)
+        state["has_best_state"] = self._best_state is not None
         torch.distributed.barrier()
         path = root / name
         if self.dist.is_main:
@@ -342,14 +348,21 @@ class Trainer:
         if diff:
             LOGGER.warning("resuming %s in a different environment: %s", ckpt, diff)
         st = read_train_state(ckpt)
+        self._best_state = None
         if is_sharded(ckpt):
-            load_sharded(self.model, self.optimizer, ckpt / SHARDED)
+            self._best_state = load_sharded(self.model, self.optimizer, ckpt / SHARDED, st.get("optim_param_groups"),
+                                            best=bool(st.get("has_best_state")))
         elif self.sharded:
             raise ConfigError(f"{ckpt}: a single-file checkpoint; resume it with strategy='ddp' (or one process)")
         else:
             self.model.load_state_dict(read_weights(ckpt, self.device))
             self.optimizer.load_state_dict(st["optimizer"])
+            if st.get("best_state") is not None:
+                self._best_state = {k: v.to(self.device) for k, v in st["best_state"].items()}
         self.scheduler.load_state_dict(st["scheduler"])
+        if is_sharded(ckpt) and "optim_param_groups" not in st:  # an older sharded checkpoint: LR from the schedule
+            for g, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+                g["lr"] = lr
         if self.scaler is not None and st.get("scaler"):
             self.scaler.load_state_dict(st["scaler"])
         ranks = st.get("rng_ranks")
@@ -371,10 +384,16 @@ class Trainer:
 
     # -- loop ------------------------------------------------------------------------------
     def _loader(self) -> DataLoader:
+        # drop the last partial batch when an epoch holds at least one full batch; decided on the
+        # whole epoch, so that a run resumed at the end of an epoch drops the same batch
+        self.sampler.offset = 0
+        drop_last = len(self.sampler) >= self.cfg.batch_size
         self.sampler.offset = self.batches_in_epoch * self.cfg.batch_size
+        if hasattr(self.train_data, "set_epoch"):  # per-sample randomness from (seed, epoch, index)
+            self.train_data.set_epoch(self.sampler.epoch)
         g = torch.Generator().manual_seed(self.cfg.seed + self.sampler.epoch)
         return DataLoader(self.train_data, batch_size=self.cfg.batch_size, sampler=self.sampler,
-                          drop_last=len(self.sampler) >= self.cfg.batch_size, num_workers=self.cfg.num_workers,
+                          drop_last=drop_last, num_workers=self.cfg.num_workers,
                           collate_fn=self.collate_fn, generator=g,
                           pin_memory=self.device.type == "cuda")
 

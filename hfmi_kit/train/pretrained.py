@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hfmi_kit.config import atomic_write_text
-from hfmi_kit.errors import CheckpointError
+from hfmi_kit.errors import CheckpointError, ConfigError
 from hfmi_kit.train.env import code_version, environment
 
 SCHEMA_VERSION = 1
@@ -208,14 +208,77 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{f}: corrupt JSON ({e})") from e
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{f}: expected a JSON object, got {type(cfg).__name__}")
-    return migrate_config(cfg, path=f)
+    cfg = migrate_config(cfg, path=f)
+    mt, mk = cfg.get("model_type"), cfg.get("model_kwargs", {})
+    if mt is not None and not isinstance(mt, str):
+        raise CheckpointError(f"{f}: model_type must be a string like 'climate_forecaster.tiny', got {mt!r}")
+    if not isinstance(mk, dict):
+        raise CheckpointError(f"{f}: model_kwargs must be a JSON object, got {type(mk).__name__}")
+    if mt:
+        from hfmi_kit.models.registry import check_kwargs
+
+        try:
+            check_kwargs(mt, mk, where=f"{f}: model_kwargs")
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+    return cfg
+
+
+def verify_weights(path: str | Path) -> dict[str, Any]:
+    """Check ``model.safetensors`` of checkpoint ``path`` without loading it: the header is JSON,
+    every tensor has a known dtype, a shape that fits its byte range, and the ranges lie inside
+    the file. Returns the header (name -> dtype, shape, data_offsets).
+
+    Raises:
+        CheckpointError: naming the file and what is wrong (a truncated file among them).
+    """
+    import struct
+
+    f = Path(path) / WEIGHTS
+    if not f.is_file():
+        raise CheckpointError(f"{f}: missing weights file")
+    size = f.stat().st_size
+    sizes = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+             "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{f}: truncated safetensors file ({size} bytes, no header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100 * 2**20:
+            raise CheckpointError(f"{f}: corrupt or truncated safetensors file (header of {n} bytes, file of {size})")
+        try:
+            header = json.loads(fh.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{f}: corrupt safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{f}: corrupt safetensors header (not a JSON object)")
+    end = 0
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (a, b) = t["dtype"], [int(x) for x in t["shape"]], t["data_offsets"]
+            numel = 1
+            for x in shape:
+                numel *= x
+            expected = numel * sizes[dtype]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{f}: tensor {name!r} is described wrongly in the header ({e})") from e
+        if not (isinstance(a, int) and isinstance(b, int) and 0 <= a <= b) or b - a != expected:
+            raise CheckpointError(f"{f}: tensor {name!r} ({dtype} {shape}) has byte range {[a, b]}, expected "
+                                  f"{expected} bytes")
+        end = max(end, b)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{f}: corrupt or truncated safetensors file (the tensors need {8 + n + end} bytes, "
+                              f"the file has {size})")
+    return header
 
 
 def read_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Read ``model.safetensors`` of ``path``, naming the file if it is missing or corrupt."""
     f = Path(path) / WEIGHTS
-    if not f.is_file():
-        raise CheckpointError(f"{f}: missing weights file")
+    verify_weights(path)
     try:
         return load_file(str(f), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:

@@ -7,27 +7,36 @@ arguments (the seed among them) and a checksum of every file or folder the argum
 checkpoint already records, that is enough to re-run it: :func:`reproduce` checks the inputs,
 calls the same function with the same arguments into a new directory and compares each metric
 with the card.
+
+A record names its entry point (``climate.pretrain``), never code: :func:`reproduce` looks the
+name up in :data:`ENTRY_POINTS`, the table the decorator fills (only functions of registered
+domains are in it), and checks every recorded argument against that function's signature and
+annotations (plain JSON values and paths only) before anything runs.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
+import inspect
 import json
 import logging
 import math
+import types
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hfmi_kit.errors import CheckpointError, DataError
+from hfmi_kit.errors import CheckpointError, ConfigError, DataError
 
 LOGGER = logging.getLogger(__name__)
 RECORD = "reproduce"
 LARGE_FILE = 256 * 2**20  # files above this size enter a folder's checksum by name and size only
 SKIP_ARGS = {"out", "progress"}
+#: entry-point name (``"<domain>.<command>"``) -> the recorded function; filled by :func:`recorded`
+ENTRY_POINTS: dict[str, Callable[..., Any]] = {}
 
 
 def digest(path: str | Path) -> str:
@@ -92,18 +101,22 @@ def recorded(domain: str, command: str) -> Callable[[Callable[..., Any]], Callab
     (writes ``out/model``) so that its checkpoint records how to re-run it."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        entry = f"{domain}.{command}"
+
         @functools.wraps(fn)
         def run(**kw: Any) -> Any:
             inputs = _inputs(kw)  # before the run: what it read, not what it wrote
             result = fn(**kw)
             ck = Path(result) if isinstance(result, (str, Path)) else Path(kw["out"]) / "model"
             if _rank0() and (ck / "config.json").is_file():
-                rec = {"domain": domain, "command": command, "function": f"{fn.__module__}.{fn.__name__}",
+                rec = {"entry": entry, "domain": domain, "command": command,
+                       "function": f"{fn.__module__}.{fn.__name__}",
                        "kwargs": {k: _jsonable(v) for k, v in kw.items() if k not in SKIP_ARGS},
                        "inputs": inputs}
                 update_config(ck, {RECORD: rec})
             return result
 
+        ENTRY_POINTS[entry] = run
         return run
 
     return wrap
@@ -176,11 +189,19 @@ def reproduce(ckpt: str | Path, out: str | Path, *, allow_changed_inputs: bool =
 
     cfg = read_config(ckpt)
     rec = cfg.get(RECORD)
-    if not isinstance(rec, Mapping) or "function" not in rec:
+    if not isinstance(rec, Mapping) or not ({"entry", "function"} & set(rec)):
         raise CheckpointError(f"{ckpt}: no reproduction record in config.json (written by hfmi_kit before it "
                               "recorded runs, or not by a domain's pretrain/finetune)")
+    fn = entry_point(rec, where=f"{Path(ckpt) / 'config.json'}")  # refuse a bad record before reading inputs
+    check_arguments(fn, rec.get("kwargs"), where=f"{Path(ckpt) / 'config.json'}")
     rep = Reproduction(ckpt=str(ckpt), out=str(out))
-    for name, inp in (rec.get("inputs") or {}).items():
+    inputs = rec.get("inputs") or {}
+    if not isinstance(inputs, Mapping) or not all(
+            isinstance(v, Mapping) and isinstance(v.get("path"), str) and isinstance(v.get("sha256"), str)
+            for v in inputs.values()):
+        raise CheckpointError(f"{Path(ckpt) / 'config.json'}: reproduce.inputs must map names to "
+                              "{'path': str, 'sha256': str}")
+    for name, inp in inputs.items():
         p = Path(inp["path"])
         if not p.exists():
             rep.input_changes.append(f"{name}: {p} is missing")
@@ -191,9 +212,8 @@ def reproduce(ckpt: str | Path, out: str | Path, *, allow_changed_inputs: bool =
     env_now = environment(cfg.get("environment", {}).get("device", "cpu"))
     rep.environment_changes = [f"{k}: {v} -> {env_now.get(k)}" for k, v in (cfg.get("environment") or {}).items()
                                if env_now.get(k) != v]
-    mod, fname = rec["function"].rsplit(".", 1)
-    fn = getattr(importlib.import_module(mod), fname)
-    kwargs = dict(rec["kwargs"])
+    fn = entry_point(rec, where=f"{Path(ckpt) / 'config.json'}")
+    kwargs = check_arguments(fn, rec.get("kwargs"), where=f"{Path(ckpt) / 'config.json'}")
     if "resume" in kwargs:
         kwargs["resume"] = False
     result = fn(**kwargs, out=out, progress=False)
@@ -203,3 +223,103 @@ def reproduce(ckpt: str | Path, out: str | Path, *, allow_changed_inputs: bool =
                       {"ckpt": str(ckpt), "matches": rep.matches, "metrics": rep.rows,
                        "input_changes": rep.input_changes, "environment_changes": rep.environment_changes})
     return rep
+
+
+def entry_point(rec: Mapping[str, Any], *, where: str = "config.json") -> Callable[..., Any]:
+    """The function a reproduction record names, from :data:`ENTRY_POINTS` only.
+
+    A record names ``entry`` (``"climate.pretrain"``); records written before entries existed
+    name ``domain``, ``command`` and the ``function``'s import path, which must then be the
+    path of that entry's function. Anything else is refused with :class:`CheckpointError`.
+    """
+    from hfmi_kit.domains import get_domain, list_domains
+
+    entry = rec.get("entry")
+    if entry is None:
+        entry = f"{rec.get('domain')}.{rec.get('command')}"
+    if not isinstance(entry, str) or entry.count(".") != 1:
+        raise CheckpointError(f"{where}: reproduce.entry {entry!r} is not '<domain>.<command>'")
+    domain = entry.split(".")[0]
+    if domain not in list_domains():
+        raise CheckpointError(f"{where}: reproduce.entry {entry!r} names no registered domain "
+                              f"({list_domains()})")
+    get_domain(domain)  # imports the domain's tasks, which fill ENTRY_POINTS
+    fn = ENTRY_POINTS.get(entry)
+    if fn is None:
+        raise CheckpointError(f"{where}: reproduce.entry {entry!r} is not a reproducible entry point; "
+                              f"expected one of {sorted(ENTRY_POINTS)}")
+    recorded_fn = rec.get("function")
+    if recorded_fn is not None and recorded_fn != f"{fn.__module__}.{fn.__name__}":
+        raise CheckpointError(f"{where}: reproduce.function {recorded_fn!r} is not the function of entry point "
+                              f"{entry!r} ({fn.__module__}.{fn.__name__})")
+    return fn
+
+
+def _plain(v: Any) -> bool:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return True
+    if isinstance(v, list):
+        return all(_plain(x) for x in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _plain(x) for k, x in v.items())
+    return False
+
+
+def _check_value(name: str, value: Any, tp: Any) -> Any:
+    """``value`` (from JSON) checked against annotation ``tp``; paths arrive as strings."""
+    from collections.abc import Sequence
+
+    from hfmi_kit.config import _check
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Path:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a path (string), got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for a in args:
+            try:
+                return _check_value(name, value, a)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{name}: expected {tp}, got {value!r}")
+    if origin is Sequence or origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        inner = [a for a in args if a is not Ellipsis]
+        if origin is tuple and inner and len(inner) != len(args):  # tuple[int, ...]
+            return [_check_value(f"{name}[{i}]", v, inner[0]) for i, v in enumerate(value)]
+        if origin is tuple and inner:
+            if len(value) != len(inner):
+                raise ConfigError(f"{name}: expected {len(inner)} values, got {value!r}")
+            return [_check_value(f"{name}[{i}]", v, t) for i, (v, t) in enumerate(zip(value, inner))]
+        return [_check_value(f"{name}[{i}]", v, inner[0] if inner else Any) for i, v in enumerate(value)]
+    return _check(name, value, tp)
+
+
+def check_arguments(fn: Callable[..., Any], kwargs: Any, *, where: str = "config.json") -> dict[str, Any]:
+    """The recorded keyword arguments of ``fn``, checked: each names a keyword parameter of its
+    signature (``out`` and ``progress`` are the re-run's own), is a plain JSON value, and fits the
+    parameter's annotation. Raises :class:`CheckpointError` naming the offending field."""
+    if not isinstance(kwargs, Mapping):
+        raise CheckpointError(f"{where}: reproduce.kwargs must be a JSON object, got {type(kwargs).__name__}")
+    target = inspect.unwrap(fn)
+    params = inspect.signature(target).parameters
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # an annotation that does not resolve: check names and plainness only
+        hints = {}
+    out: dict[str, Any] = {}
+    for k, v in kwargs.items():
+        field_name = f"reproduce.kwargs.{k}"
+        if k in SKIP_ARGS or k not in params or params[k].kind not in (inspect.Parameter.KEYWORD_ONLY,
+                                                                       inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            raise CheckpointError(f"{where}: {field_name} is not an argument of {fn.__module__}.{fn.__name__} "
+                                  f"(expected some of {sorted(n for n in params if n not in SKIP_ARGS)})")
+        if not _plain(v):
+            raise CheckpointError(f"{where}: {field_name} is not a plain JSON value")
+        try:
+            out[k] = _check_value(field_name, v, hints.get(k, Any))
+        except ConfigError as e:
+            raise CheckpointError(f"{where}: {e}") from None
+    return out

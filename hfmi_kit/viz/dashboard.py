@@ -97,18 +97,35 @@ def _files(run: Run) -> Any:
 # ---------------------------------------------------------------- domain sections
 
 
+def _published(run: Run, name: str, notes: list[Any]) -> Path | None:
+    """The run's file ``name`` resolved inside the results directory, or None when absent; a file
+    that resolves outside is not read: a refusal is added to ``notes`` instead."""
+    try:
+        return run.file(name)
+    except AccessRefusedError as e:
+        notes.append(_pn().pane.Alert(f"**{name}** is not shown: {e}", alert_type="danger", name="refused"))
+        return None
+
+
+def open_netcdf(path: Path) -> Any:
+    """A NetCDF file of a run, opened after the checks every data file passes (no external
+    storage or links in HDF5, see :func:`hfmi_kit.data.safety.check_netcdf`)."""
+    from hfmi_kit.data.cf import open_cf
+
+    return open_cf(path)
+
+
 def climate_section(run: Run) -> list[Any]:
     """Forecast maps with a lead slider, skill against lead, and what-if response maps."""
-    import xarray as xr
 
     from hfmi_kit.domains.climate.plots import forecast_maps, skill_vs_lead, whatif_maps
 
     pn = _pn()
     out: list[Any] = []
-    fc_path = run.path / "forecast.nc"
-    if fc_path.exists():
+    fc_path = _published(run, "forecast.nc", out)
+    if fc_path is not None:
         def forecast() -> Any:
-            ds = xr.open_dataset(fc_path)
+            ds = open_netcdf(fc_path)
             names = [str(v) for v in ds.data_vars if {"init_time", "lead"} <= set(ds[v].dims)]
             if not names:
                 raise ConfigError(f"{fc_path.name}: no variable with init_time and lead dimensions")
@@ -126,10 +143,10 @@ def climate_section(run: Run) -> list[Any]:
             return pn.Column(f"### Forecast ({fc_path.name})", var, pn.bind(maps, var), "### Skill against lead",
                              pn.bind(skill, var))
         out.append(_guard(fc_path.name, forecast))
-    wi_path = run.path / "whatif.nc"
-    if wi_path.exists():
+    wi_path = _published(run, "whatif.nc", out)
+    if wi_path is not None:
         def whatif() -> Any:
-            ds = xr.open_dataset(wi_path)
+            ds = open_netcdf(wi_path)
             names = [str(v)[: -len("_response")] for v in ds.data_vars if str(v).endswith("_response")]
             if not names:
                 raise ConfigError(f"{wi_path.name}: no <variable>_response in the file")
@@ -153,7 +170,10 @@ def _radiology_case(root: Path, run: Run, case_id: str) -> Any:
     def nifti(p: Path) -> Any:  # canonical (RAS) orientation, read only inside the results directory
         return nib.as_closest_canonical(nib.load(str(resolve_under(root, _rel(root, p)))))
 
-    pred = np.asarray(nifti(run.path / "predictions" / f"{case_id}_pred.nii.gz").dataobj).astype(np.uint8)
+    pred_file = run.file(f"predictions/{case_id}_pred.nii.gz")
+    if pred_file is None:
+        raise AccessRefusedError(f"refused: no prediction of {case_id!r} in the run")
+    pred = np.asarray(nifti(pred_file).dataobj).astype(np.uint8)
     notes, image, masks = [], None, {"predicted": pred}
     data = ((run.config or {}).get("card", {}).get("data") or [{}])[0].get("path")
     if data:
@@ -193,16 +213,18 @@ def radiology_section(root: Path, run: Run) -> list[Any]:
     import pandas as pd
 
     pn = _pn()
-    preds = sorted((run.path / "predictions").glob("*_pred.nii.gz"))
+    out: list[Any] = []
+    pred_dir = _published(run, "predictions", out)
+    preds = sorted(pred_dir.glob("*_pred.nii.gz")) if pred_dir is not None else []
     if not preds:
-        return []
+        return out
 
     def build() -> Any:
         ids = [p.name[: -len("_pred.nii.gz")] for p in preds]
         case = pn.widgets.Select(name="test case", options=ids, value=ids[0])
         items = ["### Segmentation", case, pn.bind(lambda c: _guard(c, lambda: _radiology_case(root, run, c)), case)]
-        cj = run.path / "cases.json"
-        if cj.exists():
+        cj = run.file("cases.json")
+        if cj is not None:
             per = json.loads(cj.read_text(encoding="utf-8")).get("per_case", {}).get("model", [])
             if per:
                 cols = [c for c in ("id", "dice", "hd95_mm", "centroid_error_mm", "volume_ml_pred", "volume_ml_true")
@@ -211,7 +233,7 @@ def radiology_section(root: Path, run: Run) -> list[Any]:
                                                                    float_format="{:.3g}".format)]
         return pn.Column(*items)
 
-    return [_guard("predictions", build)]
+    return [*out, _guard("predictions", build)]
 
 
 def carbon_section(run: Run) -> list[Any]:
@@ -222,8 +244,8 @@ def carbon_section(run: Run) -> list[Any]:
 
     pn = _pn()
     out: list[Any] = []
-    nc = run.path / "maps" / "carbon.nc"
-    if nc.exists():
+    nc = _published(run, "maps/carbon.nc", out)
+    if nc is not None:
         def maps() -> Any:
             ms = map_set(nc)
             epoch = pn.widgets.Select(name="epoch", options={e: i for i, e in enumerate(ms.epochs)},
@@ -233,8 +255,8 @@ def carbon_section(run: Run) -> list[Any]:
                 items += ["### Change", show(change_map(nc))]
             return pn.Column(*items)
         out.append(_guard("maps/carbon.nc", maps))
-    bf = run.path / "budget.csv"
-    if bf.exists():
+    bf = _published(run, "budget.csv", out)
+    if bf is not None:
         def budget() -> Any:
             rows = pd.read_csv(bf)
             missing = {"quantity", "value", "lower_90", "upper_90"} - set(rows.columns)
@@ -283,8 +305,8 @@ def materials_section(run: Run) -> list[Any]:
 
     pn = _pn()
     out: list[Any] = []
-    cv = run.path / "cv_predictions.csv"
-    if cv.exists():
+    cv = _published(run, "cv_predictions.csv", out)
+    if cv is not None:
         def cvplots() -> Any:
             f = pd.read_csv(cv)
             methods = {"model": "prediction_ev", **{m: f"prediction_ev_{m}" for m in ("scratch", "rf", "dummy")
@@ -292,8 +314,8 @@ def materials_section(run: Run) -> list[Any]:
             return pn.Column("### Out-of-fold predictions", pn.Row(show(parity(f))),
                              show(error_by_chemistry(f, methods=methods)))
         out.append(_guard(cv.name, cvplots))
-    cand = run.path / "candidates.csv"
-    if cand.exists():
+    cand = _published(run, "candidates.csv", out)
+    if cand is not None:
         def candidates() -> Any:
             frame = pd.read_csv(cand)
             missing = {"formula", "prediction_ev"} - set(frame.columns)
@@ -314,8 +336,8 @@ def materials_section(run: Run) -> list[Any]:
 
             return pn.Column("### Candidates", pn.Row(*widgets), count, table, pn.bind(update, *widgets))
         out.append(_guard(cand.name, candidates))
-    al = run.path / "active_learning.json"
-    if al.exists():
+    al = _published(run, "active_learning.json", out)
+    if al is not None:
         out.append(_guard(al.name, lambda: pn.Column("### Active learning", show(
             active_learning_curve(ALResult.load(al))))))
     return out
@@ -463,6 +485,33 @@ def file_handler(root: Path) -> Any:
     return ResultFileHandler
 
 
+def component_handler() -> Any:
+    """Panel's component-resource route (``components/<module>/<class>/<attribute>/<path>``),
+    answering 404 instead of importing a module that is not already loaded or failing with a 500
+    on a malformed path (``..%2f..``): only modules the dashboard itself imported are looked at."""
+    import re
+    import sys
+
+    from panel.io.server import ComponentResourceHandler
+    from tornado.web import HTTPError
+
+    dotted = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+    class SafeComponentHandler(ComponentResourceHandler):
+        def parse_url_path(self, path: str) -> str:
+            mod = path.split("/", 1)[0]
+            if not dotted.match(mod) or mod not in sys.modules:
+                raise HTTPError(404, "Module not found")
+            try:
+                return super().parse_url_path(path)
+            except HTTPError:
+                raise
+            except Exception:  # anything else a crafted path provokes
+                raise HTTPError(404, "Component resource not found") from None
+
+    return SafeComponentHandler
+
+
 def icon_handler() -> Any:
     """``favicon.ico`` under the prefix too (behind a proxy the browser asks for it there)."""
     from tornado.web import RequestHandler
@@ -491,4 +540,5 @@ def serve(results: str | Path, *, port: int = 5006, address: str = "127.0.0.1", 
     return pn.serve(lambda: build_app(root), port=port, address=address, websocket_origin=origins,
                     show=show, start=start, title=TITLE, prefix=prefix, verbose=False,
                     extra_patterns=[(r"/files/(.*)", file_handler(root), {"path": str(root)}),
+                                    (r"/components/(.*)", component_handler(), {}),
                                     (r"/favicon.ico", icon_handler())])

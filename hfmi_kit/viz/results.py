@@ -45,7 +45,8 @@ class Run:
     """One run directory as the dashboard sees it."""
 
     rel: str  # path relative to the results directory ("" for the directory itself)
-    path: Path
+    path: Path  # resolved, inside ``root``
+    root: Path | None = None  # the results directory (resolved); every file read is checked against it
     domain: str | None = None
     task: str | None = None
     kind: str = "run"  # pretrain, finetune, evaluate, whatif, visualize
@@ -68,6 +69,21 @@ class Run:
 
     def has(self, name: str) -> bool:
         return (self.path / name).exists()
+
+    def file(self, name: str) -> Path | None:
+        """The run's file ``name`` (``maps/carbon.nc``) with every symlink resolved, or None when
+        it does not exist. Raises :class:`AccessRefusedError` when it resolves outside the results
+        directory: the dashboard reads nothing there."""
+        if not (self.path / name).exists() and not (self.path / name).is_symlink():
+            return None
+        root = self.root or self.path
+        rel = f"{self.rel}/{name}" if self.rel else name
+        try:
+            return resolve_under(root, rel)
+        except AccessRefusedError as e:
+            if not (self.path / name).exists():  # a dangling link inside: nothing to read
+                return None
+            raise AccessRefusedError(f"refused: {rel} leads outside the results directory") from e
 
 
 @functools.lru_cache(maxsize=1)
@@ -115,11 +131,19 @@ def _in_progress(d: Path) -> list[str]:
 def load_run(root: str | Path, rel: str) -> Run:
     """Read one run (``rel`` under ``root``); problems are recorded on the run, never raised."""
     path = resolve_under(root, rel)
-    run = Run(rel=rel.strip("/"), path=path)
+    run = Run(rel=rel.strip("/"), path=path, root=Path(root).resolve())
     if not path.is_dir():
         raise AccessRefusedError(f"refused: {rel!r} is not a run directory")
-    mf = path / "metrics.json"
-    if mf.exists():
+
+    def inside(name: str) -> Path | None:
+        try:
+            return run.file(name)
+        except AccessRefusedError as e:
+            run.problems.append(str(e))
+            return None
+
+    mf = inside("metrics.json")
+    if mf is not None:
         try:
             raw = json.loads(mf.read_text(encoding="utf-8"))
             if not isinstance(raw, dict):
@@ -128,8 +152,8 @@ def load_run(root: str | Path, rel: str) -> Run:
                            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
         except (ValueError, UnicodeDecodeError, OSError) as e:
             run.problems.append(f"metrics.json unreadable: {e}")
-    cf = path / "model" / "config.json"
-    if cf.exists():
+    cf = inside("model/config.json")
+    if cf is not None:
         try:
             cfg = json.loads(cf.read_text(encoding="utf-8"))
             if not isinstance(cfg, dict):
@@ -139,8 +163,8 @@ def load_run(root: str | Path, rel: str) -> Run:
             run.task = str(cfg.get("task") or "") or None
         except (ValueError, UnicodeDecodeError, OSError) as e:
             run.problems.append(f"model/config.json unreadable: {e}")
-    card = path / "model" / "MODEL_CARD.md"
-    if card.exists():
+    card = inside("model/MODEL_CARD.md")
+    if card is not None:
         try:
             run.card = card.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError) as e:
@@ -152,7 +176,7 @@ def load_run(root: str | Path, rel: str) -> Run:
         run.kind = "pretrain" if run.task == "pretrain" else "finetune"
     elif any((path / f).exists() for f in ("candidates.csv", "active_learning.json")):
         run.kind = "visualize"
-    elif mf.exists():
+    elif mf is not None:
         run.kind = "evaluate"
     base = Path(root).resolve()
     run.files = sorted(str(p.relative_to(path)) for p in path.rglob("*")
@@ -163,7 +187,7 @@ def load_run(root: str | Path, rel: str) -> Run:
         run.problems.extend(progress)
     elif run.problems:
         run.status = "malformed"
-    elif not mf.exists() and run.config is None and not run.files:
+    elif mf is None and run.config is None and not run.files:
         run.status = "malformed"
         run.problems.append("no metrics.json, checkpoint or prediction files")
     return run

@@ -283,17 +283,17 @@ class SeaIceExtent(ClimateNet):
 
 
 @register_model("climate_forecaster")
-def _forecaster(*, size: EncoderConfig, **kw: Any) -> nn.Module:
+def _forecaster(*, size: EncoderConfig, **kw: Any) -> ClimateForecaster:
     return ClimateForecaster(size=size, **kw)
 
 
 @register_model("climate_pretrainer")
-def _pretrainer(*, size: EncoderConfig, **kw: Any) -> nn.Module:
+def _pretrainer(*, size: EncoderConfig, **kw: Any) -> ClimatePretrainer:
     return ClimatePretrainer(size=size, **kw)
 
 
 @register_model("climate_seaice")
-def _seaice(*, size: EncoderConfig, **kw: Any) -> nn.Module:
+def _seaice(*, size: EncoderConfig, **kw: Any) -> SeaIceExtent:
     return SeaIceExtent(size=size, **kw)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import xarray as xr
 
+from hfmi_kit.data.cf import open_cf
 from hfmi_kit.viz.core import curves, map_with_slider, single_map
 
 
@@ -19,7 +20,7 @@ def forecast_maps(forecast: xr.Dataset | str | Path, var: str = "tas", init_inde
                   dynamic: bool = False) -> Any:
     """Forecast of ``var`` from one initialisation, with a lead-time slider (``dynamic``: frames are
     rendered on demand, as in the dashboard)."""
-    ds = xr.open_dataset(forecast) if not isinstance(forecast, xr.Dataset) else forecast
+    ds = open_cf(forecast) if not isinstance(forecast, xr.Dataset) else forecast
     da = ds[var].isel(init_time=init_index).load()
     init = str(ds["init_time"].values[init_index])[:10]
     return map_with_slider(da, "lead", cmap="viridis" if var != "siconc" else "Blues_r",
@@ -41,7 +42,7 @@ def skill_vs_lead(metrics: Mapping[str, float] | str | Path, var: str = "tas", m
 
 def whatif_maps(whatif: xr.Dataset | str | Path, var: str = "tas") -> Any:
     """Predicted ensemble-mean response, its spread and (when known) the true response."""
-    ds = xr.open_dataset(whatif) if not isinstance(whatif, xr.Dataset) else whatif
+    ds = open_cf(whatif) if not isinstance(whatif, xr.Dataset) else whatif
     resp = ds[f"{var}_response"].load()
     panels = []
     m = float(abs(resp).max())

@@ -198,17 +198,17 @@ class UNetBaseline(nn.Module):
 
 
 @register_model("radiology_mae")
-def _mae(*, size: EncoderConfig, **kw: Any) -> nn.Module:
+def _mae(*, size: EncoderConfig, **kw: Any) -> RadiologyMAE:
     return RadiologyMAE(size=size, **kw)
 
 
 @register_model("radiology_segmenter")
-def _seg(*, size: EncoderConfig, **kw: Any) -> nn.Module:
+def _seg(*, size: EncoderConfig, **kw: Any) -> RadiologySegmenter:
     return RadiologySegmenter(size=size, **kw)
 
 
 @register_model("radiology_unet")
-def _unet(*, size: EncoderConfig, **kw: Any) -> nn.Module:
+def _unet(*, size: EncoderConfig, **kw: Any) -> UNetBaseline:
     return UNetBaseline(**kw)
 
 
