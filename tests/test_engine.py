@@ -53,12 +53,50 @@ class Fields(torch.utils.data.Dataset):
 MCFG = {"domain": "", "model_type": "test_regressor.tiny", "model_kwargs": {}}
 
 
-def make(tmp: Path, steps: int = 20, **kw) -> Trainer:
+def make(tmp: Path, steps: int = 20, n: int = 64, evaluate=None, **kw) -> Trainer:
     torch.manual_seed(0)
     model = Regressor(size=get_size("tiny"))
     cfg = TrainConfig(steps=steps, batch_size=8, lr=3e-3, warmup_steps=3, progress=False, seed=1,
                       log_every=5, **kw)
-    return Trainer(model, Fields(), config=cfg, out_dir=tmp, model_config=MCFG)
+    return Trainer(model, Fields(n=n), config=cfg, out_dir=tmp, model_config=MCFG, evaluate=evaluate)
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_resume_at_the_end_of_an_epoch_drops_the_same_partial_batch(tmp_path):
+    # 20 samples, batches of 8: two full batches an epoch, the last 4 dropped; a checkpoint after
+    # step 2 sits at the end of epoch 0 (before, the resumed loader saw 4 samples left and, deciding
+    # drop_last on them, trained on that partial batch)
+    straight = make(tmp_path / "a", steps=6, n=20)
+    straight.fit()
+    make(tmp_path / "b", steps=6, n=20).fit(until=2)
+    resumed = make(tmp_path / "b", steps=6, n=20)
+    resumed.fit(resume=True)
+    assert _same(straight.model, resumed.model)
+
+
+def test_resumed_run_returns_the_same_best_weights(tmp_path):
+    # the monitored loss grows with the distance from the initial weights, so the best model is the
+    # first evaluated one (step 3): a run resumed at step 11 must end with those weights too (they
+    # were kept only in memory before, so the resumed run returned its last step's weights)
+    torch.manual_seed(0)
+    init = {k: v.clone() for k, v in Regressor(size=get_size("tiny")).state_dict().items()}
+
+    def drift(model: torch.nn.Module) -> dict[str, float]:
+        return {"val_loss": float(sum(((v.float() - init[k].float()) ** 2).sum() for k, v in model.state_dict().items()
+                                      if v.is_floating_point()))}
+
+    straight = make(tmp_path / "a", steps=20, evaluate=drift, eval_every=3)
+    res = straight.fit()
+    evals = [r for r in res.history if r["split"] == "eval"]
+    assert evals[0]["step"] == 3 and res.best["val_loss"] == evals[0]["val_loss"] < evals[-1]["val_loss"]
+    make(tmp_path / "b", steps=20, evaluate=drift, eval_every=3).fit(until=11)
+    resumed = make(tmp_path / "b", steps=20, evaluate=drift, eval_every=3)
+    resumed.fit(resume=True)
+    assert _same(straight.model, resumed.model)
 
 
 def test_resumed_run_ends_with_the_same_weights(tmp_path):

@@ -28,7 +28,16 @@ import torch
 import xarray as xr
 from torch.utils.data import Dataset
 
-from hfmi_kit.data.cf import check_time, find_axes, grid_dims, open_cf, regrid_bilinear, select_gridded
+from hfmi_kit.data.cf import (
+    _LAT_UNITS,
+    _LON_UNITS,
+    check_time,
+    find_axes,
+    grid_dims,
+    open_cf,
+    regrid_bilinear,
+    select_gridded,
+)
 from hfmi_kit.errors import DataError, GeometryMismatchError
 
 LOGGER = logging.getLogger(__name__)
@@ -104,6 +113,37 @@ class ClimateData:
         }
 
 
+def _udunits_conversion(units: str, canon: str) -> tuple[float, float] | None:
+    """(scale, offset) from ``units`` to ``canon`` by UDUNITS (``cf_units``, when installed), or None
+    when the units are unknown to it or not convertible."""
+    try:
+        import cf_units
+    except ImportError:
+        return None
+    try:
+        u = cf_units.Unit(units)
+        if not u.is_convertible(cf_units.Unit(canon)):
+            return None
+        offset = float(u.convert(0.0, canon))
+        return float(u.convert(1.0, canon)) - offset, offset
+    except (ValueError, TypeError, ArithmeticError):
+        return None
+
+
+def unit_conversion(standard_name: str, units: str) -> tuple[float, float] | None:
+    """(scale, offset) that bring a variable of a known ``standard_name`` from ``units`` to the
+    canonical units of :data:`UNITS` (``(1, 0)`` when they already are); None when not convertible
+    or the standard name is not one of :data:`UNITS`."""
+    if standard_name not in UNITS:
+        return None
+    canon, ok, conv = UNITS[standard_name]
+    if units in ok:
+        return 1.0, 0.0
+    if units in conv:
+        return conv[units]
+    return _udunits_conversion(units, canon) if units else None
+
+
 def _convert_units(da: xr.DataArray, name: str, source: str) -> tuple[xr.DataArray, str]:
     sn = str(da.attrs.get("standard_name", ""))
     units = str(da.attrs.get("units", "")).strip()
@@ -114,16 +154,113 @@ def _convert_units(da: xr.DataArray, name: str, source: str) -> tuple[xr.DataArr
     canon, ok, conv = UNITS[sn]
     if units in ok:
         return da, canon
-    if units in conv:
-        a, b = conv[units]
+    factor = unit_conversion(sn, units)
+    if factor is not None:
+        a, b = factor
         LOGGER.info("%s: converting %s from %s to %s", source, name, units, canon)
         out = da * a + b
         out.attrs = {**da.attrs, "units": canon}
         return out, canon
-    raise DataError(
-        f"{source}: variable {name!r} ({sn}) has units {units!r}; expected {canon!r}"
-        + (f" or one of {sorted(conv)}" if conv else "")
-    )
+    if _udunits_conversion(canon, canon) is not None:  # UDUNITS at hand: any convertible units will do
+        expected = f"{canon!r} or units convertible to it" + (f" (e.g. {sorted(conv)})" if conv else "")
+    else:
+        expected = f"{canon!r}" + (f" or one of {sorted(conv)}" if conv else "")
+    raise DataError(f"{source}: variable {name!r} ({sn}) has units {units!r}; expected {expected}")
+
+
+_NETCDF_MAGIC = (b"CDF\x01", b"CDF\x02", b"CDF\x05", b"\x89HDF\r\n\x1a\n")
+
+
+def _check_file(path: str | Path) -> None:
+    """Clear errors for what is not a NetCDF file or Zarr store before a backend guesses."""
+    from hfmi_kit.data.cf import is_zarr
+
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: no such file or directory")
+    if p.is_dir():
+        if not is_zarr(p):
+            raise DataError(f"{p}: a directory but not a Zarr store (no zarr.json, .zgroup or .zmetadata)")
+        return
+    size = p.stat().st_size
+    if size == 0:
+        raise DataError(f"{p}: empty file (0 bytes); expected a NetCDF file or a Zarr store")
+    with open(p, "rb") as f:
+        head = f.read(8)
+        hdf_at = [0, 512, 1024, 2048, 4096]  # HDF5 may follow a user block of 512 * 2^k bytes
+        found = any(head.startswith(m) for m in _NETCDF_MAGIC)
+        for off in hdf_at[1:]:
+            if found or off >= size:
+                break
+            f.seek(off)
+            found = f.read(8) == _NETCDF_MAGIC[-1]
+    if not found:
+        raise DataError(f"{p}: not a NetCDF file (it starts with {head!r}, not the NetCDF 'CDF' or HDF5 "
+                        f"signature); expected a NetCDF file or a Zarr store")
+
+
+def _check_time_values(ds: xr.Dataset, time: str, source: str) -> None:
+    """The time axis must hold decoded times (CF: numbers with 'units' like 'days since 2000-01-01')."""
+    t = ds[time]
+    if np.issubdtype(t.dtype, np.datetime64):
+        return
+    if t.dtype == object and all(hasattr(x, "year") and hasattr(x, "month") for x in t.values.ravel()):
+        return
+    units = t.attrs.get("units", t.encoding.get("units"))
+    hint = f"its units {units!r} are not 'TIME since DATE'" if units else "it has no 'units' attribute"
+    raise DataError(f"{source}: time axis {time!r} holds {t.dtype} values, not times ({hint}; CF needs units "
+                    "such as 'days since 2000-01-01')")
+
+
+def _check_coord(ds: xr.Dataset, name: str, kind: str, source: str) -> None:
+    """A latitude or longitude coordinate: numbers, finite, no duplicates, strictly monotonic
+    (longitude may wrap once past 360), latitude within [-90, 90]."""
+    c = ds[name]
+    if not np.issubdtype(c.dtype, np.number):
+        raise DataError(f"{source}: {kind} {name!r} holds {c.dtype} values, not numbers")
+    units = str(c.attrs.get("units", "")).strip()
+    allowed = _LAT_UNITS if kind == "latitude" else _LON_UNITS
+    if units and units.lower().replace(" ", "") not in allowed | {"degrees", "degree"}:
+        want = "degrees_north" if kind == "latitude" else "degrees_east"
+        raise DataError(f"{source}: {kind} {name!r} has units {units!r}; expected {want}")
+    x = np.asarray(c.values, dtype=np.float64).ravel()
+    if not np.isfinite(x).all():
+        raise DataError(f"{source}: {kind} {name!r} has NaN/inf values")
+    key = x % 360.0 if kind == "longitude" else x
+    _, first, counts = np.unique(key, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        i = int(np.flatnonzero(counts > 1)[0])
+        j = int(np.flatnonzero(key == key[first[i]])[1])
+        raise DataError(f"{source}: duplicated {kind} {x[j]} at index {j} of {name!r}")
+    if kind == "latitude":
+        if x.min() < -90.0 or x.max() > 90.0:
+            raise DataError(f"{source}: latitude {name!r} has values outside [-90, 90] (min {x.min():g}, max "
+                            f"{x.max():g}); expected degrees_north")
+        d = np.diff(x)
+        if x.size > 1 and not ((d > 0).all() or (d < 0).all()):
+            i = int(np.argmax(d < 0) if d[0] > 0 else np.argmax(d > 0)) + 1
+            raise DataError(f"{source}: latitude {name!r} is not monotonic: {x[i]:g} follows {x[i - 1]:g} at "
+                            f"index {i}")
+    else:
+        if x.max() - x.min() >= 360.0 + 1e-6:
+            raise DataError(f"{source}: longitude {name!r} spans {x.max() - x.min():g} degrees (more than 360); "
+                            "expected degrees_east")
+        up = np.diff(np.roll(key, -int(np.argmin(key))))  # a sorted sequence, possibly wrapped past 360
+        down = np.diff(np.roll(key, -int(np.argmax(key))))
+        if x.size > 2 and not ((up > 0).all() or (down < 0).all()):
+            d = np.diff(x)
+            i = int(np.argmax(d < 0) if d[0] > 0 else np.argmax(d > 0)) + 1
+            raise DataError(f"{source}: longitude {name!r} is not monotonic: {x[i]:g} follows {x[i - 1]:g} at "
+                            f"index {i}")
+
+
+def _values(da: xr.DataArray, name: str, source: str) -> np.ndarray:
+    """Read a variable's values; a corrupt or truncated chunk becomes a :class:`DataError`."""
+    try:
+        return np.asarray(da.values)
+    except Exception as e:  # the backends and codecs raise many types for damaged data
+        raise DataError(f"{source}: variable {name!r} cannot be read, the file is corrupt or truncated "
+                        f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
 
 
 def _on_grid(ds: xr.Dataset, dims: tuple[str, str], lat: np.ndarray, lon: np.ndarray) -> bool:
@@ -151,8 +288,10 @@ def load_climate(path: str | Path, *, variables: Sequence[str] | None = None,
         GeometryMismatchError: the data does not match ``expect``.
     """
     src = str(path)
+    _check_file(path)
     ds = open_cf(path, chunks="auto")  # read whole on-disk chunks in few dask tasks
     axes = find_axes(ds, source=src)
+    _check_time_values(ds, axes.time, src)
     check_time(ds, axes.time, source=src)
     if expect is not None:
         variables = list(expect["state_variables"]) + list(expect["field_forcings"])
@@ -166,6 +305,14 @@ def load_climate(path: str | Path, *, variables: Sequence[str] | None = None,
             raise DataError(f"{src}: variable {v!r} is not on a lat-lon grid; dims are {ds[v].dims}")
         if axes.level and axes.level in ds[v].dims:
             raise DataError(f"{src}: variable {v!r} has a vertical axis {axes.level!r}; select a level first")
+        extra = [str(d) for d in ds[v].dims if d not in (axes.time, *grid_dims(ds[v], ds))]  # type: ignore[misc]
+        if extra:
+            raise DataError(f"{src}: variable {v!r} has dims {ds[v].dims}; expected only ({axes.time}, lat, lon), "
+                            f"not the extra dimension(s) {extra}")
+        if not np.issubdtype(ds[v].dtype, np.number):
+            raise DataError(f"{src}: variable {v!r} holds {ds[v].dtype} values, not numbers")
+        for c, kind in zip(grid_dims(ds[v], ds), ("latitude", "longitude")):  # type: ignore[arg-type]
+            _check_coord(ds, c, kind, src)
     state_names = [v for v in names if ds[v].attrs.get("standard_name") not in FIELD_FORCINGS]
     forcing_names = [v for v in names if ds[v].attrs.get("standard_name") in FIELD_FORCINGS]
     if not state_names:
@@ -189,7 +336,7 @@ def load_climate(path: str | Path, *, variables: Sequence[str] | None = None,
             dims = grid_dims(da, ds)
             if dims and da.ndim == 2:
                 lf = da if _on_grid(ds, dims, lat, lon) else regrid_bilinear(da, *dims, lat, lon)
-                frac = np.asarray(lf.values, dtype=np.float64)
+                frac = np.asarray(_values(lf, str(da.name), src), dtype=np.float64)
                 frac = frac / 100.0 if str(da.attrs.get("units", "%")).strip() == "%" else frac
                 land = frac >= 0.5
     time = ds[axes.time].values
@@ -204,11 +351,11 @@ def load_climate(path: str | Path, *, variables: Sequence[str] | None = None,
         if regrid:
             LOGGER.info("%s: regridding %s bilinearly onto the %dx%d target grid", src, v, lat.size, lon.size)
             if where_sea and land is not None:  # check NaNs against the variable's own mask first
-                own = np.asarray(ds[v].values)
+                own = _values(ds[v], v, src)
                 if (~np.isfinite(own) & ~(np.isnan(own).all(axis=0))[None]).any():
                     raise DataError(f"{src}: variable {v!r} has NaN/inf values over the ocean on its own grid")
             da = regrid_bilinear(da, g[0], g[1], lat, lon)
-        arr = np.asarray(da.values, dtype=np.float32)
+        arr = _values(da, v, src).astype(np.float32)
         if arr.shape[1:] != (lat.size, lon.size):
             raise DataError(f"{src}: variable {v!r} has grid {arr.shape[1:]}, expected {(lat.size, lon.size)}")
         bad = ~np.isfinite(arr)
@@ -241,8 +388,10 @@ def load_climate(path: str | Path, *, variables: Sequence[str] | None = None,
             valid[v] = ~mask_v if (where_sea and mask_v is not None) else np.ones((lat.size, lon.size), bool)
     scalars = {}
     for v in scalar_names:
+        if not np.issubdtype(ds[v].dtype, np.number):
+            raise DataError(f"{src}: scalar forcing {v!r} holds {ds[v].dtype} values, not numbers")
         da, units = _convert_units(ds[v], v, src)
-        arr = np.asarray(da.values, dtype=np.float64)
+        arr = _values(da, v, src).astype(np.float64)
         if not np.isfinite(arr).all():
             raise DataError(f"{src}: scalar forcing {v!r} has NaN/inf values")
         if (arr <= 0).any():
@@ -284,11 +433,10 @@ def compute_stats(path: str | Path, data: ClimateData,
     for v, m, sd in zip(names, means, stds):
         da = ds[v]
         a = data.attrs[v]
-        conv = UNITS.get(a.get("standard_name", ""), ("", set(), {}))[2]
         mean, std = float(m), float(sd)
-        units = str(da.attrs.get("units", "")).strip()
-        if units in conv:
-            s, o = conv[units]
+        factor = unit_conversion(a.get("standard_name", ""), str(da.attrs.get("units", "")).strip())
+        if factor is not None:
+            s, o = factor
             mean, std = mean * s + o, std * abs(s)
         stats[v] = {"mean": mean, "std": max(std, 1e-6)}
     ds.close()

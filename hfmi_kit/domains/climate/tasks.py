@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import numbers
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from hfmi_kit.data.cf import write_cf
 from hfmi_kit.domains.climate import data as cdata
 from hfmi_kit.domains.climate import metrics as M
 from hfmi_kit.domains.climate.model import ClimateForecaster, SeaIceExtent
-from hfmi_kit.errors import ConfigError, DataError
+from hfmi_kit.errors import CheckpointError, ConfigError, DataError
 from hfmi_kit.models import create_model, get_size
 from hfmi_kit.train import TrainConfig, Trainer, load_pretrained, read_config, save_pretrained
 from hfmi_kit.train.env import code_version
@@ -54,6 +56,28 @@ def _patch_for(grid: tuple[int, int], patch: tuple[int, int] | None) -> tuple[in
         if grid[0] % p == 0 and grid[1] % p == 0:
             return (p, p)
     return (1, 1)
+
+
+def _require_int(flag: str, value: Any, low: int = 1) -> None:
+    """An integer option (``flag`` names it in the message) must be at least ``low``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ConfigError(f"{flag} must be an integer >= {low}, got {value!r}")
+
+
+def check_training_options(*, steps: int, batch_size: int, lr: float | None, context: int = 2,
+                           label_fraction: float | None = None) -> None:
+    """Fail early, before any data is read or output written, on a training option out of range.
+
+    Raises:
+        ConfigError: naming the command-line flag and the value given.
+    """
+    _require_int("--steps", steps)
+    _require_int("--batch-size", batch_size)
+    _require_int("context", context)
+    if lr is not None and not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"--lr must be a finite number > 0, got {lr!r}")
+    if label_fraction is not None and not (isinstance(label_fraction, numbers.Real) and 0 < label_fraction <= 1):
+        raise ConfigError(f"--label-fraction must lie in (0, 1], got {label_fraction!r}")
 
 
 def _fork_eval(fn: Any) -> Any:
@@ -92,6 +116,7 @@ def pretrain(*, data: str | Path, out: str | Path, config: str = "tiny", steps: 
 
     ``lim_modes``: EOF modes of the skip path's linear inverse model (None: chosen by 12-month
     rollouts on the validation years; 0: the per-cell forced regression instead)."""
+    check_training_options(steps=steps, batch_size=batch_size, lr=lr, context=context)
     out = Path(out)
     d = cdata.load_climate(data, variables=variables)
     split = cdata.split_years(d)
@@ -169,10 +194,41 @@ def load_with_geometry(ckpt: str | Path, data: str | Path) -> tuple[dict[str, An
     cfg = read_config(ckpt)
     if cfg.get("domain") != "climate":
         raise ConfigError(f"{ckpt}: a {cfg.get('domain')!r} checkpoint, not a climate one")
+    _check_climate_config(cfg, ckpt)
     geom = cfg["geometry"]
     d = cdata.load_climate(data, expect=geom)
     cdata.check_geometry(d, geom)
     return cfg, d
+
+
+_GEOMETRY_KEYS = ("state_variables", "field_forcings", "scalar_forcings", "grid", "normalisation")
+
+
+def _check_climate_config(cfg: dict[str, Any], ckpt: str | Path) -> None:
+    """The entries of a climate checkpoint's ``config.json`` the commands read, with their types."""
+    f = Path(ckpt) / "config.json"
+    for key, typ in (("model_type", str), ("model_kwargs", dict), ("geometry", dict)):
+        if key not in cfg:
+            raise CheckpointError(f"{f}: no {key!r} entry; not a checkpoint written by hfmi climate pretrain or "
+                                  "finetune")
+        if not isinstance(cfg[key], typ):
+            raise CheckpointError(f"{f}: {key!r} is a {type(cfg[key]).__name__}, expected a {typ.__name__}")
+    if "." not in cfg["model_type"]:
+        raise CheckpointError(f"{f}: model_type {cfg['model_type']!r} is not FAMILY.SIZE")
+    geom = cfg["geometry"]
+    missing = [k for k in _GEOMETRY_KEYS if k not in geom]
+    if missing:
+        raise CheckpointError(f"{f}: geometry lacks {missing}; the checkpoint is incomplete or was edited")
+    grid = geom["grid"]
+    if not (isinstance(grid, dict) and isinstance(grid.get("lat"), list) and isinstance(grid.get("lon"), list)):
+        raise CheckpointError(f"{f}: geometry.grid must hold 'lat' and 'lon' lists")
+    norm = geom["normalisation"]
+    for v in [*geom["state_variables"], *geom["field_forcings"], *geom["scalar_forcings"]]:
+        st = norm.get(v) if isinstance(norm, dict) else None
+        if not (isinstance(st, dict) and all(isinstance(st.get(k), (int, float)) for k in ("mean", "std"))):
+            raise CheckpointError(f"{f}: geometry.normalisation has no numeric mean and std for {v!r}")
+    if "context" not in cfg["model_kwargs"]:
+        raise CheckpointError(f"{f}: model_kwargs lacks 'context'")
 
 
 def _extent_series(d: cdata.ClimateData) -> np.ndarray:
@@ -219,6 +275,11 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
     """
     if task not in ("forecast", "seaice"):
         raise ConfigError(f"unknown climate task {task!r}; expected 'forecast' or 'seaice'")
+    if mode not in ("full", "frozen", "linear_probe"):
+        raise ConfigError(f"--mode must be full, frozen or linear_probe, got {mode!r}")
+    check_training_options(steps=steps, batch_size=batch_size, lr=lr, label_fraction=label_fraction)
+    _require_int("leads", leads)
+    _require_int("rollout_train", rollout_train)
     out = Path(out)
     if ckpt is not None:
         pcfg, d = load_with_geometry(ckpt, data)
@@ -506,8 +567,17 @@ def whatif(*, ckpt: str | Path, data: str | Path, out: str | Path, co2_factor: f
     amplitude ratio of the response are reported. Writes ``out/whatif.nc`` and
     ``out/metrics.json``.
     """
-    if co2_factor <= 0 or months < 1 or members < 1 or not 0 <= average_from < months:
-        raise ConfigError("whatif needs co2_factor > 0, months >= 1, members >= 1, 0 <= average_from < months")
+    if not (math.isfinite(co2_factor) and co2_factor > 0):
+        raise ConfigError(f"--co2-factor must be a finite number > 0, got {co2_factor}")
+    if months < 1:
+        raise ConfigError(f"--months must be >= 1, got {months}")
+    if members < 1:
+        raise ConfigError(f"--members must be >= 1, got {members}")
+    if not 0 <= average_from < months:
+        raise ConfigError(f"--average-from must lie in [0, {months - 1}] (before --months {months}), "
+                          f"got {average_from}")
+    if base_ppm is not None and not (math.isfinite(base_ppm) and base_ppm > 0):
+        raise ConfigError(f"--base-ppm must be a finite number > 0, got {base_ppm}")
     out = Path(out)
     cfg, d = load_with_geometry(ckpt, data)
     model = load_pretrained(ckpt)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +156,40 @@ def _merge(rows: list[tuple[int, Parsed, float, str]], *, name: str, duplicates:
         table.parsed.append(g[0][1])
 
 
+_COMPRESSED = (".gz", ".bz2", ".zip", ".xz", ".zst", ".tar")
+
+
+def _check_text_file(path: Path, expected: str) -> bytes:
+    """The first KiB of a CSV, after refusing an empty or binary file (compressed CSVs pass)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from e
+    if size == 0:
+        raise DataError(f"{path}: empty file (0 bytes); {expected}")
+    if path.suffix.lower() in _COMPRESSED:
+        return b""
+    nul = head.find(b"\0")
+    if nul >= 0:
+        raise DataError(f"{path}: a binary file, not a text CSV (NUL byte at offset {nul}); {expected}")
+    return head[:1024]
+
+
+def _format_hint(head: bytes, df: Any) -> str:
+    """Why a file's columns are not the expected ones, when it is plainly another format."""
+    text = head.decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
+    if text[:1] in ("{", "["):
+        return "; the file looks like JSON, not a CSV"
+    header = text.splitlines()[0] if text else ""
+    if len(df.columns) == 1:
+        for sep, name in ((";", "semicolons"), ("\t", "tabs"), ("|", "bars")):
+            if sep in header:
+                return f"; the header is separated by {name}, a CSV needs commas"
+    return ""
+
+
 def load_property_csv(data: str | Path, *, target: str | None = None, duplicates: str = "reject",
                       tolerance: float = 0.1, strict: bool = False, min_value: float | None = 0.0) -> PropertyTable:
     """Read a CSV with a ``formula`` column and a value column (``target`` or the named one), in eV.
@@ -167,17 +202,22 @@ def load_property_csv(data: str | Path, *, target: str | None = None, duplicates
     import pandas as pd
 
     path = resolve(data)
+    col = target or "target"
+    expected = f"expected a CSV with a header line 'formula,{col}' and one row per composition"
+    head = _check_text_file(path, expected)
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as e:
-        raise DataError(f"{path}: not a readable CSV ({e})") from e
-    col = target or "target"
+    except pd.errors.EmptyDataError as e:
+        raise DataError(f"{path}: no header line (the file holds only blank lines); {expected}") from e
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError, ValueError, zlib.error) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: not a readable CSV, it is malformed or truncated ({first})") from e
     missing = [c for c in ("formula", col) if c not in df.columns]
     if missing:
-        raise DataError(f"{path}: missing column(s) {missing}; found {list(df.columns)} "
-                        f"(pass --target to name the value column)")
+        hint = _format_hint(head, df) or " (pass --target to name the value column)"
+        raise DataError(f"{path}: missing column(s) {missing}; found {list(df.columns)}{hint}")
     if df.empty:
-        raise DataError(f"{path}: no rows")
+        raise DataError(f"{path}: no rows (only the header line); {expected}")
     table = PropertyTable(name=path.name, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
     rows: list[tuple[int, Parsed, float, str]] = []
     units = UNITS["band_gap"][1]

@@ -4,8 +4,10 @@ evaluation and prediction tables."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
+import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from hfmi_kit.domains.materials import chem
 from hfmi_kit.domains.materials.model import IGNORE, MaterialsEnsemble, MaterialsNet
 from hfmi_kit.domains.materials.pv import sq_limit
 from hfmi_kit.domains.materials.tables import BUNDLED, PropertyTable, load_property_csv
-from hfmi_kit.errors import ConfigError, DataError
+from hfmi_kit.errors import CheckpointError, ConfigError, DataError
 from hfmi_kit.models import create_model
 from hfmi_kit.train import TrainConfig, Trainer, load_pretrained, read_config, save_pretrained
 from hfmi_kit.train.pretrained import read_weights, transfer_weights
@@ -32,19 +34,25 @@ LICENCE = "Apache-2.0 (weights and code); data: see the provenance table"
 class CompositionSet(Dataset):
     """Rows of encoded compositions with their ``target`` (when ``y`` is given) and, with ``mlm``,
     a masked copy: ``mlm_elements`` hides a random ~``mask_prob`` of the elements (at least one,
-    never all) behind the [MASK] id and ``mlm_target`` holds what was hidden."""
+    never all) behind the [MASK] id and ``mlm_target`` holds what was hidden. The mask of a row
+    depends only on (seed, epoch, row), so a resumed run draws the same masks (the trainer calls
+    :meth:`set_epoch`)."""
 
     def __init__(self, arrays: dict[str, np.ndarray], idx: Sequence[int], y: np.ndarray | None = None, *,
                  mlm: bool = False, mask_prob: float = 0.3, mask_id: int = chem.MAX_Z, seed: int = 0) -> None:
         self.a = {k: torch.from_numpy(v[np.asarray(idx)]) for k, v in arrays.items()}
         self.y = None if y is None else torch.as_tensor(np.asarray(y)[np.asarray(idx)], dtype=torch.float32)
         self.mlm, self.mask_prob, self.mask_id = mlm, mask_prob, mask_id
-        self.gen = torch.Generator().manual_seed(seed)
+        self.seed, self.epoch = seed, 0
         if not mlm and self.y is None:
             raise ConfigError("CompositionSet needs targets unless mlm=True")
 
     def __len__(self) -> int:
         return len(self.a["elements"])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the masks of ``epoch`` (called by the trainer at the start of each epoch)."""
+        self.epoch = int(epoch)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         item = {k: v[i] for k, v in self.a.items()}
@@ -56,7 +64,8 @@ class CompositionSet(Dataset):
             el = item["elements"].clone()
             if n >= 2:
                 k = max(1, min(n - 1, int(round(self.mask_prob * n))))
-                pick = torch.randperm(n, generator=self.gen)[:k]
+                gen = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 100_000_007 + i) % 2**63)
+                pick = torch.randperm(n, generator=gen)[:k]
                 tgt[pick] = el[pick]
                 el[pick] = self.mask_id
             item["mlm_elements"], item["mlm_target"] = el, tgt
@@ -75,18 +84,38 @@ def _data_entry(table: PropertyTable, role: str) -> dict[str, Any]:
             "rows": len(table), "rejected_rows": len(table.rejected)}
 
 
+def _logged(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (empty when missing; unreadable lines skipped)."""
+    out = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+    return out
+
+
 def _train_net(model: MaterialsNet, ds: Dataset, *, steps: int, batch_size: int, lr: float, seed: int,
                layer_decay: float = 1.0, mode: str = "full", precision: str = "auto", device: str = "auto",
                progress: bool = False, out_dir: Path | None = None, model_config: dict[str, Any] | None = None,
-               weight_decay: float = 0.05) -> tuple[TrainConfig, dict[str, float]]:
+               weight_decay: float = 0.05, checkpoint_every: int = 0,
+               resume: bool = False) -> tuple[TrainConfig, dict[str, float]]:
     """Train one net; returns its config and the last logged training record (loss, l1, ...)."""
     tc = TrainConfig.pick(steps=steps, batch_size=min(batch_size, len(ds)), lr=lr, seed=seed,
                           layer_decay=layer_decay, mode=mode, precision=precision, device=device,
                           progress=progress, warmup_steps=min(50, steps // 10 + 1), weight_decay=weight_decay,
-                          log_every=max(10, steps // 20))
-    res = Trainer(model, ds, config=tc, out_dir=out_dir, model_config=model_config).fit()
+                          log_every=max(10, steps // 20), checkpoint_every=checkpoint_every)
+    res = Trainer(model, ds, config=tc, out_dir=out_dir, model_config=model_config).fit(resume=resume)
     model.eval()
-    last = next((r for r in reversed(res.history) if r.get("split") == "train"), {})
+    history = res.history
+    if resume and out_dir is not None and not any(r.get("split") == "train" for r in history):
+        history = _logged(out_dir / "metrics.jsonl")  # a finished stage resumed: its own log
+    last = next((r for r in reversed(history) if r.get("split") == "train"), {})
+    if math.isnan(res.last_loss) and "loss" in last:
+        res.last_loss = float(last["loss"])
     return tc, {"loss": res.last_loss, **{k: float(v) for k, v in last.items() if k in ("l1", "mlm_accuracy")}}
 
 
@@ -95,18 +124,18 @@ def pretrain(*, data: str | Path = "mp_gap", out: str | Path, config: str = "tin
              supervised_steps: int | None = None, target: str | None = None, exclude: str | Path | None = "expt_gap",
              seed: int = 0, resume: bool = False, batch_size: int = 256, lr: float = 1e-3, mask_prob: float = 0.3,
              precision: str = "auto", device: str = "auto", progress: bool = True,
-             variables: Sequence[str] | None = None) -> Path:
+             variables: Sequence[str] | None = None, checkpoint_every: int = 0) -> Path:
     """Two-stage pretraining on a large computed set (default: the bundled 106k DFT band gaps).
 
     Stage 1, ``steps`` of masked-element prediction on every composition; stage 2,
     ``supervised_steps`` (default ``steps``; 0 skips it) of regression on the set's values with
     the masked-element loss kept on (so the backbone does not forget it).
     Every composition of ``exclude`` (default: the bundled experimental gaps; None keeps all) is
-    removed first, so no fine-tuning test composition is ever seen in pretraining. Returns
-    ``out/model``.
+    removed first, so no fine-tuning test composition is ever seen in pretraining. Each stage
+    checkpoints every ``checkpoint_every`` steps (0: half-way) under ``out/stage1_mlm`` and
+    ``out/stage2_supervised``; ``resume`` continues each stage from its latest checkpoint (a
+    finished stage is not re-run). Returns ``out/model``.
     """
-    if resume:
-        LOGGER.warning("materials pretraining is two short stages; --resume restarts them")
     out = Path(out)
     table = load_property_csv(data, target=target, duplicates="keep")
     n_all = len(table)
@@ -133,7 +162,8 @@ def pretrain(*, data: str | Path = "mp_gap", out: str | Path, config: str = "tin
     LOGGER.info("stage 1: masked elements on %d unique compositions (%d excluded)", len(uniq), excluded)
     ds = CompositionSet(arrays, uniq, mlm=True, mask_prob=mask_prob, seed=seed)
     tc1, rec1 = _train_net(model, ds, steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision,
-                            device=device, progress=progress, out_dir=out / "stage1_mlm", model_config=mconf)
+                            device=device, progress=progress, out_dir=out / "stage1_mlm", model_config=mconf,
+                            checkpoint_every=checkpoint_every or max(steps // 2, 1), resume=resume)
     metrics = {"mlm_loss": rec1["loss"], "mlm_accuracy": _mlm_accuracy(model, arrays, uniq, mask_prob, seed),
                "compositions": float(len(uniq)), "excluded_compositions": float(excluded)}
     s2 = steps if supervised_steps is None else supervised_steps
@@ -143,7 +173,8 @@ def pretrain(*, data: str | Path = "mp_gap", out: str | Path, config: str = "tin
         ds2 = CompositionSet(arrays, range(len(table)), table.y, mlm=True, mask_prob=mask_prob, seed=seed + 1)
         _, rec2 = _train_net(model, ds2, steps=s2, batch_size=batch_size, lr=lr, seed=seed, precision=precision,
                               device=device, progress=progress, out_dir=out / "stage2_supervised",
-                              model_config=mconf)
+                              model_config=mconf, checkpoint_every=checkpoint_every or max(s2 // 2, 1),
+                              resume=resume)
         metrics["supervised_loss"] = rec2["loss"]
         metrics["supervised_l1_ev"] = rec2.get("l1", float("nan"))  # last logged batch
         metrics["mlm_accuracy_after_supervised"] = _mlm_accuracy(model, arrays, uniq, mask_prob, seed)
@@ -357,6 +388,64 @@ def _write_rejections(table: PropertyTable, out: Path) -> None:
                        table.rejection_summary(), out / "rejected_rows.csv")
 
 
+def check_finetune_options(*, labels: int | None, label_fraction: float, folds: int, members: int, steps: int,
+                           batch_size: int, lr: float | None, mode: str) -> None:
+    """Fail early, before any data is read or output written, on a fine-tuning option out of range.
+
+    Raises:
+        ConfigError: naming the command-line flag (or keyword) and the value given.
+    """
+    def integer(flag: str, value: Any, low: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise ConfigError(f"{flag} must be an integer >= {low}, got {value!r}")
+
+    if labels is not None:
+        integer("--labels", labels, 2)
+    if not (isinstance(label_fraction, numbers.Real) and 0 < label_fraction <= 1):
+        raise ConfigError(f"--label-fraction must lie in (0, 1], got {label_fraction!r}")
+    integer("folds", folds, 2)
+    integer("members", members, 1)
+    integer("--steps", steps, 1)
+    integer("--batch-size", batch_size, 1)
+    if lr is not None and not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"--lr must be a finite number > 0, got {lr!r}")
+    if mode not in ("full", "frozen", "linear_probe"):
+        raise ConfigError(f"--mode must be full, frozen or linear_probe, got {mode!r}")
+
+
+def check_rows_for_cv(table: PropertyTable, folds: int, data: str | Path) -> int:
+    """The training rows of the smallest cross-validation fold, after checking that ``table`` has
+    enough rows for ``folds`` folds with at least 2 training rows each.
+
+    Raises:
+        DataError: naming the file, its usable (and rejected) rows and how many are needed.
+    """
+    n = len(table)
+
+    def smallest_train(rows: int) -> int:
+        return rows - math.ceil(rows / folds)
+
+    need = folds
+    while smallest_train(need) < 2:
+        need += 1
+    if n < need:
+        rejected = f" ({len(table.rejected)} more rejected)" if table.rejected else ""
+        raise DataError(f"{data}: too few rows for {folds}-fold cross-validation: {n} usable row(s){rejected}, "
+                        f"at least {need} needed")
+    return smallest_train(n)
+
+
+def _materials_checkpoint_config(ckpt: str | Path) -> dict[str, Any]:
+    """The config of a materials checkpoint to fine-tune from, checked before any data is read."""
+    pcfg = read_config(ckpt)
+    if pcfg.get("domain") != "materials":
+        raise ConfigError(f"{ckpt}: a {pcfg.get('domain')!r} checkpoint, not a materials one")
+    mt = pcfg.get("model_type")
+    if not isinstance(mt, str) or "." not in mt:
+        raise CheckpointError(f"{Path(ckpt) / 'config.json'}: model_type {mt!r} is not FAMILY.SIZE")
+    return pcfg
+
+
 @recorded("materials", "finetune")
 def finetune(*, ckpt: str | Path | None, data: str | Path = "expt_gap", out: str | Path, task: str = "band_gap",
              target: str | None = None, labels: int | None = None, label_fraction: float = 1.0, folds: int = 5,
@@ -376,17 +465,17 @@ def finetune(*, ckpt: str | Path | None, data: str | Path = "expt_gap", out: str
     """
     if task != "band_gap":
         raise ConfigError(f"unknown materials task {task!r}; expected 'band_gap'")
-    if labels is not None and labels < 2:
-        raise ConfigError(f"--labels must be >= 2, got {labels}")
-    if not 0 < label_fraction <= 1:
-        raise ConfigError(f"label_fraction must lie in (0, 1], got {label_fraction}")
-    if members < 1:
-        raise ConfigError(f"members must be >= 1, got {members}")
+    check_finetune_options(labels=labels, label_fraction=label_fraction, folds=folds, members=members,
+                           steps=steps, batch_size=batch_size, lr=lr, mode=mode)
     out = Path(out)
+    pcfg = _materials_checkpoint_config(ckpt) if ckpt is not None else None
     table = load_property_csv(data, target=target)
-    _write_rejections(table, out)
+    min_train = check_rows_for_cv(table, folds, data)
+    if labels is not None and labels > min_train:
+        raise ConfigError(f"--labels {labels} is more than the {min_train} training rows of the smallest fold "
+                          f"({folds}-fold cross-validation of the {len(table)} usable rows of {data})")
     if labels is None and label_fraction < 1:
-        labels = max(2, int(round(label_fraction * len(table) * (folds - 1) / folds)))
+        labels = min(min_train, max(2, int(round(label_fraction * len(table) * (folds - 1) / folds))))
     wanted = ("scratch", "rf", "dummy") if baselines is True else tuple(baselines or ())
     unknown = set(wanted) - {"scratch", "rf", "dummy"}
     if unknown:
@@ -394,10 +483,7 @@ def finetune(*, ckpt: str | Path | None, data: str | Path = "expt_gap", out: str
     if ckpt is None:
         wanted = tuple(b for b in wanted if b != "scratch")
     size, max_el = config or "tiny", None
-    if ckpt is not None:
-        pcfg = read_config(ckpt)
-        if pcfg.get("domain") != "materials":
-            raise ConfigError(f"{ckpt}: a {pcfg.get('domain')!r} checkpoint, not a materials one")
+    if pcfg is not None:
         size = pcfg["model_type"].split(".", 1)[1]
     metrics, frame = cross_validate(ckpt, table, labels=labels, folds=folds, members=members, steps=steps,
                                     batch_size=batch_size, lr=lr, layer_decay=layer_decay, mode=mode, size=size,
@@ -408,6 +494,7 @@ def finetune(*, ckpt: str | Path | None, data: str | Path = "expt_gap", out: str
     # (mean +- 1.645 std) hold 90 % of the out-of-fold errors (the CV coverage above stays raw)
     z = np.abs(frame["prediction_ev"] - frame["target_ev"]) / frame["uncertainty_ev"].clip(lower=1e-6)
     metrics["uncertainty_scale"] = float(np.quantile(z, 0.90) / 1.645)
+    _write_rejections(table, out)  # outputs only once every check passed: a failed run leaves --out as it was
     _write_table(frame, out / "cv_predictions.csv")
     if final:
         arrays = _encode(table)
@@ -480,11 +567,11 @@ def evaluate(*, ckpt: str | Path, data: str | Path, out: str | Path, target: str
     out = Path(out)
     model, cfg = load_ensemble(ckpt)
     table = load_property_csv(data, target=target)
-    _write_rejections(table, out)
     seen = set(cfg.get("training", {}).get("formulas", []))
     test = table.without(seen)
     if not len(test):
         raise DataError(f"{data}: every composition was used to train {ckpt}; nothing left to evaluate")
+    _write_rejections(table, out)
     frame = _prediction_frame(model, cfg, ckpt, test, None)
     frame.insert(2, "target_ev", test.y)
     y, mu, sd = test.y, frame["prediction_ev"].to_numpy(), frame["uncertainty_ev"].to_numpy()
