@@ -428,8 +428,19 @@ def _torchrun(argv: Sequence[str], nproc: int, strategy: str | None) -> int:
     return subprocess.run(cmd, env=env).returncode
 
 
+class UsageError(HfmiError):
+    """A command line argparse refuses (unknown flag, invalid choice, wrong type)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a bad command line is one ``hfmi: error:`` line (exit 1), not usage + exit 2."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hfmi", description="hfmi_kit: scientific foundation models")
+    p = _Parser(prog="hfmi", description="hfmi_kit: scientific foundation models")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="log progress at INFO level; show the traceback of an error")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
@@ -635,7 +646,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hfmi_kit.errors import REQUEUE_EXIT_CODE, PreemptedError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        print(f"hfmi: error: {e}", file=sys.stderr)
+        return 1
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     nproc = getattr(args, "nproc", 1)

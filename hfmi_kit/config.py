@@ -131,3 +131,27 @@ def parse_param(text: str) -> Any:
         except ValueError:
             return value
     return value
+
+
+def json_kind(x: Any) -> str:
+    """How JSON names the type of ``x`` ("an object", "a list", ...), for error messages."""
+    return {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+            bool: "a boolean", type(None): "null"}.get(type(x), type(x).__name__)
+
+
+def read_json_object(path: str | Path, *, error: type[Exception] = ConfigError, expected: str = "a JSON object",
+                     invalid: str = "invalid JSON") -> dict[str, Any]:
+    """The JSON object in file ``path``.
+
+    Raises:
+        ``error``: naming the file: unreadable, not JSON (``invalid``), or not an object
+            (``expected`` says what should be there).
+    """
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: {invalid} ({e})") from e
+    if not isinstance(doc, dict):
+        raise error(f"{path}: expected {expected}, got {json_kind(doc)}")
+    return doc

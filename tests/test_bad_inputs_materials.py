@@ -10,17 +10,15 @@ pointed at it.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 import re
 import shutil
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from badinput import fails_with_one_line, left_nothing, snapshot
 
 from hfmi_kit.cli import main
 from hfmi_kit.domains.materials.chem import DATA_DIR
@@ -37,11 +35,6 @@ class Good:
     rows: list[str]  # its data lines
     out: Path  # a real `hfmi finetune materials --from scratch` run: out/model is its ensemble
 
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Relative path -> sha256 of every file under ``folder``."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -297,23 +290,10 @@ def test_bad_input_fails_cleanly(build: Callable[[Good, Path], tuple[list[str], 
     argv, named = build(good, tmp_path)
     out = good.out if into_good else tmp_path / "fresh_out"
     before = snapshot(good.out)
-    capsys.readouterr()
-    with caplog.at_level(logging.WARNING), warnings.catch_warnings(record=True) as warned:
-        warnings.simplefilter("always")
-        rc = main([*argv, "--out", str(out)])
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert rc == 1, err
-    assert len(lines) == 1, err
-    line = lines[0]
-    assert line.startswith("hfmi: error: ") and "unexpected" not in line, line
-    assert "Traceback" not in err
+    line = fails_with_one_line([*argv, "--out", str(out)], capsys, caplog)
     assert named in line, line
     assert re.search(problem, line), line
-    # a command-line run prints logged warnings and Python warnings to stderr too: more lines
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
-    assert not warned, [str(w.message) for w in warned]
     if into_good:
         assert snapshot(good.out) == before
     else:
-        assert not out.exists() or not any(out.iterdir())
+        left_nothing(out)

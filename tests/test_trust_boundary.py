@@ -351,3 +351,48 @@ def test_the_dashboard_reads_no_file_a_symlink_leads_out_of_the_results(name, tm
         page = _texts(build_app(root, {"run": ["run"]}))
         assert secret not in page, domain
     assert [x.rel for x in scan_results(root)] == ["run"]
+
+
+# ------------------------------------------------------------------ manifests and rasters
+
+
+def test_dataset_json_paths_stay_inside_the_study(tmp_path):
+    from hfmi_kit.domains.radiology import discover
+
+    (tmp_path / "secret.nii.gz").write_bytes(b"x")
+    study = tmp_path / "study"
+    (study / "s1").mkdir(parents=True)
+    (study / "s1" / "link.nii.gz").symlink_to(tmp_path / "secret.nii.gz")
+    for path, needle in (("../secret.nii.gz", "stay inside"), (str(tmp_path / "secret.nii.gz"), "stay inside"),
+                         ("s1/link.nii.gz", "outside")):
+        (study / "dataset.json").write_text(json.dumps({"subjects": [{"id": "s1", "images": {"t1": path}}]}))
+        with pytest.raises(DataError, match=needle):
+            discover(study)
+
+
+def test_region_json_sources_stay_inside_the_epoch_folders_and_rasters_are_geotiffs(tmp_path):
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from hfmi_kit.domains.carbon.sources import _open_raster, open_region
+
+    secret = tmp_path / "secret.tif"
+    with rasterio.open(secret, "w", driver="GTiff", width=4, height=4, count=1, dtype="float32", crs="EPSG:32632",
+                       transform=from_origin(0, 40, 10, 10), nodata=-1) as d:
+        d.write(np.full((1, 4, 4), 42.0, np.float32))
+    region = tmp_path / "region"
+    (region / "epoch1").mkdir(parents=True)
+    src = {"name": "optical", "file": "../../secret.tif", "kind": "raster", "units": "1", "bands": ["b"],
+           "offset": [0.0], "scale": [1.0]}
+    (region / "region.json").write_text(json.dumps({"epochs": [2000], "sources": [src]}))
+    with pytest.raises(DataError, match="stay inside"):
+        open_region(region)
+    # a VRT (which names other files) under a .tif name is not read: GeoTIFF driver only
+    vrt = region / "epoch1" / "optical.tif"
+    vrt.write_text('<VRTDataset rasterXSize="4" rasterYSize="4"><VRTRasterBand dataType="Float32" band="1">'
+                   f'<SimpleSource><SourceFilename relativeToVRT="0">{secret}</SourceFilename>'
+                   '<SourceBand>1</SourceBand></SimpleSource></VRTRasterBand></VRTDataset>')
+    with rasterio.open(vrt) as plain:
+        assert plain.read(1)[0, 0] == 42.0  # what GDAL would do with it
+    with pytest.raises(DataError, match="not a readable GeoTIFF"):
+        _open_raster(vrt)

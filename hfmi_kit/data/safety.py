@@ -24,7 +24,7 @@ from pathlib import Path
 from hfmi_kit.errors import DataError
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-RASTER_DRIVERS = ("GTiff",)  # COGs are GeoTIFFs; VRT (which references other files) is not admitted
+RASTER_DRIVERS = ("GTiff",)  # the one driver rasters open with: COGs are GeoTIFFs; a VRT names other files
 _ZARR_META = (".zarray", "zarr.json", ".zmetadata")
 
 

@@ -20,7 +20,8 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator registering a model family constructor ``fn(*, size: EncoderConfig, **kw)``."""
+    """Decorator registering a model family: a module class, or a constructor
+    ``fn(*, size: EncoderConfig, **kw)``, called with the family's size and keyword arguments."""
 
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         _REGISTRY[name] = fn
@@ -36,16 +37,19 @@ def list_models() -> list[str]:
 
 def accepted_kwargs(name: str) -> set[str] | None:
     """The keyword arguments family ``name`` (``family`` or ``family.size``) accepts, read from the
-    signatures of the class its constructor returns (its annotation) and that class's bases up to
-    the first ``__init__`` without ``**kw``; None when the family is not registered or its
-    constructor does not name a class."""
+    signatures of its class (registered, or named by its constructor's return annotation) and that
+    class's bases up to the first ``__init__`` without ``**kw``; None when the family is not
+    registered or this cannot be told."""
     fn = _REGISTRY.get(name.partition(".")[0])
     if fn is None:
         return None
-    try:
-        cls = typing.get_type_hints(fn).get("return")
-    except Exception:  # an annotation that does not resolve here
-        return None
+    if isinstance(fn, type):
+        cls: Any = fn
+    else:
+        try:
+            cls = typing.get_type_hints(fn).get("return")
+        except Exception:  # an annotation that does not resolve here
+            return None
     if not isinstance(cls, type) or cls is nn.Module or not issubclass(cls, nn.Module):
         return None
     names = {"size_overrides"}

@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from hfmi_kit.config import atomic_write_text
+from hfmi_kit.config import atomic_write_text, read_json_object
 from hfmi_kit.errors import CheckpointError, ConfigError
 from hfmi_kit.train.env import code_version, environment
 
@@ -202,13 +202,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: checkpoint directory not found")
     if not f.is_file():
         raise CheckpointError(f"{f}: missing; a checkpoint needs {CONFIG}, {WEIGHTS} and {CARD}")
-    try:
-        cfg = json.loads(f.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{f}: corrupt JSON ({e})") from e
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{f}: expected a JSON object, got {type(cfg).__name__}")
-    cfg = migrate_config(cfg, path=f)
+    cfg = migrate_config(read_json_object(f, error=CheckpointError, invalid="corrupt JSON"), path=f)
     mt, mk = cfg.get("model_type"), cfg.get("model_kwargs", {})
     if mt is not None and not isinstance(mt, str):
         raise CheckpointError(f"{f}: model_type must be a string like 'climate_forecaster.tiny', got {mt!r}")

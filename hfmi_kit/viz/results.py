@@ -7,14 +7,14 @@ checkpoint's ``config.json`` and ``MODEL_CARD.md``, prediction files); never tra
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hfmi_kit.errors import HfmiError
+from hfmi_kit.config import read_json_object
+from hfmi_kit.errors import ConfigError, HfmiError
 
 SKIP_DIRS = {"checkpoints", "model", "predictions", "maps", "__pycache__"}  # inside a run, not runs
 MAX_DEPTH = 5
@@ -142,27 +142,23 @@ def load_run(root: str | Path, rel: str) -> Run:
             run.problems.append(str(e))
             return None
 
+    def read(f: Path | None, name: str) -> dict[str, Any] | None:
+        try:
+            return None if f is None else read_json_object(f)
+        except (ConfigError, OSError) as e:
+            run.problems.append(f"{name} unreadable: {e}")
+            return None
+
     mf = inside("metrics.json")
-    if mf is not None:
-        try:
-            raw = json.loads(mf.read_text(encoding="utf-8"))
-            if not isinstance(raw, dict):
-                raise ValueError(f"expected a JSON object, found {type(raw).__name__}")
-            run.metrics = {str(k): float(v) for k, v in raw.items()
-                           if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
-        except (ValueError, UnicodeDecodeError, OSError) as e:
-            run.problems.append(f"metrics.json unreadable: {e}")
-    cf = inside("model/config.json")
-    if cf is not None:
-        try:
-            cfg = json.loads(cf.read_text(encoding="utf-8"))
-            if not isinstance(cfg, dict):
-                raise ValueError(f"expected a JSON object, found {type(cfg).__name__}")
-            run.config = cfg
-            run.domain = str(cfg.get("domain") or "") or None
-            run.task = str(cfg.get("task") or "") or None
-        except (ValueError, UnicodeDecodeError, OSError) as e:
-            run.problems.append(f"model/config.json unreadable: {e}")
+    raw = read(mf, "metrics.json")
+    if raw is not None:
+        run.metrics = {str(k): float(v) for k, v in raw.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+    cfg = read(inside("model/config.json"), "model/config.json")
+    if cfg is not None:
+        run.config = cfg
+        run.domain = str(cfg.get("domain") or "") or None
+        run.task = str(cfg.get("task") or "") or None
     card = inside("model/MODEL_CARD.md")
     if card is not None:
         try:

@@ -348,11 +348,6 @@ class CarbonEnsemble(CarbonNet):
         return 0.5 * (self.network_predict(fields) + self.forest_net.predict(fields))
 
 
-@register_model("carbon_net")
-def _carbon_net(*, size: EncoderConfig, **kw: Any) -> CarbonNet:
-    return CarbonNet(size=size, **kw)
-
-
-@register_model("carbon_ensemble")
-def _carbon_ensemble(*, size: EncoderConfig, **kw: Any) -> CarbonEnsemble:
-    return CarbonEnsemble(size=size, **kw)
+# the model families, created by name: create_model("<family>.<size>", **kwargs)
+register_model("carbon_net")(CarbonNet)
+register_model("carbon_ensemble")(CarbonEnsemble)

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from hfmi_kit.data.cf import open_cf
 from hfmi_kit.errors import DataError
 from hfmi_kit.viz import require_holoviews
 from hfmi_kit.viz.core import fit_display
@@ -33,7 +34,7 @@ def map_set(source: Any, maps: Sequence[np.ndarray] | None = None) -> MapSet:
                       None if source.truth is None else list(source.truth))
     import xarray as xr
 
-    ds = source if isinstance(source, xr.Dataset) else xr.open_dataset(Path(source))
+    ds = source if isinstance(source, xr.Dataset) else open_cf(Path(source))
     names = [*sorted(str(v) for v in ds.data_vars if str(v).startswith("agb_q")), "agb_mean"]
     missing = [v for v in names if v not in ds] + [c for c in ("time", "x", "y") if c not in ds.coords]
     if missing or len(names) < 3:

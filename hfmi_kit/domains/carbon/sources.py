@@ -14,7 +14,7 @@ absent tokens in the model.
 from __future__ import annotations
 
 import functools
-import json
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,10 +22,18 @@ from typing import Any
 
 import numpy as np
 
+from hfmi_kit.config import json_kind, read_json_object
+from hfmi_kit.data.safety import RASTER_DRIVERS, inside
 from hfmi_kit.domains.carbon.synth import chave_agb_kg
 from hfmi_kit.errors import DataError
 
 DEFAULT_RESOLUTION_M = 20.0
+SOURCE_FIELDS = ("name", "file", "kind", "bands", "units", "offset", "scale")
+RESAMPLING = ("nearest", "bilinear", "cubic", "cubic_spline", "lanczos", "average", "mode", "max", "min", "med",
+              "q1", "q3", "sum", "rms")  # rasterio.enums.Resampling names usable for reprojection
+
+
+_kind = json_kind
 
 
 @dataclass(frozen=True)
@@ -46,14 +54,45 @@ class SourceSpec:
             raise DataError(f"source {self.name!r}: kind must be 'raster' or 'lidar', got {self.kind!r}")
         if not (len(self.bands) == len(self.offset) == len(self.scale)) or any(s <= 0 for s in self.scale):
             raise DataError(f"source {self.name!r}: needs one offset and one positive scale per band {self.bands}")
+        if not all(math.isfinite(v) for v in (*self.offset, *self.scale)):
+            raise DataError(f"source {self.name!r}: offset and scale must be finite numbers")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SourceSpec:
+    def from_dict(cls, d: dict[str, Any], where: str = "") -> SourceSpec:
+        """A source from its description in ``region.json`` (``where`` prefixes error messages).
+
+        Every field is checked: ``name``, ``file``, ``kind`` and ``units`` strings, ``bands`` a
+        list of names, ``offset`` and ``scale`` one number per band, optional ``resampling``.
+        """
+        pre = f"{where}: " if where else ""
+        if not isinstance(d, dict):
+            raise DataError(f"{pre}a source description must be a JSON object, got {_kind(d)}")
+        name = d.get("name", "?")
+        missing = [k for k in SOURCE_FIELDS if k not in d]
+        if missing:
+            raise DataError(f"{pre}source {name!r}: missing field(s) {missing}; a source needs "
+                            f"{list(SOURCE_FIELDS)} (and optionally resampling)")
+        unknown = sorted(set(d) - set(SOURCE_FIELDS) - {"resampling"})
+        if unknown:
+            raise DataError(f"{pre}source {name!r}: unknown field(s) {unknown}")
+        for k in ("name", "file", "kind", "units"):
+            if not isinstance(d[k], str) or (k != "units" and not d[k]):
+                raise DataError(f"{pre}source {name!r}: {k!r} must be a{' non-empty' if k != 'units' else ''} "
+                                f"string, got {_kind(d[k])} {d[k]!r}")
+        if not isinstance(d["bands"], list) or not d["bands"] or not all(isinstance(b, str) for b in d["bands"]):
+            raise DataError(f"{pre}source {name!r}: 'bands' must be a non-empty list of band names, got {d['bands']!r}")
+        for k in ("offset", "scale"):
+            v = d[k]
+            if not isinstance(v, list) or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in v):
+                raise DataError(f"{pre}source {name!r}: {k!r} must be a list of numbers (one per band), got {v!r}")
+        res = d.get("resampling", "average")
+        if not isinstance(res, str) or res not in RESAMPLING:
+            raise DataError(f"{pre}source {name!r}: unknown resampling {res!r}; expected one of {list(RESAMPLING)}")
         try:
-            return cls(**{**d, "bands": tuple(d["bands"]), "offset": tuple(map(float, d["offset"])),
-                          "scale": tuple(map(float, d["scale"]))})
-        except (KeyError, TypeError) as e:
-            raise DataError(f"source description {d}: {e}") from e
+            return cls(name=d["name"], file=d["file"], kind=d["kind"], bands=tuple(d["bands"]), units=d["units"],
+                       offset=tuple(map(float, d["offset"])), scale=tuple(map(float, d["scale"])), resampling=res)
+        except DataError as e:
+            raise DataError(f"{pre}{e}") from e
 
     def groups(self) -> list[str]:
         return [f"{self.name}:{b}" for b in self.bands]
@@ -107,21 +146,83 @@ class Region:
         return self.root / f"epoch{epoch_index + 1}" / spec.file
 
 
+def _epochs(f: Path, meta: dict[str, Any]) -> list[int]:
+    ep = meta.get("epochs")
+    if not isinstance(ep, list) or not ep:
+        raise DataError(f"{f}: 'epochs' must be a non-empty list of years, got {_kind(ep)} {ep!r}")
+    out = []
+    for e in ep:
+        try:
+            year = int(e) if not isinstance(e, bool) else None
+        except (TypeError, ValueError):
+            year = None
+        if year is None or (isinstance(e, float) and e != year):
+            raise DataError(f"{f}: 'epochs' must be a non-empty list of years, got {e!r} in {ep!r}")
+        out.append(year)
+    if len(set(out)) != len(out):
+        raise DataError(f"{f}: 'epochs' {out} lists a year twice")
+    return out
+
+
+def _check_grid_and_truth(root: Path, f: Path, meta: dict[str, Any], n_epochs: int) -> None:
+    g = meta.get("grid", {})
+    if not isinstance(g, dict):
+        raise DataError(f"{f}: 'grid' must be an object with crs and resolution_m, got {_kind(g)}")
+    if g.get("crs") is not None and not isinstance(g["crs"], str):
+        raise DataError(f"{f}: grid 'crs' must be a string such as 'EPSG:32633', got {g['crs']!r}")
+    r = g.get("resolution_m")
+    if r is not None and (not isinstance(r, int | float) or isinstance(r, bool) or not 0 < r < 1e6):
+        raise DataError(f"{f}: grid 'resolution_m' must be a positive number of metres, got {r!r}")
+    t = meta.get("truth", {})
+    agb = t.get("agb") if isinstance(t, dict) else None
+    if not isinstance(t, dict) or (agb is not None and (not isinstance(agb, list) or len(agb) != n_epochs or
+                                                         not all(isinstance(x, str) for x in agb))):
+        raise DataError(f"{f}: 'truth' must be an object whose 'agb' lists one raster per epoch ({n_epochs}), "
+                        f"got {t!r}")
+    for x in agb or []:
+        if not inside(root, x, manifest=f).is_file():
+            raise DataError(f"{f}: truth raster {x} does not exist")
+
+
 def open_region(root: str | Path) -> Region:
-    """Read ``region.json`` (epochs, grid, optional ``sources`` descriptions)."""
+    """Read and check ``region.json`` (epochs, grid, optional ``sources`` descriptions, truth maps).
+
+    Errors name region.json and the entry: not a JSON object, epochs that are not a list of
+    years, a missing epoch folder, a source description with a missing or mistyped field, and a
+    declared source that no epoch folder holds (every folder searched is listed). Without a
+    ``sources`` entry the default sources are those of the epoch folders.
+    """
     root = Path(root)
     f = root / "region.json"
     if not f.is_file():
         raise DataError(f"{root}: no region.json (expected epochs, grid and sources of a region folder)")
-    try:
-        meta = json.loads(f.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{f}: corrupt JSON ({e})") from e
-    epochs = [int(e) for e in meta.get("epochs", [])]
-    if not epochs:
-        raise DataError(f"{f}: 'epochs' is missing or empty")
-    specs = [SourceSpec.from_dict(s) for s in meta["sources"]] if "sources" in meta else list(DEFAULT_SOURCES)
-    present = [s for s in specs if any((root / f"epoch{e + 1}" / s.file).exists() for e in range(len(epochs)))]
+    meta = read_json_object(f, error=DataError, expected="a JSON object with 'epochs', 'sources' and 'grid'")
+    epochs = _epochs(f, meta)
+    folders = [root / f"epoch{e + 1}" for e in range(len(epochs))]
+    for k, d in enumerate(folders):
+        if not d.is_dir():
+            raise DataError(f"{d}: missing; {f.name} declares {len(epochs)} epochs {epochs}, so the region needs "
+                            f"folders {', '.join(x.name for x in folders)} (epoch{k + 1} holds {epochs[k]})")
+    _check_grid_and_truth(root, f, meta, len(epochs))
+    if "sources" in meta:
+        if not isinstance(meta["sources"], list) or not meta["sources"]:
+            raise DataError(f"{f}: 'sources' must be a non-empty list of source descriptions, got "
+                            f"{_kind(meta['sources'])}")
+        specs = [SourceSpec.from_dict(s, where=str(f)) for s in meta["sources"]]
+        names = [s.name for s in specs]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise DataError(f"{f}: source(s) {dup} described twice")
+        for s in specs:
+            for d in folders:  # a source's file is a name inside each epoch folder, nothing outside it
+                inside(d, s.file, manifest=f)
+            if not any((d / s.file).exists() for d in folders):
+                raise DataError(f"{f}: source {s.name!r} (file {s.file}) is in none of the epoch folders searched: "
+                                f"{', '.join(str(d / s.file) for d in folders)}")
+        present = specs
+    else:
+        specs = list(DEFAULT_SOURCES)
+        present = [s for s in specs if any((d / s.file).exists() for d in folders)]
     if not present:
         raise DataError(f"{root}: none of the source files {[s.file for s in specs]} exists in epoch folders")
     return Region(root=root, meta=meta, epochs=epochs, sources=present)
@@ -137,10 +238,12 @@ def _rasterio() -> Any:
 
 def _open_raster(path: Path) -> Any:
     rasterio = _rasterio()
-    try:
-        return rasterio.open(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file (0 bytes); expected a GeoTIFF")
+    try:  # the GeoTIFF driver only: a VRT (or another format) naming other files or URLs is never interpreted
+        return rasterio.open(path, driver=RASTER_DRIVERS[0])
     except rasterio.errors.RasterioIOError as e:
-        raise DataError(f"{path}: not a readable GeoTIFF ({e})") from e
+        raise DataError(f"{path}: not a readable GeoTIFF, truncated or corrupt ({e})") from e
 
 
 def _check_raster(path: Path, src: Any) -> None:
@@ -209,14 +312,46 @@ def read_raster(path: Path, spec: SourceSpec, grid: Grid) -> np.ndarray:
         if src.count != len(spec.bands):
             raise DataError(f"{path}: {src.count} band(s), but source {spec.name!r} describes {len(spec.bands)} "
                             f"{list(spec.bands)}")
+        _check_units(path, spec, src)
         out = np.full((src.count, *grid.shape), np.nan, dtype=np.float32)
         try:
             for b in range(src.count):
-                reproject(rasterio.band(src, b + 1), out[b], dst_transform=grid.transform, dst_crs=grid.crs,
-                          resampling=getattr(Resampling, spec.resampling), src_nodata=src.nodata, dst_nodata=np.nan)
+                band = src.read(b + 1)
+                _check_values(path, spec, b, band, src.nodata)
+                reproject(band, out[b], src_transform=src.transform, src_crs=src.crs, dst_transform=grid.transform,
+                          dst_crs=grid.crs, resampling=getattr(Resampling, spec.resampling), src_nodata=src.nodata,
+                          dst_nodata=np.nan)
         except rasterio.errors.RasterioError as e:
-            raise DataError(f"{path}: corrupt raster data ({e})") from e
+            raise DataError(f"{path}: corrupt or truncated raster data ({e})") from e
     return out
+
+
+def _norm_units(u: str) -> str:
+    return "".join(u.split()).lower()
+
+
+def _check_units(path: Path, spec: SourceSpec, src: Any) -> None:
+    """The units a raster declares (GDAL band units or ``units`` tags) must be the source's."""
+    for b in range(src.count):
+        declared = (src.units[b] if src.units and src.units[b] else "") or src.tags(b + 1).get("units") or \
+            src.tags().get("units") or ""
+        if declared and spec.units and _norm_units(declared) != _norm_units(spec.units):
+            raise DataError(f"{path}: band {b + 1} ({spec.bands[b]}) is in units {declared!r}, but region.json "
+                            f"describes source {spec.name!r} in {spec.units!r}; convert the file or fix its units")
+
+
+def _check_values(path: Path, spec: SourceSpec, b: int, band: np.ndarray, nodata: float | None) -> None:
+    """A band must hold some valid value and no infinity (nodata and NaN are gaps)."""
+    valid = ~np.isnan(band) if band.dtype.kind == "f" else np.ones(band.shape, bool)
+    if nodata is not None and not np.isnan(nodata):
+        valid &= band != nodata
+    if band.dtype.kind == "f":
+        n_inf = int(np.isinf(band[valid]).sum())
+        if n_inf:
+            raise DataError(f"{path}: band {b + 1} ({spec.bands[b]}) has {n_inf} infinite value(s); declare gaps as "
+                            "nodata instead")
+    if not valid.any():
+        raise DataError(f"{path}: band {b + 1} ({spec.bands[b]}) has no valid value (every cell is nodata or NaN)")
 
 
 def read_lidar_chm(path: Path, grid: Grid, *, min_points: int = 3) -> np.ndarray:
@@ -226,10 +361,25 @@ def read_lidar_chm(path: Path, grid: Grid, *, min_points: int = 3) -> np.ndarray
     import laspy
     from pyproj import CRS, Transformer
 
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file (0 bytes); expected a LAS/LAZ point cloud")
+    errors: list[type[BaseException]] = [laspy.errors.LaspyException, OSError, EOFError, ValueError]
+    try:
+        import lazrs  # the LAZ backend raises its own type on a cut file
+
+        errors.append(lazrs.LazrsError)
+    except ImportError:
+        pass
+    quiet = logging.getLogger("laspy")  # laspy logs the backend's error before raising it: one message is enough
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         las = laspy.read(str(path))
-    except (laspy.errors.LaspyException, OSError, ValueError) as e:
-        raise DataError(f"{path}: not a readable LAS/LAZ file ({e})") from e
+    except tuple(errors) as e:
+        raise DataError(f"{path}: not a readable LAS/LAZ file, truncated or corrupt ({type(e).__name__}: "
+                        f"{e})") from e
+    finally:
+        quiet.setLevel(level)
     dims = set(las.point_format.dimension_names)
     missing = [d for d in ("X", "Y", "Z", "classification") if d not in dims]
     if missing:
@@ -300,6 +450,31 @@ class Plots:
 
 
 TREE_LIMITS = {"dbh_cm": (1.0, 500.0), "height_m": (1.3, 120.0), "wood_density_g_cm3": (0.1, 1.5)}
+PLOT_RANGES = {"epoch": (0.0, 1e5), "lon": (-180.0, 180.0), "lat": (-90.0, 90.0), "size_m": (-np.inf, np.inf)}
+
+
+def _value(x: Any) -> str:
+    """A table cell as a message shows it: numbers plainly, text quoted."""
+    if isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool):
+        return f"{float(x):g}"
+    return repr(x)
+
+
+def read_csv(path: Path) -> Any:
+    """A CSV table as a pandas frame; an empty, malformed or binary file raises :class:`DataError`
+    naming it."""
+    import pandas as pd
+
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file (0 bytes); expected a CSV table with a header row")
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError as e:
+        raise DataError(f"{path}: empty CSV, no header row ({e})") from e
+    except pd.errors.ParserError as e:
+        raise DataError(f"{path}: malformed CSV ({str(e).strip()})") from e
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a text CSV file ({e})") from e
 
 
 def utm_epsg(lon: float, lat: float) -> int:
@@ -351,21 +526,40 @@ def read_plots(region: Region, epoch: int, grid: Grid) -> Plots:
     for f in (fp, ft):
         if not f.is_file():
             raise DataError(f"{f}: missing (field plots need plots.csv and trees.csv)")
-    plots = pd.read_csv(fp)
-    trees = pd.read_csv(ft)
+    plots = read_csv(fp)
+    trees = read_csv(ft)
     for f, df, cols in ((fp, plots, ["plot_id", "epoch", "lon", "lat", "size_m"]),
                         (ft, trees, ["plot_id", "epoch", *TREE_LIMITS])):
         miss = [c for c in cols if c not in df.columns]
         if miss:
             raise DataError(f"{f}: missing column(s) {miss}; found {list(df.columns)}")
+    for f, df, cols in ((fp, plots, PLOT_RANGES), (ft, trees, {"epoch": PLOT_RANGES["epoch"]})):
+        for col, (lo, hi) in cols.items():
+            v = pd.to_numeric(df[col], errors="coerce")
+            bad = np.flatnonzero(~np.isfinite(v.to_numpy(float)))
+            if len(bad):
+                i = int(bad[0])
+                raise DataError(f"{f}: row {i + 2}: {col}={_value(df[col].iloc[i])} is not a number ({len(bad)} such "
+                                "row(s))")
+            bad = np.flatnonzero(~v.between(lo, hi).to_numpy())
+            if len(bad):
+                i = int(bad[0])
+                raise DataError(f"{f}: row {i + 2}: {col}={_value(df[col].iloc[i])} outside {lo:g}..{hi:g} "
+                                f"({len(bad)} such row(s))")
+            df[col] = v
+    dup = plots[plots.duplicated(["plot_id", "epoch"])]
+    if len(dup):
+        i = int(dup.index[0])
+        raise DataError(f"{fp}: row {i + 2}: plot {plots.plot_id.iloc[i]} is listed twice for epoch "
+                        f"{int(plots.epoch.iloc[i])}")
     plots, trees = plots[plots.epoch == epoch].reset_index(drop=True), trees[trees.epoch == epoch]
     for col, (lo, hi) in TREE_LIMITS.items():
         v = pd.to_numeric(trees[col], errors="coerce")
         bad = trees.index[~v.between(lo, hi)]
         if len(bad):
             i = bad[0]
-            raise DataError(f"{ft}: row {i + 2}: {col}={trees.loc[i, col]!r} outside the plausible range {lo}..{hi} "
-                            f"({len(bad)} such row(s))")
+            raise DataError(f"{ft}: row {i + 2}: {col}={_value(trees.loc[i, col])} outside the plausible range "
+                            f"{lo}..{hi} ({len(bad)} such row(s))")
     size = pd.to_numeric(plots.size_m, errors="coerce")
     if not size.between(1.0, 1000.0).all():
         i = int(np.flatnonzero(~size.between(1.0, 1000.0))[0])
@@ -428,7 +622,7 @@ def read_station(region: Region) -> Any:
     f = region.root / "station_co2.csv"
     if not f.is_file():
         return None
-    df = pd.read_csv(f)
+    df = read_csv(f)
     miss = [c for c in ("date", "co2_ppm") if c not in df.columns]
     if miss:
         raise DataError(f"{f}: missing column(s) {miss}")
@@ -444,5 +638,5 @@ def sources_json(specs: list[SourceSpec]) -> list[dict[str, Any]]:
     return [asdict(s) for s in specs]
 
 
-__all__ = ["DEFAULT_SOURCES", "Grid", "Plots", "Region", "SourceSpec", "open_region", "read_lidar_chm",
+__all__ = ["DEFAULT_SOURCES", "Grid", "Plots", "Region", "SourceSpec", "open_region", "read_csv", "read_lidar_chm",
            "read_plots", "read_raster", "read_sources", "read_station", "sources_json", "target_grid"]

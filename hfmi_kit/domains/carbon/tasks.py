@@ -166,9 +166,10 @@ def pretrain(*, data: str | Path, out: str | Path, config: str = "tiny", steps: 
              resume: bool = False, batch_size: int = 16, lr: float = 1e-3, tile: int = 32, patch: int = 8,
              mask_ratio: float = 0.5, precision: str = "auto", device: str = "auto", progress: bool = True,
              variables: Sequence[str] | None = None, crs: str | None = None,
-             resolution: float | None = None) -> Path:
+             resolution: float | None = None, checkpoint_every: int = 0) -> Path:
     """Masked multi-source reconstruction on unlabelled tiles of every epoch: whole sources are
-    hidden and predicted from the others. Plots are never read as labels. Returns ``out/model``."""
+    hidden and predicted from the others. Plots are never read as labels. Step checkpoints every
+    ``checkpoint_every`` steps (0: half-way). Returns ``out/model``."""
     out = Path(out)
     prep = prepare(data, tile=tile, crs=crs, resolution=resolution)
     groups = [g for g in prep.groups if variables is None or g.split(":", 1)[0] in variables]
@@ -179,7 +180,7 @@ def pretrain(*, data: str | Path, out: str | Path, config: str = "tiny", steps: 
     model = create_model(f"carbon_net.{config}", **mk)
     tc = TrainConfig.pick(steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision, device=device,
                           progress=progress, warmup_steps=min(30, steps // 10 + 1),
-                          checkpoint_every=max(steps // 2, 1))
+                          checkpoint_every=checkpoint_every or max(steps // 2, 1))
     mconf = {"domain": "carbon", "task": "pretrain", "model_type": f"carbon_net.{config}", "model_kwargs": mk,
              "geometry": {"grid": prep.grid.describe(), "sources": S.sources_json(prep.specs), "tile": tile},
              "card": _card(prep, "Multi-source foundation model (optical, radar, lidar CHM) pretrained by masked "
@@ -547,6 +548,13 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
     ``metrics.json``."""
     if task != "biomass":
         raise ConfigError(f"unknown carbon task {task!r}; expected 'biomass'")
+    if head is not None and head not in HEADS:
+        raise ConfigError(f"unknown head {head!r}; expected one of {', '.join(HEADS)} (--head)")
+    if head not in (None, "network") and ckpt is None:
+        raise ConfigError(f"--head {head}: a {head} head maps a pretrained embedding: it needs a checkpoint "
+                          "(--from PATH), not --from scratch")
+    if labels is None and not 0 < label_fraction <= 1:
+        raise ConfigError(f"--label-fraction (label_fraction) must lie in (0, 1], got {label_fraction}")
     out = Path(out)
     if ckpt is not None:
         pcfg = read_config(ckpt)

@@ -282,21 +282,6 @@ class SeaIceExtent(ClimateNet):
         return {"loss": ((pred - batch["extent"]) ** 2).mean()}
 
 
-@register_model("climate_forecaster")
-def _forecaster(*, size: EncoderConfig, **kw: Any) -> ClimateForecaster:
-    return ClimateForecaster(size=size, **kw)
-
-
-@register_model("climate_pretrainer")
-def _pretrainer(*, size: EncoderConfig, **kw: Any) -> ClimatePretrainer:
-    return ClimatePretrainer(size=size, **kw)
-
-
-@register_model("climate_seaice")
-def _seaice(*, size: EncoderConfig, **kw: Any) -> SeaIceExtent:
-    return SeaIceExtent(size=size, **kw)
-
-
 def cell_area_km2(lat: Sequence[float], nlon: int) -> torch.Tensor:
     """Area of each grid cell (H, 1) in km² for a regular grid of ``nlon`` columns."""
     lat_t = torch.tensor(list(lat), dtype=torch.float64)
@@ -304,3 +289,9 @@ def cell_area_km2(lat: Sequence[float], nlon: int) -> torch.Tensor:
     dlon = 2 * math.pi / nlon
     R = 6371.0
     return (R * R * dlat * dlon * torch.cos(torch.deg2rad(lat_t)))[:, None]
+
+
+# the model families, created by name: create_model("<family>.<size>", **kwargs)
+register_model("climate_forecaster")(ClimateForecaster)
+register_model("climate_pretrainer")(ClimatePretrainer)
+register_model("climate_seaice")(SeaIceExtent)

@@ -105,11 +105,6 @@ class MaterialsEnsemble(nn.Module):
         return torch.stack([m.embed(elements, fractions, padding) for m in self.members]).mean(0)
 
 
-@register_model("materials_net")
-def _materials_net(*, size: EncoderConfig, **kw: Any) -> MaterialsNet:
-    return MaterialsNet(size=size, **kw)
-
-
-@register_model("materials_ensemble")
-def _materials_ensemble(*, size: EncoderConfig, **kw: Any) -> MaterialsEnsemble:
-    return MaterialsEnsemble(size=size, **kw)
+# the model families, created by name: create_model("<family>.<size>", **kwargs)
+register_model("materials_net")(MaterialsNet)
+register_model("materials_ensemble")(MaterialsEnsemble)

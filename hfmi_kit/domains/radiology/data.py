@@ -11,7 +11,7 @@ HU window, MR by z-scoring over the head (the nnU-Net conventions).
 
 from __future__ import annotations
 
-import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +21,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from hfmi_kit.config import json_kind, read_json_object
+from hfmi_kit.data.safety import inside
 from hfmi_kit.domains.radiology.geometry import model_grid, resample, to_model_grid
 from hfmi_kit.domains.radiology.io import NIFTI_SUFFIXES, Volume, is_dicom_dir, is_nifti, load_volume
+from hfmi_kit.domains.radiology.synth import LABELS
 from hfmi_kit.errors import DataError
 
 LABEL_SUFFIXES = ("seg", "label", "labels", "mask")
@@ -37,6 +40,8 @@ class Subject:
     images: dict[str, str]
     label: str | None = None
     dicom: dict[str, str] = field(default_factory=dict)  # modality -> DICOM series of the same scan
+    classes: dict[int, str] | None = None  # label value -> name, as the study's dataset.json declares
+    classes_from: str = ""  # the file that declares ``classes`` (for error messages)
 
 
 def _strip(name: str) -> str:
@@ -55,15 +60,7 @@ def discover(root: str | Path) -> list[Subject]:
         raise DataError(f"{root}: expected a folder of NIfTI files or DICOM series, got a file")
     meta = root / "dataset.json"
     if meta.is_file():
-        try:
-            js = json.loads(meta.read_text(encoding="utf-8"))
-            subs = [Subject(id=s["id"], images={m: str(root / p) for m, p in s["images"].items()},
-                            label=str(root / s["label"]) if s.get("label") else None,
-                            dicom={m: str(root / p) for m, p in s.get("dicom", {}).items()})
-                    for s in js["subjects"]]
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise DataError(f"{meta}: not a valid study description ({type(e).__name__}: {e})") from e
-        return sorted(subs, key=lambda s: s.id)
+        return _read_study(meta)
     found: dict[str, Subject] = {}
     for p in sorted(root.rglob("*")):
         if p.is_file() and is_nifti(p):
@@ -80,9 +77,13 @@ def discover(root: str | Path) -> list[Subject]:
                 sub.images[mod] = str(p)
         elif p.is_dir() and is_dicom_dir(p):
             import pydicom
+            from pydicom.errors import InvalidDicomError
 
             first = next(f for f in sorted(p.iterdir()) if f.is_file() and not f.name.startswith("."))
-            ds = pydicom.dcmread(first, stop_before_pixels=True)
+            try:
+                ds = pydicom.dcmread(first, stop_before_pixels=True)
+            except (InvalidDicomError, OSError, EOFError, ValueError) as e:
+                raise DataError(f"{first}: not a readable DICOM file ({type(e).__name__}: {e})") from e
             mod = "ct" if str(getattr(ds, "Modality", "")).upper() == "CT" else str(getattr(ds, "Modality", "MR"))
             sid = p.parent.name if p.parent != root else p.name
             sub = found.setdefault(sid, Subject(id=sid, images={}))
@@ -94,6 +95,84 @@ def discover(root: str | Path) -> list[Subject]:
     if not subs:
         raise DataError(f"{root}: no NIfTI files (.nii, .nii.gz) or DICOM series found")
     return sorted(subs, key=lambda s: s.id)
+
+
+_kind = json_kind
+
+
+def _read_classes(meta: Path, js: dict[str, Any]) -> dict[int, str] | None:
+    """The ``labels`` entry of a dataset.json (value -> name), checked; None when absent."""
+    if "labels" not in js:
+        return None
+    labels = js["labels"]
+    if not isinstance(labels, dict) or not labels:
+        raise DataError(f"{meta}: 'labels' must map label values to names (e.g. {{\"0\": \"background\"}}), got "
+                        f"{_kind(labels)}")
+    out = {}
+    for k, v in labels.items():
+        try:
+            out[int(k)] = str(v)
+        except ValueError:
+            raise DataError(f"{meta}: 'labels' key {k!r} is not an integer label value") from None
+    return out
+
+
+def _read_study(meta: Path) -> list[Subject]:
+    """Subjects of a study described by ``meta`` (dataset.json), every entry and file checked."""
+    root = meta.parent
+    js = read_json_object(meta, error=DataError,
+                          expected="a JSON object with 'subjects' (and 'labels', 'modalities')")
+    entries = js.get("subjects")
+    if not isinstance(entries, list) or not entries:
+        raise DataError(f"{meta}: 'subjects' must be a non-empty list of subjects, got {_kind(entries)}")
+    classes = _read_classes(meta, js)
+    subs, seen = [], set()
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or not isinstance(e.get("id"), str) or not e["id"]:
+            raise DataError(f"{meta}: subjects[{i}] must be an object with a string 'id', got {_kind(e)}")
+        sid = e["id"]
+        if sid in seen:
+            raise DataError(f"{meta}: subject {sid} is listed twice")
+        seen.add(sid)
+        files: dict[str, dict[str, str]] = {}
+        for key, required in (("images", True), ("dicom", False)):
+            v = e.get(key, {} if not required else None)
+            if not isinstance(v, dict) or (required and not v) or \
+                    not all(isinstance(m, str) and isinstance(f, str) for m, f in v.items()):
+                raise DataError(f"{meta}: subject {sid}: {key!r} must map modality names to file paths, got "
+                                f"{_kind(v)}")
+            for f in v.values():
+                inside(root, f, manifest=meta)  # relative, no '..', not leading out through a link
+            files[key] = {m: str(root / f) for m, f in v.items()}
+        label = e.get("label")
+        if label is not None and not isinstance(label, str):
+            raise DataError(f"{meta}: subject {sid}: 'label' must be a file path, got {_kind(label)}")
+        if label:
+            inside(root, label, manifest=meta)
+        listed = [("image", f) for f in files["images"].values()] + [("DICOM series", f) for f in
+                                                                    files["dicom"].values()]
+        if label:
+            listed.append(("label", str(root / label)))
+        for what, f in listed:
+            if not Path(f).exists():
+                raise DataError(f"{meta}: subject {sid}: {what} {os.path.relpath(f, root)} does not exist")
+        subs.append(Subject(id=sid, images=files["images"], label=str(root / label) if label else None,
+                            dicom=files["dicom"], classes=classes, classes_from=str(meta) if classes else ""))
+    return sorted(subs, key=lambda s: s.id)
+
+
+def check_label_values(sub: Subject, values: np.ndarray) -> None:
+    """Raise :class:`DataError` naming the label file and the values when ``values`` (the unique
+    voxel values of ``sub``'s label map) are not all classes the study declares (its dataset.json
+    ``labels``, else background 0, oedema 1, tumour core 2)."""
+    if np.any(values != np.round(values)):
+        raise DataError(f"{sub.label}: label values must be integers, got {values[values != np.round(values)][:8]}")
+    classes = sub.classes if sub.classes is not None else LABELS
+    bad = sorted(int(v) for v in values if int(v) not in classes)
+    if bad:
+        where = f"{Path(sub.classes_from).name} declares" if sub.classes is not None else "are (the default labels)"
+        names = ", ".join(f"{k} {v}" for k, v in sorted(classes.items()))
+        raise DataError(f"{sub.label}: label values {bad[:8]} are not among the classes {where}: {names}")
 
 
 def normalise(data: np.ndarray, modality: str, where: str = "") -> tuple[np.ndarray, float]:
@@ -152,9 +231,7 @@ def prepare(sub: Subject, modalities: Sequence[str], spacing: float, *, with_lab
             raise DataError(f"{sub.label}: label grid (shape {lab.data.shape}) matches none of subject "
                             f"{sub.id}'s images {[v.data.shape for v in vols]}; a label must share its image's "
                             "shape and affine")
-        vals = np.unique(lab.data)
-        if np.any(vals < 0) or np.any(vals != np.round(vals)):
-            raise DataError(f"{sub.label}: label values must be non-negative integers, got {vals[:8]}")
+        check_label_values(sub, np.unique(lab.data))
         lab.data = lab.data.astype(np.uint8)
         out.label = resample(lab.data, lab.affine, grid[0], grid[1], order=0)
         out.label_ref = lab
@@ -269,7 +346,8 @@ def choose_cases(pool: Sequence[Subject], n: int | None, seed: int) -> list[Subj
     if n is None:
         return list(pool)
     if not 1 <= n <= len(pool):
-        raise DataError(f"label budget {n} outside 1..{len(pool)} (the training pool)")
+        raise DataError(f"label budget {n} (--labels) outside 1..{len(pool)} (the labelled cases of the training "
+                        "pool; the others are held out for testing)")
     order = np.random.default_rng(seed).permutation(len(pool))
     return [pool[i] for i in sorted(order[:n])]
 

@@ -12,6 +12,7 @@ Writers are atomic: a file or series appears complete under its final name or no
 from __future__ import annotations
 
 import datetime as _dt
+import gzip
 import os
 import shutil
 import tempfile
@@ -78,17 +79,52 @@ def check_affine(affine: np.ndarray, where: str) -> np.ndarray:
     return A
 
 
+NIFTI_MAGIC = (b"n+1\0", b"ni1\0")  # NIfTI-1 at byte 344 (single file, header + image pair)
+NIFTI2_MAGIC = b"n+2\0"  # NIfTI-2 at byte 4
+
+
+def check_nifti_file(path: str | Path) -> None:
+    """Check that ``path`` looks like a NIfTI file before nibabel parses it.
+
+    Raises :class:`DataError` naming the file for an empty file, a ``.nii.gz`` that is not
+    gzip-compressed, a header cut short (truncated) and a header without the NIfTI-1/2 magic.
+    """
+    p = Path(path)
+    if p.stat().st_size == 0:
+        raise DataError(f"{p}: empty file (0 bytes); expected a NIfTI image")
+    gz = p.name.lower().endswith(".gz")
+    try:
+        if gz:
+            with open(p, "rb") as fh:
+                if fh.read(2) != b"\x1f\x8b":
+                    raise DataError(f"{p}: not a NIfTI file (named .nii.gz but not gzip-compressed)")
+            with gzip.open(p, "rb") as fh:
+                head = fh.read(548)
+        else:
+            with open(p, "rb") as fh:
+                head = fh.read(548)
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{p}: truncated or corrupt gzip stream ({type(e).__name__}: {e})") from e
+    if head[344:348] in NIFTI_MAGIC or head[4:8] == NIFTI2_MAGIC:
+        return
+    if len(head) < 348:
+        raise DataError(f"{p}: truncated NIfTI file ({len(head)} header bytes, a NIfTI-1 header has 348)")
+    raise DataError(f"{p}: not a NIfTI file (no NIfTI-1/2 magic in the header)")
+
+
 def load_nifti(path: str | Path, *, modality: str = "") -> Volume:
     """Read a 3-D NIfTI-1/2 file (``.nii`` or ``.nii.gz``) with nibabel.
 
-    A trailing singleton 4th dimension is dropped; real 4-D data, truncated or non-NIfTI files,
-    bad affines and NaNs raise :class:`DataError` naming the file.
+    A trailing singleton 4th dimension is dropped; real 4-D data, empty, truncated or non-NIfTI
+    files, spatial units other than mm (or unknown), bad affines and NaNs raise
+    :class:`DataError` naming the file.
     """
     import nibabel as nib
 
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: no such NIfTI file")
+    check_nifti_file(p)
     try:
         img = nib.load(str(p))
         if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
@@ -102,7 +138,11 @@ def load_nifti(path: str | Path, *, modality: str = "") -> Volume:
     except DataError:
         raise
     except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as e:
-        raise DataError(f"{p}: cannot read as NIfTI ({type(e).__name__}: {e}); truncated or not an image?") from e
+        raise DataError(f"{p}: cannot read as NIfTI ({type(e).__name__}: {e}); truncated or corrupt?") from e
+    units = img.header.get_xyzt_units()[0]
+    if units not in ("mm", "unknown"):
+        raise DataError(f"{p}: spatial units {units!r} in the header (xyzt_units); hfmi_kit reads affines in mm: "
+                        "rescale the affine to mm and set the units to mm")
     affine = check_affine(img.affine, str(p))
     if not np.all(np.isfinite(data)):
         raise DataError(f"{p}: {int((~np.isfinite(data)).sum())} non-finite voxels (NaN/inf)")
@@ -183,7 +223,8 @@ def load_dicom_series(directory: str | Path) -> Volume:
         missing = [t for t in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows",
                                "Columns", "SeriesInstanceUID") if t not in ds]
         if missing:
-            raise DataError(f"{f}: not an image slice with geometry; missing {missing}")
+            raise DataError(f"{f}: a DICOM file without image geometry (missing {missing}); truncated, or not an "
+                            "image slice?")
         headers.append((f, ds))
     series = sorted({str(ds.SeriesInstanceUID) for _, ds in headers})
     if len(series) > 1:

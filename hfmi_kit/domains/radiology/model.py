@@ -197,21 +197,6 @@ class UNetBaseline(nn.Module):
         return {"loss": seg_loss(self.logits(batch["image"]), batch["label"], self.classes)}
 
 
-@register_model("radiology_mae")
-def _mae(*, size: EncoderConfig, **kw: Any) -> RadiologyMAE:
-    return RadiologyMAE(size=size, **kw)
-
-
-@register_model("radiology_segmenter")
-def _seg(*, size: EncoderConfig, **kw: Any) -> RadiologySegmenter:
-    return RadiologySegmenter(size=size, **kw)
-
-
-@register_model("radiology_unet")
-def _unet(*, size: EncoderConfig, **kw: Any) -> UNetBaseline:
-    return UNetBaseline(**kw)
-
-
 def _starts(n: int, w: int, step: int) -> list[int]:
     s = list(range(0, max(n - w, 0) + 1, step))
     if s[-1] != max(n - w, 0):
@@ -260,3 +245,9 @@ def sliding_window_labels(logits_fn: Callable[[torch.Tensor], torch.Tensor], ima
             lab[sl] = torch.where(upd, cl.to(torch.uint8), lab[sl])
     crop = tuple(slice(p0, n - p1) for (p0, p1), n in zip(pads, shape))
     return lab[crop].numpy(), best[crop].numpy()
+
+
+# the model families, created by name: create_model("<family>.<size>", **kwargs)
+register_model("radiology_mae")(RadiologyMAE)
+register_model("radiology_segmenter")(RadiologySegmenter)
+register_model("radiology_unet")(UNetBaseline)

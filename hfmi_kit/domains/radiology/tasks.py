@@ -90,6 +90,23 @@ def pretrain(*, data: str | Path, out: str | Path, config: str = "tiny", steps: 
     return path
 
 
+def _check_classes(subjects: Sequence[rdata.Subject]) -> None:
+    """The classes a study declares must be ones the segmenter predicts (:data:`.synth.LABELS`)."""
+    for s in subjects:
+        extra = sorted(set(s.classes or {}) - set(LABELS))
+        if extra:
+            names = ", ".join(f"{k} {v}" for k, v in LABELS.items())
+            raise DataError(f"{s.classes_from}: 'labels' declares class(es) {extra} the segmenter does not predict; "
+                            f"it predicts {names}")
+
+
+def _check_dicom_outputs(cases: Sequence[rdata.Prepared]) -> None:
+    """Read the DICOM series a prediction will be written for (as DICOM-SEG) before any training."""
+    for c in cases:
+        for series in c.dicom.values():
+            load_volume(series)
+
+
 def _train_segmenter(model: torch.nn.Module, cases: Sequence[rdata.Prepared], out: Path, *, name: str,
                      mconf: dict[str, Any], steps: int, seed: int, batch_size: int, lr: float, layer_decay: float,
                      mode: str, precision: str, device: str, progress: bool) -> torch.nn.Module:
@@ -179,9 +196,10 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
     if labels is not None and labels < 1:
         raise ConfigError(f"--labels must be >= 1, got {labels}")
     if not 0 < label_fraction <= 1:
-        raise ConfigError(f"label_fraction must lie in (0, 1], got {label_fraction}")
+        raise ConfigError(f"--label-fraction (label_fraction) must lie in (0, 1], got {label_fraction}")
     root, out = Path(data), Path(out)
     subjects = rdata.discover(root)
+    _check_classes(subjects)
     pool, test = rdata.split_subjects(subjects)
     if labels is None and label_fraction < 1:
         labels = max(1, int(round(label_fraction * len(pool))))
@@ -208,6 +226,7 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
     LOGGER.info("preparing %d training and %d test cases (%s)", len(chosen), len(test), mods)
     train_cases = [rdata.prepare(s, mods, sp) for s in chosen]
     test_cases = [rdata.prepare(s, mods, sp, keep_ref=True) for s in test]
+    _check_dicom_outputs(test_cases)  # read now, not after training: a bad series must not cost a run
     mk = {"modalities": all_mods, "input_modalities": mods, "crop": crop, "patch": patch, "spacing": sp,
           "classes": len(LABELS)}
     summary = (f"3-D tumour segmenter fine-tuned ({mode}) from {ckpt or 'scratch'} on {len(chosen)} labelled "
@@ -313,6 +332,7 @@ def evaluate(*, ckpt: str | Path, data: str | Path, out: str | Path) -> dict[str
         raise DataError(f"{root}: every labelled subject was used for training {ckpt}")
     mods = cfg["geometry"]["modalities"]
     prepared = [rdata.prepare(s, mods, float(cfg["geometry"]["spacing_mm"]), keep_ref=True) for s in cases]
+    _check_dicom_outputs(prepared)
     metrics, rows = score_cases(model, prepared, out_dir=out / "predictions")
     metrics["test_cases"] = float(len(cases))
     atomic_write_json(out / "cases.json", {"test": [c.id for c in cases], "per_case": rows})
