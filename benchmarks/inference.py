@@ -51,9 +51,9 @@ def finetuned(domain: str, root: Path, data: dict[str, Any]) -> Path:
     """The small-scorecard fine-tuned checkpoint of ``domain`` (pretraining first when ``root``
     holds no pretrained one from trust.py)."""
     from hfmi_kit.domains import get_domain
-    from hfmi_kit.scorecard import PLANS
+    from hfmi_kit.scorecard import plan_of
 
-    plan, dom = PLANS[domain], get_domain(domain)
+    plan, dom = plan_of(domain), get_domain(domain)
     pre = root / f"{domain}_a" / "model"
     if not pre.exists():
         kw = {**plan.pretrain_kw["small"]}
@@ -151,13 +151,13 @@ def materials(ckpt: Path, data: dict[str, Any], repeats: int) -> None:
 
 def run(domains: Sequence[str], root: Path, repeats: int = 3) -> None:
     """Fine-tune (small scorecard settings) and print the inference figures of ``domains``."""
-    from hfmi_kit.scorecard import PLANS
+    from hfmi_kit.scorecard import plan_of
 
     print(f"inference time per sample, fine-tuned model against the classical baseline "
           f"({torch.get_num_threads()} threads, best of {repeats}):")
     fns = {"climate": climate, "radiology": radiology, "carbon": carbon, "materials": materials}
     for d in domains:
-        data = PLANS[d].data(root / "data", "small")
+        data = plan_of(d).data(root / "data", "small")
         fns[d](finetuned(d, root, data), data, repeats)
 
 

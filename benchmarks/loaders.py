@@ -177,13 +177,13 @@ def materials(csv: Path, repeats: int) -> None:
 def run(domains: Sequence[str], data_dir: Path, repeats: int = 3) -> None:
     """Print the loader figures of ``domains`` on the small scorecard's data under ``data_dir``
     (generated there when missing)."""
-    from hfmi_kit.scorecard import PLANS
+    from hfmi_kit.scorecard import plan_of
 
     print("loader throughput against the raw read of each format (best of "
           f"{repeats}, after a warm-up; files in the page cache):")
     fns = {"climate": climate, "radiology": radiology, "carbon": carbon, "materials": materials}
     for d in domains:
-        data = PLANS[d].data(data_dir, "small")
+        data = plan_of(d).data(data_dir, "small")
         fns[d](Path(data.get("pretrain_data", data["data"])), repeats)
 
 

@@ -37,9 +37,9 @@ from throughput import matmul_peak
 def _pretrain(domain: str, root: Path, steps: int, tag: str, flops: bool) -> tuple[float, float]:
     """(seconds, FLOPs or 0) of the domain's small-budget pretraining with ``steps`` steps."""
     from hfmi_kit.domains import get_domain
-    from hfmi_kit.scorecard import PLANS
+    from hfmi_kit.scorecard import plan_of
 
-    plan, dom = PLANS[domain], get_domain(domain)
+    plan, dom = plan_of(domain), get_domain(domain)
     data = plan.data(root / "data", "small")
     kw = {**plan.pretrain_kw["small"], "steps": steps}
     if "exclude" in data:

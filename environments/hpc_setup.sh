@@ -32,7 +32,7 @@ if [ ! -x "$HFMI_VENV/bin/python" ]; then
     "$HFMI_VENV/bin/python" -m pip install -q --extra-index-url https://download.pytorch.org/whl/cpu \
       "${HFMI_TORCH_SPEC:-torch==2.13.0}"
   fi
-  "$HFMI_VENV/bin/python" -m pip install -q -e "$HFMI_ROOT[climate,radiology,materials,carbon,viz,lab]"
+  "$HFMI_VENV/bin/python" -m pip install -q -e "$HFMI_ROOT[all]"
   "$HFMI_VENV/bin/python" -m ipykernel install --user --name hfmi_kit --display-name "hfmi_kit (${HFMI_VENV})"
 fi
 # shellcheck disable=SC1091

@@ -272,11 +272,11 @@ def cmd_sweep_task(a: argparse.Namespace) -> None:
 
 
 def cmd_demo(a: argparse.Namespace) -> None:
-    dom = _domain("climate")
+    dom = _domain(a.domain)
     out = Path(a.out)
     t0 = time.time()
     data = dom.example_data(out / "data", seed=a.seed, years=a.years)
-    print(f"[1/3] data: {data} ({a.years} years of a synthetic coupled climate, CF Zarr)")
+    print(f"[1/3] data: {data} ({dom.name} example data: {dom.data_formats})")
     ck = dom.pretrain(data=data, out=out / "pretrain", steps=a.steps, seed=a.seed, progress=not a.quiet)
     print(f"[2/3] pretrained checkpoint: {ck}")
     ft = out / "finetune"
@@ -289,9 +289,9 @@ def cmd_demo(a: argparse.Namespace) -> None:
 
 
 def cmd_scorecard(a: argparse.Namespace) -> None:
-    from hfmi_kit.scorecard import PLANS, run_scorecard
+    from hfmi_kit.scorecard import run_scorecard
 
-    domains = [d.strip() for d in a.domains.split(",") if d.strip()] if a.domains else list(PLANS)
+    domains = [d.strip() for d in a.domains.split(",") if d.strip()] if a.domains else None
     seeds = [int(s) for s in a.seeds.split(",")]
     t0 = time.time()
     rows = run_scorecard(a.out, domains=domains, budget=a.budget, seeds=seeds)
@@ -440,7 +440,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="hfmi", description="hfmi_kit: scientific foundation models")
+    from hfmi_kit.domains import list_domains
+
+    domains = ", ".join(list_domains())
+    p = _Parser(prog="hfmi", description=f"hfmi_kit: scientific foundation models. Domains: {domains}.")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="log progress at INFO level; show the traceback of an error")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
@@ -461,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(sets HFMI_STRATEGY for the processes)")
 
     sp = sub.add_parser("pretrain", help="pretrain a foundation model on unlabelled data")
-    sp.add_argument("domain", help="climate, radiology, materials or carbon")
+    sp.add_argument("domain", help=f"one of the registered domains: {domains}")
     sp.add_argument("--out", required=True, help="output directory (checkpoints, metrics.jsonl, model/)")
     sp.add_argument("--data", help="data in the domain's format (default: generated example data)")
     sp.add_argument("--config", default="tiny", help="model size: tiny, small, base")
@@ -475,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_pretrain)
 
     sp = sub.add_parser("finetune", help="fine-tune a pretrained model on a downstream task")
-    sp.add_argument("domain")
+    sp.add_argument("domain", help=f"one of the registered domains: {domains}")
     sp.add_argument("--from", dest="from_", required=True, metavar="CKPT",
                     help="pretrained checkpoint directory, or 'scratch' for the same model untrained")
     sp.add_argument("--out", required=True)
@@ -504,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_finetune)
 
     sp = sub.add_parser("evaluate", help="evaluate a fine-tuned checkpoint; writes metrics.json")
-    sp.add_argument("domain")
+    sp.add_argument("domain", help=f"one of the registered domains: {domains}")
     sp.add_argument("--ckpt", required=True)
     sp.add_argument("--out", required=True)
     sp.add_argument("--data")
@@ -512,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_evaluate)
 
     sp = sub.add_parser("whatif", help="climate: ensemble what-if rollouts under a changed CO2 forcing")
-    sp.add_argument("domain")
+    sp.add_argument("domain", help=f"one of the registered domains: {domains}")
     sp.add_argument("--ckpt", required=True, help="fine-tuned forecaster")
     sp.add_argument("--out", required=True)
     sp.add_argument("--data")
@@ -631,9 +634,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_dashboard)
 
     sp = sub.add_parser("demo", help="the main job: generate data, pretrain, fine-tune, report")
+    sp.add_argument("--domain", default="climate", help=f"the domain to demonstrate ({domains}; default climate)")
     sp.add_argument("--out", default="hfmi_demo")
     sp.add_argument("--steps", type=int, default=300)
-    sp.add_argument("--years", type=int, default=16)
+    sp.add_argument("--years", type=int, default=16, help="climate: years of generated data")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--quiet", action="store_true", help="no progress bars")
     sp.set_defaults(fn=cmd_demo)

@@ -2,16 +2,17 @@
 from scratch and the domain's classical baselines, at each label budget, on the same split,
 over several seeds, with the field's metric.
 
-    hfmi scorecard [--domains climate,radiology,carbon,materials] [--budget small|full] --out DIR
+    hfmi scorecard [--domains climate,radiology,...] [--budget small|full] --out DIR
 
 writes ``DIR/scorecard.csv`` (domain, task, label_budget, method, seed, metric, value),
 ``DIR/scorecard.md`` (mean ± standard deviation per budget and method, and whether the
 pretrained model beats scratch beyond the spread), ``DIR/label_efficiency.html`` (the curves)
 and every run under ``DIR/runs`` (the dashboard can show them). One pretraining per domain
 (seed 0) serves every fine-tuning; each (budget, seed) fine-tunes once from the checkpoint and
-once from scratch; the baselines are trained or computed on the same split inside those runs
-(radiology: U-Net; carbon: random forest; materials: random forest on Magpie features and the
-mean; climate: damped persistence, persistence and climatology).
+once from scratch; the baselines are trained or computed on the same split inside those runs.
+What a domain is scored on (its data, budgets, steps and baselines) is its
+:meth:`~hfmi_kit.domains.Domain.scorecard_plan`: the scorecard covers every registered domain
+that has one.
 
 ``small`` runs in minutes on a laptop CPU (tiny models, few steps: it checks the machinery and
 gives rough numbers); ``full`` is sized for a cluster job.
@@ -49,76 +50,32 @@ class DomainPlan:
     baselines: Sequence[str] = ()  # what finetune(baselines=...) trains
     extra_methods: Sequence[str] = field(default_factory=tuple)  # metric suffixes computed in every run
     method_names: dict[str, str] = field(default_factory=dict)  # metric suffix -> method name in the table
+    note: str = ""  # a sentence the summary prints under the domain's table (what a method means)
 
 
-def _climate_data(d: Path, budget: str) -> dict[str, Any]:
-    from hfmi_kit.domains.climate import GeneratorConfig, generate, write_dataset
+def plan_of(domain: str) -> DomainPlan:
+    """The scorecard plan of registered ``domain`` (:meth:`Domain.scorecard_plan`)."""
+    from hfmi_kit.domains import get_domain
 
-    years = 10 if budget == "small" else 40
-    p = d / "climate.zarr"
-    if not p.exists():
-        write_dataset(generate(GeneratorConfig(years=years, spinup_years=8, seed=0)), p)
-    return {"data": p}
-
-
-def _radiology_data(d: Path, budget: str) -> dict[str, Any]:
-    from hfmi_kit.domains.radiology import StudyConfig, generate_study
-
-    p = d / "radiology_study"
-    if not p.exists():
-        cfg = StudyConfig(unlabelled=2, labelled=6, spacing_scale=1.6, seed=3) if budget == "small" else StudyConfig()
-        generate_study(p, cfg)
-    return {"data": p}
+    plan = get_domain(domain).scorecard_plan()
+    if plan is None:
+        raise ConfigError(f"the {domain} domain defines no scorecard plan")
+    return plan
 
 
-def _carbon_data(d: Path, budget: str) -> dict[str, Any]:
-    from hfmi_kit.domains.carbon import LandscapeConfig, generate_region
+def scored_domains() -> list[str]:
+    """The registered domains that define a scorecard plan (those whose extras are installed)."""
+    from hfmi_kit.domains import get_domain, list_domains
 
-    p = d / "carbon_region"
-    if not p.exists():
-        cfg = LandscapeConfig(size=64, plots=60, seed=2) if budget == "small" else LandscapeConfig(size=256, plots=300)
-        generate_region(p, cfg)
-    return {"data": p}
-
-
-def _materials_data(d: Path, budget: str) -> dict[str, Any]:
-    import pandas as pd
-
-    from hfmi_kit.domains.materials.tables import bundled_path
-
-    if budget == "full":
-        return {"data": "expt_gap", "pretrain_data": "mp_gap"}
-    d.mkdir(parents=True, exist_ok=True)
-    dft, expt = d / "dft.csv", d / "expt.csv"
-    if not dft.exists():
-        pd.read_csv(bundled_path("mp_gap")).sample(3000, random_state=0).to_csv(dft, index=False)
-        pd.read_csv(bundled_path("expt_gap")).sample(400, random_state=0).to_csv(expt, index=False)
-    return {"data": expt, "pretrain_data": dft, "exclude": expt}
-
-
-PLANS: dict[str, DomainPlan] = {
-    "climate": DomainPlan(
-        data=_climate_data, label_arg="label_fraction",
-        budgets={"small": [0.25, 1.0], "full": [0.05, 0.1, 0.25, 0.5, 1.0]},
-        pretrain_kw={"small": {"steps": 20}, "full": {"steps": 3000, "config": "small"}},
-        finetune_kw={"small": {"steps": 10, "rollout_train": 2, "leads": 2}, "full": {"steps": 1500}},
-        scratch_separately=True, extra_methods=("damped_persistence", "persistence", "climatology")),
-    "radiology": DomainPlan(
-        data=_radiology_data, label_arg="labels", budgets={"small": [1, 3], "full": [1, 2, 4, 8, 16]},
-        pretrain_kw={"small": {"steps": 6, "batch_size": 2, "spacing": 4.5}, "full": {"steps": 3000}},
-        finetune_kw={"small": {"steps": 6, "batch_size": 2, "spacing": 4.5}, "full": {"steps": 600}},
-        baselines=("scratch", "unet"), method_names={"unet": "unet_all_cases"}),
-    "carbon": DomainPlan(
-        data=_carbon_data, label_arg="labels", budgets={"small": [10, 30], "full": [20, 50, 100, 150]},
-        pretrain_kw={"small": {"steps": 20, "batch_size": 8}, "full": {"steps": 2000}},
-        finetune_kw={"small": {"steps": 30, "calibration_folds": 2}, "full": {"steps": 400}},
-        baselines=("scratch", "rf")),
-    "materials": DomainPlan(
-        data=_materials_data, label_arg="labels", budgets={"small": [50, 150], "full": [50, 100, 200, 400, 800]},
-        pretrain_kw={"small": {"steps": 40, "supervised_steps": 60}, "full": {"steps": 3000}},
-        finetune_kw={"small": {"steps": 30, "folds": 2, "members": 1}, "full": {"steps": 1000}},
-        baselines=("scratch", "rf", "dummy")),
-}
+    out = []
+    for name in list_domains():
+        try:
+            dom = get_domain(name)
+        except ImportError:
+            continue
+        if dom.scorecard_plan() is not None:
+            out.append(name)
+    return out
 
 
 def _rows(domain: str, task: str, budget: float, seed: int, metrics: dict[str, float], metric: str,
@@ -131,7 +88,7 @@ def run_domain(domain: str, out: Path, *, budget: str = "small", seeds: Sequence
     """Pretrain once, fine-tune at every label budget and seed with the baselines; the rows."""
     from hfmi_kit.domains import get_domain
 
-    plan, dom = PLANS[domain], get_domain(domain)
+    plan, dom = plan_of(domain), get_domain(domain)
     metric, task = dom.primary_metric, dom.tasks[0]
     data = plan.data(out / "data", budget)
     runs = out / "runs" / domain
@@ -170,9 +127,6 @@ def summarise(rows: Sequence[dict[str, Any]], budget: str = "") -> str:
         lines += ["Budget `small`: tiny models trained for a few steps. It checks the whole comparison "
                   "(same splits, seeds, baselines) in minutes; its numbers are not the foundation-model claim "
                   "(run `--budget full` on a cluster for that).", ""]
-    if any(r["method"] == "unet_all_cases" for r in rows):
-        lines += ["`unet_all_cases`: the radiology U-Net reference is trained on every labelled training "
-                  "case, whatever the budget (an upper reference, not a same-budget baseline).", ""]
     for domain in sorted({r["domain"] for r in rows}):
         dom = get_domain(domain)
         dr = [r for r in rows if r["domain"] == domain]
@@ -195,7 +149,8 @@ def summarise(rows: Sequence[dict[str, Any]], budget: str = "") -> str:
                 verdict = ("better" if gain > sp + ss else "worse" if -gain > sp + ss else "within spread") + \
                     f" ({gain:+.3g})"
             lines.append(f"| {b:g} | " + " | ".join(cells) + f" | {verdict} |")
-        lines.append("")
+        note = dom.scorecard_plan().note if dom.scorecard_plan() is not None else ""
+        lines += ["", note, ""] if note else [""]
     lines.append("Mean ± sample standard deviation over seeds (n). 'better' / 'worse': the difference of "
                  "the means exceeds the sum of the two standard deviations.")
     return "\n".join(lines) + "\n"
@@ -225,17 +180,20 @@ def curves_html(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def run_scorecard(out: str | Path, *, domains: Sequence[str] = tuple(PLANS), budget: str = "small",
+def run_scorecard(out: str | Path, *, domains: Sequence[str] | None = None, budget: str = "small",
                   seeds: Sequence[int] = (0, 1, 2)) -> list[dict[str, Any]]:
-    """Score ``domains`` into ``out``; return the rows of ``scorecard.csv``."""
+    """Score ``domains`` (default: every domain with a scorecard plan) into ``out``; return the
+    rows of ``scorecard.csv``."""
     from hfmi_kit.config import atomic_write_text
     from hfmi_kit.viz import require_holoviews
 
     if budget not in BUDGETS:
         raise ConfigError(f"--budget must be one of {list(BUDGETS)}, got {budget!r}")
-    unknown = [d for d in domains if d not in PLANS]
+    covered = scored_domains()
+    domains = list(covered if domains is None else domains)
+    unknown = [d for d in domains if d not in covered]
     if unknown:
-        raise ConfigError(f"unknown domains {unknown}; the scorecard covers {list(PLANS)}")
+        raise ConfigError(f"unknown domains {unknown}; the scorecard covers {covered}")
     if len(set(seeds)) < 3:
         raise ConfigError(f"a scorecard needs at least 3 seeds, got {list(seeds)}")
     out = Path(out)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv at the repository root and install hfmi_kit into it.
-#   bash scripts/install.sh        # everything a user needs (climate, radiology, materials, carbon, viz, JupyterLab)
+#   bash scripts/install.sh        # everything a user needs: hfmi_kit[all] (every domain, viz, JupyterLab, explain)
 #   bash scripts/install.sh dev    # ... plus the test tools
 # TORCH_SPEC overrides the torch requirement (default: the CPU build torch==2.13.0 used on
 # laptops and CI; on a GPU node use e.g. TORCH_SPEC="torch>=2.3" or environments/hpc_setup.sh).
@@ -12,7 +12,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip setuptools wheel
 .venv/bin/python -m pip install -q --disable-pip-version-check "${TORCH_SPEC:-torch==2.13.0}"
-extras="climate,radiology,materials,carbon,viz,lab,explain"
+extras="all"
 if [ "${1:-}" = "dev" ]; then
   extras="$extras,dev"
 fi

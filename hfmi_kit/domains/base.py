@@ -1,21 +1,31 @@
-"""The small contract every science module fills, and the registry of domains by name."""
+"""The small contract every science module fills, and the registry of domains by name.
+
+Domains are found through the ``hfmi_kit.domains`` entry-point group: a package declares
+
+    [project.entry-points."hfmi_kit.domains"]
+    timeseries = "hfmi_timeseries:DOMAIN"
+
+and, once installed, its domain appears in ``hfmi --help``, the CLI commands, the scorecard, the
+dashboard and the example runs, with no file of hfmi_kit changed. The core never imports a
+domain until one is asked for by name. :func:`register_domain` adds one at run time (tests,
+notebooks).
+"""
 
 from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
 from hfmi_kit.errors import ConfigError
 
-# name -> module that defines DOMAIN; the core never imports a domain until it is asked for.
-_DOMAIN_MODULES: dict[str, str] = {
-    "climate": "hfmi_kit.domains.climate",
-    "radiology": "hfmi_kit.domains.radiology",
-    "materials": "hfmi_kit.domains.materials",
-    "carbon": "hfmi_kit.domains.carbon",
-}
+ENTRY_POINT_GROUP = "hfmi_kit.domains"
+# hfmi_kit's own domains (also declared as entry points; listed here for a source tree without metadata)
+_BUILTIN = {"climate": "hfmi_kit.domains.climate:DOMAIN", "radiology": "hfmi_kit.domains.radiology:DOMAIN",
+            "materials": "hfmi_kit.domains.materials:DOMAIN", "carbon": "hfmi_kit.domains.carbon:DOMAIN"}
+_REGISTERED: dict[str, str] = {}  # register_domain(): name -> "module:attribute"
 
 
 class Domain(ABC):
@@ -83,23 +93,62 @@ class Domain(ABC):
         """Counterfactual experiment (change an input, roll the model out); optional per domain."""
         return self._task("whatif", "what-if experiments")(ckpt=ckpt, data=data, out=out, **kw)
 
+    def scorecard_plan(self) -> Any:
+        """How ``hfmi scorecard`` scores this domain: a :class:`hfmi_kit.scorecard.DomainPlan`
+        (data, label budgets, steps, baselines); None leaves the domain out of the scorecard and
+        the example runs. (Typed ``Any`` so that the contract imports none of its users.)"""
+        return None
 
-def register_domain(name: str, module: str) -> None:
-    """Make ``module`` (which defines ``DOMAIN``) available as ``name``."""
-    _DOMAIN_MODULES[name] = module
+    def dashboard_section(self, run: Any) -> list[Any]:
+        """Panel components showing the published files of ``run`` (a
+        :class:`hfmi_kit.viz.results.Run`) on its dashboard page; files are read through
+        ``run.file``, which refuses anything outside the results folder."""
+        return []
+
+    def example_extras(self, root: Path, seed: int = 0) -> list[Path]:
+        """Besides the scorecard's runs under ``root/runs/<name>``, what the domain's
+        ``03_visualize`` notebook writes (for ``hfmi dashboard --example``); the folders made."""
+        return []
+
+
+def register_domain(name: str, target: str) -> None:
+    """Make the domain object ``target`` (``"package.module:DOMAIN"``; a bare module means its
+    ``DOMAIN``) available as ``name``, beside those of the entry-point group."""
+    _REGISTERED[name] = target if ":" in target else f"{target}:DOMAIN"
+    get_domain.cache_clear()
+
+
+@lru_cache(maxsize=1)
+def _entry_points() -> dict[str, str]:
+    from importlib.metadata import entry_points
+
+    return {**_BUILTIN, **{ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}}
+
+
+def _targets() -> dict[str, str]:
+    return {**_entry_points(), **_REGISTERED}
 
 
 def list_domains() -> list[str]:
-    return sorted(_DOMAIN_MODULES)
+    """The names of every registered domain (entry points and :func:`register_domain`)."""
+    return sorted(_targets())
 
 
+@cache
 def get_domain(name: str) -> Domain:
     """Import and return the domain registered as ``name``."""
-    if name not in _DOMAIN_MODULES:
-        raise ConfigError(f"unknown domain {name!r}; available: {list_domains()}")
+    targets = _targets()
+    if name not in targets:
+        raise ConfigError(f"unknown domain {name!r}; available: {sorted(targets)}")
+    module, _, attr = targets[name].partition(":")
     try:
-        mod = importlib.import_module(_DOMAIN_MODULES[name])
+        mod = importlib.import_module(module)
     except ImportError as e:
         raise ImportError(f"domain {name!r} needs extra packages ({e}); "
                           f"install them with `pip install hfmi_kit[{name}]`") from e
-    return mod.DOMAIN
+    dom = getattr(mod, attr or "DOMAIN", None)
+    if not isinstance(dom, Domain):
+        raise ConfigError(f"domain {name!r}: {targets[name]} is not a hfmi_kit Domain (found {type(dom).__name__})")
+    if dom.name != name:
+        raise ConfigError(f"domain {name!r}: {targets[name]} calls itself {dom.name!r}")
+    return dom

@@ -15,9 +15,7 @@ handler that refuses anything outside the directory. :func:`serve` binds 127.0.0
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ LOGGER = logging.getLogger(__name__)
 TITLE = "hfmi_kit results"
 
 
-def _pn() -> Any:
+def panel() -> Any:
     try:
         import panel as pn
     except ImportError as e:
@@ -39,9 +37,9 @@ def _pn() -> Any:
     return pn
 
 
-def _guard(what: str, build: Callable[[], Any]) -> Any:
+def guard(what: str, build: Callable[[], Any]) -> Any:
     """Build one section; a bad or half-written file becomes a visible message, not a crash."""
-    pn = _pn()
+    pn = panel()
     try:
         return build()
     except (HfmiError, OSError, ValueError, KeyError, IndexError, TypeError, RuntimeError) as e:
@@ -54,7 +52,7 @@ def show(obj: Any) -> Any:
     Bokeh grid of plots with colour bars inside nested columns renders blank); objects with
     sliders keep Panel's widgets."""
     hv = require_holoviews()
-    pn = _pn()
+    pn = panel()
     if isinstance(obj, hv.Layout) and not any(isinstance(o, (hv.DynamicMap, hv.HoloMap)) for o in obj):
         cols = getattr(obj, "_max_cols", None) or len(obj)
         items = [pn.pane.HoloViews(o) for o in obj]
@@ -67,7 +65,7 @@ def _metrics_table(run: Run) -> Any:
 
     from hfmi_kit.domains import get_domain
 
-    pn = _pn()
+    pn = panel()
     keys: list[str] = []
     if run.domain:
         try:
@@ -83,7 +81,7 @@ def _metrics_table(run: Run) -> Any:
 
 
 def _files(run: Run) -> Any:
-    pn = _pn()
+    pn = panel()
     if not run.files:
         return pn.pane.Markdown("*no published files*")
     base = f"files/{quote(run.rel)}/" if run.rel else "files/"
@@ -94,16 +92,16 @@ def _files(run: Run) -> Any:
     return pn.pane.Markdown("\n".join(lines))
 
 
-# ---------------------------------------------------------------- domain sections
+# ---------------------------------------------------------------- helpers the domains' sections use
 
 
-def _published(run: Run, name: str, notes: list[Any]) -> Path | None:
+def published(run: Run, name: str, notes: list[Any]) -> Path | None:
     """The run's file ``name`` resolved inside the results directory, or None when absent; a file
     that resolves outside is not read: a refusal is added to ``notes`` instead."""
     try:
         return run.file(name)
     except AccessRefusedError as e:
-        notes.append(_pn().pane.Alert(f"**{name}** is not shown: {e}", alert_type="danger", name="refused"))
+        notes.append(panel().pane.Alert(f"**{name}** is not shown: {e}", alert_type="danger", name="refused"))
         return None
 
 
@@ -115,251 +113,20 @@ def open_netcdf(path: Path) -> Any:
     return open_cf(path)
 
 
-def climate_section(run: Run) -> list[Any]:
-    """Forecast maps with a lead slider, skill against lead, and what-if response maps."""
-
-    from hfmi_kit.domains.climate.plots import forecast_maps, skill_vs_lead, whatif_maps
-
-    pn = _pn()
-    out: list[Any] = []
-    fc_path = _published(run, "forecast.nc", out)
-    if fc_path is not None:
-        def forecast() -> Any:
-            ds = open_netcdf(fc_path)
-            names = [str(v) for v in ds.data_vars if {"init_time", "lead"} <= set(ds[v].dims)]
-            if not names:
-                raise ConfigError(f"{fc_path.name}: no variable with init_time and lead dimensions")
-            var = pn.widgets.Select(name="variable", options=names, value="tas" if "tas" in names else names[0])
-
-            def maps(v: str) -> Any:
-                return show(forecast_maps(ds, v, dynamic=True))
-
-            def skill(v: str) -> Any:
-                plots = [skill_vs_lead(run.metrics, v, m) for m in ("rmse", "acc")
-                         if f"{m}_{v}_lead1" in run.metrics]
-                return pn.Row(*[show(p) for p in plots]) if plots else pn.pane.Markdown(
-                    f"*no per-lead scores of {v} in metrics.json*")
-
-            return pn.Column(f"### Forecast ({fc_path.name})", var, pn.bind(maps, var), "### Skill against lead",
-                             pn.bind(skill, var))
-        out.append(_guard(fc_path.name, forecast))
-    wi_path = _published(run, "whatif.nc", out)
-    if wi_path is not None:
-        def whatif() -> Any:
-            ds = open_netcdf(wi_path)
-            names = [str(v)[: -len("_response")] for v in ds.data_vars if str(v).endswith("_response")]
-            if not names:
-                raise ConfigError(f"{wi_path.name}: no <variable>_response in the file")
-            var = pn.widgets.Select(name="variable", options=names, value="tas" if "tas" in names else names[0])
-            text = ds.attrs.get("title", "") or ds.attrs.get("comment", "")
-            return pn.Column(f"### What-if response ({wi_path.name})", pn.pane.Markdown(text), var,
-                             pn.bind(lambda v: show(whatif_maps(ds, v)), var))
-        out.append(_guard(wi_path.name, whatif))
-    return out
-
-
-def _radiology_case(root: Path, run: Run, case_id: str) -> Any:
-    import nibabel as nib
-    import numpy as np
-
-    from hfmi_kit.domains.radiology import discover
-    from hfmi_kit.domains.radiology.plots import orthoviews
-
-    pn = _pn()
-
-    def nifti(p: Path) -> Any:  # canonical (RAS) orientation, read only inside the results directory
-        return nib.as_closest_canonical(nib.load(str(resolve_under(root, _rel(root, p)))))
-
-    pred_file = run.file(f"predictions/{case_id}_pred.nii.gz")
-    if pred_file is None:
-        raise AccessRefusedError(f"refused: no prediction of {case_id!r} in the run")
-    pred = np.asarray(nifti(pred_file).dataobj).astype(np.uint8)
-    notes, image, masks = [], None, {"predicted": pred}
-    data = ((run.config or {}).get("card", {}).get("data") or [{}])[0].get("path")
-    if data:
-        try:
-            sub = {s.id: s for s in discover(resolve_under(root, _rel(root, Path(data))))}.get(case_id)
-            mods = (run.config or {}).get("geometry", {}).get("modalities") or list(sub.images if sub else [])
-            if sub is not None and mods and mods[0] in sub.images:
-                img = nifti(Path(sub.images[mods[0]]))
-                if img.shape[:3] == pred.shape:
-                    image = np.asarray(img.dataobj, dtype=np.float32)
-                if sub.label:
-                    lab = nifti(Path(sub.label))
-                    if lab.shape[:3] == pred.shape:
-                        masks["true"] = np.asarray(lab.dataobj).astype(np.uint8)
-                notes.append(f"image: {mods[0]} of {case_id}")
-        except AccessRefusedError:
-            notes.append("the input images lie outside the results directory: the prediction is shown alone")
-    if image is None:
-        image = (pred > 0).astype(np.float32)
-    ref = masks.get("true", pred)
-    centre = np.argwhere(ref > 0).mean(0).round().astype(int) if ref.any() else None
-    plot = orthoviews(image, masks, title=case_id, centre=centre, positions=list(range(30, 71, 5)), size=220,
-                      dynamic=True)
-    return pn.Column(pn.pane.Markdown("; ".join(notes)), show(plot))
-
-
-def _rel(root: Path, p: Path) -> str:
-    """``p`` relative to ``root`` (resolved); ``..`` when outside, which :func:`resolve_under` refuses."""
-    try:
-        return str(Path(os.path.abspath(p)).resolve().relative_to(root.resolve()))
-    except ValueError:
-        return "../" + p.name
-
-
-def radiology_section(root: Path, run: Run) -> list[Any]:
-    """Per test case: orthogonal slices with the predicted (and true) label overlay, a slice slider."""
-    import pandas as pd
-
-    pn = _pn()
-    out: list[Any] = []
-    pred_dir = _published(run, "predictions", out)
-    preds = sorted(pred_dir.glob("*_pred.nii.gz")) if pred_dir is not None else []
-    if not preds:
-        return out
-
-    def build() -> Any:
-        ids = [p.name[: -len("_pred.nii.gz")] for p in preds]
-        case = pn.widgets.Select(name="test case", options=ids, value=ids[0])
-        items = ["### Segmentation", case, pn.bind(lambda c: _guard(c, lambda: _radiology_case(root, run, c)), case)]
-        cj = run.file("cases.json")
-        if cj is not None:
-            per = json.loads(cj.read_text(encoding="utf-8")).get("per_case", {}).get("model", [])
-            if per:
-                cols = [c for c in ("id", "dice", "hd95_mm", "centroid_error_mm", "volume_ml_pred", "volume_ml_true")
-                        if c in per[0]]
-                items += ["### Per-case scores", pn.pane.DataFrame(pd.DataFrame(per)[cols], index=False,
-                                                                   float_format="{:.3g}".format)]
-        return pn.Column(*items)
-
-    return [*out, _guard("predictions", build)]
-
-
-def carbon_section(run: Run) -> list[Any]:
-    """Biomass and interval-width maps per epoch, the change map, the budget table and plot."""
-    import pandas as pd
-
-    from hfmi_kit.domains.carbon.plots import biomass_maps, budget_plot, change_map, map_set
-
-    pn = _pn()
-    out: list[Any] = []
-    nc = _published(run, "maps/carbon.nc", out)
-    if nc is not None:
-        def maps() -> Any:
-            ms = map_set(nc)
-            epoch = pn.widgets.Select(name="epoch", options={e: i for i, e in enumerate(ms.epochs)},
-                                      value=len(ms.epochs) - 1)
-            items = ["### Biomass", epoch, pn.bind(lambda i: show(biomass_maps(nc, epoch=i)), epoch)]
-            if len(ms.epochs) > 1:
-                items += ["### Change", show(change_map(nc))]
-            return pn.Column(*items)
-        out.append(_guard("maps/carbon.nc", maps))
-    bf = _published(run, "budget.csv", out)
-    if bf is not None:
-        def budget() -> Any:
-            rows = pd.read_csv(bf)
-            missing = {"quantity", "value", "lower_90", "upper_90"} - set(rows.columns)
-            if missing:
-                raise ConfigError(f"budget.csv lacks columns {sorted(missing)}")
-            return pn.Column("### Regional carbon budget", pn.pane.DataFrame(rows.round(1), index=False, name="budget"),
-                             show(budget_plot(rows.to_dict("records"))))
-        out.append(_guard("budget.csv", budget))
-    return out
-
-
-def candidate_filters(frame: Any) -> tuple[list[Any], Callable[..., Any]]:
-    """Widgets over a candidates table and the function that applies them."""
-    pn = _pn()
-    fams = sorted(str(f) for f in frame["family"].dropna().unique()) if "family" in frame else []
-    family = pn.widgets.MultiChoice(name="family", options=fams, value=[])
-    lo, hi = float(frame["prediction_ev"].min()), float(frame["prediction_ev"].max())
-    gap = pn.widgets.RangeSlider(name="predicted gap [eV]", start=round(lo, 2) - 0.01, end=round(hi, 2) + 0.01,
-                                 value=(round(lo, 2) - 0.01, round(hi, 2) + 0.01), step=0.05)
-    known = pn.widgets.Select(name="measured before", options=["all", "new only", "known only"], value="all")
-    sq = pn.widgets.FloatSlider(name="min expected SQ [%]", start=0.0,
-                                end=float(frame["expected_sq_pct"].max()) if "expected_sq_pct" in frame else 40.0,
-                                value=0.0, step=0.5)
-
-    def apply(fam: list[str], g: tuple[float, float], k: str, s: float) -> Any:
-        f = frame
-        if fam:
-            f = f[f["family"].astype(str).isin(fam)]
-        f = f[(f["prediction_ev"] >= g[0]) & (f["prediction_ev"] <= g[1])]
-        if k != "all" and "known" in f:
-            f = f[f["known"].astype(bool) == (k == "known only")]
-        if "expected_sq_pct" in f:
-            f = f[f["expected_sq_pct"] >= s]
-        return f
-
-    return [family, gap, known, sq], apply
-
-
-def materials_section(run: Run) -> list[Any]:
-    """Parity and error by chemistry of the cross-validated predictions, the candidate table with
-    filters and the SQ plot, the active-learning curve."""
-    import pandas as pd
-
-    from hfmi_kit.domains.materials.discover import ALResult
-    from hfmi_kit.domains.materials.plots import active_learning_curve, error_by_chemistry, parity, sq_curve
-
-    pn = _pn()
-    out: list[Any] = []
-    cv = _published(run, "cv_predictions.csv", out)
-    if cv is not None:
-        def cvplots() -> Any:
-            f = pd.read_csv(cv)
-            methods = {"model": "prediction_ev", **{m: f"prediction_ev_{m}" for m in ("scratch", "rf", "dummy")
-                                                    if f"prediction_ev_{m}" in f}}
-            return pn.Column("### Out-of-fold predictions", pn.Row(show(parity(f))),
-                             show(error_by_chemistry(f, methods=methods)))
-        out.append(_guard(cv.name, cvplots))
-    cand = _published(run, "candidates.csv", out)
-    if cand is not None:
-        def candidates() -> Any:
-            frame = pd.read_csv(cand)
-            missing = {"formula", "prediction_ev"} - set(frame.columns)
-            if missing:
-                raise ConfigError(f"candidates.csv lacks columns {sorted(missing)}")
-            widgets, apply = candidate_filters(frame)
-            cols = [c for c in ("formula", "family", "prediction_ev", "uncertainty_ev", "expected_sq_pct",
-                                "p_target_window", "known", "measured_ev") if c in frame]
-            table = pn.widgets.Tabulator(frame[cols].round(3), pagination="local", page_size=15, disabled=True,
-                                         show_index=False, name="candidates", sizing_mode="stretch_width")
-            count = pn.pane.Markdown(f"{len(frame)} of {len(frame)} candidates", name="candidate count")
-
-            def update(*values: Any) -> Any:
-                f = apply(*values)
-                table.value = f[cols].round(3)
-                count.object = f"{len(f)} of {len(frame)} candidates"
-                return show(sq_curve(f))
-
-            return pn.Column("### Candidates", pn.Row(*widgets), count, table, pn.bind(update, *widgets))
-        out.append(_guard(cand.name, candidates))
-    al = _published(run, "active_learning.json", out)
-    if al is not None:
-        out.append(_guard(al.name, lambda: pn.Column("### Active learning", show(
-            active_learning_curve(ALResult.load(al))))))
-    return out
-
-
 # ---------------------------------------------------------------- pages
 
 
 def run_page(root: Path, run: Run) -> Any:
     """Everything about one run."""
-    pn = _pn()
+    pn = panel()
     head = f"## {run.name}\n\n**domain** {run.domain or '?'} · **kind** {run.kind} · **status** {run.status}"
     items: list[Any] = [pn.pane.Markdown(head, name="run header")]
     if run.problems:
         items.append(pn.pane.Alert("**" + run.status + "**: " + "; ".join(run.problems),
                                    alert_type="warning" if run.status == "in progress" else "danger",
                                    name="run status"))
-    if run.status == "ok":
-        sections = {"climate": lambda: climate_section(run), "radiology": lambda: radiology_section(root, run),
-                    "carbon": lambda: carbon_section(run), "materials": lambda: materials_section(run)}
-        if run.domain in sections:
-            items.extend(_guard(f"{run.domain} plots", sections[run.domain]))
+    if run.status == "ok" and run.domain:
+        items.extend(guard(f"{run.domain} plots", lambda: _domain_section(run)))
     side = [pn.pane.Markdown("### Metrics"), _metrics_table(run), pn.pane.Markdown("### Files"), _files(run)]
     card = pn.pane.Markdown(run.card or "*no model card*", name="model card", sizing_mode="stretch_width")
     side.append(pn.Card(card, title="Model card", collapsed=False, max_height=900, scroll=True))
@@ -367,11 +134,22 @@ def run_page(root: Path, run: Run) -> Any:
                   sizing_mode="stretch_width")
 
 
+def _domain_section(run: Run) -> list[Any]:
+    """The run's domain's own components (:meth:`Domain.dashboard_section`); none for an unknown domain."""
+    from hfmi_kit.domains import get_domain
+
+    try:
+        dom = get_domain(str(run.domain))
+    except (HfmiError, ImportError):
+        return []
+    return list(dom.dashboard_section(run))
+
+
 def overview_page(runs: list[Run]) -> Any:
     """The runs under the directory: domain, kind, status, headline score, labels."""
     from hfmi_kit.domains import get_domain
 
-    pn = _pn()
+    pn = panel()
     if not runs:
         return pn.pane.Markdown("No runs found. A run is a directory with `metrics.json`, `model/` or prediction "
                                 "files (`hfmi finetune ... --out DIR`).")
@@ -400,7 +178,7 @@ def compare_page(runs: list[Run]) -> Any:
     from hfmi_kit.domains import get_domain
     from hfmi_kit.viz.core import label_efficiency
 
-    pn = _pn()
+    pn = panel()
     ok = [r for r in runs if r.status == "ok" and r.metrics]
     if not ok:
         return pn.pane.Markdown("*no finished runs with metrics to compare*")
@@ -445,7 +223,7 @@ def _arg(args: Mapping[str, Any], name: str) -> str | None:
 def build_app(results: str | Path, args: Mapping[str, Any] | None = None) -> Any:
     """The page for one request: ``args`` are the URL's query arguments (``run``, ``page``);
     in a server session they are read from the session."""
-    pn = _pn()
+    pn = panel()
     require_holoviews()
     pn.extension("tabulator", notifications=False)
     root = Path(results).resolve()
@@ -529,7 +307,7 @@ def icon_handler() -> Any:
 def serve(results: str | Path, *, port: int = 5006, address: str = "127.0.0.1", prefix: str = "",
           websocket_origins: list[str] | None = None, show: bool = False, start: bool = True) -> Any:
     """Serve the dashboard of ``results`` (blocking when ``start``); returns the server."""
-    pn = _pn()
+    pn = panel()
     root = Path(results).resolve()
     if not root.is_dir():
         raise ConfigError(f"--results {results}: directory not found")

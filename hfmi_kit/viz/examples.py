@@ -4,9 +4,9 @@
 The runs are those of the small scorecard (:mod:`hfmi_kit.scorecard`, one seed): per domain a
 pretraining and, at two label budgets, a fine-tuning from it and from scratch with the
 baselines, all under ``root/runs/<domain>``, the data under ``root/data``. :func:`add_extras`
-adds what the ``03_visualize`` notebooks write: a climate what-if experiment and the materials
-candidates with the active-learning simulation. The models are tiny and barely trained: the
-point is real files in the real formats.
+adds what each domain's ``03_visualize`` notebook writes (:meth:`Domain.example_extras`: the
+climate what-if experiment, the materials candidates with the active-learning simulation). The
+models are tiny and barely trained: the point is real files in the real formats.
 """
 
 from __future__ import annotations
@@ -18,56 +18,36 @@ from pathlib import Path
 from hfmi_kit.errors import ConfigError
 
 LOGGER = logging.getLogger(__name__)
-DOMAINS = ("climate", "radiology", "carbon", "materials")
 
 
-def add_extras(root: str | Path, seed: int = 0) -> list[Path]:
-    """Next to the scorecard's runs in ``root``: ``runs/climate/whatif`` and
-    ``runs/materials/discovery`` (for the domains whose runs are there)."""
+def add_extras(root: str | Path, seed: int = 0, domains: Sequence[str] | None = None) -> list[Path]:
+    """Next to the scorecard's runs in ``root``: each domain's :meth:`Domain.example_extras`
+    (for the domains whose runs are there)."""
+    from hfmi_kit.domains import get_domain
+    from hfmi_kit.scorecard import scored_domains
+
     root = Path(root)
-    made = []
-    clim = root / "runs" / "climate" / f"pretrained_n1_s{seed}" / "model"
-    if clim.is_dir():
-        from hfmi_kit.domains.climate import whatif
-
-        whatif(ckpt=clim, data=root / "data" / "climate.zarr", out=root / "runs" / "climate" / "whatif", months=6,
-               members=2, average_from=2, seed=seed)
-        made.append(root / "runs" / "climate" / "whatif")
-    mat = sorted((root / "runs" / "materials").glob(f"pretrained_n*_s{seed}"))
-    if mat:
-        from hfmi_kit.domains.materials import load_property_csv
-        from hfmi_kit.domains.materials.discover import (
-            active_learning,
-            discovery_features,
-            generate_candidates,
-            rank_candidates,
-        )
-
-        vis = root / "runs" / "materials" / "discovery"
-        vis.mkdir(parents=True, exist_ok=True)
-        table = load_property_csv(root / "data" / "expt.csv")
-        ranked = rank_candidates(mat[-1] / "model", generate_candidates(), measured=table, seed=seed)
-        tmp = vis / ".candidates.csv.tmp"
-        ranked.to_csv(tmp, index=False)
-        tmp.replace(vis / "candidates.csv")
-        al = active_learning(discovery_features(root / "runs" / "materials" / "pretrain" / "model", table), table.y,
-                             budget=40, repeats=1, trees=20, seed=seed)
-        al.save(vis / "active_learning.json")
-        made.append(vis)
+    made: list[Path] = []
+    for name in domains if domains is not None else scored_domains():
+        if (root / "runs" / name).is_dir():
+            made += get_domain(name).example_extras(root, seed)
     return made
 
 
-def make_example_results(root: str | Path, domains: Sequence[str] = DOMAINS, *, seed: int = 0) -> dict[str, list[Path]]:
-    """Run the small scorecard's jobs of ``domains`` (one seed) into ``root``, plus the extras;
-    return the run directories per domain."""
-    from hfmi_kit.scorecard import PLANS, run_domain
+def make_example_results(root: str | Path, domains: Sequence[str] | None = None, *,
+                         seed: int = 0) -> dict[str, list[Path]]:
+    """Run the small scorecard's jobs of ``domains`` (default: every domain with a scorecard
+    plan; one seed) into ``root``, plus the extras; return the run directories per domain."""
+    from hfmi_kit.scorecard import run_domain, scored_domains
 
-    unknown = [d for d in domains if d not in PLANS]
+    covered = scored_domains()
+    domains = list(covered if domains is None else domains)
+    unknown = [d for d in domains if d not in covered]
     if unknown:
-        raise ConfigError(f"unknown domains {unknown}; available: {list(PLANS)}")
+        raise ConfigError(f"unknown domains {unknown}; available: {covered}")
     root = Path(root)
     for dom in domains:
         LOGGER.info("example results: %s", dom)
         run_domain(dom, root, budget="small", seeds=(seed,))
-    add_extras(root, seed)
+    add_extras(root, seed, domains)
     return {d: sorted(p for p in (root / "runs" / d).iterdir() if p.is_dir()) for d in domains}

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from hfmi_kit.domains.base import Domain
 from hfmi_kit.domains.carbon import model as _model  # noqa: F401  (registers the model family)
 from hfmi_kit.domains.carbon.sources import DEFAULT_SOURCES, SourceSpec, open_region, target_grid
 from hfmi_kit.domains.carbon.synth import LandscapeConfig, chave_agb_kg, generate_region
 from hfmi_kit.domains.carbon.tasks import budget, evaluate, finetune, map_region, predict_map, prepare, pretrain
+
+if TYPE_CHECKING:
+    from hfmi_kit.scorecard import DomainPlan
+    from hfmi_kit.viz.results import Run
 
 
 class CarbonDomain(Domain):
@@ -34,6 +38,31 @@ class CarbonDomain(Domain):
     def example_data(self, out_dir: str | Path, *, seed: int = 0, small: bool = True,
                      years: int | None = None) -> Path:
         return generate_region(Path(out_dir) / "carbon_region", LandscapeConfig(seed=seed, size=128 if small else 256))
+
+    def dashboard_section(self, run: Run) -> list[Any]:
+        from hfmi_kit.domains.carbon.dashboard import section
+
+        return section(run)
+
+    def scorecard_plan(self) -> DomainPlan:
+        from hfmi_kit.scorecard import DomainPlan
+
+        return DomainPlan(
+            data=_scorecard_data, label_arg="labels", budgets={"small": [10, 30], "full": [20, 50, 100, 150]},
+            pretrain_kw={"small": {"steps": 20, "batch_size": 8}, "full": {"steps": 2000}},
+            finetune_kw={"small": {"steps": 30, "calibration_folds": 2}, "full": {"steps": 400}},
+            baselines=("scratch", "rf"))
+
+
+def _scorecard_data(d: Path, budget: str) -> dict[str, Any]:
+    """The scorecard's data of this domain for ``budget``, made once under ``d``."""
+    from hfmi_kit.domains.carbon import LandscapeConfig, generate_region
+
+    p = d / "carbon_region"
+    if not p.exists():
+        cfg = LandscapeConfig(size=64, plots=60, seed=2) if budget == "small" else LandscapeConfig(size=256, plots=300)
+        generate_region(p, cfg)
+    return {"data": p}
 
 
 DOMAIN = CarbonDomain()

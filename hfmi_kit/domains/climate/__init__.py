@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from hfmi_kit.domains.base import Domain
 from hfmi_kit.domains.climate import model as _model  # noqa: F401  (registers the model families)
 from hfmi_kit.domains.climate.data import ClimateData, ForecastWindows, load_climate, split_years
 from hfmi_kit.domains.climate.generator import GeneratorConfig, generate, write_dataset
 from hfmi_kit.domains.climate.tasks import evaluate, finetune, pretrain, whatif
+
+if TYPE_CHECKING:
+    from hfmi_kit.scorecard import DomainPlan
+    from hfmi_kit.viz.results import Run
 
 
 class ClimateDomain(Domain):
@@ -33,6 +37,41 @@ class ClimateDomain(Domain):
                      years: int | None = None) -> Path:
         cfg = GeneratorConfig(years=years or (20 if small else 60), seed=seed, spinup_years=10 if small else 20)
         return write_dataset(generate(cfg), Path(out_dir) / "climate.zarr")
+
+    def example_extras(self, root: Path, seed: int = 0) -> list[Path]:
+        """A what-if experiment (doubled CO2, 6 months, 2 members) of the scorecard's fine-tuned model."""
+        clim = root / "runs" / "climate" / f"pretrained_n1_s{seed}" / "model"
+        if not clim.is_dir():
+            return []
+        out = root / "runs" / "climate" / "whatif"
+        whatif(ckpt=clim, data=root / "data" / "climate.zarr", out=out, months=6, members=2, average_from=2, seed=seed)
+        return [out]
+
+    def dashboard_section(self, run: Run) -> list[Any]:
+        from hfmi_kit.domains.climate.dashboard import section
+
+        return section(run)
+
+    def scorecard_plan(self) -> DomainPlan:
+        from hfmi_kit.scorecard import DomainPlan
+
+        return DomainPlan(
+            data=_scorecard_data, label_arg="label_fraction",
+            budgets={"small": [0.25, 1.0], "full": [0.05, 0.1, 0.25, 0.5, 1.0]},
+            pretrain_kw={"small": {"steps": 20}, "full": {"steps": 3000, "config": "small"}},
+            finetune_kw={"small": {"steps": 10, "rollout_train": 2, "leads": 2}, "full": {"steps": 1500}},
+            scratch_separately=True, extra_methods=("damped_persistence", "persistence", "climatology"))
+
+
+def _scorecard_data(d: Path, budget: str) -> dict[str, Any]:
+    """The scorecard's data of this domain for ``budget``, made once under ``d``."""
+    from hfmi_kit.domains.climate import GeneratorConfig, generate, write_dataset
+
+    years = 10 if budget == "small" else 40
+    p = d / "climate.zarr"
+    if not p.exists():
+        write_dataset(generate(GeneratorConfig(years=years, spinup_years=8, seed=0)), p)
+    return {"data": p}
 
 
 DOMAIN = ClimateDomain()

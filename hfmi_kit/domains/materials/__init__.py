@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from hfmi_kit.domains.base import Domain
 from hfmi_kit.domains.materials import model as _model  # noqa: F401  (registers the model families)
@@ -12,6 +12,10 @@ from hfmi_kit.domains.materials.chem import charge_balanced, magpie_features, pa
 from hfmi_kit.domains.materials.pv import module_technologies, sq_limit
 from hfmi_kit.domains.materials.tables import bundled_path, ingest_records, load_property_csv
 from hfmi_kit.domains.materials.tasks import cross_validate, evaluate, finetune, predict_table, pretrain
+
+if TYPE_CHECKING:
+    from hfmi_kit.scorecard import DomainPlan
+    from hfmi_kit.viz.results import Run
 
 
 class MaterialsDomain(Domain):
@@ -41,6 +45,60 @@ class MaterialsDomain(Domain):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         return Path(shutil.copy(bundled_path("expt_gap"), out / "expt_gap.csv"))
+
+    def example_extras(self, root: Path, seed: int = 0) -> list[Path]:
+        """Ranked candidates and an active-learning simulation from the scorecard's models."""
+        from hfmi_kit.domains.materials.discover import (
+            active_learning,
+            discovery_features,
+            generate_candidates,
+            rank_candidates,
+        )
+
+        mat = sorted((root / "runs" / "materials").glob(f"pretrained_n*_s{seed}"))
+        if not mat:
+            return []
+        vis = root / "runs" / "materials" / "discovery"
+        vis.mkdir(parents=True, exist_ok=True)
+        table = load_property_csv(root / "data" / "expt.csv")
+        ranked = rank_candidates(mat[-1] / "model", generate_candidates(), measured=table, seed=seed)
+        tmp = vis / ".candidates.csv.tmp"
+        ranked.to_csv(tmp, index=False)
+        tmp.replace(vis / "candidates.csv")
+        al = active_learning(discovery_features(root / "runs" / "materials" / "pretrain" / "model", table), table.y,
+                             budget=40, repeats=1, trees=20, seed=seed)
+        al.save(vis / "active_learning.json")
+        return [vis]
+
+    def dashboard_section(self, run: Run) -> list[Any]:
+        from hfmi_kit.domains.materials.dashboard import section
+
+        return section(run)
+
+    def scorecard_plan(self) -> DomainPlan:
+        from hfmi_kit.scorecard import DomainPlan
+
+        return DomainPlan(
+            data=_scorecard_data, label_arg="labels", budgets={"small": [50, 150], "full": [50, 100, 200, 400, 800]},
+            pretrain_kw={"small": {"steps": 40, "supervised_steps": 60}, "full": {"steps": 3000}},
+            finetune_kw={"small": {"steps": 30, "folds": 2, "members": 1}, "full": {"steps": 1000}},
+            baselines=("scratch", "rf", "dummy"))
+
+
+def _scorecard_data(d: Path, budget: str) -> dict[str, Any]:
+    """The scorecard's data of this domain for ``budget``, made once under ``d``."""
+    import pandas as pd
+
+    from hfmi_kit.domains.materials.tables import bundled_path
+
+    if budget == "full":
+        return {"data": "expt_gap", "pretrain_data": "mp_gap"}
+    d.mkdir(parents=True, exist_ok=True)
+    dft, expt = d / "dft.csv", d / "expt.csv"
+    if not dft.exists():
+        pd.read_csv(bundled_path("mp_gap")).sample(3000, random_state=0).to_csv(dft, index=False)
+        pd.read_csv(bundled_path("expt_gap")).sample(400, random_state=0).to_csv(expt, index=False)
+    return {"data": expt, "pretrain_data": dft, "exclude": expt}
 
 
 DOMAIN = MaterialsDomain()

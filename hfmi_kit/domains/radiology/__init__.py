@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from hfmi_kit.domains.base import Domain
 from hfmi_kit.domains.radiology import model as _model  # noqa: F401  (registers the model families)
@@ -11,6 +11,10 @@ from hfmi_kit.domains.radiology.data import Subject, discover, prepare, split_su
 from hfmi_kit.domains.radiology.io import Volume, load_dicom_series, load_nifti, load_volume, save_nifti
 from hfmi_kit.domains.radiology.synth import StudyConfig, generate_study
 from hfmi_kit.domains.radiology.tasks import evaluate, finetune, predict, pretrain
+
+if TYPE_CHECKING:
+    from hfmi_kit.scorecard import DomainPlan
+    from hfmi_kit.viz.results import Run
 
 
 class RadiologyDomain(Domain):
@@ -37,6 +41,33 @@ class RadiologyDomain(Domain):
         cfg = (StudyConfig(unlabelled=6, labelled=8, spacing_scale=1.4, seed=seed) if small
                else StudyConfig(seed=seed))
         return generate_study(Path(out_dir) / "radiology_study", cfg)
+
+    def dashboard_section(self, run: Run) -> list[Any]:
+        from hfmi_kit.domains.radiology.dashboard import section
+
+        return section(run)
+
+    def scorecard_plan(self) -> DomainPlan:
+        from hfmi_kit.scorecard import DomainPlan
+
+        return DomainPlan(
+            data=_scorecard_data, label_arg="labels", budgets={"small": [1, 3], "full": [1, 2, 4, 8, 16]},
+            pretrain_kw={"small": {"steps": 6, "batch_size": 2, "spacing": 4.5}, "full": {"steps": 3000}},
+            finetune_kw={"small": {"steps": 6, "batch_size": 2, "spacing": 4.5}, "full": {"steps": 600}},
+            baselines=("scratch", "unet"), method_names={"unet": "unet_all_cases"},
+            note="`unet_all_cases`: the U-Net reference is trained on every labelled training case, whatever the "
+                 "budget (an upper reference, not a same-budget baseline).")
+
+
+def _scorecard_data(d: Path, budget: str) -> dict[str, Any]:
+    """The scorecard's data of this domain for ``budget``, made once under ``d``."""
+    from hfmi_kit.domains.radiology import StudyConfig, generate_study
+
+    p = d / "radiology_study"
+    if not p.exists():
+        cfg = StudyConfig(unlabelled=2, labelled=6, spacing_scale=1.6, seed=3) if budget == "small" else StudyConfig()
+        generate_study(p, cfg)
+    return {"data": p}
 
 
 DOMAIN = RadiologyDomain()

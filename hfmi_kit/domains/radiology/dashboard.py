@@ -1,0 +1,92 @@
+"""Radiology runs on the dashboard (orthogonal slices of each test case with predicted and true
+labels, per-case scores), drawn by the functions the ``03_visualize`` notebook uses; files are
+read through ``run.file`` (inside the results folder)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from hfmi_kit.viz.dashboard import guard, panel, published, show
+from hfmi_kit.viz.results import AccessRefusedError, Run, resolve_under
+
+
+def _radiology_case(root: Path, run: Run, case_id: str) -> Any:
+    import nibabel as nib
+    import numpy as np
+
+    from hfmi_kit.domains.radiology import discover
+    from hfmi_kit.domains.radiology.plots import orthoviews
+
+    pn = panel()
+
+    def nifti(p: Path) -> Any:  # canonical (RAS) orientation, read only inside the results directory
+        return nib.as_closest_canonical(nib.load(str(resolve_under(root, _rel(root, p)))))
+
+    pred_file = run.file(f"predictions/{case_id}_pred.nii.gz")
+    if pred_file is None:
+        raise AccessRefusedError(f"refused: no prediction of {case_id!r} in the run")
+    pred = np.asarray(nifti(pred_file).dataobj).astype(np.uint8)
+    notes, image, masks = [], None, {"predicted": pred}
+    data = ((run.config or {}).get("card", {}).get("data") or [{}])[0].get("path")
+    if data:
+        try:
+            sub = {s.id: s for s in discover(resolve_under(root, _rel(root, Path(data))))}.get(case_id)
+            mods = (run.config or {}).get("geometry", {}).get("modalities") or list(sub.images if sub else [])
+            if sub is not None and mods and mods[0] in sub.images:
+                img = nifti(Path(sub.images[mods[0]]))
+                if img.shape[:3] == pred.shape:
+                    image = np.asarray(img.dataobj, dtype=np.float32)
+                if sub.label:
+                    lab = nifti(Path(sub.label))
+                    if lab.shape[:3] == pred.shape:
+                        masks["true"] = np.asarray(lab.dataobj).astype(np.uint8)
+                notes.append(f"image: {mods[0]} of {case_id}")
+        except AccessRefusedError:
+            notes.append("the input images lie outside the results directory: the prediction is shown alone")
+    if image is None:
+        image = (pred > 0).astype(np.float32)
+    ref = masks.get("true", pred)
+    centre = np.argwhere(ref > 0).mean(0).round().astype(int) if ref.any() else None
+    plot = orthoviews(image, masks, title=case_id, centre=centre, positions=list(range(30, 71, 5)), size=220,
+                      dynamic=True)
+    return pn.Column(pn.pane.Markdown("; ".join(notes)), show(plot))
+
+
+def _rel(root: Path, p: Path) -> str:
+    """``p`` relative to ``root`` (resolved); ``..`` when outside, which :func:`resolve_under` refuses."""
+    try:
+        return str(Path(os.path.abspath(p)).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return "../" + p.name
+
+
+def section(run: Run) -> list[Any]:
+    """Per test case: orthogonal slices with the predicted (and true) label overlay, a slice slider."""
+    import pandas as pd
+
+    pn = panel()
+    root = run.root or run.path
+    out: list[Any] = []
+    pred_dir = published(run, "predictions", out)
+    preds = sorted(pred_dir.glob("*_pred.nii.gz")) if pred_dir is not None else []
+    if not preds:
+        return out
+
+    def build() -> Any:
+        ids = [p.name[: -len("_pred.nii.gz")] for p in preds]
+        case = pn.widgets.Select(name="test case", options=ids, value=ids[0])
+        items = ["### Segmentation", case, pn.bind(lambda c: guard(c, lambda: _radiology_case(root, run, c)), case)]
+        cj = run.file("cases.json")
+        if cj is not None:
+            per = json.loads(cj.read_text(encoding="utf-8")).get("per_case", {}).get("model", [])
+            if per:
+                cols = [c for c in ("id", "dice", "hd95_mm", "centroid_error_mm", "volume_ml_pred", "volume_ml_true")
+                        if c in per[0]]
+                items += ["### Per-case scores", pn.pane.DataFrame(pd.DataFrame(per)[cols], index=False,
+                                                                   float_format="{:.3g}".format)]
+        return pn.Column(*items)
+
+    return [*out, guard("predictions", build)]
