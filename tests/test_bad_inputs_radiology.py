@@ -234,7 +234,7 @@ CASES = [
          good_out=True),
     Case("labels-zero", _nothing, (*FINETUNE, "--labels", "0"), ("--labels", ">= 1", "got 0"), good_out=True),
     Case("label-fraction-zero", _nothing, (*FINETUNE, "--label-fraction", "0"), ("--label-fraction", "(0, 1]")),
-    Case("labels-too-many", _nothing, (*FINETUNE, "--labels", "50"), ("--labels", "50", "1..6")),
+    Case("labels-too-many", _nothing, (*FINETUNE, "--labels", "50"), ("--labels", "[1, 6]", "got 50")),
     Case("checkpoint-of-carbon", _nothing,
          ("finetune", "radiology", "--from", "{carbon}", "--data", "{data}", "--out", "{out}", *FAST),
          ("model", "'carbon' checkpoint", "not a radiology"), good_out=True),

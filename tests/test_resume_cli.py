@@ -91,16 +91,16 @@ def climate_batches_per_epoch(store: Path, batch: int, ranks: int = 1) -> int:
 @pytest.mark.parametrize("domain", ["climate", "carbon"])
 def test_sigkill_after_a_mid_run_checkpoint_then_resume_is_bit_exact(domain, climate_zarr, carbon_region, tmp_path):
     data = climate_zarr if domain == "climate" else carbon_region
-    every = climate_batches_per_epoch(climate_zarr, 4) if domain == "climate" else 6  # climate: at an epoch's end
-    steps = 2 * every + 3
+    every = climate_batches_per_epoch(climate_zarr, 8) if domain == "climate" else 6  # climate: at an epoch's end
+    steps = every + 3
     common = ["pretrain", domain, "--data", str(data), "--config", "tiny", "--steps", str(steps), "--batch-size",
-              "4", "--checkpoint-every", str(every), "--seed", "3"]
+              "8", "--checkpoint-every", str(every), "--seed", "3"]
     straight_then_killed_then_resumed(common, tmp_path, every, steps)
 
 
 def test_sigkill_of_a_two_process_run_then_resume_on_two_processes_is_bit_exact(climate_zarr, tmp_path):
-    every = climate_batches_per_epoch(climate_zarr, 4, ranks=2)  # each rank's epoch ends at a checkpoint
+    every = climate_batches_per_epoch(climate_zarr, 8, ranks=2)  # each rank's epoch ends at a checkpoint
     steps = every + 3
     common = ["pretrain", "climate", "--data", str(climate_zarr), "--config", "tiny", "--steps", str(steps),
-              "--batch-size", "4", "--checkpoint-every", str(every), "--seed", "5", "--nproc", "2"]
+              "--batch-size", "8", "--checkpoint-every", str(every), "--seed", "5", "--nproc", "2"]
     straight_then_killed_then_resumed(common, tmp_path, every, steps)

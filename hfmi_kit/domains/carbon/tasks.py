@@ -22,6 +22,7 @@ from hfmi_kit.domains.carbon.synth import CARBON_FRACTION, write_geotiff
 from hfmi_kit.errors import ConfigError, DataError
 from hfmi_kit.models import create_model, get_size
 from hfmi_kit.train import TrainConfig, Trainer, load_pretrained, read_config, save_pretrained
+from hfmi_kit.train.budget import LabelBudget
 from hfmi_kit.train.provenance import recorded
 
 LOGGER = logging.getLogger(__name__)
@@ -553,8 +554,8 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
     if head not in (None, "network") and ckpt is None:
         raise ConfigError(f"--head {head}: a {head} head maps a pretrained embedding: it needs a checkpoint "
                           "(--from PATH), not --from scratch")
-    if labels is None and not 0 < label_fraction <= 1:
-        raise ConfigError(f"--label-fraction (label_fraction) must lie in (0, 1], got {label_fraction}")
+    budget = LabelBudget.from_options(labels, label_fraction, pool="field plots outside the held-out 30 %",
+                                      minimum=2)
     out = Path(out)
     if ckpt is not None:
         pcfg = read_config(ckpt)
@@ -569,11 +570,8 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
         prep = prepare(data)
         mk = {"groups": prep.groups, "tile": 32, "patch": 8}
     pool, test = split_plots(prep)
-    if labels is None:
-        labels = max(2, int(round(label_fraction * len(pool))))
-    if not 2 <= labels <= len(pool):
-        raise ConfigError(f"--labels must lie in [2, {len(pool)}] (plots outside the held-out 30 %), got {labels}")
-    chosen = sorted(np.random.default_rng(seed).permutation(pool)[:labels].tolist())
+    chosen = budget.pick(pool, seed)
+    labels = len(chosen)
     train_ids, test_ids = set(chosen), set(test)
     wanted = {"scratch", "rf"} if baselines is True else set(baselines or ())
     if wanted - {"scratch", "rf"}:

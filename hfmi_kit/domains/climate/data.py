@@ -812,13 +812,13 @@ def split_years(data: ClimateData, *, test_fraction: float = 0.2, val_fraction: 
 
 
 def label_subset(data: ClimateData, split: Split, fraction: float, seed: int) -> np.ndarray:
-    """Time indices of a seeded random ``fraction`` of the training years (at least one year)."""
-    if not 0.0 < fraction <= 1.0:
-        raise DataError(f"label fraction must lie in (0, 1], got {fraction}")
-    years = np.asarray(split.train_years)
-    k = max(1, int(round(fraction * years.size)))
-    chosen = np.sort(np.random.default_rng(seed).choice(years, size=k, replace=False))
-    return np.flatnonzero(np.isin(data.years, chosen))
+    """Time indices of a seeded ``fraction`` of the training years (at least one year), picked by
+    :class:`~hfmi_kit.train.budget.LabelBudget`: nested, so a smaller fraction's years are among
+    a larger one's for the same seed."""
+    from hfmi_kit.train.budget import LabelBudget
+
+    chosen = LabelBudget.from_options(label_fraction=fraction, pool="training years").pick(split.train_years, seed)
+    return np.flatnonzero(np.isin(data.years, np.asarray(chosen)))
 
 
 class ForecastWindows(Dataset):

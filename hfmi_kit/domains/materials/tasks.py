@@ -24,6 +24,7 @@ from hfmi_kit.domains.materials.tables import BUNDLED, PropertyTable, load_prope
 from hfmi_kit.errors import CheckpointError, ConfigError, DataError
 from hfmi_kit.models import create_model
 from hfmi_kit.train import TrainConfig, Trainer, load_pretrained, read_config, save_pretrained
+from hfmi_kit.train.budget import LabelBudget
 from hfmi_kit.train.pretrained import read_weights, transfer_weights
 from hfmi_kit.train.provenance import recorded
 
@@ -304,13 +305,10 @@ def random_forest(X_train: np.ndarray, y_train: np.ndarray, *, seed: int = 0, tr
 
 
 def choose_labels(pool: np.ndarray, labels: int | None, seed: int) -> np.ndarray:
-    """``labels`` rows of ``pool`` (all when None); nested: a smaller budget is a prefix of a larger one."""
-    order = np.random.default_rng(seed).permutation(pool)
-    if labels is None:
-        return np.sort(order)
-    if labels > len(pool):
-        raise ConfigError(f"--labels {labels} is more than the {len(pool)} training rows of a fold")
-    return np.sort(order[:labels])
+    """``labels`` rows of ``pool`` (all when None), picked by :class:`LabelBudget` (nested: a
+    smaller budget is a prefix of a larger one)."""
+    budget = LabelBudget(count=labels, pool="training rows of a fold")
+    return np.asarray(budget.pick(np.sort(pool), seed), dtype=np.asarray(pool).dtype)
 
 
 def cross_validate(ckpt: str | Path | None, table: PropertyTable, *, labels: int | None = None, folds: int = 5,
@@ -474,8 +472,9 @@ def finetune(*, ckpt: str | Path | None, data: str | Path = "expt_gap", out: str
     if labels is not None and labels > min_train:
         raise ConfigError(f"--labels {labels} is more than the {min_train} training rows of the smallest fold "
                           f"({folds}-fold cross-validation of the {len(table)} usable rows of {data})")
-    if labels is None and label_fraction < 1:
-        labels = min(min_train, max(2, int(round(label_fraction * len(table) * (folds - 1) / folds))))
+    budget = LabelBudget.from_options(labels, label_fraction, pool="training rows of a fold", minimum=2)
+    if budget.fraction is not None:  # a share of a fold's training rows, the same count in every fold
+        labels = min(min_train, budget.size(len(table) * (folds - 1) / folds))
     wanted = ("scratch", "rf", "dummy") if baselines is True else tuple(baselines or ())
     unknown = set(wanted) - {"scratch", "rf", "dummy"}
     if unknown:

@@ -341,17 +341,6 @@ def split_subjects(subjects: Sequence[Subject], *, test_fraction: float = 0.3) -
     return lab[:-n_test], lab[-n_test:]
 
 
-def choose_cases(pool: Sequence[Subject], n: int | None, seed: int) -> list[Subject]:
-    """``n`` cases of ``pool`` (all when None): a prefix of one seeded permutation, so budgets nest."""
-    if n is None:
-        return list(pool)
-    if not 1 <= n <= len(pool):
-        raise DataError(f"label budget {n} (--labels) outside 1..{len(pool)} (the labelled cases of the training "
-                        "pool; the others are held out for testing)")
-    order = np.random.default_rng(seed).permutation(len(pool))
-    return [pool[i] for i in sorted(order[:n])]
-
-
 def modality_order(subjects: Sequence[Subject]) -> list[str]:
     """Modalities every subject has, in a stable order (T1w first when present)."""
     common = set.intersection(*(set(s.images) for s in subjects)) if subjects else set()

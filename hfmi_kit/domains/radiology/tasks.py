@@ -23,6 +23,7 @@ from hfmi_kit.domains.radiology.synth import LABELS
 from hfmi_kit.errors import ConfigError, DataError
 from hfmi_kit.models import create_model
 from hfmi_kit.train import TrainConfig, Trainer, load_pretrained, read_config, save_pretrained
+from hfmi_kit.train.budget import LabelBudget
 from hfmi_kit.train.provenance import recorded
 
 LOGGER = logging.getLogger(__name__)
@@ -193,17 +194,12 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
     """
     if task not in ("segment",):
         raise ConfigError(f"unknown radiology task {task!r}; expected 'segment'")
-    if labels is not None and labels < 1:
-        raise ConfigError(f"--labels must be >= 1, got {labels}")
-    if not 0 < label_fraction <= 1:
-        raise ConfigError(f"--label-fraction (label_fraction) must lie in (0, 1], got {label_fraction}")
+    budget = LabelBudget.from_options(labels, label_fraction, pool="labelled training cases")
     root, out = Path(data), Path(out)
     subjects = rdata.discover(root)
     _check_classes(subjects)
     pool, test = rdata.split_subjects(subjects)
-    if labels is None and label_fraction < 1:
-        labels = max(1, int(round(label_fraction * len(pool))))
-    chosen = rdata.choose_cases(pool, labels, seed)
+    chosen = budget.pick(pool, seed)
     if ckpt is not None:
         pcfg = read_config(ckpt)
         if pcfg.get("domain") != "radiology":
