@@ -149,8 +149,8 @@ def summarise(rows: Sequence[dict[str, Any]], budget: str = "") -> str:
                 verdict = ("better" if gain > sp + ss else "worse" if -gain > sp + ss else "within spread") + \
                     f" ({gain:+.3g})"
             lines.append(f"| {b:g} | " + " | ".join(cells) + f" | {verdict} |")
-        note = dom.scorecard_plan().note if dom.scorecard_plan() is not None else ""
-        lines += ["", note, ""] if note else [""]
+        plan = dom.scorecard_plan()
+        lines += ["", plan.note, ""] if plan is not None and plan.note else [""]
     lines.append("Mean ± sample standard deviation over seeds (n). 'better' / 'worse': the difference of "
                  "the means exceeds the sum of the two standard deviations.")
     return "\n".join(lines) + "\n"
