@@ -108,7 +108,7 @@ def test_bad_inputs(study: Path, tmp_path: Path, capsys):
     assert "no NIfTI files" in capsys.readouterr().err
     assert main(["finetune", "radiology", "--from", "scratch", "--data", str(study), "--out", str(tmp_path / "y"),
                  "--labels", "99"]) == 1
-    assert "label budget 99" in capsys.readouterr().err
+    assert "--labels must lie in [1, 3] (labelled training cases), got 99" in capsys.readouterr().err
     assert main(["finetune", "climate", "--from", "scratch", "--data", str(study), "--out", str(tmp_path / "z"),
                  "--labels", "2"]) == 1
     assert "--labels is not an option of climate" in capsys.readouterr().err

@@ -554,7 +554,7 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
     if head not in (None, "network") and ckpt is None:
         raise ConfigError(f"--head {head}: a {head} head maps a pretrained embedding: it needs a checkpoint "
                           "(--from PATH), not --from scratch")
-    budget = LabelBudget.from_options(labels, label_fraction, pool="field plots outside the held-out 30 %",
+    label_budget = LabelBudget.from_options(labels, label_fraction, pool="field plots outside the held-out 30 %",
                                       minimum=2)
     out = Path(out)
     if ckpt is not None:
@@ -570,7 +570,7 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
         prep = prepare(data)
         mk = {"groups": prep.groups, "tile": 32, "patch": 8}
     pool, test = split_plots(prep)
-    chosen = budget.pick(pool, seed)
+    chosen = label_budget.pick(pool, seed)
     labels = len(chosen)
     train_ids, test_ids = set(chosen), set(test)
     wanted = {"scratch", "rf"} if baselines is True else set(baselines or ())

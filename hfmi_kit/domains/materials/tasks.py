@@ -472,9 +472,9 @@ def finetune(*, ckpt: str | Path | None, data: str | Path = "expt_gap", out: str
     if labels is not None and labels > min_train:
         raise ConfigError(f"--labels {labels} is more than the {min_train} training rows of the smallest fold "
                           f"({folds}-fold cross-validation of the {len(table)} usable rows of {data})")
-    budget = LabelBudget.from_options(labels, label_fraction, pool="training rows of a fold", minimum=2)
-    if budget.fraction is not None:  # a share of a fold's training rows, the same count in every fold
-        labels = min(min_train, budget.size(len(table) * (folds - 1) / folds))
+    label_budget = LabelBudget.from_options(labels, label_fraction, pool="training rows of a fold", minimum=2)
+    if label_budget.fraction is not None:  # a share of a fold's training rows, the same count in every fold
+        labels = min(min_train, label_budget.size(len(table) * (folds - 1) / folds))
     wanted = ("scratch", "rf", "dummy") if baselines is True else tuple(baselines or ())
     unknown = set(wanted) - {"scratch", "rf", "dummy"}
     if unknown:

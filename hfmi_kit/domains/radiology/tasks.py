@@ -194,12 +194,12 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
     """
     if task not in ("segment",):
         raise ConfigError(f"unknown radiology task {task!r}; expected 'segment'")
-    budget = LabelBudget.from_options(labels, label_fraction, pool="labelled training cases")
+    label_budget = LabelBudget.from_options(labels, label_fraction, pool="labelled training cases")
     root, out = Path(data), Path(out)
     subjects = rdata.discover(root)
     _check_classes(subjects)
     pool, test = rdata.split_subjects(subjects)
-    chosen = budget.pick(pool, seed)
+    chosen = label_budget.pick(pool, seed)
     if ckpt is not None:
         pcfg = read_config(ckpt)
         if pcfg.get("domain") != "radiology":
