@@ -162,7 +162,10 @@ def test_a_sharded_checkpoint_cannot_read_outside_its_folder(tmp_path, capsys):
     secret = tmp_path / "secret.bin"
     secret.write_bytes(os.urandom(1 << 16))
     md_file = step / "sharded" / ".metadata"
-    md = pickle.loads(md_file.read_bytes())  # our own, trusted, file: plain pickle to edit it
+    from hfmi_kit.train.sharded import _MetadataUnpickler
+
+    with open(md_file, "rb") as fh:  # read through the checked unpickler, to edit it
+        md = _MetadataUnpickler(fh).load()
     for info in md.storage_data.values():
         info.relative_path = "../../secret.bin"
     md_file.write_bytes(pickle.dumps(md))
