@@ -10,6 +10,7 @@ import dataclasses
 import json
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,12 +44,20 @@ def _check(name: str, value: Any, tp: Any) -> Any:
         if value in args:
             return value
         raise ConfigError(f"{name}: expected one of {list(args)}, got {value!r}")
-    if origin in (list, tuple):
+    if origin in (list, tuple, Sequence):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name}: expected a list, got {value!r}")
+        if origin is tuple and args and Ellipsis not in args:  # tuple[int, int]: one type per position
+            if len(value) != len(args):
+                raise ConfigError(f"{name}: expected {len(args)} values, got {value!r}")
+            return tuple(_check(f"{name}[{i}]", v, t) for i, (v, t) in enumerate(zip(value, args)))
         inner = args[0] if args else Any
         items = [_check(f"{name}[{i}]", v, inner) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
+    if tp is Path:
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"{name}: expected a path, got {value!r}")
+        return Path(value)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a mapping, got {value!r}")

@@ -22,7 +22,6 @@ import inspect
 import json
 import logging
 import math
-import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -265,44 +264,14 @@ def _plain(v: Any) -> bool:
     return False
 
 
-def _check_value(name: str, value: Any, tp: Any) -> Any:
-    """``value`` (from JSON) checked against annotation ``tp``; paths arrive as strings."""
-    from collections.abc import Sequence
-
-    from hfmi_kit.config import _check
-
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Path:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name}: expected a path (string), got {value!r}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        for a in args:
-            try:
-                return _check_value(name, value, a)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{name}: expected {tp}, got {value!r}")
-    if origin is Sequence or origin is tuple:
-        if not isinstance(value, list):
-            raise ConfigError(f"{name}: expected a list, got {value!r}")
-        inner = [a for a in args if a is not Ellipsis]
-        if origin is tuple and inner and len(inner) != len(args):  # tuple[int, ...]
-            return [_check_value(f"{name}[{i}]", v, inner[0]) for i, v in enumerate(value)]
-        if origin is tuple and inner:
-            if len(value) != len(inner):
-                raise ConfigError(f"{name}: expected {len(inner)} values, got {value!r}")
-            return [_check_value(f"{name}[{i}]", v, t) for i, (v, t) in enumerate(zip(value, inner))]
-        return [_check_value(f"{name}[{i}]", v, inner[0] if inner else Any) for i, v in enumerate(value)]
-    return _check(name, value, tp)
-
-
 def check_arguments(fn: Callable[..., Any], kwargs: Any, *, where: str = "config.json") -> dict[str, Any]:
     """The recorded keyword arguments of ``fn``, checked: each names a keyword parameter of its
     signature (``out`` and ``progress`` are the re-run's own), is a plain JSON value, and fits the
     parameter's annotation. Raises :class:`CheckpointError` naming the offending field."""
     if not isinstance(kwargs, Mapping):
         raise CheckpointError(f"{where}: reproduce.kwargs must be a JSON object, got {type(kwargs).__name__}")
+    from hfmi_kit.config import _check
+
     target = inspect.unwrap(fn)
     params = inspect.signature(target).parameters
     try:
@@ -319,7 +288,8 @@ def check_arguments(fn: Callable[..., Any], kwargs: Any, *, where: str = "config
         if not _plain(v):
             raise CheckpointError(f"{where}: {field_name} is not a plain JSON value")
         try:
-            out[k] = _check_value(field_name, v, hints.get(k, Any))
+            _check(field_name, v, hints.get(k, Any))
         except ConfigError as e:
             raise CheckpointError(f"{where}: {e}") from None
+        out[k] = v  # the recorded JSON value itself: the checked form only had to exist
     return out
