@@ -197,54 +197,29 @@ class UNetBaseline(nn.Module):
         return {"loss": seg_loss(self.logits(batch["image"]), batch["label"], self.classes)}
 
 
-def _starts(n: int, w: int, step: int) -> list[int]:
-    s = list(range(0, max(n - w, 0) + 1, step))
-    if s[-1] != max(n - w, 0):
-        s.append(n - w)
-    return s
-
-
-def _importance(w: int) -> torch.Tensor:
-    ax = torch.arange(w, dtype=torch.float32) - (w - 1) / 2
-    g = torch.exp(-(ax**2) / (2 * (w / 4) ** 2))
-    return g[:, None, None] * g[None, :, None] * g[None, None, :]
-
-
 @torch.no_grad()
 def sliding_window_labels(logits_fn: Callable[[torch.Tensor], torch.Tensor], image: np.ndarray, *, window: int,
                           background: Sequence[float], overlap: float = 0.5, batch_size: int = 4,
                           device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Label map and confidence of a whole volume ``image`` (M, I, J, K) by overlapping windows.
-
-    Each window's softmax is reduced at once to (label, confidence x centre weight); a voxel
-    keeps the label of the window most confident about it. Memory: one float32 and one uint8
-    per voxel, whatever the number of classes (a per-class accumulator would need 4*K bytes).
-    Returns (labels uint8, confidence float32) on the input grid.
+    """Label map and confidence of a whole volume ``image`` (M, I, J, K) by overlapping windows
+    (:func:`hfmi_kit.data.windows.argmax_windows`, weighted towards each window's centre): a
+    voxel keeps the label of the window most confident about it. Returns (labels uint8,
+    confidence float32) on the input grid.
     """
+    from hfmi_kit.data.windows import argmax_windows, centre_weight
     from hfmi_kit.domains.radiology.data import pad_to
 
     img, pads = pad_to(image, window, list(background))
     shape = img.shape[1:]
-    best = torch.full(shape, -1.0)
-    lab = torch.zeros(shape, dtype=torch.uint8)
-    step = max(1, int(round(window * (1 - overlap))))
-    corners = [(a, b, c) for a in _starts(shape[0], window, step) for b in _starts(shape[1], window, step)
-               for c in _starts(shape[2], window, step)]
-    g = _importance(window)
     x = torch.from_numpy(np.ascontiguousarray(img))
-    for i in range(0, len(corners), batch_size):
-        cs = corners[i : i + batch_size]
-        crops = torch.stack([x[:, a : a + window, b : b + window, c : c + window] for a, b, c in cs]).to(device)
-        prob = logits_fn(crops).float().softmax(1).cpu()
-        conf, cls = prob.max(1)
-        conf = conf * g
-        for (a, b, c), cf, cl in zip(cs, conf, cls):
-            sl = (slice(a, a + window), slice(b, b + window), slice(c, c + window))
-            upd = cf > best[sl]
-            best[sl] = torch.where(upd, cf, best[sl])
-            lab[sl] = torch.where(upd, cl.to(torch.uint8), lab[sl])
-    crop = tuple(slice(p0, n - p1) for (p0, p1), n in zip(pads, shape))
-    return lab[crop].numpy(), best[crop].numpy()
+
+    def crop(c: tuple[int, ...]) -> torch.Tensor:
+        return x[:, c[0]:c[0] + window, c[1]:c[1] + window, c[2]:c[2] + window]
+
+    lab, best = argmax_windows(logits_fn, crop, shape, window, overlap=overlap, batch_size=batch_size,
+                               weight=centre_weight(window, 3), device=device)
+    inner = tuple(slice(p0, n - p1) for (p0, p1), n in zip(pads, shape))
+    return lab[inner], best[inner]
 
 
 # the model families, created by name: create_model("<family>.<size>", **kwargs)

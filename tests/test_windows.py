@@ -1,0 +1,75 @@
+"""Grid windows (hfmi_kit.data.windows): coverage, exact blending and the lean argmax, 2-D and 3-D."""
+
+import numpy as np
+import pytest
+import torch
+
+from hfmi_kit.data.windows import argmax_windows, blend_windows, centre_weight, grid_windows, window_starts
+from hfmi_kit.errors import ConfigError
+
+
+def test_starts_cover_the_axis_with_the_last_window_flush():
+    assert window_starts(100, 32, 16) == [0, 16, 32, 48, 64, 68]
+    assert window_starts(64, 32, 16) == [0, 16, 32]
+    assert window_starts(10, 32, 16) == [0]
+    with pytest.raises(ConfigError):
+        window_starts(10, 4, 0)
+
+
+@pytest.mark.parametrize("shape,window", [((50, 37), 16), ((20, 33, 17), (8, 12, 8))])
+def test_every_cell_is_covered(shape, window):
+    w = (window,) * len(shape) if isinstance(window, int) else window
+    seen = np.zeros(shape, int)
+    for c in grid_windows(shape, window, overlap=0.5):
+        seen[tuple(slice(a, a + k) for a, k in zip(c, w))] += 1
+        assert all(a + k <= n for a, k, n in zip(c, w, shape))
+    assert seen.min() >= 1
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_blending_a_pointwise_model_returns_its_output_exactly(weighted):
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(size=(2, 40, 29)).astype(np.float32))
+
+    def crop(c):
+        return {"x": x[:, c[0]:c[0] + 16, c[1]:c[1] + 16]}
+
+    out = blend_windows(lambda b: 3 * b["x"], crop, (40, 29), 16, channels=2, overlap=0.5,
+                        weight=centre_weight(16, 2) if weighted else None)
+    np.testing.assert_allclose(out, 3 * x.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_blending_averages_disagreeing_windows():
+    # a model that outputs its window's corner row: overlapping cells get the mean of the windows
+    def fn(b):
+        return b[:, :1, :, :] * 0 + b[:, 1:2, :1, :1]
+
+    rows = torch.arange(12, dtype=torch.float32)[:, None].expand(12, 4)
+    x = torch.stack([torch.zeros(12, 4), rows])
+    out = blend_windows(fn, lambda c: x[:, c[0]:c[0] + 8, c[1]:c[1] + 4], (12, 4), (8, 4), channels=1, overlap=0.5)
+    assert out[0, 0, 0] == 0 and out[0, 11, 0] == 4  # one window each
+    assert out[0, 5, 0] == pytest.approx(2.0)  # windows at rows 0 and 4
+
+
+def test_argmax_keeps_the_most_confident_window_3d():
+    shape = (12, 10, 9)
+    # class 1 wherever the window starts at the origin, with low confidence elsewhere
+    def fn(b):
+        logits = torch.zeros(b.shape[0], 3, 6, 6, 6)
+        first = b[:, 0, 0, 0, 0] == 0
+        logits[first, 1] = 5.0
+        logits[~first, 2] = 1.0
+        return logits
+
+    grid = torch.arange(np.prod(shape), dtype=torch.float32).reshape(1, *shape)
+    lab, conf = argmax_windows(fn, lambda c: grid[:, c[0]:c[0] + 6, c[1]:c[1] + 6, c[2]:c[2] + 6], shape, 6)
+    assert lab.dtype == np.uint8 and conf.shape == shape
+    assert (lab[:6, :6, :6] == 1).all() and (lab[6:] == 2).all()
+    assert conf.min() > 0
+
+
+def test_bad_window_options_name_the_problem():
+    with pytest.raises(ConfigError, match="overlap"):
+        grid_windows((10, 10), 4, overlap=1.0)
+    with pytest.raises(ConfigError, match="window"):
+        grid_windows((10, 10), (4, 4, 4))
