@@ -27,7 +27,7 @@ from hfmi_kit.config import atomic_write_text, read_json_object
 from hfmi_kit.errors import CheckpointError, ConfigError
 from hfmi_kit.train.env import code_version, environment
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 CARD = "MODEL_CARD.md"
@@ -43,7 +43,64 @@ def _migrate_0_to_1(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-_MIGRATIONS = {0: _migrate_0_to_1}
+def _migrate_1_to_2(cfg: dict[str, Any]) -> dict[str, Any]:
+    # Version 2 keeps what is applied around the model (calibration, target normalisation) in
+    # one "processors" section; version 1 had it in three places.
+    cfg = dict(cfg)
+    geom = dict(cfg.get("geometry") or {})
+    proc = dict(cfg.get("processors") or {})
+    if isinstance(cfg.get("calibration"), Mapping):  # carbon: the interval's width factor
+        proc["calibration"] = dict(cfg.pop("calibration"))
+    if "uncertainty_scale" in geom:  # materials: the ensemble's recalibration
+        proc["calibration"] = {**proc.get("calibration", {}), "uncertainty_scale": geom.pop("uncertainty_scale")}
+    if "extent_normalisation" in geom:  # climate sea ice: the target's normalisation
+        proc["target_normalisation"] = geom.pop("extent_normalisation")
+    if "geometry" in cfg:
+        cfg["geometry"] = geom
+    cfg["processors"] = proc
+    cfg["schema_version"] = 2
+    return cfg
+
+
+_MIGRATIONS = {0: _migrate_0_to_1, 1: _migrate_1_to_2}
+
+
+@dataclass
+class ModelConfig:
+    """Everything a checkpoint says about its model, in one object (``config.json`` is its
+    :meth:`to_dict` plus the schema, code version, environment, date and reproduction record
+    that :func:`save_pretrained` adds)."""
+
+    domain: str  # the registered domain that trains and reads it
+    task: str  # "pretrain" or the downstream task
+    model_type: str  # "family.size": the registered family and the encoder size
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # the family's own arguments
+    geometry: dict[str, Any] = field(default_factory=dict)  # what the input must look like (grid, variables, ...)
+    processors: dict[str, Any] = field(default_factory=dict)  # applied around the model: calibration, normalisation
+    card: dict[str, Any] = field(default_factory=dict)  # summary, data provenance, licence, intended use
+    training: dict[str, Any] = field(default_factory=dict)  # the settings it was trained with
+    metrics: dict[str, float] = field(default_factory=dict)  # its scores
+
+    @property
+    def family(self) -> str:
+        return self.model_type.split(".", 1)[0]
+
+    @property
+    def size(self) -> str:
+        return self.model_type.split(".", 1)[1] if "." in self.model_type else ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"domain": self.domain, "task": self.task, "model_type": self.model_type,
+                "model_kwargs": dict(self.model_kwargs), "geometry": dict(self.geometry),
+                "processors": dict(self.processors), "card": dict(self.card), "training": dict(self.training),
+                "metrics": dict(self.metrics)}
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, Any]) -> ModelConfig:
+        """The model part of a (migrated) ``config.json``."""
+        names = ("model_kwargs", "geometry", "processors", "card", "training", "metrics")
+        return cls(domain=str(cfg.get("domain", "")), task=str(cfg.get("task", "")),
+                   model_type=str(cfg.get("model_type", "")), **{k: dict(cfg.get(k) or {}) for k in names})
 
 
 def migrate_config(cfg: dict[str, Any], *, path: Path | str = CONFIG) -> dict[str, Any]:
@@ -155,7 +212,7 @@ def save_pretrained(
     model: nn.Module,
     path: str | Path,
     *,
-    config: Mapping[str, Any],
+    config: ModelConfig | Mapping[str, Any],
     train_state: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` to directory ``path`` atomically (under torchrun: every process calls it,
@@ -164,13 +221,18 @@ def save_pretrained(
     Args:
         model: the module whose weights are saved.
         path: destination directory (replaced as a whole if it exists).
-        config: ``model_type``, ``model_kwargs``, ``domain``, ``geometry``, ``task``, ``training``,
-            ``metrics`` and ``card`` (summary, data provenance, licence). Schema version, code
-            version, environment and date are added here.
+        config: a :class:`ModelConfig` (or its dict). Schema version, code version, environment,
+            date and, inside a recorded run writing its own checkpoint, the reproduction record
+            are added here, so ``config.json`` is written once.
         train_state: optional optimiser/scheduler/RNG/data-position state for exact resume.
     """
+    from hfmi_kit.train.provenance import record_for
+
     path = Path(path)
-    cfg = dict(config)
+    cfg = config.to_dict() if isinstance(config, ModelConfig) else dict(config)
+    rec = record_for(path)
+    if rec is not None:
+        cfg["reproduce"] = rec
     cfg["schema_version"] = SCHEMA_VERSION
     cfg.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     cfg["code_version"] = code_version()

@@ -16,6 +16,7 @@ annotations (plain JSON values and paths only) before anything runs.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import hashlib
 import inspect
@@ -95,9 +96,25 @@ def _rank0() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+#: the record of the recorded run in progress, and the checkpoint it writes (``out/model``)
+_CURRENT: contextvars.ContextVar[tuple[Path, dict[str, Any]] | None] = contextvars.ContextVar(
+    "hfmi_recorded_run", default=None)
+
+
+def record_for(path: str | Path) -> dict[str, Any] | None:
+    """The reproduction record :func:`save_pretrained` puts into checkpoint ``path``: the running
+    recorded call's, when ``path`` is the checkpoint that call writes (``out/model``); else None."""
+    cur = _CURRENT.get()
+    if cur is None or Path(path).resolve() != cur[0]:
+        return None
+    return cur[1]
+
+
 def recorded(domain: str, command: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate a domain's keyword-only ``pretrain`` (returns the checkpoint) or ``finetune``
-    (writes ``out/model``) so that its checkpoint records how to re-run it."""
+    (writes ``out/model``) so that its checkpoint records how to re-run it. The record goes in
+    when the checkpoint is saved (one write of ``config.json``); a function that saved its
+    checkpoint elsewhere gets it added afterwards."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         entry = f"{domain}.{command}"
@@ -105,14 +122,21 @@ def recorded(domain: str, command: str) -> Callable[[Callable[..., Any]], Callab
         @functools.wraps(fn)
         def run(**kw: Any) -> Any:
             inputs = _inputs(kw)  # before the run: what it read, not what it wrote
-            result = fn(**kw)
+            rec = {"entry": entry, "domain": domain, "command": command,
+                   "function": f"{fn.__module__}.{fn.__name__}",
+                   "kwargs": {k: _jsonable(v) for k, v in kw.items() if k not in SKIP_ARGS},
+                   "inputs": inputs}
+            token = _CURRENT.set((Path(kw["out"]).resolve() / "model", rec) if kw.get("out") else None)
+            try:
+                result = fn(**kw)
+            finally:
+                _CURRENT.reset(token)
             ck = Path(result) if isinstance(result, (str, Path)) else Path(kw["out"]) / "model"
             if _rank0() and (ck / "config.json").is_file():
-                rec = {"entry": entry, "domain": domain, "command": command,
-                       "function": f"{fn.__module__}.{fn.__name__}",
-                       "kwargs": {k: _jsonable(v) for k, v in kw.items() if k not in SKIP_ARGS},
-                       "inputs": inputs}
-                update_config(ck, {RECORD: rec})
+                from hfmi_kit.train.pretrained import read_config
+
+                if read_config(ck).get(RECORD) != rec:
+                    update_config(ck, {RECORD: rec})
             return result
 
         ENTRY_POINTS[entry] = run
