@@ -50,7 +50,7 @@ def main() -> None:
         ckpt = pretrain(data=region, out=out / "pretrain", steps=a.pretrain_steps, seed=a.seed, progress=False)
         print(f"region {a.size}x{a.size} px, pretrained {a.pretrain_steps} steps in {time.time() - t0:.0f} s")
     keys = ["rmse_mg_ha", "rmse_mg_ha_scratch", "rmse_mg_ha_rf", "bias_mg_ha", "r2", "rmse_mg_ha_map",
-            "rmse_mg_ha_map_scratch", "rmse_mg_ha_rf_map", "coverage_90", "calibration_raw_coverage_90",
+            "rmse_mg_ha_map_scratch", "rmse_mg_ha_map_rf", "coverage_90", "calibration_raw_coverage_90",
             "calibration_width_factor", "budget_error_pct", "budget_interval_halfwidth_pct", "budget_in_interval",
             "change_error_mg_c", "change_in_interval", "losses_error_pct", "losses_map_only_error_pct",
             "losses_in_interval", "gains_error_pct", "gains_map_only_error_pct", "gains_in_interval"]

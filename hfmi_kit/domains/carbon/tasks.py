@@ -16,16 +16,19 @@ import torch
 from torch.utils.data import Dataset
 
 from hfmi_kit.config import atomic_write_json
+from hfmi_kit.data.windows import blend_windows
 from hfmi_kit.domains.carbon import sources as S
 from hfmi_kit.domains.carbon.model import CarbonEnsemble, CarbonNet
 from hfmi_kit.domains.carbon.synth import CARBON_FRACTION, write_geotiff
 from hfmi_kit.errors import ConfigError, DataError
-from hfmi_kit.models import create_model, get_size
-from hfmi_kit.train import TrainConfig, Trainer, load_pretrained, read_config, save_pretrained
+from hfmi_kit.models import get_size
+from hfmi_kit.train import load_pretrained, read_config, recipe
 from hfmi_kit.train.budget import LabelBudget
+from hfmi_kit.train.pretrained import ModelConfig
 from hfmi_kit.train.provenance import recorded
 
 LOGGER = logging.getLogger(__name__)
+ENGINE = recipe.EngineDefaults(warmup_cap=30, weight_decay=0.05)
 Z90 = 1.6449  # two-sided 90 % normal interval
 
 
@@ -177,44 +180,29 @@ def pretrain(*, data: str | Path, out: str | Path, config: str = "tiny", steps: 
     if not groups:
         raise DataError(f"{data}: no sources left (variables={list(variables or [])})")
     mk = {"groups": groups, "tile": tile, "patch": patch, "mask_ratio": mask_ratio}
-    torch.manual_seed(seed)
-    model = create_model(f"carbon_net.{config}", **mk)
-    tc = TrainConfig.pick(steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision, device=device,
-                          progress=progress, warmup_steps=min(30, steps // 10 + 1),
-                          checkpoint_every=checkpoint_every or max(steps // 2, 1))
-    mconf = {"domain": "carbon", "task": "pretrain", "model_type": f"carbon_net.{config}", "model_kwargs": mk,
-             "geometry": {"grid": prep.grid.describe(), "sources": S.sources_json(prep.specs), "tile": tile},
-             "card": _card(prep, "Multi-source foundation model (optical, radar, lidar CHM) pretrained by masked "
-                                 "source reconstruction on unlabelled tiles.")}
-    res = Trainer(model, TileCrops(prep, tile=tile, seed=seed), config=tc, out_dir=out, model_config=mconf).fit(
-        resume=resume)
-    mconf["training"] = {**dataclasses.asdict(tc), "data": str(data)}
-    mconf["metrics"] = {"train_loss": res.last_loss}
-    atomic_write_json(out / "metrics.json", mconf["metrics"])
-    return save_pretrained(model, out / "model", config=mconf)
+    model = recipe.build(f"carbon_net.{config}", mk, seed=seed)
+    tc = recipe.engine(ENGINE, steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision,
+                       device=device, progress=progress, checkpoint_every=checkpoint_every or max(steps // 2, 1))
+    mc = ModelConfig(domain="carbon", task="pretrain", model_type=f"carbon_net.{config}", model_kwargs=mk,
+                     geometry={"grid": prep.grid.describe(), "sources": S.sources_json(prep.specs), "tile": tile},
+                     card=_card(prep, "Multi-source foundation model (optical, radar, lidar CHM) pretrained by "
+                                      "masked source reconstruction on unlabelled tiles."))
+    res = recipe.fit(model, TileCrops(prep, tile=tile, seed=seed), tc, out_dir=out, config=mc, resume=resume)
+    mc.training = {**dataclasses.asdict(tc), "data": str(data)}
+    return recipe.finish(model, out, mc, {"train_loss": res.last_loss})
 
 
-@torch.no_grad()
 def _tiled(model: CarbonNet, fields: dict[str, np.ndarray], shape: tuple[int, int], fn: Any, channels: int,
            batch_size: int) -> np.ndarray:
-    """``fn(batch) -> (B, channels, tile, tile)`` over tiles at half-tile stride, overlaps averaged."""
+    """``fn(batch) -> (B, channels, tile, tile)`` over tiles at half-tile stride, overlaps averaged
+    (:func:`hfmi_kit.data.windows.blend_windows`)."""
     model.eval()
     t = model.tile
-    Hp, Wp = next(iter(fields.values())).shape
-    step = t // 2
-    starts = [(r, c) for r in range(0, Hp - t + 1, step) for c in range(0, Wp - t + 1, step)]
-    acc = np.zeros((channels, Hp, Wp))
-    cnt = np.zeros((Hp, Wp))
-    dev = next(model.parameters()).device
-    for i in range(0, len(starts), batch_size):
-        chunk = starts[i:i + batch_size]
-        batch = {g: torch.stack([_crop(fields, r, c, t)[g] for r, c in chunk]).to(dev) for g in fields}
-        q = fn(batch).cpu().numpy()
-        for (r, c), qi in zip(chunk, q):
-            acc[:, r:r + t, c:c + t] += qi
-            cnt[r:r + t, c:c + t] += 1
+    grid = next(iter(fields.values())).shape
+    out = blend_windows(fn, lambda c: _crop(fields, c[0], c[1], t), grid, t, channels=channels, overlap=0.5,
+                        batch_size=batch_size, device=next(model.parameters()).device)
     H, W = shape
-    return (acc / np.maximum(cnt, 1))[:, :H, :W]
+    return out[:, :H, :W]
 
 
 def embed_map(model: CarbonNet, fields: dict[str, np.ndarray], shape: tuple[int, int], *,
@@ -411,16 +399,11 @@ def budget(prep: Prepared, maps: list[np.ndarray], test_ids: set[str]) -> list[d
 def _fit(prep: Prepared, ckpt: str | Path | None, size: str, mk: dict[str, Any], ids: Sequence[str], *, steps: int,
          batch_size: int, lr: float, layer_decay: float, mode: str, seed: int, precision: str, device: str,
          progress: bool, out_dir: Path | None) -> CarbonNet:
-    torch.manual_seed(seed)
-    model = create_model(f"carbon_net.{size}", **mk)
-    if ckpt is not None:
-        load_pretrained(ckpt, mode="transfer", model=model)
-        LOGGER.info("transfer from %s: %s", ckpt, model.hfmi_load_report.summary())
-    tc = TrainConfig.pick(steps=steps, batch_size=batch_size, lr=lr, seed=seed, layer_decay=layer_decay, mode=mode,
-                          precision=precision, device=device, progress=progress, warmup_steps=min(30, steps // 10 + 1),
-                          weight_decay=0.05)
-    Trainer(model, PlotCrops(prep, ids, tile=mk["tile"], seed=seed), config=tc, out_dir=out_dir).fit()
-    model.eval()
+    model = recipe.build(f"carbon_net.{size}", mk, seed=seed, ckpt=ckpt)
+    tc = recipe.engine(ENGINE, steps=steps, pretrained=ckpt is not None, mode=mode, layer_decay=layer_decay,
+                       batch_size=batch_size, lr=lr, seed=seed, precision=precision, device=device,
+                       progress=progress)
+    recipe.fit(model, PlotCrops(prep, ids, tile=mk["tile"], seed=seed), tc, out_dir=out_dir)
     return model
 
 
@@ -558,11 +541,9 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
                                       minimum=2)
     out = Path(out)
     if ckpt is not None:
-        pcfg = read_config(ckpt)
-        if pcfg.get("domain") != "carbon":
-            raise ConfigError(f"{ckpt}: a {pcfg.get('domain')!r} checkpoint, not a carbon one")
+        pcfg = recipe.parent_config(ckpt, "carbon")
         pk = pcfg["model_kwargs"]
-        size = config or pcfg["model_type"].split(".", 1)[1]
+        size = config or recipe.size_of(pcfg)
         prep = prepare(data, tile=int(pk["tile"]), groups=pk["groups"])
         mk = {k: pk[k] for k in ("groups", "tile", "patch")}
     else:
@@ -573,9 +554,9 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
     chosen = label_budget.pick(pool, seed)
     labels = len(chosen)
     train_ids, test_ids = set(chosen), set(test)
-    wanted = {"scratch", "rf"} if baselines is True else set(baselines or ())
-    if wanted - {"scratch", "rf"}:
-        raise ConfigError(f"unknown baselines {sorted(wanted - {'scratch', 'rf'})}; expected scratch, rf")
+    wanted = recipe.requested_baselines(baselines, ("scratch", "rf"))
+    if ckpt is None:
+        wanted = [b for b in wanted if b != "scratch"]  # the model itself is from scratch
     lr = lr or 1e-3
     mode = mode or ("frozen" if ckpt is not None else "full")
     if layer_decay is None:
@@ -588,9 +569,7 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
     kw = {"steps": steps, "batch_size": batch_size, "seed": seed, "precision": precision, "device": device,
           "progress": progress}
     if head != "network":
-        torch.manual_seed(seed)
-        base = create_model(f"carbon_net.{size}", **mk)
-        load_pretrained(ckpt, mode="transfer", model=base)
+        base = recipe.build(f"carbon_net.{size}", mk, seed=seed, ckpt=ckpt)
         emb = [embed_map(base, f, prep.shape) for f in prep.fields]
     if head == "forest":
         mode = "frozen"  # the network is not trained at all
@@ -622,32 +601,34 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
         maps = widen(maps, calib["width_factor"], model.quantiles)
     metrics = evaluate_maps(prep, maps, train_ids, test_ids, model.quantiles)
     metrics.update({f"calibration_{k}": v for k, v in calib.items()})
-    if "scratch" in wanted and ckpt is not None:
+
+    def scratch() -> dict[str, float]:
         sm = _fit(prep, None, size, mk0, chosen, lr=lr, layer_decay=1.0, mode="full", out_dir=None, **kw)
-        smaps = [predict_map(sm, f, prep.shape) for f in prep.fields]
-        ms = evaluate_maps(prep, smaps, train_ids, test_ids, sm.quantiles)
-        metrics.update({f"{k}_scratch": v for k, v in ms.items() if k.startswith(("rmse", "bias", "r2"))})
-    if "rf" in wanted:
+        ms = evaluate_maps(prep, [predict_map(sm, f, prep.shape) for f in prep.fields], train_ids, test_ids,
+                           sm.quantiles)
+        return {k: v for k, v in ms.items() if k.startswith(("rmse", "bias", "r2"))}
+
+    def forest() -> dict[str, float]:
         rmaps = _random_forest(prep, train_ids, seed)
-        metrics.update(_scores(*_plot_values(prep, rmaps, test_ids), "_rf"))
+        m = _scores(*_plot_values(prep, rmaps, test_ids))
         if prep.truth is not None:
-            metrics.update({f"{k}_map": v for k, v in _scores(
-                np.concatenate([t.ravel() for t in prep.truth]),
-                np.concatenate([x.ravel() for x in rmaps]), "_rf").items()})
+            m.update({f"{k}_map": v for k, v in _scores(np.concatenate([t.ravel() for t in prep.truth]),
+                                                         np.concatenate([x.ravel() for x in rmaps])).items()})
+        return m
+
+    metrics.update(recipe.run_baselines(wanted, {"scratch": scratch, "rf": forest}))
     metrics.update({"labelled_plots": float(labels), "test_plots": float(len(test)), "epochs": float(len(prep.epochs))})
     rows = budget(prep, [q[-1] for q in maps], test_ids)
     write_outputs(prep, maps, rows, out, model.quantiles)
-    mconf = {"domain": "carbon", "task": "biomass", "model_type": f"{family}.{size}", "model_kwargs": mk,
-             "geometry": {"grid": prep.grid.describe(), "sources": S.sources_json(prep.specs), "tile": mk["tile"],
-                          "quantiles": list(model.quantiles)},
-             "calibration": calib,
-             "card": _card(prep, f"{HEADS[head]} ({ckpt or 'scratch'}), fitted on {labels} field plots."),
-             "training": {"plots": chosen, "from": str(ckpt) if ckpt else "scratch", "head": head,
-                          "steps": steps if head != "forest" else 0, "lr": lr,
-                          "layer_decay": layer_decay, "mode": mode, "seed": seed, "data": str(data)},
-             "metrics": metrics}
-    save_pretrained(model, out / "model", config=mconf)
-    atomic_write_json(out / "metrics.json", metrics)
+    mc = ModelConfig(domain="carbon", task="biomass", model_type=f"{family}.{size}", model_kwargs=mk,
+                     geometry={"grid": prep.grid.describe(), "sources": S.sources_json(prep.specs),
+                               "tile": mk["tile"], "quantiles": list(model.quantiles)},
+                     processors={"calibration": calib},
+                     card=_card(prep, f"{HEADS[head]} ({ckpt or 'scratch'}), fitted on {labels} field plots."),
+                     training={"plots": chosen, "from": str(ckpt) if ckpt else "scratch", "head": head,
+                               "steps": steps if head != "forest" else 0, "lr": lr,
+                               "layer_decay": layer_decay, "mode": mode, "seed": seed, "data": str(data)})
+    recipe.finish(model, out, mc, metrics)
     return metrics
 
 
@@ -709,15 +690,13 @@ def write_outputs(prep: Prepared, maps: list[np.ndarray], rows: list[dict[str, A
 def map_region(ckpt: str | Path, data: str | Path) -> tuple[CarbonNet, Prepared, list[np.ndarray]]:
     """Load a fine-tuned biomass model and map ``data`` with it: ``(model, prepared region, maps)``,
     the maps (Q + 1, H, W) per epoch with the 90 % interval calibrated at fine-tuning."""
-    cfg = read_config(ckpt)
-    if cfg.get("domain") != "carbon" or cfg.get("task") != "biomass":
-        raise ConfigError(f"{ckpt}: not a fine-tuned carbon model (task {cfg.get('task')!r})")
+    cfg = recipe.parent_config(ckpt, "carbon", task="biomass")
     model = load_pretrained(ckpt)
     if not isinstance(model, CarbonNet):
         raise ConfigError(f"{ckpt}: {cfg.get('model_type')} is not a carbon biomass model")
     prep = prepare(data, tile=model.tile, groups=model.groups)
     maps = [predict_map(model, f, prep.shape) for f in prep.fields]
-    factor = cfg.get("calibration", {}).get("width_factor")
+    factor = cfg.get("processors", {}).get("calibration", {}).get("width_factor")
     if factor is not None:
         maps = widen(maps, float(factor), model.quantiles)
     return model, prep, maps

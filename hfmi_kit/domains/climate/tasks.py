@@ -21,12 +21,14 @@ from hfmi_kit.domains.climate import data as cdata
 from hfmi_kit.domains.climate import metrics as M
 from hfmi_kit.domains.climate.model import ClimateForecaster, SeaIceExtent
 from hfmi_kit.errors import CheckpointError, ConfigError, DataError
-from hfmi_kit.models import create_model, get_size
-from hfmi_kit.train import TrainConfig, Trainer, load_pretrained, read_config, save_pretrained
+from hfmi_kit.models import get_size
+from hfmi_kit.train import load_pretrained, read_config, recipe
 from hfmi_kit.train.env import code_version
+from hfmi_kit.train.pretrained import ModelConfig
 from hfmi_kit.train.provenance import recorded
 
 LOGGER = logging.getLogger(__name__)
+ENGINE = recipe.EngineDefaults(warmup_cap=20)
 LICENCE = "CC0-1.0 (synthetic data from hfmi_kit's generator); other data: see the file's own licence"
 
 
@@ -130,25 +132,22 @@ def pretrain(*, data: str | Path, out: str | Path, config: str = "tiny", steps: 
     clim = cdata.monthly_climatology(tens, split.train)
     lim = _fit_lim(tens, split, clim, lim_modes)
     mk["lim_modes"] = lim.modes if lim is not None else 0
-    torch.manual_seed(seed)
-    model = create_model(f"climate_pretrainer.{config}", **mk)
-    _skip_path(model, tens, split, clim, lim)
-    tc = TrainConfig.pick(steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision, device=device,
-                    progress=progress, eval_every=max(steps // 4, 1), warmup_steps=min(20, steps // 10 + 1),
-                    checkpoint_every=checkpoint_every or max(steps // 2, 1))
+    model = recipe.build(f"climate_pretrainer.{config}", mk, seed=seed,
+                         before_transfer=lambda m: _skip_path(m, tens, split, clim, lim))
+    tc = recipe.engine(ENGINE, steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision,
+                       device=device, progress=progress, eval_every=max(steps // 4, 1),
+                       checkpoint_every=checkpoint_every or max(steps // 2, 1))
     geometry = d.geometry(stats)
     geometry["split"] = {"train_years": split.train_years, "val_years": split.val_years,
                          "test_years": split.test_years}
-    mconf = {"domain": "climate", "task": "pretrain", "model_type": f"climate_pretrainer.{config}",
-             "model_kwargs": mk, "geometry": geometry,
-             "card": _card(d, "Climate foundation model pretrained by masked reconstruction across "
-                              "variables and space-time patches plus next-step prediction.")}
-    trainer = Trainer(model, train, config=tc, out_dir=out, evaluate=_val_loss(val), model_config=mconf)
-    res = trainer.fit(resume=resume)
-    mconf["training"] = {**dataclasses.asdict(tc), "seed": seed, "data": str(data)}
-    mconf["metrics"] = {"train_loss": res.last_loss, **{f"best_{k}": v for k, v in res.best.items()}}
-    path = save_pretrained(model, out / "model", config=mconf)
-    atomic_write_json(out / "metrics.json", mconf["metrics"])
+    mc = ModelConfig(domain="climate", task="pretrain", model_type=f"climate_pretrainer.{config}",
+                     model_kwargs=mk, geometry=geometry,
+                     card=_card(d, "Climate foundation model pretrained by masked reconstruction across "
+                                   "variables and space-time patches plus next-step prediction."))
+    res = recipe.fit(model, train, tc, out_dir=out, config=mc, evaluate=_val_loss(val), resume=resume)
+    mc.training = {**dataclasses.asdict(tc), "seed": seed, "data": str(data)}
+    path = recipe.finish(model, out, mc, {"train_loss": res.last_loss,
+                                          **{f"best_{k}": v for k, v in res.best.items()}})
     LOGGER.info("pretrained model written to %s", path)
     return path
 
@@ -194,7 +193,7 @@ def load_with_geometry(ckpt: str | Path, data: str | Path) -> tuple[dict[str, An
     cfg = read_config(ckpt)
     if cfg.get("domain") != "climate":
         raise ConfigError(f"{ckpt}: a {cfg.get('domain')!r} checkpoint, not a climate one")
-    _check_climate_config(cfg, ckpt)
+    _check_climate_config(cfg, ckpt)  # the entries the commands read, each named when missing
     geom = cfg["geometry"]
     d = cdata.load_climate(data, expect=geom)
     cdata.check_geometry(d, geom)
@@ -309,43 +308,33 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
     ctx = int(mk["context"])
     dim = get_size(size).dim
     hidden = 0 if mode == "linear_probe" else dim
-    torch.manual_seed(seed)
     family = "climate_forecaster" if task == "forecast" else "climate_seaice"
-    model = create_model(f"{family}.{size}", head_hidden=hidden, **mk)
-    report = None
-    _skip_path(model, tens, split, clim, lim)
-    if ckpt is not None:
-        load_pretrained(ckpt, mode="transfer", model=model)
-        report = model.hfmi_load_report
-        LOGGER.info("transfer from %s: %s", ckpt, report.summary())
+    model = recipe.build(f"{family}.{size}", {**mk, "head_hidden": hidden}, seed=seed, ckpt=ckpt,
+                         before_transfer=lambda m: _skip_path(m, tens, split, clim, lim))
+    report = getattr(model, "hfmi_load_report", None)
     horizon = rollout_train if task == "forecast" else 1
     train = cdata.ForecastWindows(tens, sub, context=ctx, horizon=horizon)
     val = cdata.ForecastWindows(tens, split.val, context=ctx, horizon=horizon)
+    processors: dict[str, Any] = {}
     ext_stats = None
     if task == "seaice":
         ext = _extent_series(d)
         tr_ext = ext[split.train]
         ext_stats = {"mean": float(tr_ext.mean()), "std": float(max(tr_ext.std(), 1e-6))}
+        processors["target_normalisation"] = ext_stats
         en = (ext - ext_stats["mean"]) / ext_stats["std"]
         train, val = _ExtentWindows(train, en), _ExtentWindows(val, en)
     if lr is None:
         lr = 5e-4 if ckpt is not None else 1e-3
-    if layer_decay is None:
-        layer_decay = 0.8 if ckpt is not None and mode == "full" else 1.0
-    tc = TrainConfig.pick(steps=steps, batch_size=min(batch_size, len(train)), lr=lr, seed=seed, mode=mode,
-                    layer_decay=layer_decay,
-                    precision=precision, device=device, progress=progress, eval_every=max(steps // 5, 1),
-                    warmup_steps=min(20, steps // 10 + 1), early_stopping_patience=0)
+    tc = recipe.engine(ENGINE, steps=steps, pretrained=ckpt is not None, mode=mode, layer_decay=layer_decay,
+                       batch_size=min(batch_size, len(train)), lr=lr, seed=seed, precision=precision, device=device,
+                       progress=progress, eval_every=max(steps // 5, 1), early_stopping_patience=0)
     geom = {**geom, "label_fraction": label_fraction, "label_years": sorted(set(d.years[sub].tolist()))}
-    if ext_stats:
-        geom["extent_normalisation"] = ext_stats
-    mconf = {"domain": "climate", "task": task, "model_type": f"{family}.{size}",
-             "model_kwargs": {**mk, "head_hidden": hidden}, "geometry": geom,
-             "card": _card(d, f"Climate {task} model fine-tuned ({mode}) from "
-                              f"{ckpt or 'scratch'} on {label_fraction:.0%} of the training years.")}
-    trainer = Trainer(model, train, config=tc, out_dir=out, evaluate=_val_loss(val), model_config=mconf)
-    trainer.fit()
-    model.eval()
+    mc = ModelConfig(domain="climate", task=task, model_type=f"{family}.{size}",
+                     model_kwargs={**mk, "head_hidden": hidden}, geometry=geom, processors=processors,
+                     card=_card(d, f"Climate {task} model fine-tuned ({mode}) from "
+                                   f"{ckpt or 'scratch'} on {label_fraction:.0%} of the training years."))
+    recipe.fit(model, train, tc, out_dir=out, config=mc, evaluate=_val_loss(val))
     if task == "forecast":
         metrics, fc = evaluate_forecast(model, d, tens, norm, eval_idx=split.test, clim_idx=split.train,
                                         leads=leads, context=ctx)
@@ -357,11 +346,9 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
     metrics["train_samples"] = float(len(train))
     if report is not None:
         metrics["transferred_tensors"] = float(len(report.loaded))
-    mconf["training"] = {**dataclasses.asdict(tc), "from": str(ckpt) if ckpt else "scratch",
-                         "data": str(data), "rollout_train": rollout_train}
-    mconf["metrics"] = metrics
-    save_pretrained(model, out / "model", config=mconf)
-    atomic_write_json(out / "metrics.json", metrics)
+    mc.training = {**dataclasses.asdict(tc), "from": str(ckpt) if ckpt else "scratch",
+                   "data": str(data), "rollout_train": rollout_train}
+    recipe.finish(model, out, mc, metrics)
     return metrics
 
 
@@ -542,8 +529,8 @@ def evaluate(*, ckpt: str | Path, data: str | Path, out: str | Path, leads: int 
                                         leads=leads, context=ctx)
         write_cf(fc, out / "forecast.nc")
     elif isinstance(model, SeaIceExtent):
-        metrics = evaluate_seaice(model, d, tens, geom.get("extent_normalisation"), eval_idx=eval_idx,
-                                  clim_idx=clim_idx, context=ctx)
+        metrics = evaluate_seaice(model, d, tens, cfg.get("processors", {}).get("target_normalisation"),
+                                  eval_idx=eval_idx, clim_idx=clim_idx, context=ctx)
     else:
         raise ConfigError(f"{ckpt}: a {cfg.get('model_type')} checkpoint; evaluate needs a fine-tuned one")
     metrics["climatology_in_sample"] = float(in_sample)

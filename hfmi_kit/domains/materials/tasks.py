@@ -21,14 +21,15 @@ from hfmi_kit.domains.materials import chem
 from hfmi_kit.domains.materials.model import IGNORE, MaterialsEnsemble, MaterialsNet
 from hfmi_kit.domains.materials.pv import sq_limit
 from hfmi_kit.domains.materials.tables import BUNDLED, PropertyTable, load_property_csv
-from hfmi_kit.errors import CheckpointError, ConfigError, DataError
+from hfmi_kit.errors import ConfigError, DataError
 from hfmi_kit.models import create_model
-from hfmi_kit.train import TrainConfig, Trainer, load_pretrained, read_config, save_pretrained
+from hfmi_kit.train import TrainConfig, load_pretrained, recipe
 from hfmi_kit.train.budget import LabelBudget
-from hfmi_kit.train.pretrained import read_weights, transfer_weights
+from hfmi_kit.train.pretrained import ModelConfig, read_weights, transfer_weights
 from hfmi_kit.train.provenance import recorded
 
 LOGGER = logging.getLogger(__name__)
+ENGINE = recipe.EngineDefaults(warmup_cap=50, weight_decay=0.05)
 LICENCE = "Apache-2.0 (weights and code); data: see the provenance table"
 
 
@@ -101,16 +102,14 @@ def _logged(path: Path) -> list[dict[str, Any]]:
 
 def _train_net(model: MaterialsNet, ds: Dataset, *, steps: int, batch_size: int, lr: float, seed: int,
                layer_decay: float = 1.0, mode: str = "full", precision: str = "auto", device: str = "auto",
-               progress: bool = False, out_dir: Path | None = None, model_config: dict[str, Any] | None = None,
+               progress: bool = False, out_dir: Path | None = None, model_config: ModelConfig | None = None,
                weight_decay: float = 0.05, checkpoint_every: int = 0,
                resume: bool = False) -> tuple[TrainConfig, dict[str, float]]:
     """Train one net; returns its config and the last logged training record (loss, l1, ...)."""
-    tc = TrainConfig.pick(steps=steps, batch_size=min(batch_size, len(ds)), lr=lr, seed=seed,
-                          layer_decay=layer_decay, mode=mode, precision=precision, device=device,
-                          progress=progress, warmup_steps=min(50, steps // 10 + 1), weight_decay=weight_decay,
-                          log_every=max(10, steps // 20), checkpoint_every=checkpoint_every)
-    res = Trainer(model, ds, config=tc, out_dir=out_dir, model_config=model_config).fit(resume=resume)
-    model.eval()
+    tc = recipe.engine(ENGINE, steps=steps, layer_decay=layer_decay, mode=mode, batch_size=min(batch_size, len(ds)),
+                       lr=lr, seed=seed, precision=precision, device=device, progress=progress,
+                       weight_decay=weight_decay, log_every=max(10, steps // 20), checkpoint_every=checkpoint_every)
+    res = recipe.fit(model, ds, tc, out_dir=out_dir, config=model_config, resume=resume)
     history = res.history
     if resume and out_dir is not None and not any(r.get("split") == "train" for r in history):
         history = _logged(out_dir / "metrics.jsonl")  # a finished stage resumed: its own log
@@ -148,17 +147,16 @@ def pretrain(*, data: str | Path = "mp_gap", out: str | Path, config: str = "tin
     if not len(table):
         raise DataError(f"{data}: no compositions left after excluding those of {exclude}")
     arrays = _encode(table)
-    torch.manual_seed(seed)
-    model = create_model(f"materials_net.{config}")
-    mconf: dict[str, Any] = {
-        "domain": "materials", "task": "pretrain", "model_type": f"materials_net.{config}", "model_kwargs": {},
-        "geometry": {"elements": list(chem.element_symbols()), "max_elements": int(arrays["elements"].shape[1]),
-                     "property": "band_gap", "unit": "eV"},
-        "card": {"summary": (f"Composition foundation model: masked-element pretraining on {len(table)} compositions"
-                             f", then supervised pretraining on their {table.name} values."),
-                 "data": [_data_entry(table, "pretraining")], "licence": LICENCE,
-                 "intended_use": "research on composition-property models for photovoltaic absorbers",
-                 "limitations": "composition only: polymorphs and structure are not seen"}}
+    model = recipe.build(f"materials_net.{config}", {}, seed=seed)
+    mconf = ModelConfig(
+        domain="materials", task="pretrain", model_type=f"materials_net.{config}",
+        geometry={"elements": list(chem.element_symbols()), "max_elements": int(arrays["elements"].shape[1]),
+                  "property": "band_gap", "unit": "eV"},
+        card={"summary": (f"Composition foundation model: masked-element pretraining on {len(table)} compositions"
+                          f", then supervised pretraining on their {table.name} values."),
+              "data": [_data_entry(table, "pretraining")], "licence": LICENCE,
+              "intended_use": "research on composition-property models for photovoltaic absorbers",
+              "limitations": "composition only: polymorphs and structure are not seen"})
     uniq = sorted({r: i for i, r in enumerate(table.reduced)}.values())
     LOGGER.info("stage 1: masked elements on %d unique compositions (%d excluded)", len(uniq), excluded)
     ds = CompositionSet(arrays, uniq, mlm=True, mask_prob=mask_prob, seed=seed)
@@ -179,12 +177,9 @@ def pretrain(*, data: str | Path = "mp_gap", out: str | Path, config: str = "tin
         metrics["supervised_loss"] = rec2["loss"]
         metrics["supervised_l1_ev"] = rec2.get("l1", float("nan"))  # last logged batch
         metrics["mlm_accuracy_after_supervised"] = _mlm_accuracy(model, arrays, uniq, mask_prob, seed)
-    mconf["training"] = {**dataclasses.asdict(tc1), "supervised_steps": s2, "mask_prob": mask_prob,
-                         "data": str(data), "exclude": str(exclude), "seed": seed}
-    mconf["metrics"] = metrics
-    path = save_pretrained(model, out / "model", config=mconf)
-    atomic_write_json(out / "metrics.json", metrics)
-    return path
+    mconf.training = {**dataclasses.asdict(tc1), "supervised_steps": s2, "mask_prob": mask_prob,
+                      "data": str(data), "exclude": str(exclude), "seed": seed}
+    return recipe.finish(model, out, mconf, metrics)
 
 
 @torch.no_grad()
@@ -222,7 +217,7 @@ def predict_calibrated(model: MaterialsEnsemble, cfg: dict[str, Any],
     the out-of-fold errors of cross-validation so that mean +- 1.645 std holds 90 % of them),
     which multiplies the total std by it."""
     mu, scale = predict_arrays(model, arrays)
-    s = float(cfg.get("geometry", {}).get("uncertainty_scale", 1.0))
+    s = float(cfg.get("processors", {}).get("calibration", {}).get("uncertainty_scale", 1.0))
     mean = mu.mean(0, keepdims=True)
     return mean + s * (mu - mean), s * scale
 
@@ -263,7 +258,7 @@ def fit_ensemble(ckpt: str | Path | None, arrays: dict[str, np.ndarray], y: np.n
     weights = read_weights(ckpt) if ckpt is not None else None
     lr = lr if lr is not None else 1e-3
     if layer_decay is None:
-        layer_decay = 0.8 if ckpt is not None and mode == "full" else 1.0
+        layer_decay = ENGINE.layer_decay if ckpt is not None and mode == "full" else 1.0
     nets = []
     for k in range(members):
         torch.manual_seed(seed * 1000 + k)
@@ -435,13 +430,7 @@ def check_rows_for_cv(table: PropertyTable, folds: int, data: str | Path) -> int
 
 def _materials_checkpoint_config(ckpt: str | Path) -> dict[str, Any]:
     """The config of a materials checkpoint to fine-tune from, checked before any data is read."""
-    pcfg = read_config(ckpt)
-    if pcfg.get("domain") != "materials":
-        raise ConfigError(f"{ckpt}: a {pcfg.get('domain')!r} checkpoint, not a materials one")
-    mt = pcfg.get("model_type")
-    if not isinstance(mt, str) or "." not in mt:
-        raise CheckpointError(f"{Path(ckpt) / 'config.json'}: model_type {mt!r} is not FAMILY.SIZE")
-    return pcfg
+    return recipe.parent_config(ckpt, "materials")
 
 
 @recorded("materials", "finetune")
@@ -483,7 +472,7 @@ def finetune(*, ckpt: str | Path | None, data: str | Path = "expt_gap", out: str
         wanted = tuple(b for b in wanted if b != "scratch")
     size, max_el = config or "tiny", None
     if pcfg is not None:
-        size = pcfg["model_type"].split(".", 1)[1]
+        size = recipe.size_of(pcfg)
     metrics, frame = cross_validate(ckpt, table, labels=labels, folds=folds, members=members, steps=steps,
                                     batch_size=batch_size, lr=lr, layer_decay=layer_decay, mode=mode, size=size,
                                     baselines=wanted, seed=seed, precision=precision, device=device,
@@ -495,36 +484,33 @@ def finetune(*, ckpt: str | Path | None, data: str | Path = "expt_gap", out: str
     metrics["uncertainty_scale"] = float(np.quantile(z, 0.90) / 1.645)
     _write_rejections(table, out)  # outputs only once every check passed: a failed run leaves --out as it was
     _write_table(frame, out / "cv_predictions.csv")
+    ens, mconf = None, None
     if final:
         arrays = _encode(table)
         chosen = choose_labels(np.arange(len(table)), labels, seed)
         ens, settings = fit_ensemble(ckpt, arrays, table.y, chosen, size=size, members=members, steps=steps,
                                      batch_size=batch_size, lr=lr, layer_decay=layer_decay, mode=mode, seed=seed,
                                      precision=precision, device=device, progress=progress)
-        mconf = {"domain": "materials", "task": "band_gap", "model_type": f"materials_ensemble.{size}",
-                 "model_kwargs": {"members": members},
-                 "geometry": {"elements": list(chem.element_symbols()), "property": "band_gap", "unit": "eV",
-                              "uncertainty_scale": metrics["uncertainty_scale"]},
-                 "card": {"summary": (f"Deep ensemble ({members} members) of composition models fine-tuned "
-                                      f"({mode}) from {ckpt or 'scratch'} on {len(chosen)} measured band gaps; "
-                                      f"{folds}-fold CV MAE {metrics['mae_ev']:.3f} eV."),
-                          "data": [_data_entry(table, "fine-tuning")], "licence": LICENCE,
-                          "intended_use": "screening band gaps of inorganic compositions for photovoltaics",
-                          "limitations": "composition only; uncertainty is the ensemble spread (see coverage)"},
-                 "training": {**settings, "data": str(data), "target": target, "seed": seed,
-                              "formulas": [table.reduced[i] for i in chosen]},
-                 "metrics": metrics}
-        save_pretrained(ens, out / "model", config=mconf)
-    atomic_write_json(out / "metrics.json", metrics)
+        mconf = ModelConfig(
+            domain="materials", task="band_gap", model_type=f"materials_ensemble.{size}",
+            model_kwargs={"members": members},
+            geometry={"elements": list(chem.element_symbols()), "property": "band_gap", "unit": "eV"},
+            processors={"calibration": {"uncertainty_scale": metrics["uncertainty_scale"]}},
+            card={"summary": (f"Deep ensemble ({members} members) of composition models fine-tuned "
+                              f"({mode}) from {ckpt or 'scratch'} on {len(chosen)} measured band gaps; "
+                              f"{folds}-fold CV MAE {metrics['mae_ev']:.3f} eV."),
+                  "data": [_data_entry(table, "fine-tuning")], "licence": LICENCE,
+                  "intended_use": "screening band gaps of inorganic compositions for photovoltaics",
+                  "limitations": "composition only; uncertainty is the ensemble spread (see coverage)"},
+            training={**settings, "data": str(data), "target": target, "seed": seed,
+                      "formulas": [table.reduced[i] for i in chosen]})
+    recipe.finish(ens, out, mconf, metrics)
     return metrics
 
 
 def load_ensemble(ckpt: str | Path) -> tuple[MaterialsEnsemble, dict[str, Any]]:
     """A fine-tuned materials ensemble and its config (weights only: safetensors)."""
-    cfg = read_config(ckpt)
-    if cfg.get("domain") != "materials" or cfg.get("task") != "band_gap":
-        raise ConfigError(f"{ckpt}: not a fine-tuned materials model (domain {cfg.get('domain')!r}, "
-                          f"task {cfg.get('task')!r})")
+    cfg = recipe.parent_config(ckpt, "materials", task="band_gap")
     model = load_pretrained(ckpt)
     if not isinstance(model, MaterialsEnsemble):
         raise ConfigError(f"{ckpt}: {cfg.get('model_type')} is not an ensemble")

@@ -21,13 +21,14 @@ from hfmi_kit.domains.radiology.io import load_volume, save_nifti, write_dicom_s
 from hfmi_kit.domains.radiology.model import RadiologySegmenter, UNetBaseline, sliding_window_labels
 from hfmi_kit.domains.radiology.synth import LABELS
 from hfmi_kit.errors import ConfigError, DataError
-from hfmi_kit.models import create_model
-from hfmi_kit.train import TrainConfig, Trainer, load_pretrained, read_config, save_pretrained
+from hfmi_kit.train import load_pretrained, recipe
 from hfmi_kit.train.budget import LabelBudget
+from hfmi_kit.train.pretrained import ModelConfig
 from hfmi_kit.train.provenance import recorded
 
 LOGGER = logging.getLogger(__name__)
 SEGMENT_NAMES = ("oedema", "tumour core")
+ENGINE = recipe.EngineDefaults(warmup_cap=20)
 
 
 def _card(root: Path, subjects: Sequence[rdata.Subject], summary: str) -> dict[str, Any]:
@@ -71,22 +72,17 @@ def pretrain(*, data: str | Path, out: str | Path, config: str = "tiny", steps: 
     LOGGER.info("pretraining on %d volumes (%s) of %d subjects", len(vols), mods, len(use))
     ds = rdata.PretrainCrops(vols, crop=crop, seed=seed)
     mk = {"modalities": mods, "crop": crop, "patch": patch, "spacing": spacing, "mask_ratio": mask_ratio}
-    torch.manual_seed(seed)
-    model = create_model(f"radiology_mae.{config}", **mk)
-    tc = TrainConfig.pick(steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision, device=device,
-                    progress=progress, warmup_steps=min(20, steps // 10 + 1),
-                    checkpoint_every=checkpoint_every or max(steps // 2, 1))
-    mconf = {"domain": "radiology", "task": "pretrain", "model_type": f"radiology_mae.{config}", "model_kwargs": mk,
-             "geometry": {"spacing_mm": spacing, "crop": crop, "modalities": mods,
-                          "excluded_test_subjects": sorted(test_ids), "volumes": len(vols)},
-             "card": _card(root, use, "3-D masked autoencoder pretrained on unlabelled CT/MR volumes "
-                                      "(modality tokens, shared patch embedding).")}
-    trainer = Trainer(model, ds, config=tc, out_dir=out, model_config=mconf)
-    res = trainer.fit(resume=resume)
-    mconf["training"] = {**dataclasses.asdict(tc), "seed": seed, "data": str(root)}
-    mconf["metrics"] = {"train_loss": res.last_loss}
-    path = save_pretrained(model, out / "model", config=mconf)
-    atomic_write_json(out / "metrics.json", mconf["metrics"])
+    model = recipe.build(f"radiology_mae.{config}", mk, seed=seed)
+    tc = recipe.engine(ENGINE, steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision,
+                       device=device, progress=progress, checkpoint_every=checkpoint_every or max(steps // 2, 1))
+    mc = ModelConfig(domain="radiology", task="pretrain", model_type=f"radiology_mae.{config}", model_kwargs=mk,
+                     geometry={"spacing_mm": spacing, "crop": crop, "modalities": mods,
+                               "excluded_test_subjects": sorted(test_ids), "volumes": len(vols)},
+                     card=_card(root, use, "3-D masked autoencoder pretrained on unlabelled CT/MR volumes "
+                                           "(modality tokens, shared patch embedding)."))
+    res = recipe.fit(model, ds, tc, out_dir=out, config=mc, resume=resume)
+    mc.training = {**dataclasses.asdict(tc), "seed": seed, "data": str(root)}
+    path = recipe.finish(model, out, mc, {"train_loss": res.last_loss})
     LOGGER.info("pretrained model written to %s", path)
     return path
 
@@ -106,19 +102,6 @@ def _check_dicom_outputs(cases: Sequence[rdata.Prepared]) -> None:
     for c in cases:
         for series in c.dicom.values():
             load_volume(series)
-
-
-def _train_segmenter(model: torch.nn.Module, cases: Sequence[rdata.Prepared], out: Path, *, name: str,
-                     mconf: dict[str, Any], steps: int, seed: int, batch_size: int, lr: float, layer_decay: float,
-                     mode: str, precision: str, device: str, progress: bool) -> torch.nn.Module:
-    ds = rdata.SegCrops(cases, crop=mconf["model_kwargs"]["crop"], seed=seed)
-    tc = TrainConfig.pick(steps=steps, batch_size=batch_size, lr=lr, seed=seed, mode=mode, layer_decay=layer_decay,
-                    precision=precision, device=device, progress=progress, warmup_steps=min(20, steps // 10 + 1),
-                    weight_decay=0.01)
-    Trainer(model, ds, config=tc, out_dir=out / f"train_{name}", model_config=mconf).fit()
-    mconf["training"] = {**dataclasses.asdict(tc), "cases": [c.id for c in cases]}
-    model.eval()
-    return model
 
 
 def predict_case(model: torch.nn.Module, case: rdata.Prepared, *, overlap: float = 0.5,
@@ -201,11 +184,9 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
     pool, test = rdata.split_subjects(subjects)
     chosen = label_budget.pick(pool, seed)
     if ckpt is not None:
-        pcfg = read_config(ckpt)
-        if pcfg.get("domain") != "radiology":
-            raise ConfigError(f"{ckpt}: a {pcfg.get('domain')!r} checkpoint, not a radiology one")
+        pcfg = recipe.parent_config(ckpt, "radiology")
         pk = pcfg["model_kwargs"]
-        size = config or pcfg["model_type"].split(".", 1)[1]
+        size = config or recipe.size_of(pcfg)
         mods = [m for m in rdata.modality_order(chosen + test) if m in pk["modalities"]]
         if not mods:
             raise DataError(f"{root}: none of the pretrained modalities {pk['modalities']} is in every subject")
@@ -227,41 +208,40 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
           "classes": len(LABELS)}
     summary = (f"3-D tumour segmenter fine-tuned ({mode}) from {ckpt or 'scratch'} on {len(chosen)} labelled "
                f"case(s), modalities {mods}.")
-    metrics, rows = _fit_and_score("segmenter", ckpt, size, mk, train_cases, test_cases, out, root, subjects,
-                                   summary=summary, steps=steps, seed=seed, batch_size=batch_size, lr=lr,
-                                   layer_decay=layer_decay, mode=mode, precision=precision, device=device,
-                                   progress=progress, save=True)
+    model, mc, metrics, rows = _fit_and_score("segmenter", ckpt, size, mk, train_cases, test_cases, out, root,
+                                              subjects, summary=summary, steps=steps, seed=seed,
+                                              batch_size=batch_size, lr=lr, layer_decay=layer_decay, mode=mode,
+                                              precision=precision, device=device, progress=progress, save=True)
     all_rows = {"model": rows}
-    wanted = {"scratch", "unet"} if baselines is True else set(baselines or ())
-    if wanted - {"scratch", "unet"}:
-        raise ConfigError(f"unknown baselines {sorted(wanted - {'scratch', 'unet'})}; expected scratch, unet")
+    wanted = recipe.requested_baselines(baselines, ("scratch", "unet"))
+    if ckpt is None:
+        wanted = [b for b in wanted if b != "scratch"]  # the model itself is from scratch
     bsteps = baseline_steps or steps
-    if ckpt is not None and "scratch" in wanted:
-        m_s, r_s = _fit_and_score("scratch", None, size, mk, train_cases, test_cases, out, root, subjects,
-                                  summary="", steps=bsteps, seed=seed, batch_size=batch_size, lr=None,
-                                  layer_decay=None, mode="full", precision=precision, device=device,
-                                  progress=progress, save=False)
-        metrics.update({f"{k}_scratch": v for k, v in m_s.items()})
-        all_rows["scratch"] = r_s
+    pool_cases = train_cases if len(chosen) == len(pool) else None
+
+    def baseline(name: str) -> Any:
+        def run() -> dict[str, float]:
+            nonlocal pool_cases
+            cases = train_cases
+            if name == "unet":  # the supervised reference trains on every labelled training case
+                pool_cases = pool_cases or [rdata.prepare(s, mods, sp) for s in pool]
+                cases = pool_cases
+            *_, m_b, r_b = _fit_and_score(name, None, size, mk, cases, test_cases, out, root, subjects, summary="",
+                                          steps=bsteps, seed=seed, batch_size=batch_size, lr=None, layer_decay=None,
+                                          mode="full", precision=precision, device=device, progress=progress,
+                                          save=False, unet=name == "unet")
+            all_rows[name] = r_b
+            return m_b
+        return run
+
+    metrics.update(recipe.run_baselines(wanted, {b: baseline(b) for b in wanted}))
     if "unet" in wanted:
-        pool_cases = train_cases if len(chosen) == len(pool) else [rdata.prepare(s, mods, sp) for s in pool]
-        m_u, r_u = _fit_and_score("unet", None, size, mk, pool_cases, test_cases, out, root, subjects,
-                                  summary="", steps=bsteps, seed=seed, batch_size=batch_size, lr=None,
-                                  layer_decay=None, mode="full", precision=precision, device=device,
-                                  progress=progress, save=False, unet=True)
-        metrics.update({f"{k}_unet": v for k, v in m_u.items()})
-        metrics["unet_cases"] = float(len(pool_cases))
-        all_rows["unet"] = r_u
+        metrics["unet_cases"] = float(len(pool_cases or ()))
     metrics.update({"labelled_cases": float(len(chosen)), "test_cases": float(len(test)),
                     "pool_cases": float(len(pool))})
     atomic_write_json(out / "cases.json", {"train": [c.id for c in chosen], "test": [c.id for c in test],
                                            "per_case": all_rows})
-    atomic_write_json(out / "metrics.json", metrics)
-    cfg_path = out / "model" / "config.json"
-    if cfg_path.is_file():
-        from hfmi_kit.train.pretrained import update_metrics
-
-        update_metrics(out / "model", metrics)
+    recipe.finish(model, out, mc, metrics)
     return metrics
 
 
@@ -269,40 +249,32 @@ def _fit_and_score(name: str, ckpt: str | Path | None, size: str, mk: dict[str, 
                    train_cases: Sequence[rdata.Prepared], test_cases: Sequence[rdata.Prepared], out: Path,
                    root: Path, subjects: Sequence[rdata.Subject], *, summary: str, steps: int, seed: int,
                    batch_size: int, lr: float | None, layer_decay: float | None, mode: str, precision: str,
-                   device: str, progress: bool, save: bool, unet: bool = False) -> tuple[dict[str, float], list]:
-    torch.manual_seed(seed)
+                   device: str, progress: bool, save: bool, unet: bool = False
+                   ) -> tuple[torch.nn.Module, ModelConfig, dict[str, float], list]:
+    """Train one segmenter (the model, or a baseline) on ``train_cases`` and score it on
+    ``test_cases`` (writing the predictions when ``save``)."""
     family = "radiology_unet" if unet else "radiology_segmenter"
     kw = dict(mk)
     if ckpt is None:  # from scratch: the modality table is just the inputs
         kw["modalities"] = list(mk["input_modalities"])
-    model = create_model(f"{family}.{size}", **kw)
-    if ckpt is not None:
-        load_pretrained(ckpt, mode="transfer", model=model)
-        LOGGER.info("transfer from %s: %s", ckpt, model.hfmi_load_report.summary())
-    if lr is None:
-        lr = 2e-3
-    if layer_decay is None:
-        layer_decay = 0.8 if ckpt is not None and mode == "full" else 1.0
-    mconf = {"domain": "radiology", "task": "segment", "model_type": f"{family}.{size}", "model_kwargs": kw,
-             "geometry": {"spacing_mm": mk["spacing"], "crop": mk["crop"], "modalities": mk["input_modalities"],
-                          "labels": {str(k): v for k, v in LABELS.items()}},
-             "card": _card(root, subjects, summary or f"radiology {name} baseline")}
-    model = _train_segmenter(model, train_cases, out, name=name, mconf=mconf, steps=steps, seed=seed,
-                             batch_size=batch_size, lr=lr, layer_decay=layer_decay, mode=mode, precision=precision,
-                             device=device, progress=progress)
+    model = recipe.build(f"{family}.{size}", kw, seed=seed, ckpt=ckpt)
+    mc = ModelConfig(domain="radiology", task="segment", model_type=f"{family}.{size}", model_kwargs=kw,
+                     geometry={"spacing_mm": mk["spacing"], "crop": mk["crop"], "modalities": mk["input_modalities"],
+                               "labels": {str(k): v for k, v in LABELS.items()}},
+                     card=_card(root, subjects, summary or f"radiology {name} baseline"))
+    tc = recipe.engine(ENGINE, steps=steps, pretrained=ckpt is not None, mode=mode, layer_decay=layer_decay,
+                       batch_size=batch_size, lr=2e-3 if lr is None else lr, seed=seed, precision=precision,
+                       device=device, progress=progress, weight_decay=0.01)
+    ds = rdata.SegCrops(train_cases, crop=mk["crop"], seed=seed)
+    recipe.fit(model, ds, tc, out_dir=out / f"train_{name}", config=mc)
+    mc.training = {**dataclasses.asdict(tc), "cases": [c.id for c in train_cases],
+                   "from": str(ckpt) if ckpt else "scratch"}
     metrics, rows = score_cases(model, test_cases, out_dir=out / "predictions" if save else None)
-    mconf["training"]["from"] = str(ckpt) if ckpt else "scratch"
-    mconf["metrics"] = metrics
-    if save:
-        save_pretrained(model, out / "model", config=mconf)
-    return metrics, rows
+    return model, mc, metrics, rows
 
 
 def _load_segmenter(ckpt: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    cfg = read_config(ckpt)
-    if cfg.get("domain") != "radiology" or cfg.get("task") != "segment":
-        raise ConfigError(f"{ckpt}: not a fine-tuned radiology segmenter (domain {cfg.get('domain')!r}, "
-                          f"task {cfg.get('task')!r})")
+    cfg = recipe.parent_config(ckpt, "radiology", task="segment", what="fine-tuned radiology segmenter")
     model = load_pretrained(ckpt)
     if not isinstance(model, RadiologySegmenter | UNetBaseline):
         raise ConfigError(f"{ckpt}: {cfg.get('model_type')} cannot segment")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -14,8 +13,9 @@ from torch.utils.data import Dataset
 
 from hfmi_kit.config import atomic_write_json, atomic_write_text
 from hfmi_kit.errors import ConfigError, DataError
-from hfmi_kit.models import create_model
-from hfmi_kit.train import TrainConfig, Trainer, load_pretrained, read_config, save_pretrained
+from hfmi_kit.train import load_pretrained, recipe
+from hfmi_kit.train.budget import LabelBudget
+from hfmi_kit.train.pretrained import ModelConfig
 from hfmi_kit.train.provenance import recorded
 
 LENGTH = 64
@@ -85,11 +85,7 @@ def _split(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lab[:-n_test], lab[-n_test:]
 
 
-def _train(model: torch.nn.Module, ds: Dataset, *, steps: int, batch_size: int, lr: float, seed: int,
-           out: Path | None, progress: bool, mconf: dict[str, Any] | None = None) -> float:
-    tc = TrainConfig(steps=steps, batch_size=min(batch_size, len(ds)), lr=lr, seed=seed, progress=progress,
-                     warmup_steps=min(10, steps // 10 + 1))
-    return Trainer(model, ds, config=tc, out_dir=out, model_config=mconf).fit().last_loss
+ENGINE = recipe.EngineDefaults(warmup_cap=10)
 
 
 @recorded("timeseries", "pretrain")
@@ -99,17 +95,14 @@ def pretrain(*, data: str | Path, out: str | Path, config: str = "tiny", steps: 
     """Masked reconstruction on every series (labels never read); returns ``out/model``."""
     out = Path(out)
     _, x, _ = read_series(data)
-    torch.manual_seed(seed)
-    model = create_model(f"timeseries_mae.{config}", length=LENGTH)
-    mconf = {"domain": "timeseries", "task": "pretrain", "model_type": f"timeseries_mae.{config}",
-             "model_kwargs": {"length": LENGTH}, "geometry": {"length": LENGTH}}
-    loss = _train(model, Series(x), steps=steps, batch_size=batch_size, lr=lr, seed=seed, out=out, progress=progress,
-                  mconf=mconf)
-    mconf["metrics"] = {"train_loss": loss}
-    mconf["training"] = {"data": str(data), "steps": steps, "seed": seed}
-    path = save_pretrained(model, out / "model", config=mconf)
-    atomic_write_json(out / "metrics.json", mconf["metrics"])
-    return path
+    mc = ModelConfig(domain="timeseries", task="pretrain", model_type=f"timeseries_mae.{config}",
+                     model_kwargs={"length": LENGTH}, geometry={"length": LENGTH})
+    model = recipe.build(mc.model_type, mc.model_kwargs, seed=seed)
+    tc = recipe.engine(ENGINE, steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=progress,
+                       precision=precision, device=device, checkpoint_every=checkpoint_every)
+    res = recipe.fit(model, Series(x), tc, out_dir=out, config=mc, resume=resume)
+    mc.training = {"data": str(data), "steps": steps, "seed": seed}
+    return recipe.finish(model, out, mc, {"train_loss": res.last_loss})
 
 
 def _ridge(x: np.ndarray, y: np.ndarray, xt: np.ndarray, lam: float = 1.0) -> np.ndarray:
@@ -130,43 +123,38 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, labe
     """Regress each series' frequency from ``labels`` labelled series of the pool (seeded pick);
     scored on the fixed test series; with ``baselines`` also scratch and ridge."""
     out = Path(out)
+    budget = LabelBudget.from_options(labels, label_fraction, pool="labelled series", minimum=2)
+    pcfg = recipe.parent_config(ckpt, "timeseries") if ckpt is not None else None
+    wanted = recipe.requested_baselines(baselines, ("scratch", "ridge"))
     ids, x, y = read_series(data)
     pool, test = _split(y)
-    n = labels if labels is not None else max(2, int(round(label_fraction * len(pool))))
-    if not 2 <= n <= len(pool):
-        raise ConfigError(f"--labels must lie in [2, {len(pool)}] (the labelled pool of {data}), got {n}")
-    chosen = np.sort(np.random.default_rng(seed).permutation(pool)[:n])
-    size = config or (read_config(ckpt)["model_type"].split(".", 1)[1] if ckpt else "tiny")
+    chosen = np.asarray(budget.pick(pool, seed))
+    size = config or (recipe.size_of(pcfg) if pcfg else "tiny")
+    mc = ModelConfig(domain="timeseries", task="frequency", model_type=f"timeseries_regressor.{size}",
+                     model_kwargs={"length": LENGTH}, geometry={"length": LENGTH})
 
-    def fit(from_ckpt: str | Path | None, sub: Path | None) -> torch.nn.Module:
-        torch.manual_seed(seed)
-        model = create_model(f"timeseries_regressor.{size}", length=LENGTH)
-        if from_ckpt is not None:
-            if read_config(from_ckpt).get("domain") != "timeseries":
-                raise ConfigError(f"{from_ckpt}: not a timeseries checkpoint")
-            load_pretrained(from_ckpt, mode="transfer", model=model)
-        _train(model, Series(x[chosen], y[chosen]), steps=steps, batch_size=batch_size,
-               lr=lr or 1e-3, seed=seed, out=sub, progress=progress)
-        return model.eval()
+    def fit(from_ckpt: str | Path | None) -> torch.nn.Module:
+        model = recipe.build(mc.model_type, mc.model_kwargs, seed=seed, ckpt=from_ckpt)
+        tc = recipe.engine(ENGINE, steps=steps, pretrained=from_ckpt is not None, mode=mode,
+                           batch_size=min(batch_size, len(chosen)), lr=lr or 1e-3, seed=seed, progress=progress,
+                           precision=precision, device=device)
+        recipe.fit(model, Series(x[chosen], y[chosen]), tc, out_dir=None)
+        return model
 
-    model = fit(ckpt, None)
+    def mae(model: torch.nn.Module) -> dict[str, float]:
+        with torch.no_grad():
+            return {"mae": float(np.abs(model.predict(torch.from_numpy(x[test])).numpy() - y[test]).mean())}
+
+    model = fit(ckpt)
     with torch.no_grad():
         pred = model.predict(torch.from_numpy(x[test])).numpy()
-    m = {"mae": float(np.abs(pred - y[test]).mean()), "labels": float(n), "test_series": float(len(test))}
-    names = ["scratch", "ridge"] if baselines is True else list(baselines or [])
-    if "scratch" in names and ckpt is not None:
-        scratch = fit(None, None)
-        with torch.no_grad():
-            ps = scratch.predict(torch.from_numpy(x[test])).numpy()
-        m["mae_scratch"] = float(np.abs(ps - y[test]).mean())
-    if "ridge" in names:
-        m["mae_ridge"] = float(np.abs(_ridge(x[chosen], y[chosen], x[test]) - y[test]).mean())
-    mconf = {"domain": "timeseries", "task": "frequency", "model_type": f"timeseries_regressor.{size}",
-             "model_kwargs": {"length": LENGTH}, "geometry": {"length": LENGTH}, "metrics": m,
-             "training": {"from": str(ckpt) if ckpt else "scratch", "data": str(data), "labels": n, "seed": seed}}
-    save_pretrained(model, out / "model", config=mconf)
+    m = {**mae(model), "labels": float(len(chosen)), "test_series": float(len(test))}
+    m.update(recipe.run_baselines([b for b in wanted if ckpt is not None or b != "scratch"], {
+        "scratch": lambda: mae(fit(None)),
+        "ridge": lambda: {"mae": float(np.abs(_ridge(x[chosen], y[chosen], x[test]) - y[test]).mean())}}))
+    mc.training = {"from": str(ckpt) if ckpt else "scratch", "data": str(data), "labels": len(chosen), "seed": seed}
     _write_predictions(out / "predictions.csv", [ids[i] for i in test], y[test], pred)
-    atomic_write_json(out / "metrics.json", m)
+    recipe.finish(model, out, mc, m)
     return m
 
 
