@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from hfmi_kit.errors import ConfigError
+from hfmi_kit.train.budget import LabelBudget
 
 LOGGER = logging.getLogger(__name__)
 COLUMNS = ("domain", "task", "label_budget", "method", "seed", "metric", "value")
@@ -42,8 +43,7 @@ class DomainPlan:
     """How one domain is scored."""
 
     data: Callable[[Path, str], dict[str, Any]]  # (data dir, budget) -> data kwargs for pretrain / finetune
-    label_arg: str  # finetune keyword that sets the label budget (labels or label_fraction)
-    budgets: dict[str, list[float]]  # budget -> label budgets
+    budgets: dict[str, list[LabelBudget]]  # scorecard budget (small, full) -> the label budgets scored
     pretrain_kw: dict[str, dict[str, Any]]  # budget -> pretrain keywords
     finetune_kw: dict[str, dict[str, Any]]  # budget -> finetune keywords (both methods)
     scratch_separately: bool = False  # finetune has no ``baselines`` option: run ckpt=None too
@@ -102,18 +102,18 @@ def run_domain(domain: str, out: Path, *, budget: str = "small", seeds: Sequence
     rows: list[dict[str, Any]] = []
     for b in plan.budgets[budget]:
         for seed in seeds:
-            kw = {**plan.finetune_kw[budget], plan.label_arg: b, "seed": seed, "progress": False}
-            tag = f"n{b:g}_s{seed}"
+            kw = {**plan.finetune_kw[budget], **b.options(), "seed": seed, "progress": False}
+            tag = f"n{b.value:g}_s{seed}"
             if plan.baselines:
                 kw["baselines"] = list(plan.baselines)
             m = dom.finetune(ckpt=pre, data=data["data"], out=runs / f"pretrained_{tag}", **kw)
             methods = {"pretrained": metric, **{plan.method_names.get(x, x): f"{metric}_{x}"
                                                 for x in (*plan.baselines, *plan.extra_methods)}}
-            rows += _rows(domain, task, b, seed, m, metric, methods)
+            rows += _rows(domain, task, b.value, seed, m, metric, methods)
             if plan.scratch_separately:
                 ms = dom.finetune(ckpt=None, data=data["data"], out=runs / f"scratch_{tag}", config="tiny",
                                   **{k: v for k, v in kw.items() if k != "baselines"})
-                rows += _rows(domain, task, b, seed, ms, metric, {"scratch": metric})
+                rows += _rows(domain, task, b.value, seed, ms, metric, {"scratch": metric})
     return rows
 
 

@@ -49,3 +49,12 @@ def test_a_count_larger_than_the_pool_says_what_the_pool_is():
     with pytest.raises(ConfigError, match=r"--labels must lie in \[2, 6\] \(field plots\), got 9"):
         LabelBudget(count=9, minimum=2, pool="field plots").pick(list(range(6)), 0)
     assert LabelBudget(count=9, pool="field plots").describe() == "9 field plots"
+
+
+def test_a_budget_is_the_options_a_task_takes_and_one_number_for_the_curve():
+    assert [b.options() for b in LabelBudget.counts([10, 30])] == [{"labels": 10}, {"labels": 30}]
+    assert LabelBudget.fractions([0.25])[0].options() == {"label_fraction": 0.25}
+    assert LabelBudget().options() == {} and LabelBudget().value == 1.0
+    assert [b.value for b in LabelBudget.counts([10, 30])] == [10.0, 30.0]
+    with pytest.raises(ConfigError, match="--labels"):
+        LabelBudget.counts([0])

@@ -49,6 +49,30 @@ class LabelBudget:
             cls(fraction=label_fraction, **kw)  # checks it
         return cls(**kw)
 
+    @classmethod
+    def counts(cls, values: Sequence[int], **kw: Any) -> list[LabelBudget]:
+        """Budgets of ``values`` labels each (a label-efficiency curve's x axis)."""
+        return [cls(count=int(v), **kw) for v in values]
+
+    @classmethod
+    def fractions(cls, values: Sequence[float], **kw: Any) -> list[LabelBudget]:
+        """Budgets of each fraction of ``values`` of the pool (1.0: the whole pool)."""
+        return [cls(fraction=float(v), **kw) for v in values]
+
+    def options(self) -> dict[str, Any]:
+        """The task options that ask for this budget: ``{"labels": n}``, ``{"label_fraction": f}``
+        or ``{}`` for the whole pool (what the CLI's ``--labels`` / ``--label-fraction`` set)."""
+        if self.count is not None:
+            return {"labels": self.count}
+        if self.fraction is not None:
+            return {"label_fraction": self.fraction}
+        return {}
+
+    @property
+    def value(self) -> float:
+        """The budget as one number: the count, or the fraction (1.0 for the whole pool)."""
+        return float(self.count if self.count is not None else self.fraction if self.fraction is not None else 1.0)
+
     @property
     def whole_pool(self) -> bool:
         return self.count is None and self.fraction is None

@@ -41,8 +41,9 @@ from pathlib import Path
 import pandas as pd
 
 from hfmi_kit.domains.climate import finetune, whatif
-from hfmi_kit.domains.climate.plots import label_efficiency, skill_vs_lead
+from hfmi_kit.domains.climate.plots import skill_vs_lead
 from hfmi_kit.train import read_config
+from hfmi_kit.viz.core import label_efficiency
 
 out = Path(out_dir)
 if not data_path:
@@ -62,8 +63,8 @@ pd.DataFrame({n: {k: m[k] for k in keys} for n, m in results.items()}).round(3)
 skill_vs_lead(results["pretrained"], "tas")
 
 # %%
-rows = [{"method": n, "label_fraction": label_fraction, "rmse": m["rmse"]} for n, m in results.items()]
-label_efficiency(rows)
+rows = [{"method": n, "labels": label_fraction, "rmse": m["rmse"]} for n, m in results.items()]
+label_efficiency(rows, "rmse", xlabel="fraction of training years labelled")
 
 # %% [markdown]
 # ## What-if: double CO2, ensemble of perturbed initial states

@@ -44,11 +44,19 @@ class CarbonDomain(Domain):
 
         return section(run)
 
+    def predictor(self, model: Any, config: dict[str, Any]) -> Any:
+        """Biomass quantile maps with the checkpoint's interval calibration applied."""
+        from hfmi_kit.domains.carbon.tasks import predictor
+
+        return predictor(model, config)
+
     def scorecard_plan(self) -> DomainPlan:
         from hfmi_kit.scorecard import DomainPlan
+        from hfmi_kit.train.budget import LabelBudget
 
         return DomainPlan(
-            data=_scorecard_data, label_arg="labels", budgets={"small": [10, 30], "full": [20, 50, 100, 150]},
+            data=_scorecard_data, budgets={"small": LabelBudget.counts([10, 30]),
+                                           "full": LabelBudget.counts([20, 50, 100, 150])},
             pretrain_kw={"small": {"steps": 20, "batch_size": 8}, "full": {"steps": 2000}},
             finetune_kw={"small": {"steps": 30, "calibration_folds": 2}, "full": {"steps": 400}},
             baselines=("scratch", "rf"))

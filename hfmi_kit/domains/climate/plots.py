@@ -6,7 +6,7 @@ The notebooks and the dashboard call these same functions.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -57,14 +57,3 @@ def whatif_maps(whatif: xr.Dataset | str | Path, var: str = "tas") -> Any:
     import holoviews as hv
 
     return hv.Layout(panels).cols(2)
-
-
-def label_efficiency(rows: Sequence[Mapping[str, Any]], metric: str = "rmse") -> Any:
-    """Metric against label fraction for each method (rows: method, label_fraction, metric)."""
-    series: dict[str, tuple[list[float], list[float]]] = {}
-    for r in sorted(rows, key=lambda r: r["label_fraction"]):
-        xs, ys = series.setdefault(r["method"], ([], []))
-        xs.append(r["label_fraction"])
-        ys.append(r[metric])
-    return curves(series, xlabel="fraction of training years labelled", ylabel=metric,
-                  title=f"label efficiency ({metric})", logx=True)

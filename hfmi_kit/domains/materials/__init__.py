@@ -75,11 +75,19 @@ class MaterialsDomain(Domain):
 
         return section(run)
 
+    def predictor(self, model: Any, config: dict[str, Any]) -> Any:
+        """Member locations and scales of encoded compositions, recalibrated as the checkpoint says."""
+        from hfmi_kit.domains.materials.tasks import predictor
+
+        return predictor(model, config)
+
     def scorecard_plan(self) -> DomainPlan:
         from hfmi_kit.scorecard import DomainPlan
+        from hfmi_kit.train.budget import LabelBudget
 
         return DomainPlan(
-            data=_scorecard_data, label_arg="labels", budgets={"small": [50, 150], "full": [50, 100, 200, 400, 800]},
+            data=_scorecard_data, budgets={"small": LabelBudget.counts([50, 150]),
+                                                 "full": LabelBudget.counts([50, 100, 200, 400, 800])},
             pretrain_kw={"small": {"steps": 40, "supervised_steps": 60}, "full": {"steps": 3000}},
             finetune_kw={"small": {"steps": 30, "folds": 2, "members": 1}, "full": {"steps": 1000}},
             baselines=("scratch", "rf", "dummy"))

@@ -49,9 +49,11 @@ class RadiologyDomain(Domain):
 
     def scorecard_plan(self) -> DomainPlan:
         from hfmi_kit.scorecard import DomainPlan
+        from hfmi_kit.train.budget import LabelBudget
 
         return DomainPlan(
-            data=_scorecard_data, label_arg="labels", budgets={"small": [1, 3], "full": [1, 2, 4, 8, 16]},
+            data=_scorecard_data, budgets={"small": LabelBudget.counts([1, 3]),
+                                           "full": LabelBudget.counts([1, 2, 4, 8, 16])},
             pretrain_kw={"small": {"steps": 6, "batch_size": 2, "spacing": 4.5}, "full": {"steps": 3000}},
             finetune_kw={"small": {"steps": 6, "batch_size": 2, "spacing": 4.5}, "full": {"steps": 600}},
             baselines=("scratch", "unet"), method_names={"unet": "unet_all_cases"},

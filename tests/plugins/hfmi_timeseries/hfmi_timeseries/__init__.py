@@ -32,8 +32,10 @@ class TimeSeriesDomain(Domain):
 
     def scorecard_plan(self) -> Any:
         from hfmi_kit.scorecard import DomainPlan
+        from hfmi_kit.train.budget import LabelBudget
 
-        return DomainPlan(data=_scorecard_data, label_arg="labels", budgets={"small": [10, 40], "full": [10, 40, 160]},
+        return DomainPlan(data=_scorecard_data,
+                          budgets={"small": LabelBudget.counts([10, 40]), "full": LabelBudget.counts([10, 40, 160])},
                           pretrain_kw={"small": {"steps": 10}, "full": {"steps": 2000}},
                           finetune_kw={"small": {"steps": 10}, "full": {"steps": 500}},
                           baselines=("scratch", "ridge"))
