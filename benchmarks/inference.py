@@ -74,6 +74,7 @@ def climate(ckpt: Path, data: dict[str, Any], repeats: int) -> None:
     from hfmi_kit.domains.climate import data as cdata
     from hfmi_kit.domains.climate.tasks import load_with_geometry
     from hfmi_kit.train import load_pretrained
+    from hfmi_kit.train.infer import collate
 
     cfg, d = load_with_geometry(ckpt, data["data"])
     model = load_pretrained(ckpt).eval()
@@ -84,7 +85,7 @@ def climate(ckpt: Path, data: dict[str, Any], repeats: int) -> None:
     win = cdata.ForecastWindows(tens, np.flatnonzero(np.isin(d.years, test_years)),
                                 context=int(cfg["model_kwargs"]["context"]))
     items = [win[j] for j in range(min(32, len(win)))]
-    b = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    b = collate(items)
     n = len(items)
     clim = model.climatology.cpu()
     damping = cdata.anomaly_damping(tens, np.flatnonzero(np.isin(d.years, train_years)), clim)

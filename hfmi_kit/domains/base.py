@@ -93,6 +93,14 @@ class Domain(ABC):
         """Counterfactual experiment (change an input, roll the model out); optional per domain."""
         return self._task("whatif", "what-if experiments")(ckpt=ckpt, data=data, out=out, **kw)
 
+    def predictor(self, model: Any, config: dict[str, Any]) -> Any:
+        """The :class:`hfmi_kit.train.infer.Predictor` for a model of this domain loaded from a
+        checkpoint with ``config``: what it predicts with and what of the config's
+        ``processors`` (calibration, normalisation) it applies. Default: the model as it is."""
+        from hfmi_kit.train.infer import Predictor
+
+        return Predictor(model, config=config)
+
     def scorecard_plan(self) -> Any:
         """How ``hfmi scorecard`` scores this domain: a :class:`hfmi_kit.scorecard.DomainPlan`
         (data, label budgets, steps, baselines); None leaves the domain out of the scorecard and

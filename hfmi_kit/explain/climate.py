@@ -23,6 +23,7 @@ def samples(ckpt: str | Path, data: str | Path, *, n: int = 8) -> tuple[Any, dic
     from hfmi_kit.domains.climate import data as cdata
     from hfmi_kit.domains.climate.tasks import load_with_geometry
     from hfmi_kit.train import load_pretrained
+    from hfmi_kit.train.infer import collate
 
     cfg, d = load_with_geometry(ckpt, data)
     geom = cfg["geometry"]
@@ -34,7 +35,7 @@ def samples(ckpt: str | Path, data: str | Path, *, n: int = 8) -> tuple[Any, dic
                                 context=int(cfg["model_kwargs"]["context"]))
     take = np.linspace(0, len(win) - 1, min(n, len(win))).round().astype(int)
     items = [win[int(i)] for i in take]
-    return model, {k: torch.stack([it[k] for it in items]) for k in ("inputs", "forcing", "scalars", "mask", "month")}
+    return model, collate(items, keys=("inputs", "forcing", "scalars", "mask", "month"), where="explanation batch")
 
 
 def _target(model: Any, batch: dict[str, torch.Tensor], var: str) -> Any:

@@ -87,6 +87,18 @@ class TrainConfig:
         return cls(**{k: v for k, v in kw.items() if k in names and v is not None})
 
 
+def _checked_collate(items: list[Any]) -> Any:
+    """Samples that are dicts of tensors are stacked by :func:`hfmi_kit.train.infer.collate`
+    (a sample whose keys or shapes differ gets one line naming them); others by torch's default."""
+    from torch.utils.data import default_collate
+
+    from hfmi_kit.train.infer import collate
+
+    if items and all(isinstance(it, dict) and all(isinstance(v, torch.Tensor) for v in it.values()) for it in items):
+        return collate(items, where="training batch")
+    return default_collate(items)
+
+
 @dataclass
 class TrainResult:
     """What :meth:`Trainer.fit` returns."""
@@ -211,7 +223,7 @@ class Trainer:
         self.evaluate = evaluate
         self.monitor = monitor
         self.model_config = dict(model_config or {})
-        self.collate_fn = collate_fn
+        self.collate_fn = collate_fn or _checked_collate
         _apply_mode(self.model, self.cfg.mode)
         if self.cfg.strategy not in ("auto", "ddp", "fsdp"):
             raise ConfigError(f"strategy must be auto, ddp or fsdp, got {self.cfg.strategy!r}")

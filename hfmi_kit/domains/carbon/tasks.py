@@ -24,6 +24,7 @@ from hfmi_kit.errors import ConfigError, DataError
 from hfmi_kit.models import get_size
 from hfmi_kit.train import load_pretrained, read_config, recipe
 from hfmi_kit.train.budget import LabelBudget
+from hfmi_kit.train.infer import Predictor
 from hfmi_kit.train.pretrained import ModelConfig
 from hfmi_kit.train.provenance import recorded
 
@@ -687,6 +688,20 @@ def write_outputs(prep: Prepared, maps: list[np.ndarray], rows: list[dict[str, A
     tmp.replace(out / "budget.csv")
 
 
+def predictor(model: CarbonNet, config: dict[str, Any] | None = None) -> Predictor:
+    """The model's predictor: ``windows`` maps a region's fields (tiles at half-tile stride,
+    overlaps averaged; see :func:`predict_map` for the forest and ensemble heads) and ``post``
+    moves the 90 % interval of a list of quantile maps out by the width factor calibrated at
+    fine-tuning (``processors.calibration.width_factor``; none: unchanged)."""
+    cfg = config if config is not None else getattr(model, "hfmi_config", {})
+    factor = (cfg or {}).get("processors", {}).get("calibration", {}).get("width_factor")
+
+    def post(maps: list[np.ndarray]) -> list[np.ndarray]:
+        return maps if factor is None else widen(maps, float(factor), model.quantiles)
+
+    return Predictor(model, model_fn=model.predict, post=post, config=cfg)
+
+
 def map_region(ckpt: str | Path, data: str | Path) -> tuple[CarbonNet, Prepared, list[np.ndarray]]:
     """Load a fine-tuned biomass model and map ``data`` with it: ``(model, prepared region, maps)``,
     the maps (Q + 1, H, W) per epoch with the 90 % interval calibrated at fine-tuning."""
@@ -695,10 +710,7 @@ def map_region(ckpt: str | Path, data: str | Path) -> tuple[CarbonNet, Prepared,
     if not isinstance(model, CarbonNet):
         raise ConfigError(f"{ckpt}: {cfg.get('model_type')} is not a carbon biomass model")
     prep = prepare(data, tile=model.tile, groups=model.groups)
-    maps = [predict_map(model, f, prep.shape) for f in prep.fields]
-    factor = cfg.get("processors", {}).get("calibration", {}).get("width_factor")
-    if factor is not None:
-        maps = widen(maps, float(factor), model.quantiles)
+    maps = predictor(model, cfg).post([predict_map(model, f, prep.shape) for f in prep.fields])
     return model, prep, maps
 
 

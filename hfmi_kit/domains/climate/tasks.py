@@ -24,6 +24,7 @@ from hfmi_kit.errors import CheckpointError, ConfigError, DataError
 from hfmi_kit.models import get_size
 from hfmi_kit.train import load_pretrained, read_config, recipe
 from hfmi_kit.train.env import code_version
+from hfmi_kit.train.infer import batches, collate, model_device
 from hfmi_kit.train.pretrained import ModelConfig
 from hfmi_kit.train.provenance import recorded
 
@@ -95,14 +96,11 @@ def _fork_eval(fn: Any) -> Any:
 
 def _val_loss(ds: cdata.ForecastWindows, batch_size: int = 32) -> Any:
     def fn(model: torch.nn.Module) -> dict[str, float]:
-        dev = next(model.parameters()).device
         tot, n = 0.0, 0
-        for i in range(0, len(ds), batch_size):
-            items = [ds[j] for j in range(i, min(len(ds), i + batch_size))]
-            batch = {k: torch.stack([it[k] for it in items]).to(dev) for k in items[0]}
-            out = model(batch)
-            tot += float(out["loss"]) * len(items)
-            n += len(items)
+        for batch in batches(ds, batch_size=batch_size, device=model_device(model)):
+            k = len(batch["inputs"])
+            tot += float(model(batch)["loss"]) * k
+            n += k
         return {"val_loss": tot / max(n, 1)}
 
     return _fork_eval(fn)
@@ -367,11 +365,8 @@ def evaluate_forecast(model: ClimateForecaster, d: cdata.ClimateData, tens: cdat
     sea ice is present.
     """
     win = cdata.ForecastWindows(tens, eval_idx, context=context, horizon=leads)
-    dev = next(model.parameters()).device
     preds, skips = [], []
-    for i in range(0, len(win), batch_size):
-        items = [win[j] for j in range(i, min(len(win), i + batch_size))]
-        b = {k: torch.stack([it[k] for it in items]).to(dev) for k in items[0]}
+    for b in batches(win, batch_size=batch_size, device=model_device(model)):
         args = (b["inputs"], b["forcing"], b["scalars"], b["mask"], b["month"])
         preds.append(model.rollout(*args).cpu())
         skips.append(model.rollout(*args, network=False).cpu())
@@ -480,8 +475,8 @@ def evaluate_seaice(model: SeaIceExtent, d: cdata.ClimateData, tens: cdata.Tenso
         raise ConfigError("sea-ice evaluation needs the extent normalisation of the checkpoint")
     ext = _extent_series(d)
     win = cdata.ForecastWindows(tens, eval_idx, context=context)
-    b = {k: torch.stack([win[j][k] for j in range(len(win))]) for k in ("inputs", "forcing", "scalars")}
-    dev = next(model.parameters()).device
+    b = collate([win[j] for j in range(len(win))], keys=("inputs", "forcing", "scalars"), where="sea-ice evaluation")
+    dev = model_device(model)
     pred = model.predict(b["inputs"].to(dev), b["forcing"][:, 0].to(dev), b["scalars"][:, 0].to(dev)).cpu().numpy()
     pred = pred * ext_stats["std"] + ext_stats["mean"]
     t0 = np.asarray(win.times)

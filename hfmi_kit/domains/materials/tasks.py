@@ -25,6 +25,7 @@ from hfmi_kit.errors import ConfigError, DataError
 from hfmi_kit.models import create_model
 from hfmi_kit.train import TrainConfig, load_pretrained, recipe
 from hfmi_kit.train.budget import LabelBudget
+from hfmi_kit.train.infer import Predictor, collate
 from hfmi_kit.train.pretrained import ModelConfig, read_weights, transfer_weights
 from hfmi_kit.train.provenance import recorded
 
@@ -189,37 +190,53 @@ def _mlm_accuracy(model: MaterialsNet, arrays: dict[str, np.ndarray], idx: Seque
     model.eval()
     ds = CompositionSet(arrays, list(idx)[:n], mlm=True, mask_prob=mask_prob, seed=seed + 2)
     dev = next(model.parameters()).device
-    items = [ds[i] for i in range(len(ds))]
-    b = {k: torch.stack([it[k] for it in items]).to(dev) for k in items[0]}
+    b = collate([ds[i] for i in range(len(ds))], device=dev, where="masked-element accuracy")
     return float(model(b)["mlm_accuracy"])
 
 
-@torch.no_grad()
+INPUTS = ("elements", "fractions", "padding")  # the model's inputs, as encoded by :func:`_encode`
+
+
+def predictor(model: MaterialsEnsemble | MaterialsNet, config: dict[str, Any] | None = None, *,
+              calibrated: bool = True) -> Predictor:
+    """The model's predictor: ``(K, B)`` member locations and Laplace scales (float64; K = 1 for a
+    single net) of a batch of encoded compositions; ``calibrated`` applies the checkpoint's
+    recalibration (``processors.calibration.uncertainty_scale``, fitted on the out-of-fold errors
+    of cross-validation so that mean +- 1.645 std holds 90 % of them): the spread around the
+    ensemble mean and every scale are multiplied by it, which multiplies the total std by it."""
+    cfg = config if config is not None else getattr(model, "hfmi_config", {})
+    s = float((cfg or {}).get("processors", {}).get("calibration", {}).get("uncertainty_scale", 1.0))
+
+    def fn(b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        args = (b["elements"], b["fractions"], b["padding"])
+        mu, sc = model.predict_all(*args) if isinstance(model, MaterialsEnsemble) else model.predict(*args)
+        return mu.reshape(-1, mu.shape[-1]), sc.reshape(-1, sc.shape[-1])
+
+    def post(out: tuple[torch.Tensor, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        mu, sc = (t.cpu().numpy().astype(np.float64) for t in out)
+        if not calibrated or s == 1.0:
+            return mu, sc
+        mean = mu.mean(0, keepdims=True)
+        return mean + s * (mu - mean), s * sc
+
+    return Predictor(model, model_fn=fn, post=post, config=cfg)
+
+
+def _predict(pred: Predictor, arrays: dict[str, np.ndarray], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    outs = pred.over_arrays(arrays, batch_size=batch_size, keys=INPUTS)
+    return np.concatenate([o[0] for o in outs], axis=1), np.concatenate([o[1] for o in outs], axis=1)
+
+
 def predict_arrays(model: MaterialsEnsemble | MaterialsNet, arrays: dict[str, np.ndarray],
                    batch_size: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """(K, N) member locations and (K, N) Laplace scales (K = 1 for a single net)."""
-    model.eval()
-    dev = next(model.parameters()).device
-    mus, bs = [], []
-    for s in range(0, len(arrays["elements"]), batch_size):
-        b = [torch.from_numpy(arrays[k][s:s + batch_size]).to(dev) for k in ("elements", "fractions", "padding")]
-        mu, sc = model.predict_all(*b) if isinstance(model, MaterialsEnsemble) else model.predict(*b)
-        mus.append(mu.reshape(-1, mu.shape[-1]))
-        bs.append(sc.reshape(-1, sc.shape[-1]))
-    return (torch.cat(mus, dim=1).cpu().numpy().astype(np.float64),
-            torch.cat(bs, dim=1).cpu().numpy().astype(np.float64))
+    """(K, N) member locations and (K, N) Laplace scales (K = 1 for a single net), uncalibrated."""
+    return _predict(predictor(model, {}, calibrated=False), arrays, batch_size)
 
 
 def predict_calibrated(model: MaterialsEnsemble, cfg: dict[str, Any],
                        arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Member locations and scales with the checkpoint's recalibration applied: the spread around
-    the ensemble mean and every Laplace scale are multiplied by ``uncertainty_scale`` (fitted on
-    the out-of-fold errors of cross-validation so that mean +- 1.645 std holds 90 % of them),
-    which multiplies the total std by it."""
-    mu, scale = predict_arrays(model, arrays)
-    s = float(cfg.get("processors", {}).get("calibration", {}).get("uncertainty_scale", 1.0))
-    mean = mu.mean(0, keepdims=True)
-    return mean + s * (mu - mean), s * scale
+    """Member locations and scales with the checkpoint's recalibration applied (see :func:`predictor`)."""
+    return _predict(predictor(model, cfg), arrays, 2048)
 
 
 def ensemble_moments(mu: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

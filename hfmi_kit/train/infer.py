@@ -1,0 +1,144 @@
+"""Inference in one place: stacking samples into batches, batched and windowed prediction, and
+what a checkpoint says to apply around its model.
+
+- :func:`collate` stacks sample dicts (the training loop's batches, every evaluation) and
+  checks them: the same keys and, per key, the same shape in every sample, or one clear line
+  naming the key and the two shapes.
+- :func:`batches` walks a dataset (or any indexable of samples) ``batch_size`` samples at a
+  time, stacked and moved to a device.
+- :class:`Predictor` is a model with its ``pre`` (a batch as the model takes it) and ``post``
+  (the model's output in the field's units, calibrated) steps, built from a checkpoint's
+  ``processors`` by the domain (:meth:`~hfmi_kit.domains.Domain.predictor`); it predicts
+  batch by batch, or window by window over a field or volume (:mod:`hfmi_kit.data.windows`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from hfmi_kit.errors import DataError
+
+#: the keys the design names for a sample; a domain may add its own next to them
+SAMPLE_KEYS = ("inputs", "target", "mask", "meta")
+
+
+def collate(items: Sequence[Mapping[str, Any]], *, keys: Sequence[str] | None = None,
+            device: torch.device | str | None = None, where: str = "batch") -> dict[str, torch.Tensor]:
+    """Stack ``items`` (dicts of tensors) key by key into one batch (only ``keys`` when given).
+
+    Raises:
+        DataError: the samples differ in their keys, or a key's shapes differ, naming both.
+    """
+    if not items:
+        raise DataError(f"{where}: no samples to stack")
+    first = items[0]
+    names = list(keys) if keys is not None else list(first)
+    out: dict[str, torch.Tensor] = {}
+    for k in names:
+        vals = []
+        for i, it in enumerate(items):
+            if k not in it:
+                raise DataError(f"{where}: sample {i} has no {k!r} (sample 0 has {sorted(first)})")
+            v = it[k]
+            if not isinstance(v, torch.Tensor):
+                v = torch.as_tensor(v)
+            if vals and v.shape != vals[0].shape:
+                raise DataError(f"{where}: {k!r} of sample {i} has shape {tuple(v.shape)}, sample 0 "
+                                f"{tuple(vals[0].shape)}")
+            vals.append(v)
+        t = torch.stack(vals)
+        out[k] = t.to(device) if device is not None else t
+    return out
+
+
+def batches(samples: Any, *, batch_size: int, indices: Sequence[int] | None = None,
+            keys: Sequence[str] | None = None, device: torch.device | str | None = None
+            ) -> Iterator[dict[str, torch.Tensor]]:
+    """``samples[i]`` for ``indices`` (default: all), ``batch_size`` at a time, stacked by
+    :func:`collate` and moved to ``device``."""
+    idx = list(range(len(samples))) if indices is None else [int(i) for i in indices]
+    for s in range(0, len(idx), batch_size):
+        yield collate([samples[j] for j in idx[s:s + batch_size]], keys=keys, device=device)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (CPU for a model without parameters)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+class Predictor:
+    """``model`` with what is applied around it: ``post(model_fn(pre(batch)))``.
+
+    ``model_fn`` defaults to calling the model; a domain passes the method that predicts (e.g.
+    ``model.predict``). ``pre`` and ``post`` default to the identity. ``config`` is the
+    checkpoint's config (its ``processors`` section holds what ``post`` applies).
+    """
+
+    def __init__(self, model: nn.Module, *, model_fn: Callable[..., Any] | None = None,
+                 pre: Callable[[Any], Any] | None = None, post: Callable[[Any], Any] | None = None,
+                 config: Mapping[str, Any] | None = None) -> None:
+        self.model = model.eval()
+        self.model_fn = model_fn or model
+        self.pre = pre or (lambda b: b)
+        self.post = post or (lambda y: y)
+        self.config = dict(config or getattr(model, "hfmi_config", {}) or {})
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, *, device: str | torch.device = "cpu") -> Predictor:
+        """The predictor the checkpoint's domain builds for it (:meth:`Domain.predictor`)."""
+        from hfmi_kit.domains import get_domain
+        from hfmi_kit.train.pretrained import load_pretrained
+
+        model = load_pretrained(path, device=device)
+        cfg = model.hfmi_config  # type: ignore[attr-defined]
+        return get_domain(cfg["domain"]).predictor(model, cfg) if cfg.get("domain") else cls(model, config=cfg)
+
+    @property
+    def device(self) -> torch.device:
+        return model_device(self.model)
+
+    @torch.no_grad()
+    def __call__(self, batch: Any) -> Any:
+        return self.post(self.model_fn(self.pre(batch)))
+
+    @torch.no_grad()
+    def predict(self, samples: Any, *, batch_size: int = 64, indices: Sequence[int] | None = None,
+                keys: Sequence[str] | None = None) -> list[Any]:
+        """The output of every batch of ``samples`` (see :func:`batches`), in order, on the CPU."""
+        out = []
+        for b in batches(samples, batch_size=batch_size, indices=indices, keys=keys, device=self.device):
+            y = self(b)
+            out.append(y.cpu() if isinstance(y, torch.Tensor) else y)
+        return out
+
+    @torch.no_grad()
+    def over_arrays(self, arrays: Mapping[str, np.ndarray], *, batch_size: int = 2048,
+                    keys: Sequence[str] | None = None) -> list[Any]:
+        """The output of every ``batch_size`` rows of column arrays (``{name: (N, ...)}``), in order."""
+        names = list(keys) if keys is not None else list(arrays)
+        n = len(arrays[names[0]])
+        bad = [k for k in names if len(arrays[k]) != n]
+        if bad:
+            raise DataError(f"arrays {bad} have other lengths than {names[0]!r} ({n} rows)")
+        dev = self.device
+        return [self({k: torch.from_numpy(np.ascontiguousarray(arrays[k][s:s + batch_size])).to(dev)
+                      for k in names}) for s in range(0, n, batch_size)]
+
+    @torch.no_grad()
+    def windows(self, crop: Callable[[tuple[int, ...]], Any], shape: Sequence[int], window: int | Sequence[int], *,
+                channels: int, overlap: float = 0.5, batch_size: int = 8,
+                weight: torch.Tensor | None = None) -> np.ndarray:
+        """``(channels, *shape)``: the model over overlapping windows of a field or volume,
+        blended (:func:`hfmi_kit.data.windows.blend_windows`); ``post`` is applied to the
+        blended array."""
+        from hfmi_kit.data.windows import blend_windows
+
+        raw = blend_windows(lambda b: self.model_fn(self.pre(b)), crop, shape, window, channels=channels,
+                            overlap=overlap, batch_size=batch_size, weight=weight, device=self.device)
+        return self.post(raw)

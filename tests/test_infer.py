@@ -1,0 +1,60 @@
+"""Inference in one place (hfmi_kit.train.infer): checked stacking, batching and the predictor."""
+
+import numpy as np
+import pytest
+import torch
+
+from hfmi_kit.errors import DataError
+from hfmi_kit.train.infer import Predictor, batches, collate
+
+
+def test_collate_stacks_and_names_a_sample_that_differs():
+    items = [{"inputs": torch.zeros(3, 4), "target": torch.tensor(1.0)} for _ in range(5)]
+    b = collate(items)
+    assert b["inputs"].shape == (5, 3, 4) and b["target"].shape == (5,)
+    with pytest.raises(DataError, match=r"'inputs' of sample 2 has shape \(3, 5\), sample 0 \(3, 4\)"):
+        collate([*items[:2], {"inputs": torch.zeros(3, 5), "target": torch.tensor(1.0)}])
+    with pytest.raises(DataError, match="sample 1 has no 'target'"):
+        collate([items[0], {"inputs": torch.zeros(3, 4)}])
+    assert list(collate(items, keys=("target",))) == ["target"]
+
+
+def test_batches_cover_the_indices_in_order():
+    data = [{"inputs": torch.tensor([float(i)])} for i in range(10)]
+    got = [b["inputs"][:, 0].tolist() for b in batches(data, batch_size=4, indices=[9, 1, 2, 3, 4])]
+    assert got == [[9, 1, 2, 3], [4]]
+
+
+def test_the_trainer_stacks_with_the_checked_collate(tmp_path):
+    from hfmi_kit.train import TrainConfig, Trainer
+
+    class Bad(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return {"inputs": torch.zeros(2 if i % 2 else 3)}
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, b):
+            return {"loss": (b["inputs"].sum() * self.w) ** 2}
+
+    with pytest.raises(DataError, match="training batch: 'inputs' of sample"):
+        Trainer(M(), Bad(), config=TrainConfig(steps=2, batch_size=4, progress=False), out_dir=None).fit()
+
+
+def test_a_predictor_applies_pre_and_post_around_the_model():
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight[:] = torch.tensor([[1.0, 2.0]])
+    p = Predictor(model, model_fn=lambda b: model(b["x"]), pre=lambda b: {"x": b["x"] * 2},
+                  post=lambda y: y.numpy() + 10)
+    outs = p.over_arrays({"x": np.ones((5, 2), np.float32)}, batch_size=2)
+    assert [o.shape for o in outs] == [(2, 1), (2, 1), (1, 1)]
+    assert np.allclose(np.concatenate(outs), 16.0)
+    with pytest.raises(DataError, match="other lengths"):
+        p.over_arrays({"x": np.ones((5, 2)), "y": np.ones(4)})
