@@ -24,7 +24,8 @@
 # first, so no test composition is ever seen here.
 
 # %% tags=["parameters"]
-data = "mp_gap"  # bundled set name or a CSV with 'formula' and a value column
+data_path = "mp_gap"  # bundled set name or a CSV with 'formula' and a value column
+data = ""  # old spelling of data_path (kept so that `-p data ...` still works)
 target = ""  # value column of a CSV (empty: 'target')
 exclude = "expt_gap"  # compositions to leave out (the fine-tuning set)
 max_rows = 0  # use a random subset of this many rows (0: all)
@@ -48,12 +49,13 @@ from hfmi_kit.viz.core import loss_curve
 
 out = Path(out_dir)
 out.mkdir(parents=True, exist_ok=True)
-table = load_property_csv(data, target=target or None, duplicates="keep")
+data_path = data or data_path
+table = load_property_csv(data_path, target=target or None, duplicates="keep")
 frame = table.to_frame()
 if max_rows and max_rows < len(frame):
     frame = frame.sample(max_rows, random_state=seed)
-    data = str(out / "pretrain_subset.csv")
-    frame.rename(columns={"value_eV": "target"})[["formula", "target"]].to_csv(data, index=False)
+    data_path = str(out / "pretrain_subset.csv")
+    frame.rename(columns={"value_eV": "target"})[["formula", "target"]].to_csv(data_path, index=False)
     target = ""
 print(f"{len(frame)} rows, {frame['reduced_formula'].nunique()} distinct compositions; rejected rows: "
       f"{len(table.rejected)}")
@@ -68,7 +70,7 @@ common = pd.Series([e for p in table.parsed for e in p.elements]).value_counts()
 pd.DataFrame({"compositions with n elements": n_el}).T, pd.DataFrame({"most common elements": common}).T
 
 # %%
-ckpt = pretrain(data=data, out=out, target=target or None, exclude=exclude or None, config=config, steps=steps,
+ckpt = pretrain(data=data_path, out=out, target=target or None, exclude=exclude or None, config=config, steps=steps,
                 supervised_steps=supervised_steps, seed=seed)
 metrics = json.loads((out / "metrics.json").read_text())
 metrics

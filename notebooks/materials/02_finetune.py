@@ -25,7 +25,8 @@
 
 # %% tags=["parameters"]
 pretrained = "runs/materials_pretrain/model"  # checkpoint from 01_pretrain
-data = "expt_gap"  # bundled set or a CSV of measured values (eV)
+data_path = "expt_gap"  # bundled set or a CSV of measured values (eV)
+data = ""  # old spelling of data_path (kept so that `-p data ...` still works)
 target = ""  # value column of a CSV (empty: 'target')
 budgets = [50, 200, 1000, None]  # labels per fold (None: all)
 folds = 5
@@ -48,7 +49,7 @@ out = Path(out_dir)
 results, rows = {}, []
 for b in budgets:
     name = f"n{b or 'all'}"
-    results[name] = finetune(ckpt=pretrained, data=data, target=target or None, out=out / name, labels=b,
+    results[name] = finetune(ckpt=pretrained, data=data or data_path, target=target or None, out=out / name, labels=b,
                              folds=folds, members=members, steps=steps, seed=seed, baselines=True,
                              final=b == budgets[-1], progress=False)
     rows += curve_rows(results[name])
