@@ -80,20 +80,17 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
     _check_train_flags(a)
     dom = _domain(a.domain)
     out = Path(a.out)
-    data = _data_or_example(dom, a.data, out, a.seed)
     kw: dict[str, Any] = {"config": a.config, "steps": a.steps, "seed": a.seed, "resume": a.resume,
                           "precision": a.precision, "device": a.device}
     if a.batch_size is not None:
         kw["batch_size"] = a.batch_size
     if a.lr is not None:
         kw["lr"] = a.lr
-    if a.variables:
-        kw["variables"] = a.variables.split(",")
-    if a.checkpoint_every is not None:
-        if a.checkpoint_every < 1:
-            raise ConfigError(f"--checkpoint-every must be >= 1 (steps between checkpoints), got {a.checkpoint_every}")
-        kw["checkpoint_every"] = a.checkpoint_every
-    _target_option(dom, a, kw)
+    if a.checkpoint_every is not None and a.checkpoint_every < 1:
+        raise ConfigError(f"--checkpoint-every must be >= 1 (steps between checkpoints), got {a.checkpoint_every}")
+    _domain_options(dom, "pretrain", kw, variables=a.variables.split(",") if a.variables else None,
+                    checkpoint_every=a.checkpoint_every, target=a.target)
+    data = _data_or_example(dom, a.data, out, a.seed)
     ck = dom.pretrain(data=data, out=out, **kw)
     print(f"checkpoint: {ck}")
 
@@ -108,11 +105,14 @@ def _ckpt_data(ckpt: str) -> str:
     return str(data)
 
 
-def _target_option(dom: Any, a: argparse.Namespace, kw: dict[str, Any]) -> None:
-    if a.target is not None:
-        if "target" not in dom.finetune_options:
-            raise HfmiError(f"--target is not an option of the {dom.name} domain")
-        kw["target"] = a.target
+def _domain_options(dom: Any, command: str, kw: dict[str, Any], **given: Any) -> None:
+    """Add the options of ``given`` that were set (not None) to ``kw``, each checked against the
+    domain's typed task options (:meth:`Domain.options`): a flag the domain's command does not
+    take, or a value of the wrong type, is one line naming the flag."""
+    from hfmi_kit.config import check_options
+
+    set_ = {k: v for k, v in given.items() if v is not None}
+    kw.update(check_options(dom.options(command), set_, what=f"{dom.name} {command}"))
 
 
 def cmd_finetune(a: argparse.Namespace) -> None:
@@ -120,12 +120,14 @@ def cmd_finetune(a: argparse.Namespace) -> None:
     dom = _domain(a.domain)
     out = Path(a.out)
     scratch = a.from_ == "scratch"
+    kw: dict[str, Any] = {"steps": a.steps, "seed": a.seed, "label_fraction": a.label_fraction,
+                          "lr": a.lr, "precision": a.precision, "device": a.device}
+    _domain_options(dom, "finetune", kw, target=a.target, labels=a.labels, baselines=a.baselines or None,
+                    head=a.head)  # before any data is generated or read
     if a.data or scratch or "finetune" in dom.bundled_data:
         data = _data_or_example(dom, a.data, out, a.seed, "finetune")
     else:
         data = _ckpt_data(a.from_)
-    kw: dict[str, Any] = {"steps": a.steps, "seed": a.seed, "label_fraction": a.label_fraction,
-                          "lr": a.lr, "precision": a.precision, "device": a.device}
     if a.mode is not None:
         kw["mode"] = a.mode
     if a.batch_size is not None:
@@ -136,12 +138,6 @@ def cmd_finetune(a: argparse.Namespace) -> None:
         kw["task"] = a.task
     if a.config:
         kw["config"] = a.config
-    _target_option(dom, a, kw)
-    for opt, val in (("labels", a.labels), ("baselines", a.baselines or None), ("head", a.head)):
-        if val is not None:
-            if opt not in dom.finetune_options:
-                raise HfmiError(f"--{opt} is not an option of {a.domain} fine-tuning")
-            kw[opt] = val
     m = dom.finetune(ckpt=None if scratch else a.from_, data=data, out=out, **kw)
     print(f"checkpoint: {out / 'model'}")
     _print_metrics(m, out, dom.headline_metrics)
@@ -151,7 +147,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     dom = _domain(a.domain)
     out = Path(a.out)
     kw: dict[str, Any] = {}
-    _target_option(dom, a, kw)
+    _domain_options(dom, "evaluate", kw, target=a.target)
     data = a.data or dom.bundled_data.get("evaluate") or _ckpt_data(a.ckpt)
     m = dom.evaluate(ckpt=a.ckpt, data=data, out=out, **kw)
     _print_metrics(m, out, dom.headline_metrics)
@@ -165,6 +161,17 @@ def cmd_whatif(a: argparse.Namespace) -> None:
                    average_from=a.months // 2 if a.average_from is None else a.average_from)
     print(f"what-if: {out / 'whatif.nc'}")
     _print_metrics(m, out)
+
+
+def cmd_options(a: argparse.Namespace) -> None:
+    dom = _domain(a.domain)
+    opts = dom.options(a.command)
+    if not opts:
+        raise HfmiError(f"the {dom.name} domain has no {a.command} command")
+    print(f"{dom.name} {a.command} options (from {dom.tasks_module}.{a.command}):")
+    for o in opts.values():
+        if o.name not in ("out", "progress"):
+            print(f"  {o.describe()}")
 
 
 def cmd_info(a: argparse.Namespace) -> None:
@@ -526,6 +533,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--base-ppm", type=float, help="baseline CO2 [ppm] (default: the value at the start)")
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_whatif)
+
+    sp = sub.add_parser("options", help="a domain's typed task options: flag, type, default (what its notebooks' "
+                                        "parameters and the CLI's domain flags are checked against)")
+    sp.add_argument("domain", help=f"one of the registered domains: {', '.join(list_domains())}")
+    sp.add_argument("command", nargs="?", default="finetune", choices=("pretrain", "finetune", "evaluate", "whatif"))
+    sp.set_defaults(fn=cmd_options)
 
     sp = sub.add_parser("info", help="print a checkpoint's model card and config")
     sp.add_argument("ckpt")

@@ -104,6 +104,60 @@ def from_dict(cls: type[T], data: dict[str, Any] | None = None, **overrides: Any
     return cls(**kwargs)
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskOption:
+    """One keyword option of a task function: its name, type (the annotation) and default."""
+
+    name: str
+    type: Any
+    default: Any = dataclasses.field(default=None)
+    required: bool = False
+
+    @property
+    def flag(self) -> str:
+        """The command-line spelling (``--label-fraction``; the parent checkpoint is ``--from``)."""
+        return "--from" if self.name == "ckpt" else "--" + self.name.replace("_", "-")
+
+    def describe(self) -> str:
+        """``--label-fraction (float, default 1.0)``."""
+        tp = getattr(self.type, "__name__", None) or str(self.type).replace("typing.", "")
+        return f"{self.flag} ({tp}, " + ("required)" if self.required else f"default {self.default!r})")
+
+
+def task_options(fn: Any) -> dict[str, TaskOption]:
+    """The typed options of a task function: its keyword-only parameters, with the types of its
+    annotations and its defaults. A domain's task signature is the one declaration of its
+    options: the CLI checks flags against it and :func:`check_options` checks values."""
+    import inspect
+
+    fn = inspect.unwrap(fn)
+    hints = typing.get_type_hints(fn)
+    out = {}
+    for name, p in inspect.signature(fn).parameters.items():
+        if p.kind is not inspect.Parameter.KEYWORD_ONLY:
+            continue
+        out[name] = TaskOption(name, hints.get(name, Any), None if p.default is p.empty else p.default,
+                               p.default is p.empty)
+    return out
+
+
+def check_options(options: dict[str, TaskOption], given: dict[str, Any], *, what: str) -> dict[str, Any]:
+    """``given`` checked against ``options``: every name known, every value of its type.
+
+    Raises:
+        ConfigError: ``--head is not an option of climate finetune (its options: ...)``, or the
+            flag and the expected type of a wrongly typed value.
+    """
+    out = {}
+    for name, value in given.items():
+        opt = options.get(name)
+        if opt is None:
+            known = ", ".join(o.flag for o in options.values() if o.name not in ("out", "ckpt", "data", "progress"))
+            raise ConfigError(f"--{name.replace('_', '-')} is not an option of {what} (its options: {known})")
+        out[name] = _check(opt.flag, value, opt.type)
+    return out
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename: never half-written."""
     import os

@@ -152,3 +152,29 @@ def test_carbon_notebooks_chain_through_hfmi_run(tmp_path):
     assert any("application/vnd.holoviews_exec.v0+json" in o.get("data", {})
                for c in nb.cells for o in c.get("outputs", []))
     assert (tmp_path / "vis" / "budget.csv").is_file()
+
+
+_COMMAND = {"01_pretrain": "pretrain", "02_finetune": "finetune", "03_visualize": "evaluate"}
+
+
+@pytest.mark.parametrize("py", [p for p in SCRIPTS if p.parent.name in ("climate", "radiology", "materials", "carbon")
+                                and p.stem in _COMMAND], ids=lambda p: str(p.relative_to(REPO)))
+def test_notebook_parameters_are_the_typed_task_options(py: Path):
+    """A notebook parameter named like an option of the task it runs (``data_path`` is ``data``)
+    has a default of that option's type: the task's signature is the one declaration."""
+    import ast
+
+    from hfmi_kit.config import check_options
+    from hfmi_kit.domains import get_domain
+
+    nb = jupytext.read(py)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    values = {t.id: ast.literal_eval(n.value) for n in ast.parse(cell.source).body if isinstance(n, ast.Assign)
+              for t in n.targets if isinstance(t, ast.Name)}
+    assert "data" not in values or "data_path" in values, "data is the old spelling; the parameter is data_path"
+    opts = get_domain(py.parent.name).options(_COMMAND[py.stem])
+    given = {("data" if k == "data_path" else k): v for k, v in values.items() if k != "data"}
+    shared = {k: v for k, v in given.items() if k in opts and v not in ("", None)}
+    check_options(opts, shared, what=f"{py.parent.name} {_COMMAND[py.stem]} (notebook {py.name})")
+    if py.stem != "03_visualize":
+        assert {"seed"} <= set(shared) and len(shared) >= 2, shared

@@ -39,9 +39,6 @@ class Domain(ABC):
         example_outputs: files a fine-tuning run writes besides the checkpoint, for the demo.
         published_files: every file or folder a run of this domain publishes for others to read
             (the dashboard recognises runs by them; default: ``example_outputs``).
-        finetune_options: extra keyword options of ``finetune`` the CLI may pass (``labels``:
-            a number of labelled examples; ``baselines``: also train the baselines; ``target``:
-            the value column of a table, also passed to ``pretrain`` and ``evaluate``).
         bundled_data: command -> data it uses when ``--data`` is not given (a domain that ships
             real data sets); otherwise the CLI generates example data or reads the checkpoint's.
         primary_metric: the field's headline score in ``metrics.json`` (the label-efficiency axis).
@@ -58,7 +55,6 @@ class Domain(ABC):
     headline_metrics: ClassVar[tuple[str, ...]] = ()
     example_outputs: ClassVar[tuple[str, ...]] = ()
     published_files: ClassVar[tuple[str, ...]] = ()
-    finetune_options: ClassVar[tuple[str, ...]] = ()
     bundled_data: ClassVar[dict[str, str]] = {}
     primary_metric: ClassVar[str] = ""
     higher_is_better: ClassVar[bool] = False
@@ -76,6 +72,17 @@ class Domain(ABC):
         if fn is None:
             raise ConfigError(f"{what} are not defined for the {self.name!r} domain")
         return fn
+
+    def options(self, command: str) -> dict[str, Any]:
+        """The typed options of ``command`` (``pretrain``, ``finetune``, ``evaluate``,
+        ``whatif``): name -> :class:`hfmi_kit.config.TaskOption` (type and default), read from
+        the task function's keyword signature, the one place a domain declares them. The CLI
+        passes a domain-specific flag only when it is one of them; an empty dict when the
+        domain has no such command."""
+        from hfmi_kit.config import task_options
+
+        fn = getattr(importlib.import_module(self.tasks_module), command, None)
+        return task_options(fn) if fn is not None else {}
 
     def pretrain(self, *, data: str | Path, out: str | Path, **kw: Any) -> Path:
         """Pretrain on unlabelled data; return the checkpoint directory."""

@@ -33,7 +33,6 @@ class CarbonDomain(Domain):
     label_key: ClassVar[str] = "labelled_plots"
     baselines: ClassVar[tuple[str, ...]] = ("scratch", "rf")
     example_outputs: ClassVar[tuple[str, ...]] = ("maps/", "budget.csv")
-    finetune_options: ClassVar[tuple[str, ...]] = ("labels", "baselines", "head")
 
     def example_data(self, out_dir: str | Path, *, seed: int = 0, small: bool = True,
                      years: int | None = None) -> Path:

@@ -36,7 +36,6 @@ class MaterialsDomain(Domain):
     label_key: ClassVar[str] = "labels_per_fold"
     baselines: ClassVar[tuple[str, ...]] = ("scratch", "rf", "dummy")
     example_outputs: ClassVar[tuple[str, ...]] = ("cv_predictions.csv",)
-    finetune_options: ClassVar[tuple[str, ...]] = ("labels", "baselines", "target")
     bundled_data: ClassVar[dict[str, str]] = {"pretrain": "mp_gap", "finetune": "expt_gap", "evaluate": "expt_gap"}
 
     def example_data(self, out_dir: str | Path, *, seed: int = 0, small: bool = True,

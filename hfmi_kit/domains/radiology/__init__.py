@@ -34,7 +34,6 @@ class RadiologyDomain(Domain):
     label_key: ClassVar[str] = "labelled_cases"
     baselines: ClassVar[tuple[str, ...]] = ("scratch", "unet")
     example_outputs: ClassVar[tuple[str, ...]] = ("predictions/", "cases.json")
-    finetune_options: ClassVar[tuple[str, ...]] = ("labels", "baselines")
 
     def example_data(self, out_dir: str | Path, *, seed: int = 0, small: bool = True,
                      years: int | None = None) -> Path:

@@ -20,7 +20,6 @@ class TimeSeriesDomain(Domain):
     headline_metrics: ClassVar[tuple[str, ...]] = ("mae", "mae_scratch", "mae_ridge", "labels", "test_series")
     published_files: ClassVar[tuple[str, ...]] = ("predictions.csv",)
     example_outputs: ClassVar[tuple[str, ...]] = ("predictions.csv",)
-    finetune_options: ClassVar[tuple[str, ...]] = ("labels", "baselines")
     primary_metric: ClassVar[str] = "mae"
     higher_is_better: ClassVar[bool] = False
     label_key: ClassVar[str] = "labels"

@@ -1,0 +1,51 @@
+"""Typed task options: a domain's task signatures are its options; the CLI and notebooks are
+checked against them."""
+
+import pytest
+
+from hfmi_kit.cli import main
+from hfmi_kit.config import check_options, task_options
+from hfmi_kit.domains import get_domain
+from hfmi_kit.errors import ConfigError
+
+
+def test_options_come_from_the_task_signature_with_types_and_defaults():
+    opts = get_domain("carbon").options("finetune")
+    assert opts["labels"].default is None and opts["head"].flag == "--head"
+    assert opts["ckpt"].required and opts["ckpt"].flag == "--from"
+    assert opts["label_fraction"].type is float and opts["label_fraction"].default == 1.0
+    assert "labels" not in get_domain("climate").options("finetune")
+    assert get_domain("radiology").options("whatif") == {}
+
+
+def test_check_options_names_the_flag_and_the_type():
+    opts = get_domain("materials").options("finetune")
+    assert check_options(opts, {"labels": 40, "folds": 3}, what="materials finetune") == {"labels": 40, "folds": 3}
+    with pytest.raises(ConfigError, match="--folds: expected"):
+        check_options(opts, {"folds": "3"}, what="materials finetune")
+    with pytest.raises(ConfigError, match=r"--head is not an option of materials finetune \(its options: .*--labels"):
+        check_options(opts, {"head": "forest"}, what="materials finetune")
+
+
+def test_the_cli_refuses_a_flag_the_domain_does_not_take_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["finetune", "climate", "--from", "scratch", "--out", str(out), "--head", "forest"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("hfmi: error: --head is not an option of climate finetune") and err.count("\n") == 1
+    assert not out.exists()
+    assert main(["pretrain", "carbon", "--out", str(out), "--target", "x"]) == 1
+    assert "--target is not an option of carbon pretrain" in capsys.readouterr().err and not out.exists()
+
+
+def test_hfmi_options_lists_them(capsys):
+    assert main(["options", "materials", "finetune"]) == 0
+    text = capsys.readouterr().out
+    assert "--labels (int | None, default None)" in text and "--folds (int, default 5)" in text
+    assert main(["options", "radiology", "whatif"]) == 1
+
+
+def test_task_options_of_a_plain_function():
+    def f(*, a: int, b: str = "x", c: float | None = None) -> None: ...
+
+    o = task_options(f)
+    assert [x.name for x in o.values()] == ["a", "b", "c"] and o["a"].required and o["b"].default == "x"
