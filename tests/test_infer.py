@@ -58,3 +58,13 @@ def test_a_predictor_applies_pre_and_post_around_the_model():
     assert np.allclose(np.concatenate(outs), 16.0)
     with pytest.raises(DataError, match="other lengths"):
         p.over_arrays({"x": np.ones((5, 2)), "y": np.ones(4)})
+
+
+def test_collate_stacks_named_sources_inside_inputs():
+    items = [{"inputs": {"s2": torch.zeros(4, 4), "chm": torch.ones(4, 4)}, "target": torch.zeros(4, 4)}
+             for _ in range(3)]
+    b = collate(items, device="cpu")
+    assert b["inputs"]["s2"].shape == (3, 4, 4) and b["inputs"]["chm"].sum() == 48
+    items[1]["inputs"]["chm"] = torch.ones(5, 4)
+    with pytest.raises(DataError, match=r"batch: 'inputs': 'chm' of sample 1 has shape \(5, 4\)"):
+        collate(items)

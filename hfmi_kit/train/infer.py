@@ -29,8 +29,9 @@ SAMPLE_KEYS = ("inputs", "target", "mask", "meta")
 
 
 def collate(items: Sequence[Mapping[str, Any]], *, keys: Sequence[str] | None = None,
-            device: torch.device | str | None = None, where: str = "batch") -> dict[str, torch.Tensor]:
-    """Stack ``items`` (dicts of tensors) key by key into one batch (only ``keys`` when given).
+            device: torch.device | str | None = None, where: str = "batch") -> dict[str, Any]:
+    """Stack ``items`` (dicts of tensors, or of dicts of tensors: ``inputs`` may name several
+    sources) key by key into one batch (only the top-level ``keys`` when given).
 
     Raises:
         DataError: the samples differ in their keys, or a key's shapes differ, naming both.
@@ -39,12 +40,16 @@ def collate(items: Sequence[Mapping[str, Any]], *, keys: Sequence[str] | None = 
         raise DataError(f"{where}: no samples to stack")
     first = items[0]
     names = list(keys) if keys is not None else list(first)
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, Any] = {}
     for k in names:
-        vals = []
         for i, it in enumerate(items):
             if k not in it:
                 raise DataError(f"{where}: sample {i} has no {k!r} (sample 0 has {sorted(first)})")
+        if isinstance(first[k], Mapping):
+            out[k] = collate([it[k] for it in items], device=device, where=f"{where}: {k!r}")
+            continue
+        vals = []
+        for i, it in enumerate(items):
             v = it[k]
             if not isinstance(v, torch.Tensor):
                 v = torch.as_tensor(v)
@@ -55,6 +60,11 @@ def collate(items: Sequence[Mapping[str, Any]], *, keys: Sequence[str] | None = 
         t = torch.stack(vals)
         out[k] = t.to(device) if device is not None else t
     return out
+
+
+def _tensors_only(item: Any) -> bool:
+    """A sample :func:`collate` stacks: a dict whose values are tensors or such dicts."""
+    return isinstance(item, Mapping) and all(isinstance(v, torch.Tensor) or _tensors_only(v) for v in item.values())
 
 
 def batches(samples: Any, *, batch_size: int, indices: Sequence[int] | None = None,

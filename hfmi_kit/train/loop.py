@@ -92,9 +92,9 @@ def _checked_collate(items: list[Any]) -> Any:
     (a sample whose keys or shapes differ gets one line naming them); others by torch's default."""
     from torch.utils.data import default_collate
 
-    from hfmi_kit.train.infer import collate
+    from hfmi_kit.train.infer import _tensors_only, collate
 
-    if items and all(isinstance(it, dict) and all(isinstance(v, torch.Tensor) for v in it.values()) for it in items):
+    if items and all(_tensors_only(it) for it in items):
         return collate(items, where="training batch")
     return default_collate(items)
 

@@ -208,7 +208,8 @@ class CarbonNet(nn.Module):
         return (((pred - torch.nan_to_num(tgt)) ** 2) * w).sum() / w.sum().clamp_min(1)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        fields = {g: batch[g] for g in self.groups if g in batch}
+        src = batch["inputs"]  # {source group: (B, H, W)}
+        fields = {g: src[g] for g in self.groups if g in src}
         if "target" not in batch:  # pretraining: hide whole sources, reconstruct them
             tb, tgt, w = self.tokens(fields)
             loss, _, _ = mae_forward(self.backbone, self.decoder, tb, tgt, w, mask_ratio=self.mask_ratio,

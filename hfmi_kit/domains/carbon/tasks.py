@@ -88,7 +88,8 @@ def _crop(f: dict[str, np.ndarray], r: int, c: int, tile: int) -> dict[str, torc
 
 
 class TileCrops(Dataset):
-    """Random tiles of every epoch (unlabelled; pretraining), with random flips and rotations."""
+    """Random tiles of every epoch (unlabelled; pretraining), with random flips and rotations:
+    ``{"inputs": {source group: (tile, tile)}}``."""
 
     def __init__(self, prep: Prepared, *, tile: int, length: int = 100_000, seed: int = 0) -> None:
         self.prep, self.tile, self.length, self.seed = prep, tile, length, seed
@@ -109,11 +110,12 @@ class TileCrops(Dataset):
         e = int(rng.integers(len(self.prep.fields)))
         H, W = self.prep.shape
         r, c = int(rng.integers(0, max(1, H - self.tile + 1))), int(rng.integers(0, max(1, W - self.tile + 1)))
-        return self._augment(_crop(self.prep.fields[e], r, c, self.tile), rng)
+        return {"inputs": self._augment(_crop(self.prep.fields[e], r, c, self.tile), rng)}
 
 
 class PlotCrops(TileCrops):
-    """Tiles around the training plots: ``target`` holds the biomass of the cells the plots cover
+    """Tiles around the training plots, ``{"inputs": {...}, "target": (tile, tile), "plot_index":
+    (tile, tile)}``: ``target`` holds the biomass of the cells the plots cover
     (per cell for stem-mapped plots, else the plot's biomass), NaN elsewhere. Each plot and epoch
     is drawn equally often, the tile placed at random but covering the plot's centre."""
 
@@ -146,7 +148,9 @@ class PlotCrops(TileCrops):
         item = _crop(self.prep.fields[e], r0, c0, self.tile)
         item["target"] = torch.from_numpy(np.ascontiguousarray(self.labels[e][r0:r0 + self.tile, c0:c0 + self.tile]))
         item["plot_index"] = torch.from_numpy(np.ascontiguousarray(self.index[e][r0:r0 + self.tile, c0:c0 + self.tile]))
-        return self._augment(item, rng)
+        item = self._augment(item, rng)  # sources, target and plot index turned alike
+        target, plot_index = item.pop("target"), item.pop("plot_index")
+        return {"inputs": item, "target": target, "plot_index": plot_index}
 
 
 def split_plots(prep: Prepared) -> tuple[list[str], list[str]]:

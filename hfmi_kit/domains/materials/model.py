@@ -61,19 +61,21 @@ class MaterialsNet(nn.Module):
         out = out.float()
         return out[:, 0], F.softplus(out[:, 1]) + 1e-3
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Loss of the batch: Laplace NLL on ``target`` and/or cross-entropy on ``mlm_target``
-        (tokens of ``mlm_elements``, or of ``elements`` when absent); both are summed."""
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Loss of the batch (``inputs`` = elements, fractions, padding): Laplace NLL on
+        ``target`` and/or cross-entropy on ``mlm_target`` (tokens of ``mlm_elements``, or of
+        ``elements`` when absent); both are summed."""
         out: dict[str, torch.Tensor] = {}
-        loss = torch.zeros((), device=batch["fractions"].device)
+        x = batch["inputs"]  # elements, fractions, padding
+        loss = torch.zeros((), device=x["fractions"].device)
         if "target" in batch:
-            z, tb = self.encode(batch["elements"], batch["fractions"], batch["padding"])
+            z, tb = self.encode(x["elements"], x["fractions"], x["padding"])
             mu, b = self._dist(self.gap_head(z, tb))
             err = (mu - batch["target"].float()).abs()
             loss = loss + (err / b + b.log()).mean()
             out["l1"] = err.mean().detach()
         if "mlm_target" in batch:
-            z, tb = self.encode(batch.get("mlm_elements", batch["elements"]), batch["fractions"], batch["padding"])
+            z, tb = self.encode(batch.get("mlm_elements", x["elements"]), x["fractions"], x["padding"])
             logits = self.mlm_head(z, tb)  # (B, S, E)
             tgt = batch["mlm_target"]
             loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1),

@@ -57,14 +57,15 @@ class CompositionSet(Dataset):
         """Draw the masks of ``epoch`` (called by the trainer at the start of each epoch)."""
         self.epoch = int(epoch)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        item = {k: v[i] for k, v in self.a.items()}
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        inputs = {k: v[i] for k, v in self.a.items()}
+        item: dict[str, Any] = {"inputs": inputs}
         if self.y is not None:
             item["target"] = self.y[i]
         if self.mlm:
-            n = int((~item["padding"]).sum())
-            tgt = torch.full_like(item["elements"], IGNORE)
-            el = item["elements"].clone()
+            n = int((~inputs["padding"]).sum())
+            tgt = torch.full_like(inputs["elements"], IGNORE)
+            el = inputs["elements"].clone()
             if n >= 2:
                 k = max(1, min(n - 1, int(round(self.mask_prob * n))))
                 gen = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 100_000_007 + i) % 2**63)

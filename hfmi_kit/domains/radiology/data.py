@@ -253,7 +253,7 @@ def pad_to(x: np.ndarray, size: int, value: float | Sequence[float]) -> tuple[np
 
 
 class PretrainCrops(Dataset):
-    """Random ``crop``-cubes from single-modality volumes: ``{"image": (1, c, c, c), "modality": ()}``.
+    """Random ``crop``-cubes from single-modality volumes: ``{"inputs": (1, c, c, c), "modality": ()}``.
 
     Item ``i`` is a fixed function of (seed, i): volume ``i mod n`` and a crop centred on a random
     head voxel, with random flips, so a resumed run sees the same samples.
@@ -281,7 +281,7 @@ class PretrainCrops(Dataset):
         for ax in range(3):
             if rng.random() < 0.5:
                 x = np.flip(x, ax)
-        return {"image": torch.from_numpy(np.ascontiguousarray(x))[None], "modality": torch.tensor(self.mods[k])}
+        return {"inputs": torch.from_numpy(np.ascontiguousarray(x))[None], "modality": torch.tensor(self.mods[k])}
 
 
 def _crop(x: np.ndarray, centre: np.ndarray, size: int) -> np.ndarray:
@@ -294,7 +294,7 @@ def _crop(x: np.ndarray, centre: np.ndarray, size: int) -> np.ndarray:
 
 
 class SegCrops(Dataset):
-    """Crops with all modalities and the label: ``{"image": (M, c, c, c), "label": (c, c, c)}``.
+    """Crops with all modalities and the label: ``{"inputs": (M, c, c, c), "target": (c, c, c)}``.
 
     Half of the crops are centred on a tumour voxel (foreground oversampling, as nnU-Net), the
     rest anywhere in the head; random flips along each axis.
@@ -324,8 +324,8 @@ class SegCrops(Dataset):
         for ax in range(3):
             if rng.random() < 0.5:
                 x, y = np.flip(x, ax + 1), np.flip(y, ax)
-        return {"image": torch.from_numpy(np.ascontiguousarray(x)),
-                "label": torch.from_numpy(np.ascontiguousarray(y).astype(np.int64))}
+        return {"inputs": torch.from_numpy(np.ascontiguousarray(x)),
+                "target": torch.from_numpy(np.ascontiguousarray(y).astype(np.int64))}
 
 
 def split_subjects(subjects: Sequence[Subject], *, test_fraction: float = 0.3) -> tuple[list[Subject], list[Subject]]:

@@ -71,7 +71,7 @@ class RadiologyMAE(RadiologyNet):
         self.mask_ratio = mask_ratio
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        img = batch["image"][:, 0]
+        img = batch["inputs"][:, 0]
         tb = self.tokens(img, batch["modality"])
         tgt = self.tokenizer.patchify(img)
         loss, _, _ = mae_forward(self.backbone, self.decoder, tb, tgt, mask_ratio=self.mask_ratio, strategy="random")
@@ -169,7 +169,7 @@ class RadiologySegmenter(RadiologyNet):
         return self.seg_decoder(grid, image)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"loss": seg_loss(self.logits(batch["image"]), batch["label"], self.classes)}
+        return {"loss": seg_loss(self.logits(batch["inputs"]), batch["target"], self.classes)}
 
 
 class UNetBaseline(nn.Module):
@@ -194,7 +194,7 @@ class UNetBaseline(nn.Module):
         return self.net(image)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"loss": seg_loss(self.logits(batch["image"]), batch["label"], self.classes)}
+        return {"loss": seg_loss(self.logits(batch["inputs"]), batch["target"], self.classes)}
 
 
 @torch.no_grad()
