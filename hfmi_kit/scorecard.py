@@ -48,6 +48,9 @@ class DomainPlan:
     finetune_kw: dict[str, dict[str, Any]]  # budget -> finetune keywords (both methods)
     scratch_separately: bool = False  # finetune has no ``baselines`` option: run ckpt=None too
     baselines: Sequence[str] = ()  # what finetune(baselines=...) trains
+    #: baselines that do not depend on the label budget (trained on every labelled case): trained
+    #: once per seed, at the first budget, and their rows repeated at the others
+    budget_independent: Sequence[str] = ()
     extra_methods: Sequence[str] = field(default_factory=tuple)  # metric suffixes computed in every run
     method_names: dict[str, str] = field(default_factory=dict)  # metric suffix -> method name in the table
     note: str = ""  # a sentence the summary prints under the domain's table (what a method means)
@@ -100,13 +103,18 @@ def run_domain(domain: str, out: Path, *, budget: str = "small", seeds: Sequence
                        **pkw)
     LOGGER.info("scorecard %s: pretrained in %.0f s", domain, time.time() - t0)
     rows: list[dict[str, Any]] = []
-    for b in plan.budgets[budget]:
+    once: dict[int, dict[str, float]] = {}  # seed -> metrics of the budget-independent baselines
+    for i, b in enumerate(plan.budgets[budget]):
         for seed in seeds:
             kw = {**plan.finetune_kw[budget], **b.options(), "seed": seed, "progress": False}
             tag = f"n{b.value:g}_s{seed}"
-            if plan.baselines:
-                kw["baselines"] = list(plan.baselines)
+            wanted = [x for x in plan.baselines if i == 0 or x not in plan.budget_independent]
+            if wanted:
+                kw["baselines"] = wanted
             m = dom.finetune(ckpt=pre, data=data["data"], out=runs / f"pretrained_{tag}", **kw)
+            if i == 0:
+                once[seed] = {k: v for k, v in m.items() for x in plan.budget_independent if k == f"{metric}_{x}"}
+            m = {**once.get(seed, {}), **m}
             methods = {"pretrained": metric, **{plan.method_names.get(x, x): f"{metric}_{x}"
                                                 for x in (*plan.baselines, *plan.extra_methods)}}
             rows += _rows(domain, task, b.value, seed, m, metric, methods)

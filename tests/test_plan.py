@@ -50,7 +50,7 @@ def test_plan_accounts_memory_by_strategy_and_says_when_it_does_not_fit(capsys):
 
 # benchmarks/plan_memory.py runs more. base at batch 2 with the GPU's default foreach update peaks at the
 # optimiser step; with activation checkpointing at the end of the backward; fsdp2 is two gloo processes
-@pytest.mark.parametrize("run", ["tiny:32", "base:4", "base:2:foreach", "base:8:ac", "base:4:fsdp2"])
+@pytest.mark.parametrize("run", ["tiny:32", "base:4", "small:2:foreach", "small:8:ac", "small:4:fsdp2"])
 def test_planned_memory_matches_the_measured_peak_within_20_percent(run):
     from plan_memory import measure, parse_run
 

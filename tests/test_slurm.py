@@ -180,7 +180,7 @@ def test_a_signalled_slurm_job_checkpoints_requeues_itself_and_the_rerun_resumes
     scancel, so the test does not wait for a real limit): the run checkpoints and stops, the script
     resubmits itself with HFMI_RESUME=1, and the second job's notebook resumes training."""
     run_dir, out = tmp_path / "run", tmp_path / "nb.ipynb"
-    r = _hfmi(["submit", str(NB), "-p", "out_dir", str(run_dir), "-p", "steps", "200", "-p", "years", "6",
+    r = _hfmi(["submit", str(NB), "-p", "out_dir", str(run_dir), "-p", "steps", "120", "-p", "years", "6",
                "-p", "variables", "[tas, tos, siconc, rsdt]", "-o", str(out), "--time", "00:20:00",
                "--cpus-per-task", "2", "--workdir", str(tmp_path), "--job-name", "hfmi-preempt"], slurm)
     assert r.returncode == 0, r.stderr
@@ -202,7 +202,7 @@ def test_a_signalled_slurm_job_checkpoints_requeues_itself_and_the_rerun_resumes
     text = "\n".join(p.read_text() for p in sorted(tmp_path.glob("slurm-*.out")))
     assert "pre-empted" in text and "resubmitting with HFMI_RESUME=1" in text, text[-3000:]
     steps = [json.loads(x)["step"] for x in log.read_text().splitlines() if '"train"' in x]
-    assert steps == sorted(set(steps)) and steps[-1] == 200, steps  # continued, never restarted
+    assert steps == sorted(set(steps)) and steps[-1] == 120, steps  # continued, never restarted
     assert len(list(tmp_path.glob("slurm-*.out"))) == 2  # two jobs: the signalled one and its requeue
     nb = nbformat.read(out, as_version=4)
     assert "train_loss" in json.dumps([c.get("outputs", []) for c in nb.cells])

@@ -55,9 +55,9 @@ class RadiologyDomain(Domain):
                                            "full": LabelBudget.counts([1, 2, 4, 8, 16])},
             pretrain_kw={"small": {"steps": 6, "batch_size": 2, "spacing": 4.5}, "full": {"steps": 3000}},
             finetune_kw={"small": {"steps": 6, "batch_size": 2, "spacing": 4.5}, "full": {"steps": 600}},
-            baselines=("scratch", "unet"), method_names={"unet": "unet_all_cases"},
+            baselines=("scratch", "unet"), method_names={"unet": "unet_all_cases"}, budget_independent=("unet",),
             note="`unet_all_cases`: the U-Net reference is trained on every labelled training case, whatever the "
-                 "budget (an upper reference, not a same-budget baseline).")
+                 "budget (an upper reference, not a same-budget baseline; trained once per seed).")
 
 
 def _scorecard_data(d: Path, budget: str) -> dict[str, Any]:
