@@ -68,3 +68,19 @@ def test_collate_stacks_named_sources_inside_inputs():
     items[1]["inputs"]["chm"] = torch.ones(5, 4)
     with pytest.raises(DataError, match=r"batch: 'inputs': 'chm' of sample 1 has shape \(5, 4\)"):
         collate(items)
+
+
+def test_a_domain_builds_the_predictor_of_its_tasks_module():
+    from hfmi_kit.domains import get_domain
+    from hfmi_kit.domains.materials.model import MaterialsNet
+    from hfmi_kit.models import SIZES
+
+    net = MaterialsNet(size=SIZES["tiny"])
+    p = get_domain("materials").predictor(net, {"processors": {"calibration": {"uncertainty_scale": 2.0}}})
+    arrays = {"elements": np.array([[1, 8, 0]]), "fractions": np.array([[0.5, 0.5, 0.0]], np.float32),
+              "padding": np.array([[False, False, True]])}
+    (mu, sc), = p.over_arrays(arrays, keys=("elements", "fractions", "padding"))
+    raw = get_domain("materials").predictor(net, {})
+    (mu0, sc0), = raw.over_arrays(arrays, keys=("elements", "fractions", "padding"))
+    assert np.allclose(sc, 2 * sc0) and np.allclose(mu, mu0)  # one member: the mean is unchanged
+    assert type(get_domain("climate").predictor(net, {})) is Predictor  # no predictor of its own: as it is

@@ -103,10 +103,12 @@ class Domain(ABC):
     def predictor(self, model: Any, config: dict[str, Any]) -> Any:
         """The :class:`hfmi_kit.train.infer.Predictor` for a model of this domain loaded from a
         checkpoint with ``config``: what it predicts with and what of the config's
-        ``processors`` (calibration, normalisation) it applies. Default: the model as it is."""
+        ``processors`` (calibration, normalisation) it applies: ``predictor(model, config)`` of
+        the tasks module when it defines one, else the model as it is."""
         from hfmi_kit.train.infer import Predictor
 
-        return Predictor(model, config=config)
+        fn = getattr(importlib.import_module(self.tasks_module), "predictor", None)
+        return fn(model, config) if fn is not None else Predictor(model, config=config)
 
     def scorecard_plan(self) -> Any:
         """How ``hfmi scorecard`` scores this domain: a :class:`hfmi_kit.scorecard.DomainPlan`

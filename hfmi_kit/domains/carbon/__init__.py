@@ -43,12 +43,6 @@ class CarbonDomain(Domain):
 
         return section(run)
 
-    def predictor(self, model: Any, config: dict[str, Any]) -> Any:
-        """Biomass quantile maps with the checkpoint's interval calibration applied."""
-        from hfmi_kit.domains.carbon.tasks import predictor
-
-        return predictor(model, config)
-
     def scorecard_plan(self) -> DomainPlan:
         from hfmi_kit.scorecard import DomainPlan
         from hfmi_kit.train.budget import LabelBudget

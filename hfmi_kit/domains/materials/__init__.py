@@ -74,12 +74,6 @@ class MaterialsDomain(Domain):
 
         return section(run)
 
-    def predictor(self, model: Any, config: dict[str, Any]) -> Any:
-        """Member locations and scales of encoded compositions, recalibrated as the checkpoint says."""
-        from hfmi_kit.domains.materials.tasks import predictor
-
-        return predictor(model, config)
-
     def scorecard_plan(self) -> DomainPlan:
         from hfmi_kit.scorecard import DomainPlan
         from hfmi_kit.train.budget import LabelBudget
