@@ -70,14 +70,14 @@ def climate_zarr(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def climate_runs(climate_zarr: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tiny pretrain (120 steps) and fine-tune (60 steps) through the CLI."""
+    """A tiny pretrain (120 steps) and fine-tune (40 steps) through the CLI."""
     from hfmi_kit.cli import main
 
     root = tmp_path_factory.mktemp("climate_runs")
     assert main(["pretrain", "climate", "--data", str(climate_zarr), "--out", str(root / "pre"),
                  "--steps", "120", "--seed", "0"]) == 0
     assert main(["finetune", "climate", "--from", str(root / "pre" / "model"), "--data", str(climate_zarr),
-                 "--out", str(root / "ft"), "--steps", "60"]) == 0
+                 "--out", str(root / "ft"), "--steps", "40"]) == 0
     return {"data": climate_zarr, "pre": root / "pre", "ft": root / "ft", "root": root}
 
 

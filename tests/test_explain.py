@@ -41,7 +41,7 @@ def test_carbon_source_attributions(small_scorecard):
 
     model = load_pretrained(small_scorecard / "runs" / "carbon" / "pretrained_n30_s0" / "model").eval()
     prep = prepare(small_scorecard / "data" / "carbon_region", tile=model.tile, groups=model.groups)
-    batch = ex.tiles(prep, model, n=12)
+    batch = ex.tiles(prep, model, n=6)
     for c in ex.checks(model, batch):
         assert c.passed, c
     src = ex.source_attributions(model, batch)

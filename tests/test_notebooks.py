@@ -75,7 +75,7 @@ def test_radiology_notebooks_chain_through_hfmi_run(tmp_path):
     nbdir = REPO / "notebooks" / "radiology"
     pre, ft = tmp_path / "pre", tmp_path / "ft"
     assert main(["run", str(nbdir / "01_pretrain.py"), "-p", "out_dir", str(pre), "-p", "steps", "6",
-                 "-p", "unlabelled", "2", "-p", "labelled", "5", "-p", "spacing_scale", "1.6",
+                 "-p", "unlabelled", "2", "-p", "labelled", "5", "-p", "spacing_scale", "1.6", "-p", "spacing", "4.5",
                  "-o", str(tmp_path / "01.ipynb")]) == 0
     assert (pre / "model" / "model.safetensors").is_file()
     assert main(["run", str(nbdir / "02_finetune.py"), "-p", "pretrained", str(pre / "model"), "-p", "steps", "4",
@@ -143,7 +143,8 @@ def test_carbon_notebooks_chain_through_hfmi_run(tmp_path):
     assert main(["run", str(nbdir / "01_pretrain.py"), "-p", "out_dir", str(pre), "-p", "steps", "5",
                  "-p", "size", "64", "-p", "plots", "60", "-o", str(tmp_path / "01.ipynb")]) == 0
     assert main(["run", str(nbdir / "02_finetune.py"), "-p", "pretrained", str(pre / "model"), "-p", "steps", "5",
-                 "-p", "budgets", "[20]", "-p", "out_dir", str(ft), "-o", str(tmp_path / "02.ipynb")]) == 0
+                 "-p", "budgets", "[20]", "-p", "calibration_folds", "2", "-p", "out_dir", str(ft),
+                 "-o", str(tmp_path / "02.ipynb")]) == 0
     m = json.loads((ft / "n20" / "metrics.json").read_text())
     assert {"rmse_mg_ha", "rmse_mg_ha_rf", "rmse_mg_ha_scratch", "coverage_90"} <= set(m)
     assert main(["run", str(nbdir / "03_visualize.py"), "-p", "finetuned", str(ft / "n20" / "model"),

@@ -30,6 +30,7 @@ pretrained = "runs/carbon_pretrain/model"
 data_path = ""  # empty: the region recorded in the checkpoint
 budgets = [20, 50, 150]  # field plots
 steps = 300
+calibration_folds = 5  # cross-conformal folds calibrating the 90 % interval (0: none)
 seed = 0
 out_dir = "runs/carbon_finetune"
 
@@ -48,7 +49,7 @@ if not data_path:
 results = {}
 for n in budgets:
     results[n] = finetune(ckpt=pretrained, data=data_path, out=out / f"n{n}", labels=n, steps=steps, seed=seed,
-                          baselines=True, progress=False)
+                          baselines=True, calibration_folds=calibration_folds, progress=False)
 keys = ["rmse_mg_ha", "rmse_mg_ha_scratch", "rmse_mg_ha_rf", "bias_mg_ha", "r2", "rmse_mg_ha_map", "coverage_90",
         "budget_error_pct", "budget_in_interval", "change_in_interval"]
 pd.DataFrame({f"N={n}": {k: m.get(k) for k in keys} for n, m in results.items()}).round(3)
