@@ -105,6 +105,7 @@ def run_domain(domain: str, out: Path, *, budget: str = "small", seeds: Sequence
     rows: list[dict[str, Any]] = []
     once: dict[int, dict[str, float]] = {}  # seed -> metrics of the budget-independent baselines
     for i, b in enumerate(plan.budgets[budget]):
+        x = b.count if b.count is not None else b.value  # the label-budget column: 10 plots, 0.25 of the years
         for seed in seeds:
             kw = {**plan.finetune_kw[budget], **b.options(), "seed": seed, "progress": False}
             tag = f"n{b.value:g}_s{seed}"
@@ -117,11 +118,11 @@ def run_domain(domain: str, out: Path, *, budget: str = "small", seeds: Sequence
             m = {**once.get(seed, {}), **m}
             methods = {"pretrained": metric, **{plan.method_names.get(x, x): f"{metric}_{x}"
                                                 for x in (*plan.baselines, *plan.extra_methods)}}
-            rows += _rows(domain, task, b.value, seed, m, metric, methods)
+            rows += _rows(domain, task, x, seed, m, metric, methods)
             if plan.scratch_separately:
                 ms = dom.finetune(ckpt=None, data=data["data"], out=runs / f"scratch_{tag}", config="tiny",
                                   **{k: v for k, v in kw.items() if k != "baselines"})
-                rows += _rows(domain, task, b.value, seed, ms, metric, {"scratch": metric})
+                rows += _rows(domain, task, x, seed, ms, metric, {"scratch": metric})
     return rows
 
 

@@ -58,3 +58,9 @@ def test_small_scorecard_of_every_domain(small_scorecard):
     assert (tmp_path / "label_efficiency.html").stat().st_size > 100_000  # standalone: Bokeh inlined
     assert (tmp_path / "runs" / "radiology" / "pretrained_n1_s2" / "model" / "config.json").is_file()
     assert "Budget `small`" in md and "unet_all_cases" in md
+    # the all-case U-Net does not depend on the budget: trained once per seed, its rows repeated
+    runs = tmp_path / "runs" / "radiology"
+    assert (runs / "pretrained_n1_s0" / "train_unet").is_dir()
+    assert not (runs / "pretrained_n3_s0" / "train_unet").exists()
+    unet = {(r["label_budget"], r["seed"]): r["value"] for r in rows if r["method"] == "unet_all_cases"}
+    assert {unet[("1", s)] for s in "012"} == {unet[("3", s)] for s in "012"}
