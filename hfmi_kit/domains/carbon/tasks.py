@@ -565,7 +565,7 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
     lr = lr or 1e-3
     mode = mode or ("frozen" if ckpt is not None else "full")
     if layer_decay is None:
-        layer_decay = 0.8 if ckpt is not None and mode == "full" else 1.0
+        layer_decay = ENGINE.layer_decay if ckpt is not None and mode == "full" else 1.0
     head = head or ("ensemble" if ckpt is not None else "network")
     if head not in HEADS:
         raise ConfigError(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
