@@ -90,6 +90,7 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
         raise ConfigError(f"--checkpoint-every must be >= 1 (steps between checkpoints), got {a.checkpoint_every}")
     _domain_options(dom, "pretrain", kw, variables=a.variables.split(",") if a.variables else None,
                     checkpoint_every=a.checkpoint_every, target=a.target)
+    kw.update(getattr(a, "task_options", {}))
     data = _data_or_example(dom, a.data, out, a.seed)
     ck = dom.pretrain(data=data, out=out, **kw)
     print(f"checkpoint: {ck}")
@@ -103,6 +104,52 @@ def _ckpt_data(ckpt: str) -> str:
     if not data:
         raise HfmiError(f"{ckpt}: no data recorded in the checkpoint; pass --data")
     return str(data)
+
+
+_TASK_COMMANDS = ("pretrain", "finetune", "evaluate")
+TASK_FLAGS_EPILOG = ("Every other option of the domain's {cmd} is a flag too (materials --folds 3, carbon "
+                     "--calibration-folds 2): `hfmi options DOMAIN {cmd}` lists them with their types.")
+
+
+def _task_flags(args: argparse.Namespace, extra: Sequence[str]) -> dict[str, Any]:
+    """The flags after ``hfmi pretrain|finetune|evaluate DOMAIN`` that are not the shared ones:
+    options of that domain's task (``--folds 3``, ``--calibration-folds 2``), each value read as
+    a JSON literal (else kept as text) and checked against the option's type.
+
+    Raises:
+        UsageError: another command, a flag that is not one of the task's options, or a flag
+            without its value.
+    """
+    from hfmi_kit.config import check_options
+
+    if args.cmd not in _TASK_COMMANDS:
+        raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        dom = _domain(args.domain)
+    except HfmiError as e:
+        raise UsageError(str(e)) from None
+    opts = dom.options(args.cmd)
+    given: dict[str, Any] = {}
+    i = 0
+    while i < len(extra):
+        flag = extra[i]
+        name = flag[2:].split("=", 1)[0].replace("-", "_") if flag.startswith("--") else ""
+        if not name or name in ("out", "ckpt", "data", "progress"):
+            raise UsageError(f"unrecognized argument {flag!r}")
+        if "=" in flag:
+            text, i = flag.split("=", 1)[1], i + 1
+        elif i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            text, i = extra[i + 1], i + 2
+        else:
+            raise UsageError(f"{flag} needs a value")
+        try:
+            given[name] = json.loads(text)
+        except json.JSONDecodeError:
+            given[name] = text
+    try:
+        return check_options(opts, given, what=f"{dom.name} {args.cmd}")
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
 
 
 def _domain_options(dom: Any, command: str, kw: dict[str, Any], **given: Any) -> None:
@@ -124,6 +171,7 @@ def cmd_finetune(a: argparse.Namespace) -> None:
                           "lr": a.lr, "precision": a.precision, "device": a.device}
     _domain_options(dom, "finetune", kw, target=a.target, labels=a.labels, baselines=a.baselines or None,
                     head=a.head)  # before any data is generated or read
+    kw.update(getattr(a, "task_options", {}))
     if a.data or scratch or "finetune" in dom.bundled_data:
         data = _data_or_example(dom, a.data, out, a.seed, "finetune")
     else:
@@ -148,6 +196,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     out = Path(a.out)
     kw: dict[str, Any] = {}
     _domain_options(dom, "evaluate", kw, target=a.target)
+    kw.update(getattr(a, "task_options", {}))
     data = a.data or dom.bundled_data.get("evaluate") or _ckpt_data(a.ckpt)
     m = dom.evaluate(ckpt=a.ckpt, data=data, out=out, **kw)
     _print_metrics(m, out, dom.headline_metrics)
@@ -470,7 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="multi-process training: DDP (auto) or FSDP2 sharding with sharded checkpoints "
                              "(sets HFMI_STRATEGY for the processes)")
 
-    sp = sub.add_parser("pretrain", help="pretrain a foundation model on unlabelled data")
+    sp = sub.add_parser("pretrain", help="pretrain a foundation model on unlabelled data",
+                        epilog=TASK_FLAGS_EPILOG.format(cmd="pretrain"))
     sp.add_argument("domain", help=f"one of the registered domains: {domains}")
     sp.add_argument("--out", required=True, help="output directory (checkpoints, metrics.jsonl, model/)")
     sp.add_argument("--data", help="data in the domain's format (default: generated example data)")
@@ -484,7 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     common_train(sp)
     sp.set_defaults(fn=cmd_pretrain)
 
-    sp = sub.add_parser("finetune", help="fine-tune a pretrained model on a downstream task")
+    sp = sub.add_parser("finetune", help="fine-tune a pretrained model on a downstream task",
+                        epilog=TASK_FLAGS_EPILOG.format(cmd="finetune"))
     sp.add_argument("domain", help=f"one of the registered domains: {domains}")
     sp.add_argument("--from", dest="from_", required=True, metavar="CKPT",
                     help="pretrained checkpoint directory, or 'scratch' for the same model untrained")
@@ -513,7 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     common_train(sp)
     sp.set_defaults(fn=cmd_finetune)
 
-    sp = sub.add_parser("evaluate", help="evaluate a fine-tuned checkpoint; writes metrics.json")
+    sp = sub.add_parser("evaluate", help="evaluate a fine-tuned checkpoint; writes metrics.json",
+                        epilog=TASK_FLAGS_EPILOG.format(cmd="evaluate"))
     sp.add_argument("domain", help=f"one of the registered domains: {domains}")
     sp.add_argument("--ckpt", required=True)
     sp.add_argument("--out", required=True)
@@ -664,7 +716,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        args.task_options = _task_flags(args, extra) if extra else {}
     except UsageError as e:
         print(f"hfmi: error: {e}", file=sys.stderr)
         return 1

@@ -49,3 +49,26 @@ def test_task_options_of_a_plain_function():
 
     o = task_options(f)
     assert [x.name for x in o.values()] == ["a", "b", "c"] and o["a"].required and o["b"].default == "x"
+
+
+def test_every_typed_option_is_a_flag_of_its_domain(tmp_path, capsys, monkeypatch):
+    """A task option without a shared flag (materials --folds, --members) is passed through,
+    parsed and type-checked; a wrong one is one line naming the flag."""
+    from hfmi_kit.domains import get_domain
+
+    seen = {}
+    dom = get_domain("materials")
+    monkeypatch.setattr(type(dom), "finetune", lambda self, **kw: seen.update(kw) or {"mae_ev": 1.0})
+    out = tmp_path / "ft"
+    assert main(["finetune", "materials", "--from", "scratch", "--out", str(out), "--folds", "3",
+                 "--members=2", "--final", "false", "--labels", "40"]) == 0
+    assert seen["folds"] == 3 and seen["members"] == 2 and seen["final"] is False and seen["labels"] == 40
+    capsys.readouterr()
+    assert main(["finetune", "materials", "--from", "scratch", "--out", str(out), "--folds", "three"]) == 1
+    assert capsys.readouterr().err.strip() == "hfmi: error: --folds: expected an integer, got 'three'"
+    assert main(["finetune", "materials", "--from", "scratch", "--out", str(out), "--folds"]) == 1
+    assert "--folds needs a value" in capsys.readouterr().err
+    assert main(["info", str(out), "--folds", "3"]) == 1
+    assert "unrecognized arguments: --folds 3" in capsys.readouterr().err
+    assert main(["finetune", "nope", "--from", "scratch", "--out", str(out), "--folds", "3"]) == 1
+    assert capsys.readouterr().err.count("\n") == 1
