@@ -56,3 +56,28 @@ def test_a_config_newer_than_the_code_is_refused(tmp_path):
 
     with pytest.raises(CheckpointError, match="newer than this hfmi_kit"):
         migrate_config({"schema_version": SCHEMA_VERSION + 1})
+
+
+def test_a_recorded_run_writes_its_config_once_with_the_record(tmp_path, monkeypatch):
+    import torch
+
+    from hfmi_kit.train import provenance
+
+    @provenance.recorded("migrationtest", "finetune")
+    def task(*, data: str, out: str, seed: int = 0) -> dict:
+        save_pretrained(torch.nn.Linear(2, 2), Path(out) / "model",
+                        config=ModelConfig(domain="migrationtest", task="t", model_type="x.tiny"))
+        return {}
+
+    def refuse(*a, **k):
+        raise AssertionError("config.json rewritten after the run")
+
+    monkeypatch.setattr(provenance, "update_config", refuse)
+    (tmp_path / "d.csv").write_text("a\n1\n")
+    try:
+        task(data=str(tmp_path / "d.csv"), out=str(tmp_path / "run"), seed=3)
+    finally:
+        provenance.ENTRY_POINTS.pop("migrationtest.finetune", None)
+    rec = read_config(tmp_path / "run" / "model")["reproduce"]
+    assert rec["entry"] == "migrationtest.finetune" and rec["kwargs"] == {"data": str(tmp_path / "d.csv"), "seed": 3}
+    assert "How to reproduce" in (tmp_path / "run" / "model" / "MODEL_CARD.md").read_text()
