@@ -114,7 +114,8 @@ TASK_FLAGS_EPILOG = ("Every other option of the domain's {cmd} is a flag too (ma
 def _task_flags(args: argparse.Namespace, extra: Sequence[str]) -> dict[str, Any]:
     """The flags after ``hfmi pretrain|finetune|evaluate DOMAIN`` that are not the shared ones:
     options of that domain's task (``--folds 3``, ``--calibration-folds 2``), each value read as
-    a JSON literal (else kept as text) and checked against the option's type.
+    a notebook parameter is (:func:`hfmi_kit.config.parse_param`) and checked against the
+    option's type.
 
     Raises:
         UsageError: another command, a flag that is not one of the task's options, or a flag
@@ -142,10 +143,7 @@ def _task_flags(args: argparse.Namespace, extra: Sequence[str]) -> dict[str, Any
             text, i = extra[i + 1], i + 2
         else:
             raise UsageError(f"{flag} needs a value")
-        try:
-            given[name] = json.loads(text)
-        except json.JSONDecodeError:
-            given[name] = text
+        given[name] = parse_param(text)  # as a notebook's -p value
     try:
         return check_options(opts, given, what=f"{dom.name} {args.cmd}")
     except ConfigError as e:

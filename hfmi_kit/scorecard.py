@@ -114,7 +114,8 @@ def run_domain(domain: str, out: Path, *, budget: str = "small", seeds: Sequence
                 kw["baselines"] = wanted
             m = dom.finetune(ckpt=pre, data=data["data"], out=runs / f"pretrained_{tag}", **kw)
             if i == 0:
-                once[seed] = {k: v for k, v in m.items() for x in plan.budget_independent if k == f"{metric}_{x}"}
+                keys = [f"{metric}_{x}" for x in plan.budget_independent]
+                once[seed] = {k: m[k] for k in keys if k in m}
             m = {**once.get(seed, {}), **m}
             methods = {"pretrained": metric, **{plan.method_names.get(x, x): f"{metric}_{x}"
                                                 for x in (*plan.baselines, *plan.extra_methods)}}

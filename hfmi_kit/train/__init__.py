@@ -9,12 +9,11 @@ from hfmi_kit.train.pretrained import (
     render_model_card,
     save_pretrained,
     transfer_weights,
-    update_metrics,
 )
 from hfmi_kit.train.seed import seed_everything
 
 __all__ = [
     "DistInfo", "LoadReport", "ResumableSampler", "TrainConfig", "TrainResult", "Trainer",
     "init_distributed", "load_pretrained", "param_groups", "pick_device", "read_config",
-    "render_model_card", "save_pretrained", "seed_everything", "transfer_weights", "update_metrics",
+    "render_model_card", "save_pretrained", "seed_everything", "transfer_weights",
 ]

@@ -9,7 +9,8 @@ what a checkpoint says to apply around its model.
 - :class:`Predictor` is a model with its ``pre`` (a batch as the model takes it) and ``post``
   (the model's output in the field's units, calibrated) steps, built from a checkpoint's
   ``processors`` by the domain (:meth:`~hfmi_kit.domains.Domain.predictor`); it predicts
-  batch by batch, or window by window over a field or volume (:mod:`hfmi_kit.data.windows`).
+  on a batch or over column arrays. Window-by-window prediction over a field or a volume is
+  :mod:`hfmi_kit.data.windows`.
 """
 
 from __future__ import annotations
@@ -23,9 +24,6 @@ import torch
 from torch import nn
 
 from hfmi_kit.errors import DataError
-
-#: the keys the design names for a sample; a domain may add its own next to them
-SAMPLE_KEYS = ("inputs", "target", "mask", "meta")
 
 
 def collate(items: Sequence[Mapping[str, Any]], *, keys: Sequence[str] | None = None,
@@ -118,16 +116,6 @@ class Predictor:
         return self.post(self.model_fn(self.pre(batch)))
 
     @torch.no_grad()
-    def predict(self, samples: Any, *, batch_size: int = 64, indices: Sequence[int] | None = None,
-                keys: Sequence[str] | None = None) -> list[Any]:
-        """The output of every batch of ``samples`` (see :func:`batches`), in order, on the CPU."""
-        out = []
-        for b in batches(samples, batch_size=batch_size, indices=indices, keys=keys, device=self.device):
-            y = self(b)
-            out.append(y.cpu() if isinstance(y, torch.Tensor) else y)
-        return out
-
-    @torch.no_grad()
     def over_arrays(self, arrays: Mapping[str, np.ndarray], *, batch_size: int = 2048,
                     keys: Sequence[str] | None = None) -> list[Any]:
         """The output of every ``batch_size`` rows of column arrays (``{name: (N, ...)}``), in order."""
@@ -139,16 +127,3 @@ class Predictor:
         dev = self.device
         return [self({k: torch.from_numpy(np.ascontiguousarray(arrays[k][s:s + batch_size])).to(dev)
                       for k in names}) for s in range(0, n, batch_size)]
-
-    @torch.no_grad()
-    def windows(self, crop: Callable[[tuple[int, ...]], Any], shape: Sequence[int], window: int | Sequence[int], *,
-                channels: int, overlap: float = 0.5, batch_size: int = 8,
-                weight: torch.Tensor | None = None) -> np.ndarray:
-        """``(channels, *shape)``: the model over overlapping windows of a field or volume,
-        blended (:func:`hfmi_kit.data.windows.blend_windows`); ``post`` is applied to the
-        blended array."""
-        from hfmi_kit.data.windows import blend_windows
-
-        raw = blend_windows(lambda b: self.model_fn(self.pre(b)), crop, shape, window, channels=channels,
-                            overlap=overlap, batch_size=batch_size, weight=weight, device=self.device)
-        return self.post(raw)

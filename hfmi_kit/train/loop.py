@@ -16,7 +16,6 @@ resume from its latest checkpoint.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -79,12 +78,6 @@ class TrainConfig:
     # unchanged notebook or task switches when the launcher sets it
     strategy: Literal["auto", "ddp", "fsdp"] = field(default_factory=lambda: os.environ.get("HFMI_STRATEGY", "auto"))
     preempt_signals: str = "SIGTERM,SIGUSR1"  # signals that checkpoint and stop ("" = none)
-
-    @classmethod
-    def pick(cls, **kw: Any) -> TrainConfig:
-        """A config from the keyword options a task received: unknown names and None values are skipped."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in kw.items() if k in names and v is not None})
 
 
 def _checked_collate(items: list[Any]) -> Any:

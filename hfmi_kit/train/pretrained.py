@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from hfmi_kit.config import atomic_write_text, read_json_object
+from hfmi_kit.config import read_json_object
 from hfmi_kit.errors import CheckpointError, ConfigError
 from hfmi_kit.train.env import code_version, environment
 
@@ -449,12 +449,3 @@ def load_pretrained(
         raise CheckpointError(f"unknown load mode {mode!r}; expected weights, transfer or resume")
     model.hfmi_config = cfg  # type: ignore[attr-defined]
     return model
-
-
-def update_metrics(path: str | Path, metrics: Mapping[str, float]) -> None:
-    """Add ``metrics`` to a checkpoint's config and re-render its model card, atomically."""
-    path = Path(path)
-    cfg = read_config(path)
-    cfg.setdefault("metrics", {}).update({k: float(v) for k, v in metrics.items()})
-    atomic_write_text(path / CONFIG, json.dumps(cfg, indent=2, default=str) + "\n")
-    atomic_write_text(path / CARD, render_model_card(cfg))

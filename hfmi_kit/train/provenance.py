@@ -96,18 +96,26 @@ def _rank0() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-#: the record of the recorded run in progress, and the checkpoint it writes (``out/model``)
-_CURRENT: contextvars.ContextVar[tuple[Path, dict[str, Any]] | None] = contextvars.ContextVar(
-    "hfmi_recorded_run", default=None)
+@dataclass
+class _Run:
+    """The recorded call in progress: the checkpoint it writes, its record, whether it went in."""
+
+    checkpoint: Path
+    record: dict[str, Any]
+    written: bool = False
+
+
+_CURRENT: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("hfmi_recorded_run", default=None)
 
 
 def record_for(path: str | Path) -> dict[str, Any] | None:
     """The reproduction record :func:`save_pretrained` puts into checkpoint ``path``: the running
     recorded call's, when ``path`` is the checkpoint that call writes (``out/model``); else None."""
     cur = _CURRENT.get()
-    if cur is None or Path(path).resolve() != cur[0]:
+    if cur is None or Path(path).resolve() != cur.checkpoint:
         return None
-    return cur[1]
+    cur.written = True
+    return cur.record
 
 
 def recorded(domain: str, command: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -126,17 +134,15 @@ def recorded(domain: str, command: str) -> Callable[[Callable[..., Any]], Callab
                    "function": f"{fn.__module__}.{fn.__name__}",
                    "kwargs": {k: _jsonable(v) for k, v in kw.items() if k not in SKIP_ARGS},
                    "inputs": inputs}
-            token = _CURRENT.set((Path(kw["out"]).resolve() / "model", rec) if kw.get("out") else None)
+            cur = _Run(Path(kw["out"]).resolve() / "model", rec) if kw.get("out") else None
+            token = _CURRENT.set(cur)
             try:
                 result = fn(**kw)
             finally:
                 _CURRENT.reset(token)
             ck = Path(result) if isinstance(result, (str, Path)) else Path(kw["out"]) / "model"
-            if _rank0() and (ck / "config.json").is_file():
-                from hfmi_kit.train.pretrained import read_config
-
-                if read_config(ck).get(RECORD) != rec:
-                    update_config(ck, {RECORD: rec})
+            if not (cur and cur.written) and _rank0() and (ck / "config.json").is_file():
+                update_config(ck, {RECORD: rec})
             return result
 
         ENTRY_POINTS[entry] = run

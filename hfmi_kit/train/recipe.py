@@ -165,7 +165,7 @@ def finish(model: nn.Module | None, out: str | Path, config: ModelConfig | None,
     out = Path(out)
     path = None
     if model is not None and config is not None:
-        config.metrics = {k: v for k, v in metrics.items()}
+        config.metrics = dict(metrics)
         path = save_pretrained(model, out / "model", config=config)
     atomic_write_json(out / "metrics.json", dict(metrics))
     return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -217,26 +218,21 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
     if ckpt is None:
         wanted = [b for b in wanted if b != "scratch"]  # the model itself is from scratch
     bsteps = baseline_steps or steps
-    pool_cases = train_cases if len(chosen) == len(pool) else None
 
-    def baseline(name: str) -> Any:
-        def run() -> dict[str, float]:
-            nonlocal pool_cases
-            cases = train_cases
-            if name == "unet":  # the supervised reference trains on every labelled training case
-                pool_cases = pool_cases or [rdata.prepare(s, mods, sp) for s in pool]
-                cases = pool_cases
-            *_, m_b, r_b = _fit_and_score(name, None, size, mk, cases, test_cases, out, root, subjects, summary="",
-                                          steps=bsteps, seed=seed, batch_size=batch_size, lr=None, layer_decay=None,
-                                          mode="full", precision=precision, device=device, progress=progress,
-                                          save=False, unet=name == "unet")
-            all_rows[name] = r_b
-            return m_b
-        return run
+    def baseline(name: str) -> dict[str, float]:
+        cases = train_cases
+        if name == "unet" and len(chosen) < len(pool):  # the reference trains on every labelled training case
+            cases = [rdata.prepare(s, mods, sp) for s in pool]
+        *_, m_b, r_b = _fit_and_score(name, None, size, mk, cases, test_cases, out, root, subjects, summary="",
+                                      steps=bsteps, seed=seed, batch_size=batch_size, lr=None, layer_decay=None,
+                                      mode="full", precision=precision, device=device, progress=progress,
+                                      save=False, unet=name == "unet")
+        all_rows[name] = r_b
+        return m_b
 
-    metrics.update(recipe.run_baselines(wanted, {b: baseline(b) for b in wanted}))
+    metrics.update(recipe.run_baselines(wanted, {b: functools.partial(baseline, b) for b in wanted}))
     if "unet" in wanted:
-        metrics["unet_cases"] = float(len(pool_cases or ()))
+        metrics["unet_cases"] = float(len(pool))
     metrics.update({"labelled_cases": float(len(chosen)), "test_cases": float(len(test)),
                     "pool_cases": float(len(pool))})
     atomic_write_json(out / "cases.json", {"train": [c.id for c in chosen], "test": [c.id for c in test],
