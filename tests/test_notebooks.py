@@ -179,3 +179,19 @@ def test_notebook_parameters_are_the_typed_task_options(py: Path):
     check_options(opts, shared, what=f"{py.parent.name} {_COMMAND[py.stem]} (notebook {py.name})")
     if py.stem != "03_visualize":
         assert {"seed"} <= set(shared) and len(shared) >= 2, shared
+
+
+def test_notebooks_started_together_talk_over_private_sockets(tmp_path):
+    """Kernels started at once on a node must not race for TCP ports (a lost race hangs the run)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    nb = tmp_path / "who.py"
+    nb.write_text("# %% tags=[\"parameters\"]\nx = 1\n\n# %%\n"
+                  "from ipykernel.connect import get_connection_info\n"
+                  "info = get_connection_info(unpack=True)\nprint(x, info['transport'], info['ip'])\n")
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda i: run_notebook(nb, {"x": i}, output=tmp_path / f"who{i}.ipynb"), range(4)))
+    seen = [nbformat.read(o, as_version=4).cells[-1].outputs[0]["text"].split() for o in outs]
+    assert [s[:2] for s in seen] == [[str(i), "ipc"] for i in range(4)]
+    assert len({s[2] for s in seen}) == 4  # one private socket folder each, none left behind
+    assert not any(Path(s[2]).parent.exists() for s in seen)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -84,6 +85,28 @@ def _running_cell(output: Path) -> str:
     return f"cell {started[-1]} ({first[:60]!r})"
 
 
+def _private_kernel_manager(folder: Path) -> type | None:
+    """A kernel manager whose kernel talks over Unix sockets inside ``folder``.
+
+    Over TCP, jupyter_client picks free ports and closes them before the kernel binds them, so two
+    notebooks started at once on a node (a test run, an array job) can race for the same port: the
+    loser's heartbeat fails to bind and the run hangs until its timeout. Sockets in a private
+    folder cannot collide, and no port is opened. ``None`` (the default TCP) where Unix sockets
+    are not available, or the folder's path is too long for one.
+    """
+    if os.name == "nt" or len(str(folder)) > 80:  # sun_path holds 107 bytes, "kernel-NNNNN" included
+        return None
+    from jupyter_client.manager import AsyncKernelManager
+
+    class PrivateKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.transport = "ipc"
+            self.ip = str(folder / "kernel")
+
+    return PrivateKernelManager
+
+
 def run_notebook(path: str | Path, parameters: Mapping[str, Any] | None = None, *,
                  output: str | Path | None = None, cwd: str | Path | None = None,
                  kernel_name: str = "python3", timeout: int | None = None) -> Path:
@@ -107,10 +130,12 @@ def run_notebook(path: str | Path, parameters: Mapping[str, Any] | None = None, 
     with tempfile.TemporaryDirectory() as tmp:
         inp = Path(tmp) / f"{src.stem}.ipynb"
         nbformat.write(nb, inp)
+        manager = _private_kernel_manager(Path(tmp))
+        engine = {"kernel_manager_class": manager} if manager else {}
         try:
             pm.execute_notebook(str(inp), str(out), parameters=params, kernel_name=kernel_name,
                                 cwd=str(cwd or src.parent), progress_bar=False, log_output=False,
-                                execution_timeout=timeout)
+                                execution_timeout=timeout, **engine)
         except PapermillExecutionError as e:
             raise NotebookError(
                 f"{src}: cell {e.exec_count} raised {e.ename}: {e.evalue} (executed notebook: {out})"
