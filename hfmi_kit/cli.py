@@ -62,35 +62,13 @@ def _print_metrics(metrics: dict[str, float], out: Path, keys: Sequence[str] | N
     print(f"metrics: {out / 'metrics.json'}")
 
 
-def _check_train_flags(a: argparse.Namespace) -> None:
-    """The training flags every domain shares, checked before anything is read or written."""
-    import math
-
-    for flag, v in (("--steps", a.steps), ("--batch-size", a.batch_size)):
-        if v is not None and v < 1:
-            raise ConfigError(f"{flag} must be an integer >= 1, got {v}")
-    if a.lr is not None and not (math.isfinite(a.lr) and a.lr > 0):
-        raise ConfigError(f"--lr must be a finite number > 0, got {a.lr}")
-    lf = getattr(a, "label_fraction", None)
-    if lf is not None and not 0 < lf <= 1:
-        raise ConfigError(f"--label-fraction must lie in (0, 1], got {lf}")
-
-
 def cmd_pretrain(a: argparse.Namespace) -> None:
-    _check_train_flags(a)
     dom = _domain(a.domain)
     out = Path(a.out)
-    kw: dict[str, Any] = {"config": a.config, "steps": a.steps, "seed": a.seed, "resume": a.resume,
-                          "precision": a.precision, "device": a.device}
-    if a.batch_size is not None:
-        kw["batch_size"] = a.batch_size
-    if a.lr is not None:
-        kw["lr"] = a.lr
-    if a.checkpoint_every is not None and a.checkpoint_every < 1:
-        raise ConfigError(f"--checkpoint-every must be >= 1 (steps between checkpoints), got {a.checkpoint_every}")
-    _domain_options(dom, "pretrain", kw, variables=a.variables.split(",") if a.variables else None,
-                    checkpoint_every=a.checkpoint_every, target=a.target)
-    kw.update(getattr(a, "task_options", {}))
+    kw = _domain_options(dom, "pretrain", a, config=a.config, steps=a.steps, seed=a.seed, resume=a.resume,
+                         precision=a.precision, device=a.device, batch_size=a.batch_size, lr=a.lr,
+                         variables=a.variables.split(",") if a.variables else None,
+                         checkpoint_every=a.checkpoint_every, target=a.target)
     data = _data_or_example(dom, a.data, out, a.seed)
     ck = dom.pretrain(data=data, out=out, **kw)
     print(f"checkpoint: {ck}")
@@ -150,40 +128,32 @@ def _task_flags(args: argparse.Namespace, extra: Sequence[str]) -> dict[str, Any
         raise UsageError(str(e)) from None
 
 
-def _domain_options(dom: Any, command: str, kw: dict[str, Any], **given: Any) -> None:
-    """Add the options of ``given`` that were set (not None) to ``kw``, each checked against the
-    domain's typed task options (:meth:`Domain.options`): a flag the domain's command does not
-    take, or a value of the wrong type, is one line naming the flag."""
+def _domain_options(dom: Any, command: str, a: argparse.Namespace, **given: Any) -> dict[str, Any]:
+    """The keywords of the domain's ``command``: the flags of ``given`` that were set (not None)
+    and the task's own flags (``a.task_options``), every one checked against the domain's typed
+    task options (:meth:`Domain.options`) before any data is generated or read: a flag the
+    command does not take, a value of the wrong type or out of range is one line naming it."""
     from hfmi_kit.config import check_options
 
     set_ = {k: v for k, v in given.items() if v is not None}
-    kw.update(check_options(dom.options(command), set_, what=f"{dom.name} {command}"))
+    set_.update(getattr(a, "task_options", {}))
+    return check_options(dom.options(command), set_, what=f"{dom.name} {command}")
 
 
 def cmd_finetune(a: argparse.Namespace) -> None:
-    _check_train_flags(a)
     dom = _domain(a.domain)
     out = Path(a.out)
     scratch = a.from_ == "scratch"
-    kw: dict[str, Any] = {"steps": a.steps, "seed": a.seed, "label_fraction": a.label_fraction,
-                          "lr": a.lr, "precision": a.precision, "device": a.device}
-    _domain_options(dom, "finetune", kw, target=a.target, labels=a.labels, baselines=a.baselines or None,
-                    head=a.head)  # before any data is generated or read
-    kw.update(getattr(a, "task_options", {}))
+    if a.task and a.task not in dom.tasks:
+        raise HfmiError(f"unknown task {a.task!r} for {a.domain}; expected one of {list(dom.tasks)}")
+    kw = _domain_options(dom, "finetune", a, steps=a.steps, seed=a.seed, label_fraction=a.label_fraction,
+                         lr=a.lr, precision=a.precision, device=a.device, mode=a.mode, batch_size=a.batch_size,
+                         task=a.task or None, config=a.config or None, target=a.target, labels=a.labels,
+                         baselines=a.baselines or None, head=a.head)
     if a.data or scratch or "finetune" in dom.bundled_data:
         data = _data_or_example(dom, a.data, out, a.seed, "finetune")
     else:
         data = _ckpt_data(a.from_)
-    if a.mode is not None:
-        kw["mode"] = a.mode
-    if a.batch_size is not None:
-        kw["batch_size"] = a.batch_size
-    if a.task:
-        if a.task not in dom.tasks:
-            raise HfmiError(f"unknown task {a.task!r} for {a.domain}; expected one of {list(dom.tasks)}")
-        kw["task"] = a.task
-    if a.config:
-        kw["config"] = a.config
     m = dom.finetune(ckpt=None if scratch else a.from_, data=data, out=out, **kw)
     print(f"checkpoint: {out / 'model'}")
     _print_metrics(m, out, dom.headline_metrics)
@@ -192,9 +162,7 @@ def cmd_finetune(a: argparse.Namespace) -> None:
 def cmd_evaluate(a: argparse.Namespace) -> None:
     dom = _domain(a.domain)
     out = Path(a.out)
-    kw: dict[str, Any] = {}
-    _domain_options(dom, "evaluate", kw, target=a.target)
-    kw.update(getattr(a, "task_options", {}))
+    kw = _domain_options(dom, "evaluate", a, target=a.target)
     data = a.data or dom.bundled_data.get("evaluate") or _ckpt_data(a.ckpt)
     m = dom.evaluate(ckpt=a.ckpt, data=data, out=out, **kw)
     _print_metrics(m, out, dom.headline_metrics)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from hfmi_kit.errors import ConfigError
 
@@ -63,13 +64,13 @@ def _check(name: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{name}: expected a mapping, got {value!r}")
         return dict(value)
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
         return float(value)
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise ConfigError(f"{name}: expected an integer, got {value!r}")
-        return value
+        return int(value)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{name}: expected true/false, got {value!r}")
@@ -105,48 +106,128 @@ def from_dict(cls: type[T], data: dict[str, Any] | None = None, **overrides: Any
 
 
 @dataclasses.dataclass(frozen=True)
+class Opt:
+    """What a task option means and which values it takes, beside its type. It sits in the
+    option's annotation, the one place the option is declared::
+
+        steps: Annotated[int, Opt("optimiser steps", low=1)] = 300
+
+    The CLI shows ``help`` (``hfmi options DOMAIN COMMAND``), and every call of the task (CLI,
+    notebook, Python) is checked against the range: :func:`typed`.
+    """
+
+    help: str = ""
+    low: float | None = None  # smallest value allowed
+    above: float | None = None  # values must be greater than this
+    high: float | None = None  # largest value allowed
+    choices: tuple[Any, ...] = ()
+
+    def allowed(self, integer: bool = False) -> str:
+        """``be an integer >= 1``, ``lie in (0, 1]``, ``be one of full, frozen``: the phrase after
+        "must" (``integer``: the option takes integers)."""
+        if self.choices:
+            return "be one of " + ", ".join(map(str, self.choices))
+        lo = f"[{self.low:g}" if self.low is not None else f"({self.above:g}" if self.above is not None else ""
+        if lo and self.high is not None:
+            return f"lie in {lo}, {self.high:g}]"
+        if self.low is not None:
+            return f"be {'an integer' if integer else 'a number'} >= {self.low:g}"
+        if self.above is not None:
+            return f"be a finite number > {self.above:g}"
+        return f"be a number <= {self.high:g}" if self.high is not None else ""
+
+    def check(self, flag: str, value: Any) -> None:
+        """Raise :class:`ConfigError` (``--steps must be an integer >= 1, got 0``) for a value out
+        of range; None (unset) and non-numbers other than ``choices`` pass."""
+        import math
+        import numbers
+
+        if value is None:
+            return
+        if self.choices:
+            if value not in self.choices:
+                raise ConfigError(f"{flag} must {self.allowed()}, got {value!r}")
+            return
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return
+        bad = ((isinstance(value, float) and not math.isfinite(value))
+               or (self.low is not None and value < self.low) or (self.above is not None and value <= self.above)
+               or (self.high is not None and value > self.high))
+        if bad:
+            rule = self.allowed(integer=isinstance(value, int))
+            raise ConfigError(f"{flag} must {rule}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class TaskOption:
-    """One keyword option of a task function: its name, type (the annotation) and default."""
+    """One keyword option of a task function: its name, type (the annotation), default, and
+    what its :class:`Opt` says (help and range)."""
 
     name: str
     type: Any
     default: Any = dataclasses.field(default=None)
     required: bool = False
+    opt: Opt = Opt()
 
     @property
     def flag(self) -> str:
         """The command-line spelling (``--label-fraction``; the parent checkpoint is ``--from``)."""
         return "--from" if self.name == "ckpt" else "--" + self.name.replace("_", "-")
 
+    @property
+    def help(self) -> str:
+        return self.opt.help
+
     def describe(self) -> str:
-        """``--label-fraction (float, default 1.0)``."""
-        tp = getattr(self.type, "__name__", None) or str(self.type).replace("typing.", "")
-        return f"{self.flag} ({tp}, " + ("required)" if self.required else f"default {self.default!r})")
+        """``--label-fraction (float, default 1.0): share of the labelled pool; must lie in (0, 1]``."""
+        tp = getattr(self.type, "__name__", None) or str(self.type)
+        for long, short in (("typing.", ""), ("pathlib.", ""), ("collections.abc.", "")):
+            tp = tp.replace(long, short)
+        head = f"{self.flag} ({tp}, " + ("required)" if self.required else f"default {self.default!r})")
+        integer = self.type is int or int in typing.get_args(self.type)
+        rule = self.opt.allowed(integer)
+        text = "; ".join(t for t in (self.opt.help, f"must {rule}" if rule else "") if t)
+        return f"{head}: {text}" if text else head
+
+    def check(self, value: Any) -> Any:
+        """``value`` of this option's type (converted as :func:`from_dict` does) and in its range.
+
+        Raises:
+            ConfigError: naming the flag.
+        """
+        value = _check(self.flag, value, self.type)
+        self.opt.check(self.flag, value)
+        return value
 
 
 def task_options(fn: Any) -> dict[str, TaskOption]:
     """The typed options of a task function: its keyword-only parameters, with the types of its
-    annotations and its defaults. A domain's task signature is the one declaration of its
-    options: the CLI checks flags against it and :func:`check_options` checks values."""
+    annotations, their :class:`Opt` (from ``Annotated[type, Opt(...)]``) and its defaults. A
+    domain's task signature is the one declaration of its options: the CLI checks flags against
+    it, :func:`check_options` and :func:`typed` check values."""
     import inspect
 
     fn = inspect.unwrap(fn)
     hints = typing.get_type_hints(fn)
+    extras = typing.get_type_hints(fn, include_extras=True)
     out = {}
     for name, p in inspect.signature(fn).parameters.items():
         if p.kind is not inspect.Parameter.KEYWORD_ONLY:
             continue
+        meta = getattr(extras.get(name), "__metadata__", ())
+        opt = next((m for m in meta if isinstance(m, Opt)), Opt())
         out[name] = TaskOption(name, hints.get(name, Any), None if p.default is p.empty else p.default,
-                               p.default is p.empty)
+                               p.default is p.empty, opt)
     return out
 
 
 def check_options(options: dict[str, TaskOption], given: dict[str, Any], *, what: str) -> dict[str, Any]:
-    """``given`` checked against ``options``: every name known, every value of its type.
+    """``given`` checked against ``options``: every name known, every value of its type and in
+    its range.
 
     Raises:
         ConfigError: ``--head is not an option of climate finetune (its options: ...)``, or the
-            flag and the expected type of a wrongly typed value.
+            flag and the expected type or range of a wrong value.
     """
     out = {}
     for name, value in given.items():
@@ -154,8 +235,73 @@ def check_options(options: dict[str, TaskOption], given: dict[str, Any], *, what
         if opt is None:
             known = ", ".join(o.flag for o in options.values() if o.name not in ("out", "ckpt", "data", "progress"))
             raise ConfigError(f"--{name.replace('_', '-')} is not an option of {what} (its options: {known})")
-        out[name] = _check(opt.flag, value, opt.type)
+        out[name] = opt.check(value)
     return out
+
+
+def option_checker(fn: Any) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A function that checks a call's keywords against ``fn``'s typed options (read once, at the
+    first call) and returns them converted; names that are not options pass unchanged (the call
+    itself refuses them)."""
+    options: dict[str, TaskOption] = {}
+
+    def check(kw: dict[str, Any]) -> dict[str, Any]:
+        if not options:
+            options.update(task_options(fn))
+        return {k: options[k].check(v) if k in options else v for k, v in kw.items()}
+
+    return check
+
+
+def typed(fn: Callable[..., T]) -> Callable[..., T]:
+    """Decorate a keyword-only task function so that every call is checked against its typed
+    options (:func:`task_options`) before it runs: a wrong type or a value out of range is one
+    :class:`ConfigError` naming the flag, whoever called (CLI, notebook, Python). (A domain's
+    ``pretrain`` and ``finetune`` get this from :func:`hfmi_kit.train.provenance.recorded`.)"""
+    import functools
+
+    check = option_checker(fn)
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kw: Any) -> T:
+        return fn(*args, **check(kw))
+
+    return run
+
+
+# The options every domain's tasks share, declared once (a domain's own options sit inline in
+# its signatures as ``Annotated[type, Opt(...)]``).
+Data = Annotated[str | Path, Opt("the data: a file, a folder or a named bundled set (see the domain's data formats)")]
+Out = Annotated[str | Path, Opt("the output folder (a checkpoint under out/model, out/metrics.json)")]
+Parent = Annotated[str | Path | None, Opt("the checkpoint to start from (a pretrained model folder); None: "
+                                          "from scratch")]
+Checkpoint = Annotated[str | Path, Opt("a checkpoint folder written by hfmi (config.json, model.safetensors)")]
+Size = Annotated[str, Opt("encoder size", choices=("tiny", "small", "base", "1b"))]
+ParentSize = Annotated[str | None, Opt("encoder size (None: the parent checkpoint's, else tiny)",
+                                       choices=("tiny", "small", "base", "1b"))]
+Steps = Annotated[int, Opt("optimiser steps", low=1)]
+BatchSize = Annotated[int, Opt("samples per optimiser step", low=1)]
+LearningRate = Annotated[float, Opt("peak learning rate (AdamW, cosine schedule after a warm-up)", above=0)]
+FinetuneRate = Annotated[float | None, Opt("peak learning rate (None: the domain's default for the mode)", above=0)]
+LayerDecay = Annotated[float | None, Opt("layer-wise learning-rate decay of the encoder (None: 0.8 for a pretrained "
+                                         "encoder trained in full, else 1)", above=0, high=1)]
+Seed = Annotated[int, Opt("seed of the initialisation, the label pick and the data order")]
+Resume = Annotated[bool, Opt("continue from the last step checkpoint under out/")]
+CheckpointEvery = Annotated[int, Opt("steps between step checkpoints (0: only at the end)", low=0)]
+Labels = Annotated[int | None, Opt("labelled samples to train on, a count of the labelled pool (overrides "
+                                   "--label-fraction)", low=1)]
+LabelFraction = Annotated[float, Opt("share of the labelled pool to train on", above=0, high=1)]
+Mode = Annotated[str, Opt("what trains: the whole model (full), the head on a frozen encoder (frozen), or a "
+                          "linear probe", choices=("full", "frozen", "linear_probe"))]
+Baselines = Annotated[bool | Sequence[str], Opt("baselines scored on the same split (True: every one the "
+                                                "domain offers)")]
+Variables = Annotated[Sequence[str] | None, Opt("the variables (or sources) to read (None: every one the "
+                                                "domain knows that the data holds)")]
+MaskRatio = Annotated[float, Opt("share of the patches the masked autoencoder hides", above=0, high=0.99)]
+Precision = Annotated[str, Opt("numeric precision (auto: bf16 on a GPU that has it, else fp32)",
+                               choices=("auto", "fp32", "bf16", "fp16"))]
+Device = Annotated[str, Opt("auto, cpu, cuda or cuda:N")]
+Progress = Annotated[bool, Opt("show a progress bar")]
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -72,3 +72,31 @@ def test_every_typed_option_is_a_flag_of_its_domain(tmp_path, capsys, monkeypatc
     assert "unrecognized arguments: --folds 3" in capsys.readouterr().err
     assert main(["finetune", "nope", "--from", "scratch", "--out", str(out), "--folds", "3"]) == 1
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_an_option_carries_its_help_and_range_and_every_caller_is_held_to_it(tmp_path, capsys):
+    """The range is in the option's annotation; a notebook calling the task function directly is
+    stopped by it as the CLI is, before the data is even looked at (the path does not exist)."""
+    import numpy as np
+
+    from hfmi_kit.domains.climate.tasks import finetune, whatif
+    from hfmi_kit.domains.materials.tasks import finetune as mft
+
+    opts = get_domain("materials").options("finetune")
+    assert opts["folds"].help == "cross-validation folds" and opts["folds"].opt.low == 2
+    assert opts["folds"].describe() == "--folds (int, default 5): cross-validation folds; must be an integer >= 2"
+    missing = tmp_path / "nowhere.nc"
+    with pytest.raises(ConfigError, match=r"^--steps must be an integer >= 1, got 0$"):
+        finetune(ckpt=None, data=missing, out=tmp_path / "o", steps=0)
+    with pytest.raises(ConfigError, match=r"^--mode must be one of full, frozen, linear_probe, got 'half'$"):
+        finetune(ckpt=None, data=missing, out=tmp_path / "o", mode="half")
+    with pytest.raises(ConfigError, match=r"^--label-fraction must lie in \(0, 1\], got 1.5$"):
+        finetune(ckpt=None, data=missing, out=tmp_path / "o", label_fraction=1.5)
+    with pytest.raises(ConfigError, match=r"^--co2-factor must be a finite number > 0, got nan$"):
+        whatif(ckpt=tmp_path, data=missing, out=tmp_path / "o", co2_factor=float("nan"))
+    with pytest.raises(ConfigError, match=r"^--folds must be an integer >= 2, got 1$"):
+        mft(ckpt=None, data=missing, out=tmp_path / "o", folds=np.int64(1))  # numpy integers are integers
+    assert not (tmp_path / "o").exists()
+    assert main(["options", "climate", "whatif"]) == 0
+    assert "--members (int, default 8): ensemble members (perturbed initial states); must be an integer >= 1" \
+        in capsys.readouterr().out

@@ -120,15 +120,20 @@ def record_for(path: str | Path) -> dict[str, Any] | None:
 
 def recorded(domain: str, command: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate a domain's keyword-only ``pretrain`` (returns the checkpoint) or ``finetune``
-    (writes ``out/model``) so that its checkpoint records how to re-run it. The record goes in
+    (writes ``out/model``) so that its checkpoint records how to re-run it, and each call is
+    checked against its typed options first (:func:`hfmi_kit.config.typed`). The record goes in
     when the checkpoint is saved (one write of ``config.json``); a function that saved its
     checkpoint elsewhere gets it added afterwards."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        from hfmi_kit.config import option_checker
+
         entry = f"{domain}.{command}"
+        check = option_checker(fn)
 
         @functools.wraps(fn)
         def run(**kw: Any) -> Any:
+            kw = check(kw)  # typed options: a wrong type or range fails here, before anything is read
             inputs = _inputs(kw)  # before the run: what it read, not what it wrote
             rec = {"entry": entry, "domain": domain, "command": command,
                    "function": f"{fn.__module__}.{fn.__name__}",

@@ -9,13 +9,38 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from hfmi_kit.config import atomic_write_json
+from hfmi_kit.config import (
+    Baselines,
+    BatchSize,
+    Checkpoint,
+    Data,
+    Device,
+    FinetuneRate,
+    LabelFraction,
+    Labels,
+    LayerDecay,
+    LearningRate,
+    MaskRatio,
+    Opt,
+    Out,
+    Parent,
+    ParentSize,
+    Precision,
+    Progress,
+    Resume,
+    Seed,
+    Size,
+    Steps,
+    Variables,
+    atomic_write_json,
+    typed,
+)
 from hfmi_kit.data.windows import blend_windows
 from hfmi_kit.domains.carbon import sources as S
 from hfmi_kit.domains.carbon.model import CarbonEnsemble, CarbonNet
@@ -29,6 +54,7 @@ from hfmi_kit.train.pretrained import ModelConfig
 from hfmi_kit.train.provenance import recorded
 
 LOGGER = logging.getLogger(__name__)
+Tile = Annotated[int, Opt("edge of the square training tiles, in grid cells", low=1)]
 ENGINE = recipe.EngineDefaults(warmup_cap=30, weight_decay=0.05)
 Z90 = 1.6449  # two-sided 90 % normal interval
 
@@ -171,11 +197,15 @@ def _card(prep: Prepared, summary: str) -> dict[str, Any]:
 
 
 @recorded("carbon", "pretrain")
-def pretrain(*, data: str | Path, out: str | Path, config: str = "tiny", steps: int = 300, seed: int = 0,
-             resume: bool = False, batch_size: int = 16, lr: float = 1e-3, tile: int = 32, patch: int = 8,
-             mask_ratio: float = 0.5, precision: str = "auto", device: str = "auto", progress: bool = True,
-             variables: Sequence[str] | None = None, crs: str | None = None,
-             resolution: float | None = None, checkpoint_every: int = 0) -> Path:
+def pretrain(*, data: Data, out: Out, config: Size = "tiny", steps: Steps = 300, seed: Seed = 0,
+             resume: Resume = False, batch_size: BatchSize = 16, lr: LearningRate = 1e-3, tile: Tile = 32,
+             patch: Annotated[int, Opt("edge of the square patches (tokens), in pixels", low=1)] = 8,
+             mask_ratio: MaskRatio = 0.5, precision: Precision = "auto", device: Device = "auto",
+             progress: Progress = True, variables: Variables = None,
+             crs: Annotated[str | None, Opt("CRS of the common grid, e.g. EPSG:32633 (None: the region's)")] = None,
+             resolution: Annotated[float | None, Opt("cell size of the common grid in CRS units (None: the "
+                                                     "region's)", above=0)] = None,
+             checkpoint_every: Annotated[int, Opt("steps between step checkpoints (0: half-way)", low=0)] = 0) -> Path:
     """Masked multi-source reconstruction on unlabelled tiles of every epoch: whole sources are
     hidden and predicted from the others. Plots are never read as labels. Step checkpoints every
     ``checkpoint_every`` steps (0: half-way). Returns ``out/model``."""
@@ -513,12 +543,19 @@ def evaluate_maps(prep: Prepared, maps_q: list[np.ndarray], train_ids: set[str],
 
 
 @recorded("carbon", "finetune")
-def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task: str = "biomass",
-             labels: int | None = None, label_fraction: float = 1.0, steps: int = 300, seed: int = 0,
-             mode: str | None = None, config: str | None = None, batch_size: int = 16, lr: float | None = None,
-             layer_decay: float | None = None, baselines: bool | Sequence[str] = False, calibration_folds: int = 5,
-             head: str | None = None, precision: str = "auto", device: str = "auto",
-             progress: bool = True) -> dict[str, float]:
+def finetune(*, ckpt: Parent, data: Data, out: Out,
+             task: Annotated[str, Opt("biomass: above-ground biomass (Mg/ha) with a 90 % interval")] = "biomass",
+             labels: Labels = None, label_fraction: LabelFraction = 1.0, steps: Steps = 300, seed: Seed = 0,
+             mode: Annotated[str | None, Opt("full, frozen or linear_probe (None: frozen from a checkpoint, "
+                                             "full from scratch)", choices=("full", "frozen", "linear_probe"))] = None,
+             config: ParentSize = None, batch_size: BatchSize = 16, lr: FinetuneRate = None,
+             layer_decay: LayerDecay = None, baselines: Baselines = False,
+             calibration_folds: Annotated[int, Opt("cross-conformal folds calibrating the 90 % interval (0: "
+                                                   "uncalibrated)", low=0)] = 5,
+             head: Annotated[str | None, Opt("network, forest or ensemble (None: ensemble from a checkpoint, "
+                                             "network from scratch)")] = None,
+             precision: Precision = "auto", device: Device = "auto",
+             progress: Progress = True) -> dict[str, float]:
     """Fine-tune biomass quantiles (5 %, 50 %, 95 %) and mean on ``labels`` field plots (default: all plots
     outside the held-out set, or ``label_fraction`` of them; each plot is measured at every
     epoch); the fixed held-out 30 % of plots (see :func:`split_plots`) score it. With
@@ -718,7 +755,8 @@ def map_region(ckpt: str | Path, data: str | Path) -> tuple[CarbonNet, Prepared,
     return model, prep, maps
 
 
-def evaluate(*, ckpt: str | Path, data: str | Path, out: str | Path) -> dict[str, float]:
+@typed
+def evaluate(*, ckpt: Checkpoint, data: Data, out: Out) -> dict[str, float]:
     """Map a region with a fine-tuned model and score it on the plots it was not trained on."""
     model, prep, maps = map_region(ckpt, data)
     cfg = read_config(ckpt)

@@ -5,17 +5,39 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import numbers
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 import xarray as xr
 
-from hfmi_kit.config import atomic_write_json
+from hfmi_kit.config import (
+    BatchSize,
+    Checkpoint,
+    CheckpointEvery,
+    Data,
+    Device,
+    FinetuneRate,
+    LabelFraction,
+    LayerDecay,
+    LearningRate,
+    Mode,
+    Opt,
+    Out,
+    Parent,
+    ParentSize,
+    Precision,
+    Progress,
+    Resume,
+    Seed,
+    Size,
+    Steps,
+    Variables,
+    atomic_write_json,
+    typed,
+)
 from hfmi_kit.data.cf import write_cf
 from hfmi_kit.domains.climate import data as cdata
 from hfmi_kit.domains.climate import metrics as M
@@ -61,26 +83,8 @@ def _patch_for(grid: tuple[int, int], patch: tuple[int, int] | None) -> tuple[in
     return (1, 1)
 
 
-def _require_int(flag: str, value: Any, low: int = 1) -> None:
-    """An integer option (``flag`` names it in the message) must be at least ``low``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ConfigError(f"{flag} must be an integer >= {low}, got {value!r}")
-
-
-def check_training_options(*, steps: int, batch_size: int, lr: float | None, context: int = 2,
-                           label_fraction: float | None = None) -> None:
-    """Fail early, before any data is read or output written, on a training option out of range.
-
-    Raises:
-        ConfigError: naming the command-line flag and the value given.
-    """
-    _require_int("--steps", steps)
-    _require_int("--batch-size", batch_size)
-    _require_int("context", context)
-    if lr is not None and not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
-        raise ConfigError(f"--lr must be a finite number > 0, got {lr!r}")
-    if label_fraction is not None and not (isinstance(label_fraction, numbers.Real) and 0 < label_fraction <= 1):
-        raise ConfigError(f"--label-fraction must lie in (0, 1], got {label_fraction!r}")
+Context = Annotated[int, Opt("months of history the model sees", low=1)]
+Leads = Annotated[int, Opt("monthly lead times forecast and scored", low=1)]
 
 
 def _fork_eval(fn: Any) -> Any:
@@ -107,16 +111,20 @@ def _val_loss(ds: cdata.ForecastWindows, batch_size: int = 32) -> Any:
 
 
 @recorded("climate", "pretrain")
-def pretrain(*, data: str | Path, out: str | Path, config: str = "tiny", steps: int = 300, seed: int = 0,
-             resume: bool = False, variables: list[str] | None = None, batch_size: int = 16,
-             lr: float = 1e-3, context: int = 2, patch: tuple[int, int] | None = None,
-             precision: str = "auto", device: str = "auto", progress: bool = True,
-             checkpoint_every: int = 0, lim_modes: int | None = None) -> Path:
+def pretrain(*, data: Data, out: Out, config: Size = "tiny", steps: Steps = 300, seed: Seed = 0,
+             resume: Resume = False, variables: Variables = None, batch_size: BatchSize = 16,
+             lr: LearningRate = 1e-3, context: Context = 2,
+             patch: Annotated[tuple[int, int] | None,
+                              Opt("patch size in (lat, lon) cells (None: from the grid)")] = None,
+             precision: Precision = "auto", device: Device = "auto", progress: Progress = True,
+             checkpoint_every: CheckpointEvery = 0,
+             lim_modes: Annotated[int | None, Opt("EOF modes of the skip path's linear inverse model (None: "
+                                                  "chosen on the validation years; 0: per-cell regression)",
+                                                  low=0)] = None) -> Path:
     """Pretrain the climate backbone (masked reconstruction + next step); returns ``out/model``.
 
     ``lim_modes``: EOF modes of the skip path's linear inverse model (None: chosen by 12-month
     rollouts on the validation years; 0: the per-cell forced regression instead)."""
-    check_training_options(steps=steps, batch_size=batch_size, lr=lr, context=context)
     out = Path(out)
     d = cdata.load_climate(data, variables=variables)
     split = cdata.split_years(d)
@@ -254,11 +262,15 @@ class _ExtentWindows(torch.utils.data.Dataset):
 
 
 @recorded("climate", "finetune")
-def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task: str = "forecast",
-             label_fraction: float = 1.0, steps: int = 300, seed: int = 0, mode: str = "full",
-             config: str | None = None, batch_size: int = 16, lr: float | None = None, leads: int = 6,
-             rollout_train: int = 6, layer_decay: float | None = None, precision: str = "auto",
-             device: str = "auto", progress: bool = True) -> dict[str, float]:
+def finetune(*, ckpt: Parent, data: Data, out: Out,
+             task: Annotated[str, Opt("forecast (the state, month by month) or seaice (the Arctic "
+                                      "extent)")] = "forecast",
+             label_fraction: LabelFraction = 1.0, steps: Steps = 300, seed: Seed = 0, mode: Mode = "full",
+             config: ParentSize = None, batch_size: BatchSize = 16, lr: FinetuneRate = None, leads: Leads = 6,
+             rollout_train: Annotated[int, Opt("lead times of the autoregressive rollout the loss averages",
+                                               low=1)] = 6,
+             layer_decay: LayerDecay = None, precision: Precision = "auto",
+             device: Device = "auto", progress: Progress = True) -> dict[str, float]:
     """Fine-tune a forecaster (``task='forecast'``) or sea-ice extent model (``'seaice'``).
 
     With ``ckpt=None`` the same architecture is trained from scratch on the same split
@@ -272,11 +284,6 @@ def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task
     """
     if task not in ("forecast", "seaice"):
         raise ConfigError(f"unknown climate task {task!r}; expected 'forecast' or 'seaice'")
-    if mode not in ("full", "frozen", "linear_probe"):
-        raise ConfigError(f"--mode must be full, frozen or linear_probe, got {mode!r}")
-    check_training_options(steps=steps, batch_size=batch_size, lr=lr, label_fraction=label_fraction)
-    _require_int("leads", leads)
-    _require_int("rollout_train", rollout_train)
     out = Path(out)
     if ckpt is not None:
         pcfg, d = load_with_geometry(ckpt, data)
@@ -491,7 +498,8 @@ def evaluate_seaice(model: SeaIceExtent, d: cdata.ClimateData, tens: cdata.Tenso
     }
 
 
-def evaluate(*, ckpt: str | Path, data: str | Path, out: str | Path, leads: int = 6) -> dict[str, float]:
+@typed
+def evaluate(*, ckpt: Checkpoint, data: Data, out: Out, leads: Leads = 6) -> dict[str, float]:
     """Metrics of a fine-tuned checkpoint on ``data``: the years it did not train on.
 
     When ``data`` is the file the checkpoint was trained on (same sha256 as in its model card),
@@ -533,10 +541,19 @@ def evaluate(*, ckpt: str | Path, data: str | Path, out: str | Path, leads: int 
     return metrics
 
 
+@typed
 @torch.no_grad()
-def whatif(*, ckpt: str | Path, data: str | Path, out: str | Path, co2_factor: float = 2.0, months: int = 24,
-           members: int = 8, average_from: int = 12, perturbation: float = 0.05, truth: bool = True,
-           base_ppm: float | None = None, seed: int = 0) -> dict[str, float]:
+def whatif(*, ckpt: Checkpoint, data: Data, out: Out,
+           co2_factor: Annotated[float, Opt("CO2 of the what-if, as a multiple of the baseline's", above=0)] = 2.0,
+           months: Annotated[int, Opt("months rolled out", low=1)] = 24,
+           members: Annotated[int, Opt("ensemble members (perturbed initial states)", low=1)] = 8,
+           average_from: Annotated[int, Opt("first month of the averaged response", low=0)] = 12,
+           perturbation: Annotated[float, Opt("initial-state noise, in standard deviations", low=0)] = 0.05,
+           truth: Annotated[bool, Opt("re-run the built-in generator with the same change, when the data "
+                                      "came from it, and score the response against it")] = True,
+           base_ppm: Annotated[float | None, Opt("baseline CO2 in ppm (None: its value at the start)",
+                                                 above=0)] = None,
+           seed: Seed = 0) -> dict[str, float]:
     """Ensemble what-if: change CO2 by ``co2_factor`` and roll the forecaster out.
 
     Starts from the first test-year state; the baseline holds CO2 at ``base_ppm`` (default: its
@@ -549,17 +566,9 @@ def whatif(*, ckpt: str | Path, data: str | Path, out: str | Path, co2_factor: f
     amplitude ratio of the response are reported. Writes ``out/whatif.nc`` and
     ``out/metrics.json``.
     """
-    if not (math.isfinite(co2_factor) and co2_factor > 0):
-        raise ConfigError(f"--co2-factor must be a finite number > 0, got {co2_factor}")
-    if months < 1:
-        raise ConfigError(f"--months must be >= 1, got {months}")
-    if members < 1:
-        raise ConfigError(f"--members must be >= 1, got {members}")
-    if not 0 <= average_from < months:
+    if not average_from < months:
         raise ConfigError(f"--average-from must lie in [0, {months - 1}] (before --months {months}), "
                           f"got {average_from}")
-    if base_ppm is not None and not (math.isfinite(base_ppm) and base_ppm > 0):
-        raise ConfigError(f"--base-ppm must be a finite number > 0, got {base_ppm}")
     out = Path(out)
     cfg, d = load_with_geometry(ckpt, data)
     model = load_pretrained(ckpt)

@@ -7,16 +7,39 @@ import dataclasses
 import json
 import logging
 import math
-import numbers
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from hfmi_kit.config import atomic_write_json
+from hfmi_kit.config import (
+    Baselines,
+    BatchSize,
+    Checkpoint,
+    Data,
+    Device,
+    FinetuneRate,
+    LabelFraction,
+    LayerDecay,
+    LearningRate,
+    Mode,
+    Opt,
+    Out,
+    Parent,
+    ParentSize,
+    Precision,
+    Progress,
+    Resume,
+    Seed,
+    Size,
+    Steps,
+    Variables,
+    atomic_write_json,
+    typed,
+)
 from hfmi_kit.domains.materials import chem
 from hfmi_kit.domains.materials.model import IGNORE, MaterialsEnsemble, MaterialsNet
 from hfmi_kit.domains.materials.pv import sq_limit
@@ -30,6 +53,7 @@ from hfmi_kit.train.pretrained import ModelConfig, read_weights, transfer_weight
 from hfmi_kit.train.provenance import recorded
 
 LOGGER = logging.getLogger(__name__)
+Target = Annotated[str | None, Opt("the table's column holding the values in eV (None: the column 'target')")]
 ENGINE = recipe.EngineDefaults(warmup_cap=50, weight_decay=0.05)
 LICENCE = "Apache-2.0 (weights and code); data: see the provenance table"
 
@@ -122,11 +146,17 @@ def _train_net(model: MaterialsNet, ds: Dataset, *, steps: int, batch_size: int,
 
 
 @recorded("materials", "pretrain")
-def pretrain(*, data: str | Path = "mp_gap", out: str | Path, config: str = "tiny", steps: int = 300,
-             supervised_steps: int | None = None, target: str | None = None, exclude: str | Path | None = "expt_gap",
-             seed: int = 0, resume: bool = False, batch_size: int = 256, lr: float = 1e-3, mask_prob: float = 0.3,
-             precision: str = "auto", device: str = "auto", progress: bool = True,
-             variables: Sequence[str] | None = None, checkpoint_every: int = 0) -> Path:
+def pretrain(*, data: Data = "mp_gap", out: Out, config: Size = "tiny", steps: Steps = 300,
+             supervised_steps: Annotated[int | None, Opt("steps of the supervised second stage (None: --steps; "
+                                                         "0 skips it)", low=0)] = None,
+             target: Target = None,
+             exclude: Annotated[str | Path | None, Opt("a table whose compositions are removed first (None "
+                                                       "keeps all)")] = "expt_gap",
+             seed: Seed = 0, resume: Resume = False, batch_size: BatchSize = 256, lr: LearningRate = 1e-3,
+             mask_prob: Annotated[float, Opt("share of the elements masked", above=0, high=1)] = 0.3,
+             precision: Precision = "auto", device: Device = "auto", progress: Progress = True,
+             variables: Variables = None,
+             checkpoint_every: Annotated[int, Opt("steps between step checkpoints (0: half-way)", low=0)] = 0) -> Path:
     """Two-stage pretraining on a large computed set (default: the bundled 106k DFT band gaps).
 
     Stage 1, ``steps`` of masked-element prediction on every composition; stage 2,
@@ -399,31 +429,6 @@ def _write_rejections(table: PropertyTable, out: Path) -> None:
                        table.rejection_summary(), out / "rejected_rows.csv")
 
 
-def check_finetune_options(*, labels: int | None, label_fraction: float, folds: int, members: int, steps: int,
-                           batch_size: int, lr: float | None, mode: str) -> None:
-    """Fail early, before any data is read or output written, on a fine-tuning option out of range.
-
-    Raises:
-        ConfigError: naming the command-line flag (or keyword) and the value given.
-    """
-    def integer(flag: str, value: Any, low: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-            raise ConfigError(f"{flag} must be an integer >= {low}, got {value!r}")
-
-    if labels is not None:
-        integer("--labels", labels, 2)
-    if not (isinstance(label_fraction, numbers.Real) and 0 < label_fraction <= 1):
-        raise ConfigError(f"--label-fraction must lie in (0, 1], got {label_fraction!r}")
-    integer("folds", folds, 2)
-    integer("members", members, 1)
-    integer("--steps", steps, 1)
-    integer("--batch-size", batch_size, 1)
-    if lr is not None and not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
-        raise ConfigError(f"--lr must be a finite number > 0, got {lr!r}")
-    if mode not in ("full", "frozen", "linear_probe"):
-        raise ConfigError(f"--mode must be full, frozen or linear_probe, got {mode!r}")
-
-
 def check_rows_for_cv(table: PropertyTable, folds: int, data: str | Path) -> int:
     """The training rows of the smallest cross-validation fold, after checking that ``table`` has
     enough rows for ``folds`` folds with at least 2 training rows each.
@@ -452,12 +457,20 @@ def _materials_checkpoint_config(ckpt: str | Path) -> dict[str, Any]:
 
 
 @recorded("materials", "finetune")
-def finetune(*, ckpt: str | Path | None, data: str | Path = "expt_gap", out: str | Path, task: str = "band_gap",
-             target: str | None = None, labels: int | None = None, label_fraction: float = 1.0, folds: int = 5,
-             members: int = 3, steps: int = 1000, batch_size: int = 64, lr: float | None = None,
-             layer_decay: float | None = None, mode: str = "full", config: str | None = None,
-             baselines: bool | Sequence[str] = False, final: bool = True, seed: int = 0, precision: str = "auto",
-             device: str = "auto", progress: bool = True) -> dict[str, float]:
+def finetune(*, ckpt: Parent, data: Data = "expt_gap", out: Out,
+             task: Annotated[str, Opt("band_gap: the band gap in eV, with an uncertainty")] = "band_gap",
+             target: Target = None,
+             labels: Annotated[int | None, Opt("labelled rows per fold (None: every training row of the fold, "
+                                               "or --label-fraction of them)", low=2)] = None,
+             label_fraction: LabelFraction = 1.0,
+             folds: Annotated[int, Opt("cross-validation folds", low=2)] = 5,
+             members: Annotated[int, Opt("ensemble members (seeds)", low=1)] = 3,
+             steps: Steps = 1000, batch_size: BatchSize = 64, lr: FinetuneRate = None,
+             layer_decay: LayerDecay = None, mode: Mode = "full", config: ParentSize = None,
+             baselines: Baselines = False,
+             final: Annotated[bool, Opt("also train the ensemble on the whole set and save it to out/model")] = True,
+             seed: Seed = 0, precision: Precision = "auto",
+             device: Device = "auto", progress: Progress = True) -> dict[str, float]:
     """Fine-tune on measured values (default: the 4,604 experimental band gaps) with ``labels`` per fold.
 
     Scores are k-fold cross-validated (``folds``; every row is predicted once by a model that
@@ -470,8 +483,6 @@ def finetune(*, ckpt: str | Path | None, data: str | Path = "expt_gap", out: str
     """
     if task != "band_gap":
         raise ConfigError(f"unknown materials task {task!r}; expected 'band_gap'")
-    check_finetune_options(labels=labels, label_fraction=label_fraction, folds=folds, members=members,
-                           steps=steps, batch_size=batch_size, lr=lr, mode=mode)
     out = Path(out)
     pcfg = _materials_checkpoint_config(ckpt) if ckpt is not None else None
     table = load_property_csv(data, target=target)
@@ -564,7 +575,8 @@ def _prediction_frame(model: MaterialsEnsemble, cfg: dict[str, Any], ckpt: str |
                          "model_code_version": cfg.get("code_version", "")})
 
 
-def evaluate(*, ckpt: str | Path, data: str | Path, out: str | Path, target: str | None = None) -> dict[str, float]:
+@typed
+def evaluate(*, ckpt: Checkpoint, data: Data, out: Out, target: Target = None) -> dict[str, float]:
     """Score a fine-tuned ensemble on a CSV of measured values; compositions it was trained on are
     left out (and counted). Writes ``metrics.json`` and ``predictions.csv``."""
     out = Path(out)

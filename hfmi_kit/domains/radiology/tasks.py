@@ -9,12 +9,39 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 
-from hfmi_kit.config import atomic_write_json
+from hfmi_kit.config import (
+    Baselines,
+    BatchSize,
+    Checkpoint,
+    CheckpointEvery,
+    Data,
+    Device,
+    FinetuneRate,
+    LabelFraction,
+    Labels,
+    LayerDecay,
+    LearningRate,
+    MaskRatio,
+    Mode,
+    Opt,
+    Out,
+    Parent,
+    ParentSize,
+    Precision,
+    Progress,
+    Resume,
+    Seed,
+    Size,
+    Steps,
+    Variables,
+    atomic_write_json,
+    typed,
+)
 from hfmi_kit.domains.radiology import data as rdata
 from hfmi_kit.domains.radiology import metrics as M
 from hfmi_kit.domains.radiology.geometry import to_input_grid
@@ -46,10 +73,14 @@ def _card(root: Path, subjects: Sequence[rdata.Subject], summary: str) -> dict[s
 
 
 @recorded("radiology", "pretrain")
-def pretrain(*, data: str | Path, out: str | Path, config: str = "tiny", steps: int = 300, seed: int = 0,
-             resume: bool = False, batch_size: int = 8, lr: float = 1e-3, spacing: float = 3.0, crop: int = 32,
-             patch: int = 4, mask_ratio: float = 0.75, precision: str = "auto", device: str = "auto",
-             progress: bool = True, checkpoint_every: int = 0, variables: Sequence[str] | None = None) -> Path:
+def pretrain(*, data: Data, out: Out, config: Size = "tiny", steps: Steps = 300, seed: Seed = 0,
+             resume: Resume = False, batch_size: BatchSize = 8, lr: LearningRate = 1e-3,
+             spacing: Annotated[float, Opt("isotropic voxel spacing the volumes are resampled to, in mm",
+                                           above=0)] = 3.0,
+             crop: Annotated[int, Opt("edge of the cubic training crops, in voxels", low=1)] = 32,
+             patch: Annotated[int, Opt("edge of the cubic patches (tokens), in voxels", low=1)] = 4,
+             mask_ratio: MaskRatio = 0.75, precision: Precision = "auto", device: Device = "auto",
+             progress: Progress = True, checkpoint_every: CheckpointEvery = 0, variables: Variables = None) -> Path:
     """3-D masked-autoencoder pretraining on every unlabelled volume of ``data`` (all modalities).
 
     Test subjects (see :func:`.data.split_subjects`) are left out so later scores stay honest;
@@ -157,13 +188,16 @@ def write_prediction(lab: np.ndarray, case: rdata.Prepared, out_dir: Path) -> li
 
 
 @recorded("radiology", "finetune")
-def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, task: str = "segment",
-             labels: int | None = None, label_fraction: float = 1.0, steps: int = 300, seed: int = 0,
-             mode: str = "full", config: str | None = None, batch_size: int = 4, lr: float | None = None,
-             layer_decay: float | None = None, baselines: bool | Sequence[str] = False,
-             baseline_steps: int | None = None,
-             spacing: float | None = None, precision: str = "auto", device: str = "auto",
-             progress: bool = True) -> dict[str, float]:
+def finetune(*, ckpt: Parent, data: Data, out: Out,
+             task: Annotated[str, Opt("segment: tumour sub-regions voxel by voxel")] = "segment",
+             labels: Labels = None, label_fraction: LabelFraction = 1.0, steps: Steps = 300, seed: Seed = 0,
+             mode: Mode = "full", config: ParentSize = None, batch_size: BatchSize = 4, lr: FinetuneRate = None,
+             layer_decay: LayerDecay = None, baselines: Baselines = False,
+             baseline_steps: Annotated[int | None, Opt("steps of the U-Net baseline (None: --steps)", low=1)] = None,
+             spacing: Annotated[float | None, Opt("voxel spacing in mm (None: the pretrained model's)",
+                                                  above=0)] = None,
+             precision: Precision = "auto", device: Device = "auto",
+             progress: Progress = True) -> dict[str, float]:
     """Fine-tune tumour segmentation/localisation on ``labels`` cases (default all; or a fraction).
 
     ``ckpt=None`` trains the same architecture from scratch. With ``baselines`` (True, or a
@@ -278,7 +312,8 @@ def _load_segmenter(ckpt: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     return model, cfg
 
 
-def evaluate(*, ckpt: str | Path, data: str | Path, out: str | Path) -> dict[str, float]:
+@typed
+def evaluate(*, ckpt: Checkpoint, data: Data, out: Out) -> dict[str, float]:
     """Score a fine-tuned segmenter on the labelled test subjects of ``data``; writes predictions too.
 
     When ``data`` is the study it was trained on, the test split is the same as in fine-tuning;

@@ -4,14 +4,38 @@ engine, checkpoints and provenance of hfmi_kit."""
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from hfmi_kit.config import atomic_write_json, atomic_write_text
+from hfmi_kit.config import (
+    Baselines,
+    BatchSize,
+    Checkpoint,
+    CheckpointEvery,
+    Data,
+    Device,
+    FinetuneRate,
+    LabelFraction,
+    LearningRate,
+    Mode,
+    Opt,
+    Out,
+    Parent,
+    ParentSize,
+    Precision,
+    Progress,
+    Resume,
+    Seed,
+    Size,
+    Steps,
+    atomic_write_json,
+    atomic_write_text,
+    typed,
+)
 from hfmi_kit.errors import ConfigError, DataError
 from hfmi_kit.train import load_pretrained, recipe
 from hfmi_kit.train.budget import LabelBudget
@@ -89,9 +113,10 @@ ENGINE = recipe.EngineDefaults(warmup_cap=10)
 
 
 @recorded("timeseries", "pretrain")
-def pretrain(*, data: str | Path, out: str | Path, config: str = "tiny", steps: int = 100, seed: int = 0,
-             batch_size: int = 32, lr: float = 1e-3, resume: bool = False, precision: str = "auto",
-             device: str = "auto", progress: bool = True, checkpoint_every: int = 0) -> Path:
+def pretrain(*, data: Data, out: Out, config: Size = "tiny", steps: Steps = 100, seed: Seed = 0,
+             batch_size: BatchSize = 32, lr: LearningRate = 1e-3, resume: Resume = False,
+             precision: Precision = "auto", device: Device = "auto", progress: Progress = True,
+             checkpoint_every: CheckpointEvery = 0) -> Path:
     """Masked reconstruction on every series (labels never read); returns ``out/model``."""
     out = Path(out)
     _, x, _ = read_series(data)
@@ -116,10 +141,12 @@ def _ridge(x: np.ndarray, y: np.ndarray, xt: np.ndarray, lam: float = 1.0) -> np
 
 
 @recorded("timeseries", "finetune")
-def finetune(*, ckpt: str | Path | None, data: str | Path, out: str | Path, labels: int | None = None,
-             label_fraction: float = 1.0, steps: int = 100, seed: int = 0, lr: float | None = None,
-             batch_size: int = 16, baselines: bool | Sequence[str] = False, config: str | None = None,
-             mode: str = "full", precision: str = "auto", device: str = "auto", progress: bool = True) -> dict:
+def finetune(*, ckpt: Parent, data: Data, out: Out,
+             labels: Annotated[int | None, Opt("labelled series to train on (a count of the pool)", low=2)] = None,
+             label_fraction: LabelFraction = 1.0, steps: Steps = 100, seed: Seed = 0, lr: FinetuneRate = None,
+             batch_size: BatchSize = 16, baselines: Baselines = False, config: ParentSize = None,
+             mode: Mode = "full", precision: Precision = "auto", device: Device = "auto",
+             progress: Progress = True) -> dict:
     """Regress each series' frequency from ``labels`` labelled series of the pool (seeded pick);
     scored on the fixed test series; with ``baselines`` also scratch and ridge."""
     out = Path(out)
@@ -163,7 +190,8 @@ def _write_predictions(path: Path, ids: list[str], truth: np.ndarray, pred: np.n
                                                               for i, t, p in zip(ids, truth, pred)))
 
 
-def evaluate(*, ckpt: str | Path, data: str | Path, out: str | Path) -> dict:
+@typed
+def evaluate(*, ckpt: Checkpoint, data: Data, out: Out) -> dict:
     """Score a fine-tuned checkpoint on the test series of ``data``."""
     out = Path(out)
     ids, x, y = read_series(data)
