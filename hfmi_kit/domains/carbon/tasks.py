@@ -15,32 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from hfmi_kit.config import (
-    Baselines,
-    BatchSize,
-    Checkpoint,
-    Data,
-    Device,
-    FinetuneRate,
-    LabelFraction,
-    Labels,
-    LayerDecay,
-    LearningRate,
-    MaskRatio,
-    Opt,
-    Out,
-    Parent,
-    ParentSize,
-    Precision,
-    Progress,
-    Resume,
-    Seed,
-    Size,
-    Steps,
-    Variables,
-    atomic_write_json,
-    typed,
-)
+from hfmi_kit import options as opt
+from hfmi_kit.config import atomic_write_json
 from hfmi_kit.data.windows import blend_windows
 from hfmi_kit.domains.carbon import sources as S
 from hfmi_kit.domains.carbon.model import CarbonEnsemble, CarbonNet
@@ -54,7 +30,7 @@ from hfmi_kit.train.pretrained import ModelConfig
 from hfmi_kit.train.provenance import recorded
 
 LOGGER = logging.getLogger(__name__)
-Tile = Annotated[int, Opt("edge of the square training tiles, in grid cells", low=1)]
+Tile = Annotated[int, opt.Opt("edge of the square training tiles, in grid cells", low=1)]
 ENGINE = recipe.EngineDefaults(warmup_cap=30, weight_decay=0.05)
 Z90 = 1.6449  # two-sided 90 % normal interval
 
@@ -197,15 +173,15 @@ def _card(prep: Prepared, summary: str) -> dict[str, Any]:
 
 
 @recorded("carbon", "pretrain")
-def pretrain(*, data: Data, out: Out, config: Size = "tiny", steps: Steps = 300, seed: Seed = 0,
-             resume: Resume = False, batch_size: BatchSize = 16, lr: LearningRate = 1e-3, tile: Tile = 32,
-             patch: Annotated[int, Opt("edge of the square patches (tokens), in pixels", low=1)] = 8,
-             mask_ratio: MaskRatio = 0.5, precision: Precision = "auto", device: Device = "auto",
-             progress: Progress = True, variables: Variables = None,
-             crs: Annotated[str | None, Opt("CRS of the common grid, e.g. EPSG:32633 (None: the region's)")] = None,
-             resolution: Annotated[float | None, Opt("cell size of the common grid in CRS units (None: the "
+def pretrain(*, data: opt.Data, out: opt.Out, config: opt.Size = "tiny", steps: opt.Steps = 300, seed: opt.Seed = 0,
+             resume: opt.Resume = False, batch_size: opt.BatchSize = 16, lr: opt.LearningRate = 1e-3, tile: Tile = 32,
+             patch: Annotated[int, opt.Opt("edge of the square patches (tokens), in pixels", low=1)] = 8,
+             mask_ratio: opt.MaskRatio = 0.5, precision: opt.Precision = "auto", device: opt.Device = "auto",
+             progress: opt.Progress = True, variables: opt.Variables = None,
+             crs: Annotated[str | None, opt.Opt("CRS of the common grid, e.g. EPSG:32633 (None: the region's)")] = None,
+             resolution: Annotated[float | None, opt.Opt("cell size of the common grid in CRS units (None: the "
                                                      "region's)", above=0)] = None,
-             checkpoint_every: Annotated[int, Opt("steps between step checkpoints (0: half-way)", low=0)] = 0) -> Path:
+             checkpoint_every: opt.CheckpointEvery = 0) -> Path:
     """Masked multi-source reconstruction on unlabelled tiles of every epoch: whole sources are
     hidden and predicted from the others. Plots are never read as labels. Step checkpoints every
     ``checkpoint_every`` steps (0: half-way). Returns ``out/model``."""
@@ -543,19 +519,20 @@ def evaluate_maps(prep: Prepared, maps_q: list[np.ndarray], train_ids: set[str],
 
 
 @recorded("carbon", "finetune")
-def finetune(*, ckpt: Parent, data: Data, out: Out,
-             task: Annotated[str, Opt("biomass: above-ground biomass (Mg/ha) with a 90 % interval")] = "biomass",
-             labels: Labels = None, label_fraction: LabelFraction = 1.0, steps: Steps = 300, seed: Seed = 0,
-             mode: Annotated[str | None, Opt("full, frozen or linear_probe (None: frozen from a checkpoint, "
+def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
+             task: Annotated[str, opt.Opt("biomass: above-ground biomass (Mg/ha) with a 90 % interval")] = "biomass",
+             labels: opt.Labels = None, label_fraction: opt.LabelFraction = 1.0, steps: opt.Steps = 300,
+             seed: opt.Seed = 0,
+             mode: Annotated[str | None, opt.Opt("full, frozen or linear_probe (None: frozen from a checkpoint, "
                                              "full from scratch)", choices=("full", "frozen", "linear_probe"))] = None,
-             config: ParentSize = None, batch_size: BatchSize = 16, lr: FinetuneRate = None,
-             layer_decay: LayerDecay = None, baselines: Baselines = False,
-             calibration_folds: Annotated[int, Opt("cross-conformal folds calibrating the 90 % interval (0: "
+             config: opt.ParentSize = None, batch_size: opt.BatchSize = 16, lr: opt.FinetuneRate = None,
+             layer_decay: opt.LayerDecay = None, baselines: opt.Baselines = False,
+             calibration_folds: Annotated[int, opt.Opt("cross-conformal folds calibrating the 90 % interval (0: "
                                                    "uncalibrated)", low=0)] = 5,
-             head: Annotated[str | None, Opt("network, forest or ensemble (None: ensemble from a checkpoint, "
+             head: Annotated[str | None, opt.Opt("network, forest or ensemble (None: ensemble from a checkpoint, "
                                              "network from scratch)")] = None,
-             precision: Precision = "auto", device: Device = "auto",
-             progress: Progress = True) -> dict[str, float]:
+             precision: opt.Precision = "auto", device: opt.Device = "auto",
+             progress: opt.Progress = True) -> dict[str, float]:
     """Fine-tune biomass quantiles (5 %, 50 %, 95 %) and mean on ``labels`` field plots (default: all plots
     outside the held-out set, or ``label_fraction`` of them; each plot is measured at every
     epoch); the fixed held-out 30 % of plots (see :func:`split_plots`) score it. With
@@ -755,8 +732,8 @@ def map_region(ckpt: str | Path, data: str | Path) -> tuple[CarbonNet, Prepared,
     return model, prep, maps
 
 
-@typed
-def evaluate(*, ckpt: Checkpoint, data: Data, out: Out) -> dict[str, float]:
+@opt.typed
+def evaluate(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out) -> dict[str, float]:
     """Map a region with a fine-tuned model and score it on the plots it was not trained on."""
     model, prep, maps = map_region(ckpt, data)
     cfg = read_config(ckpt)

@@ -13,31 +13,8 @@ import numpy as np
 import torch
 import xarray as xr
 
-from hfmi_kit.config import (
-    BatchSize,
-    Checkpoint,
-    CheckpointEvery,
-    Data,
-    Device,
-    FinetuneRate,
-    LabelFraction,
-    LayerDecay,
-    LearningRate,
-    Mode,
-    Opt,
-    Out,
-    Parent,
-    ParentSize,
-    Precision,
-    Progress,
-    Resume,
-    Seed,
-    Size,
-    Steps,
-    Variables,
-    atomic_write_json,
-    typed,
-)
+from hfmi_kit import options as opt
+from hfmi_kit.config import atomic_write_json
 from hfmi_kit.data.cf import write_cf
 from hfmi_kit.domains.climate import data as cdata
 from hfmi_kit.domains.climate import metrics as M
@@ -83,8 +60,8 @@ def _patch_for(grid: tuple[int, int], patch: tuple[int, int] | None) -> tuple[in
     return (1, 1)
 
 
-Context = Annotated[int, Opt("months of history the model sees", low=1)]
-Leads = Annotated[int, Opt("monthly lead times forecast and scored", low=1)]
+Context = Annotated[int, opt.Opt("months of history the model sees", low=1)]
+Leads = Annotated[int, opt.Opt("monthly lead times forecast and scored", low=1)]
 
 
 def _fork_eval(fn: Any) -> Any:
@@ -111,14 +88,14 @@ def _val_loss(ds: cdata.ForecastWindows, batch_size: int = 32) -> Any:
 
 
 @recorded("climate", "pretrain")
-def pretrain(*, data: Data, out: Out, config: Size = "tiny", steps: Steps = 300, seed: Seed = 0,
-             resume: Resume = False, variables: Variables = None, batch_size: BatchSize = 16,
-             lr: LearningRate = 1e-3, context: Context = 2,
+def pretrain(*, data: opt.Data, out: opt.Out, config: opt.Size = "tiny", steps: opt.Steps = 300, seed: opt.Seed = 0,
+             resume: opt.Resume = False, variables: opt.Variables = None, batch_size: opt.BatchSize = 16,
+             lr: opt.LearningRate = 1e-3, context: Context = 2,
              patch: Annotated[tuple[int, int] | None,
-                              Opt("patch size in (lat, lon) cells (None: from the grid)")] = None,
-             precision: Precision = "auto", device: Device = "auto", progress: Progress = True,
-             checkpoint_every: CheckpointEvery = 0,
-             lim_modes: Annotated[int | None, Opt("EOF modes of the skip path's linear inverse model (None: "
+                              opt.Opt("patch size in (lat, lon) cells (None: from the grid)")] = None,
+             precision: opt.Precision = "auto", device: opt.Device = "auto", progress: opt.Progress = True,
+             checkpoint_every: opt.CheckpointEvery = 0,
+             lim_modes: Annotated[int | None, opt.Opt("EOF modes of the skip path's linear inverse model (None: "
                                                   "chosen on the validation years; 0: per-cell regression)",
                                                   low=0)] = None) -> Path:
     """Pretrain the climate backbone (masked reconstruction + next step); returns ``out/model``.
@@ -262,15 +239,17 @@ class _ExtentWindows(torch.utils.data.Dataset):
 
 
 @recorded("climate", "finetune")
-def finetune(*, ckpt: Parent, data: Data, out: Out,
-             task: Annotated[str, Opt("forecast (the state, month by month) or seaice (the Arctic "
+def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
+             task: Annotated[str, opt.Opt("forecast (the state, month by month) or seaice (the Arctic "
                                       "extent)")] = "forecast",
-             label_fraction: LabelFraction = 1.0, steps: Steps = 300, seed: Seed = 0, mode: Mode = "full",
-             config: ParentSize = None, batch_size: BatchSize = 16, lr: FinetuneRate = None, leads: Leads = 6,
-             rollout_train: Annotated[int, Opt("lead times of the autoregressive rollout the loss averages",
+             label_fraction: opt.LabelFraction = 1.0, steps: opt.Steps = 300, seed: opt.Seed = 0,
+             mode: opt.Mode = "full",
+             config: opt.ParentSize = None, batch_size: opt.BatchSize = 16, lr: opt.FinetuneRate = None,
+             leads: Leads = 6,
+             rollout_train: Annotated[int, opt.Opt("lead times of the autoregressive rollout the loss averages",
                                                low=1)] = 6,
-             layer_decay: LayerDecay = None, precision: Precision = "auto",
-             device: Device = "auto", progress: Progress = True) -> dict[str, float]:
+             layer_decay: opt.LayerDecay = None, precision: opt.Precision = "auto",
+             device: opt.Device = "auto", progress: opt.Progress = True) -> dict[str, float]:
     """Fine-tune a forecaster (``task='forecast'``) or sea-ice extent model (``'seaice'``).
 
     With ``ckpt=None`` the same architecture is trained from scratch on the same split
@@ -498,8 +477,8 @@ def evaluate_seaice(model: SeaIceExtent, d: cdata.ClimateData, tens: cdata.Tenso
     }
 
 
-@typed
-def evaluate(*, ckpt: Checkpoint, data: Data, out: Out, leads: Leads = 6) -> dict[str, float]:
+@opt.typed
+def evaluate(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out, leads: Leads = 6) -> dict[str, float]:
     """Metrics of a fine-tuned checkpoint on ``data``: the years it did not train on.
 
     When ``data`` is the file the checkpoint was trained on (same sha256 as in its model card),
@@ -541,19 +520,19 @@ def evaluate(*, ckpt: Checkpoint, data: Data, out: Out, leads: Leads = 6) -> dic
     return metrics
 
 
-@typed
+@opt.typed
 @torch.no_grad()
-def whatif(*, ckpt: Checkpoint, data: Data, out: Out,
-           co2_factor: Annotated[float, Opt("CO2 of the what-if, as a multiple of the baseline's", above=0)] = 2.0,
-           months: Annotated[int, Opt("months rolled out", low=1)] = 24,
-           members: Annotated[int, Opt("ensemble members (perturbed initial states)", low=1)] = 8,
-           average_from: Annotated[int, Opt("first month of the averaged response", low=0)] = 12,
-           perturbation: Annotated[float, Opt("initial-state noise, in standard deviations", low=0)] = 0.05,
-           truth: Annotated[bool, Opt("re-run the built-in generator with the same change, when the data "
+def whatif(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out,
+           co2_factor: Annotated[float, opt.Opt("CO2 of the what-if, as a multiple of the baseline's", above=0)] = 2.0,
+           months: Annotated[int, opt.Opt("months rolled out", low=1)] = 24,
+           members: Annotated[int, opt.Opt("ensemble members (perturbed initial states)", low=1)] = 8,
+           average_from: Annotated[int, opt.Opt("first month of the averaged response", low=0)] = 12,
+           perturbation: Annotated[float, opt.Opt("initial-state noise, in standard deviations", low=0)] = 0.05,
+           truth: Annotated[bool, opt.Opt("re-run the built-in generator with the same change, when the data "
                                       "came from it, and score the response against it")] = True,
-           base_ppm: Annotated[float | None, Opt("baseline CO2 in ppm (None: its value at the start)",
+           base_ppm: Annotated[float | None, opt.Opt("baseline CO2 in ppm (None: its value at the start)",
                                                  above=0)] = None,
-           seed: Seed = 0) -> dict[str, float]:
+           seed: opt.Seed = 0) -> dict[str, float]:
     """Ensemble what-if: change CO2 by ``co2_factor`` and roll the forecaster out.
 
     Starts from the first test-year state; the baseline holds CO2 at ``base_ppm`` (default: its

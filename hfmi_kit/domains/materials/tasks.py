@@ -15,31 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from hfmi_kit.config import (
-    Baselines,
-    BatchSize,
-    Checkpoint,
-    Data,
-    Device,
-    FinetuneRate,
-    LabelFraction,
-    LayerDecay,
-    LearningRate,
-    Mode,
-    Opt,
-    Out,
-    Parent,
-    ParentSize,
-    Precision,
-    Progress,
-    Resume,
-    Seed,
-    Size,
-    Steps,
-    Variables,
-    atomic_write_json,
-    typed,
-)
+from hfmi_kit import options as opt
+from hfmi_kit.config import atomic_write_json
 from hfmi_kit.domains.materials import chem
 from hfmi_kit.domains.materials.model import IGNORE, MaterialsEnsemble, MaterialsNet
 from hfmi_kit.domains.materials.pv import sq_limit
@@ -53,7 +30,7 @@ from hfmi_kit.train.pretrained import ModelConfig, read_weights, transfer_weight
 from hfmi_kit.train.provenance import recorded
 
 LOGGER = logging.getLogger(__name__)
-Target = Annotated[str | None, Opt("the table's column holding the values in eV (None: the column 'target')")]
+Target = Annotated[str | None, opt.Opt("the table's column holding the values in eV (None: the column 'target')")]
 ENGINE = recipe.EngineDefaults(warmup_cap=50, weight_decay=0.05)
 LICENCE = "Apache-2.0 (weights and code); data: see the provenance table"
 
@@ -146,17 +123,18 @@ def _train_net(model: MaterialsNet, ds: Dataset, *, steps: int, batch_size: int,
 
 
 @recorded("materials", "pretrain")
-def pretrain(*, data: Data = "mp_gap", out: Out, config: Size = "tiny", steps: Steps = 300,
-             supervised_steps: Annotated[int | None, Opt("steps of the supervised second stage (None: --steps; "
+def pretrain(*, data: opt.Data = "mp_gap", out: opt.Out, config: opt.Size = "tiny", steps: opt.Steps = 300,
+             supervised_steps: Annotated[int | None, opt.Opt("steps of the supervised second stage (None: --steps; "
                                                          "0 skips it)", low=0)] = None,
              target: Target = None,
-             exclude: Annotated[str | Path | None, Opt("a table whose compositions are removed first (None "
+             exclude: Annotated[str | Path | None, opt.Opt("a table whose compositions are removed first (None "
                                                        "keeps all)")] = "expt_gap",
-             seed: Seed = 0, resume: Resume = False, batch_size: BatchSize = 256, lr: LearningRate = 1e-3,
-             mask_prob: Annotated[float, Opt("share of the elements masked", above=0, high=1)] = 0.3,
-             precision: Precision = "auto", device: Device = "auto", progress: Progress = True,
-             variables: Variables = None,
-             checkpoint_every: Annotated[int, Opt("steps between step checkpoints (0: half-way)", low=0)] = 0) -> Path:
+             seed: opt.Seed = 0, resume: opt.Resume = False, batch_size: opt.BatchSize = 256,
+             lr: opt.LearningRate = 1e-3,
+             mask_prob: Annotated[float, opt.Opt("share of the elements masked", above=0, high=1)] = 0.3,
+             precision: opt.Precision = "auto", device: opt.Device = "auto", progress: opt.Progress = True,
+             variables: opt.Variables = None,
+             checkpoint_every: opt.CheckpointEvery = 0) -> Path:
     """Two-stage pretraining on a large computed set (default: the bundled 106k DFT band gaps).
 
     Stage 1, ``steps`` of masked-element prediction on every composition; stage 2,
@@ -457,20 +435,20 @@ def _materials_checkpoint_config(ckpt: str | Path) -> dict[str, Any]:
 
 
 @recorded("materials", "finetune")
-def finetune(*, ckpt: Parent, data: Data = "expt_gap", out: Out,
-             task: Annotated[str, Opt("band_gap: the band gap in eV, with an uncertainty")] = "band_gap",
+def finetune(*, ckpt: opt.Parent, data: opt.Data = "expt_gap", out: opt.Out,
+             task: Annotated[str, opt.Opt("band_gap: the band gap in eV, with an uncertainty")] = "band_gap",
              target: Target = None,
-             labels: Annotated[int | None, Opt("labelled rows per fold (None: every training row of the fold, "
+             labels: Annotated[int | None, opt.Opt("labelled rows per fold (None: every training row of the fold, "
                                                "or --label-fraction of them)", low=2)] = None,
-             label_fraction: LabelFraction = 1.0,
-             folds: Annotated[int, Opt("cross-validation folds", low=2)] = 5,
-             members: Annotated[int, Opt("ensemble members (seeds)", low=1)] = 3,
-             steps: Steps = 1000, batch_size: BatchSize = 64, lr: FinetuneRate = None,
-             layer_decay: LayerDecay = None, mode: Mode = "full", config: ParentSize = None,
-             baselines: Baselines = False,
-             final: Annotated[bool, Opt("also train the ensemble on the whole set and save it to out/model")] = True,
-             seed: Seed = 0, precision: Precision = "auto",
-             device: Device = "auto", progress: Progress = True) -> dict[str, float]:
+             label_fraction: opt.LabelFraction = 1.0,
+             folds: Annotated[int, opt.Opt("cross-validation folds", low=2)] = 5,
+             members: Annotated[int, opt.Opt("ensemble members (seeds)", low=1)] = 3,
+             steps: opt.Steps = 1000, batch_size: opt.BatchSize = 64, lr: opt.FinetuneRate = None,
+             layer_decay: opt.LayerDecay = None, mode: opt.Mode = "full", config: opt.ParentSize = None,
+             baselines: opt.Baselines = False,
+             final: Annotated[bool, opt.Opt("also train an ensemble on the whole set, saved to out/model")] = True,
+             seed: opt.Seed = 0, precision: opt.Precision = "auto",
+             device: opt.Device = "auto", progress: opt.Progress = True) -> dict[str, float]:
     """Fine-tune on measured values (default: the 4,604 experimental band gaps) with ``labels`` per fold.
 
     Scores are k-fold cross-validated (``folds``; every row is predicted once by a model that
@@ -575,8 +553,8 @@ def _prediction_frame(model: MaterialsEnsemble, cfg: dict[str, Any], ckpt: str |
                          "model_code_version": cfg.get("code_version", "")})
 
 
-@typed
-def evaluate(*, ckpt: Checkpoint, data: Data, out: Out, target: Target = None) -> dict[str, float]:
+@opt.typed
+def evaluate(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out, target: Target = None) -> dict[str, float]:
     """Score a fine-tuned ensemble on a CSV of measured values; compositions it was trained on are
     left out (and counted). Writes ``metrics.json`` and ``predictions.csv``."""
     out = Path(out)

@@ -14,34 +14,8 @@ from typing import Annotated, Any
 import numpy as np
 import torch
 
-from hfmi_kit.config import (
-    Baselines,
-    BatchSize,
-    Checkpoint,
-    CheckpointEvery,
-    Data,
-    Device,
-    FinetuneRate,
-    LabelFraction,
-    Labels,
-    LayerDecay,
-    LearningRate,
-    MaskRatio,
-    Mode,
-    Opt,
-    Out,
-    Parent,
-    ParentSize,
-    Precision,
-    Progress,
-    Resume,
-    Seed,
-    Size,
-    Steps,
-    Variables,
-    atomic_write_json,
-    typed,
-)
+from hfmi_kit import options as opt
+from hfmi_kit.config import atomic_write_json
 from hfmi_kit.domains.radiology import data as rdata
 from hfmi_kit.domains.radiology import metrics as M
 from hfmi_kit.domains.radiology.geometry import to_input_grid
@@ -73,14 +47,15 @@ def _card(root: Path, subjects: Sequence[rdata.Subject], summary: str) -> dict[s
 
 
 @recorded("radiology", "pretrain")
-def pretrain(*, data: Data, out: Out, config: Size = "tiny", steps: Steps = 300, seed: Seed = 0,
-             resume: Resume = False, batch_size: BatchSize = 8, lr: LearningRate = 1e-3,
-             spacing: Annotated[float, Opt("isotropic voxel spacing the volumes are resampled to, in mm",
+def pretrain(*, data: opt.Data, out: opt.Out, config: opt.Size = "tiny", steps: opt.Steps = 300, seed: opt.Seed = 0,
+             resume: opt.Resume = False, batch_size: opt.BatchSize = 8, lr: opt.LearningRate = 1e-3,
+             spacing: Annotated[float, opt.Opt("isotropic voxel spacing the volumes are resampled to, in mm",
                                            above=0)] = 3.0,
-             crop: Annotated[int, Opt("edge of the cubic training crops, in voxels", low=1)] = 32,
-             patch: Annotated[int, Opt("edge of the cubic patches (tokens), in voxels", low=1)] = 4,
-             mask_ratio: MaskRatio = 0.75, precision: Precision = "auto", device: Device = "auto",
-             progress: Progress = True, checkpoint_every: CheckpointEvery = 0, variables: Variables = None) -> Path:
+             crop: Annotated[int, opt.Opt("edge of the cubic training crops, in voxels", low=1)] = 32,
+             patch: Annotated[int, opt.Opt("edge of the cubic patches (tokens), in voxels", low=1)] = 4,
+             mask_ratio: opt.MaskRatio = 0.75, precision: opt.Precision = "auto", device: opt.Device = "auto",
+             progress: opt.Progress = True, checkpoint_every: opt.CheckpointEvery = 0,
+             variables: opt.Variables = None) -> Path:
     """3-D masked-autoencoder pretraining on every unlabelled volume of ``data`` (all modalities).
 
     Test subjects (see :func:`.data.split_subjects`) are left out so later scores stay honest;
@@ -188,16 +163,19 @@ def write_prediction(lab: np.ndarray, case: rdata.Prepared, out_dir: Path) -> li
 
 
 @recorded("radiology", "finetune")
-def finetune(*, ckpt: Parent, data: Data, out: Out,
-             task: Annotated[str, Opt("segment: tumour sub-regions voxel by voxel")] = "segment",
-             labels: Labels = None, label_fraction: LabelFraction = 1.0, steps: Steps = 300, seed: Seed = 0,
-             mode: Mode = "full", config: ParentSize = None, batch_size: BatchSize = 4, lr: FinetuneRate = None,
-             layer_decay: LayerDecay = None, baselines: Baselines = False,
-             baseline_steps: Annotated[int | None, Opt("steps of the U-Net baseline (None: --steps)", low=1)] = None,
-             spacing: Annotated[float | None, Opt("voxel spacing in mm (None: the pretrained model's)",
+def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
+             task: Annotated[str, opt.Opt("segment: tumour sub-regions voxel by voxel")] = "segment",
+             labels: opt.Labels = None, label_fraction: opt.LabelFraction = 1.0, steps: opt.Steps = 300,
+             seed: opt.Seed = 0,
+             mode: opt.Mode = "full", config: opt.ParentSize = None, batch_size: opt.BatchSize = 4,
+             lr: opt.FinetuneRate = None,
+             layer_decay: opt.LayerDecay = None, baselines: opt.Baselines = False,
+             baseline_steps: Annotated[int | None, opt.Opt("steps of the U-Net baseline (None: --steps)",
+                                                           low=1)] = None,
+             spacing: Annotated[float | None, opt.Opt("voxel spacing in mm (None: the pretrained model's)",
                                                   above=0)] = None,
-             precision: Precision = "auto", device: Device = "auto",
-             progress: Progress = True) -> dict[str, float]:
+             precision: opt.Precision = "auto", device: opt.Device = "auto",
+             progress: opt.Progress = True) -> dict[str, float]:
     """Fine-tune tumour segmentation/localisation on ``labels`` cases (default all; or a fraction).
 
     ``ckpt=None`` trains the same architecture from scratch. With ``baselines`` (True, or a
@@ -312,8 +290,8 @@ def _load_segmenter(ckpt: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     return model, cfg
 
 
-@typed
-def evaluate(*, ckpt: Checkpoint, data: Data, out: Out) -> dict[str, float]:
+@opt.typed
+def evaluate(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out) -> dict[str, float]:
     """Score a fine-tuned segmenter on the labelled test subjects of ``data``; writes predictions too.
 
     When ``data`` is the study it was trained on, the test split is the same as in fine-tuning;

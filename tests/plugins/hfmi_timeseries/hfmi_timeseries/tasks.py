@@ -11,31 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from hfmi_kit.config import (
-    Baselines,
-    BatchSize,
-    Checkpoint,
-    CheckpointEvery,
-    Data,
-    Device,
-    FinetuneRate,
-    LabelFraction,
-    LearningRate,
-    Mode,
-    Opt,
-    Out,
-    Parent,
-    ParentSize,
-    Precision,
-    Progress,
-    Resume,
-    Seed,
-    Size,
-    Steps,
-    atomic_write_json,
-    atomic_write_text,
-    typed,
-)
+from hfmi_kit import options as opt
+from hfmi_kit.config import atomic_write_json, atomic_write_text
 from hfmi_kit.errors import ConfigError, DataError
 from hfmi_kit.train import load_pretrained, recipe
 from hfmi_kit.train.budget import LabelBudget
@@ -113,10 +90,10 @@ ENGINE = recipe.EngineDefaults(warmup_cap=10)
 
 
 @recorded("timeseries", "pretrain")
-def pretrain(*, data: Data, out: Out, config: Size = "tiny", steps: Steps = 100, seed: Seed = 0,
-             batch_size: BatchSize = 32, lr: LearningRate = 1e-3, resume: Resume = False,
-             precision: Precision = "auto", device: Device = "auto", progress: Progress = True,
-             checkpoint_every: CheckpointEvery = 0) -> Path:
+def pretrain(*, data: opt.Data, out: opt.Out, config: opt.Size = "tiny", steps: opt.Steps = 100, seed: opt.Seed = 0,
+             batch_size: opt.BatchSize = 32, lr: opt.LearningRate = 1e-3, resume: opt.Resume = False,
+             precision: opt.Precision = "auto", device: opt.Device = "auto", progress: opt.Progress = True,
+             checkpoint_every: opt.CheckpointEvery = 0) -> Path:
     """Masked reconstruction on every series (labels never read); returns ``out/model``."""
     out = Path(out)
     _, x, _ = read_series(data)
@@ -124,7 +101,7 @@ def pretrain(*, data: Data, out: Out, config: Size = "tiny", steps: Steps = 100,
                      model_kwargs={"length": LENGTH}, geometry={"length": LENGTH})
     model = recipe.build(mc.model_type, mc.model_kwargs, seed=seed)
     tc = recipe.engine(ENGINE, steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=progress,
-                       precision=precision, device=device, checkpoint_every=checkpoint_every)
+                       precision=precision, device=device, checkpoint_every=checkpoint_every or max(steps // 2, 1))
     res = recipe.fit(model, Series(x), tc, out_dir=out, config=mc, resume=resume)
     mc.training = {"data": str(data), "steps": steps, "seed": seed}
     return recipe.finish(model, out, mc, {"train_loss": res.last_loss})
@@ -141,12 +118,13 @@ def _ridge(x: np.ndarray, y: np.ndarray, xt: np.ndarray, lam: float = 1.0) -> np
 
 
 @recorded("timeseries", "finetune")
-def finetune(*, ckpt: Parent, data: Data, out: Out,
-             labels: Annotated[int | None, Opt("labelled series to train on (a count of the pool)", low=2)] = None,
-             label_fraction: LabelFraction = 1.0, steps: Steps = 100, seed: Seed = 0, lr: FinetuneRate = None,
-             batch_size: BatchSize = 16, baselines: Baselines = False, config: ParentSize = None,
-             mode: Mode = "full", precision: Precision = "auto", device: Device = "auto",
-             progress: Progress = True) -> dict:
+def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
+             labels: Annotated[int | None, opt.Opt("labelled series to train on (a count of the pool)", low=2)] = None,
+             label_fraction: opt.LabelFraction = 1.0, steps: opt.Steps = 100, seed: opt.Seed = 0,
+             lr: opt.FinetuneRate = None,
+             batch_size: opt.BatchSize = 16, baselines: opt.Baselines = False, config: opt.ParentSize = None,
+             mode: opt.Mode = "full", precision: opt.Precision = "auto", device: opt.Device = "auto",
+             progress: opt.Progress = True) -> dict:
     """Regress each series' frequency from ``labels`` labelled series of the pool (seeded pick);
     scored on the fixed test series; with ``baselines`` also scratch and ridge."""
     out = Path(out)
@@ -190,8 +168,8 @@ def _write_predictions(path: Path, ids: list[str], truth: np.ndarray, pred: np.n
                                                               for i, t, p in zip(ids, truth, pred)))
 
 
-@typed
-def evaluate(*, ckpt: Checkpoint, data: Data, out: Out) -> dict:
+@opt.typed
+def evaluate(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out) -> dict:
     """Score a fine-tuned checkpoint on the test series of ``data``."""
     out = Path(out)
     ids, x, y = read_series(data)
