@@ -72,14 +72,13 @@ def finetuned(domain: str, root: Path, data: dict[str, Any]) -> Path:
 @torch.no_grad()
 def climate(ckpt: Path, data: dict[str, Any], repeats: int) -> None:
     from hfmi_kit.domains.climate import data as cdata
-    from hfmi_kit.domains.climate.tasks import load_with_geometry
+    from hfmi_kit.domains.climate.tasks import load_with_geometry, predictor
     from hfmi_kit.train import load_pretrained
     from hfmi_kit.train.infer import collate
 
     cfg, d = load_with_geometry(ckpt, data["data"])
-    model = load_pretrained(ckpt).eval()
-    norm = cdata.Normaliser(cfg["geometry"]["normalisation"])
-    tens = cdata.to_tensors(d, norm)
+    pred = predictor(load_pretrained(ckpt), cfg)
+    model, tens = pred.model, pred.pre(d)
     test_years = cfg["geometry"]["split"]["test_years"]
     train_years = cfg["geometry"]["split"]["train_years"]
     win = cdata.ForecastWindows(tens, np.flatnonzero(np.isin(d.years, test_years)),

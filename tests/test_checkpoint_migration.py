@@ -1,5 +1,6 @@
 """Checkpoints written by an older hfmi_kit still load: config schema 1 (committed, written at
-fa16eb5) is migrated to the current schema and predicts exactly as it did."""
+fa16eb5) and schema 2 (b1e5c3c) are migrated to the current schema; the schema-1 ensemble
+predicts exactly as it did."""
 
 import json
 import shutil
@@ -11,6 +12,7 @@ import pytest
 from hfmi_kit.train.pretrained import SCHEMA_VERSION, ModelConfig, migrate_config, read_config, save_pretrained
 
 V1 = Path(__file__).parent / "data" / "checkpoints_v1"
+V2 = Path(__file__).parent / "data" / "checkpoints_v2"
 
 
 def test_a_schema_1_materials_ensemble_loads_and_predicts_as_it_did(tmp_path):
@@ -81,3 +83,22 @@ def test_a_recorded_run_writes_its_config_once_with_the_record(tmp_path, monkeyp
     rec = read_config(tmp_path / "run" / "model")["reproduce"]
     assert rec["entry"] == "migrationtest.finetune" and rec["kwargs"] == {"data": str(tmp_path / "d.csv"), "seed": 3}
     assert "How to reproduce" in (tmp_path / "run" / "model" / "MODEL_CARD.md").read_text()
+
+
+def test_a_schema_2_climate_config_keeps_its_normalisation_among_the_processors(tmp_path):
+    from hfmi_kit.domains.climate.tasks import _check_climate_config, predictor
+
+    raw = json.loads((V2 / "climate_seaice" / "config.json").read_text())
+    assert raw["schema_version"] == 2 and "normalisation" in raw["geometry"]
+    cfg = migrate_config(raw)
+    assert cfg["processors"]["normalisation"] == raw["geometry"]["normalisation"]
+    assert cfg["processors"]["target_normalisation"] == raw["processors"]["target_normalisation"]
+    assert "normalisation" not in cfg["geometry"] and cfg["schema_version"] == SCHEMA_VERSION
+    _check_climate_config(cfg, V2 / "climate_seaice")  # what every climate command reads first
+    import torch
+
+    pred = predictor(torch.nn.Linear(1, 1), cfg)  # its normalisation round-trips physical values
+    st = cfg["processors"]["normalisation"]["tas"]
+    x = torch.full((2, 1, 3, 4), 0.5)
+    back = pred.denormalise(x, ["tas"])["tas"]
+    assert back.shape == (2, 3, 4) and np.allclose(back, 0.5 * st["std"] + st["mean"])

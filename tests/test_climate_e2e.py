@@ -22,7 +22,8 @@ def test_pretrain_writes_a_usable_checkpoint(climate_runs):
     assert cfg["domain"] == "climate" and cfg["model_type"] == "climate_pretrainer.tiny"
     geom = cfg["geometry"]
     assert sorted(geom["state_variables"]) == ["siconc", "tas", "tos"]
-    assert geom["units"]["tas"] == "K" and set(geom["normalisation"]) >= {"tas", "tos", "siconc", "rsdt", "co2"}
+    assert geom["units"]["tas"] == "K" and "normalisation" not in geom
+    assert set(cfg["processors"]["normalisation"]) >= {"tas", "tos", "siconc", "rsdt", "co2"}
     card = (ck / "MODEL_CARD.md").read_text()
     assert "climate.zarr" in card and "sha256" in card and "code_version" in card
     hist = [json.loads(x) for x in (climate_runs["pre"] / "metrics.jsonl").read_text().splitlines()]

@@ -21,14 +21,14 @@ from hfmi_kit.explain import CheckResult, zeroing_checks
 def samples(ckpt: str | Path, data: str | Path, *, n: int = 8) -> tuple[Any, dict[str, torch.Tensor]]:
     """The model and ``n`` evaluation windows (the years it was not trained on) of ``data``."""
     from hfmi_kit.domains.climate import data as cdata
-    from hfmi_kit.domains.climate.tasks import load_with_geometry
+    from hfmi_kit.domains.climate.tasks import load_with_geometry, predictor
     from hfmi_kit.train import load_pretrained
     from hfmi_kit.train.infer import collate
 
     cfg, d = load_with_geometry(ckpt, data)
     geom = cfg["geometry"]
-    model = load_pretrained(ckpt).eval()
-    tens = cdata.to_tensors(d, cdata.Normaliser(geom["normalisation"]))
+    pred = predictor(load_pretrained(ckpt), cfg)
+    model, tens = pred.model, pred.pre(d)
     seen = set(geom.get("split", {}).get("train_years", ())) | set(geom.get("split", {}).get("val_years", ()))
     idx = np.flatnonzero(~np.isin(d.years, list(seen)))
     win = cdata.ForecastWindows(tens, idx if idx.size > 4 else np.arange(d.time.size),

@@ -27,7 +27,7 @@ from hfmi_kit.config import read_json_object
 from hfmi_kit.errors import CheckpointError, ConfigError
 from hfmi_kit.train.env import code_version, environment
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 CARD = "MODEL_CARD.md"
@@ -62,7 +62,21 @@ def _migrate_1_to_2(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-_MIGRATIONS = {0: _migrate_0_to_1, 1: _migrate_1_to_2}
+def _migrate_2_to_3(cfg: dict[str, Any]) -> dict[str, Any]:
+    # Version 3 keeps the input normalisation with the other processors too: climate had its
+    # per-variable statistics in geometry.normalisation.
+    cfg = dict(cfg)
+    geom = dict(cfg.get("geometry") or {})
+    proc = dict(cfg.get("processors") or {})
+    if "normalisation" in geom:
+        proc["normalisation"] = geom.pop("normalisation")
+        cfg["geometry"] = geom
+    cfg["processors"] = proc
+    cfg["schema_version"] = 3
+    return cfg
+
+
+_MIGRATIONS = {0: _migrate_0_to_1, 1: _migrate_1_to_2, 2: _migrate_2_to_3}
 
 
 @dataclass

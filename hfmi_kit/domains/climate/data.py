@@ -98,8 +98,9 @@ class ClimateData:
     def years(self) -> np.ndarray:
         return self.time.astype("datetime64[Y]").astype(int) + 1970
 
-    def geometry(self, stats: dict[str, dict[str, float]]) -> dict[str, Any]:
-        """What a checkpoint records about the data it expects."""
+    def geometry(self) -> dict[str, Any]:
+        """What a checkpoint records about the data it expects (its normalisation statistics go
+        in the checkpoint's ``processors``)."""
         return {
             "state_variables": self.state_vars,
             "field_forcings": list(self.forcing),
@@ -108,7 +109,6 @@ class ClimateData:
             "standard_names": {v: self.attrs[v].get("standard_name", "") for v in self.attrs},
             "grid": {"lat": [float(x) for x in self.lat], "lon": [float(x) for x in self.lon]},
             "valid_fraction": {v: float(m.mean()) for v, m in self.valid.items()},
-            "normalisation": stats,
             "time_step": "1 month",
         }
 

@@ -23,7 +23,7 @@ from hfmi_kit.errors import CheckpointError, ConfigError, DataError
 from hfmi_kit.models import get_size
 from hfmi_kit.train import load_pretrained, read_config, recipe
 from hfmi_kit.train.env import code_version
-from hfmi_kit.train.infer import batches, collate, model_device
+from hfmi_kit.train.infer import Predictor, batches, collate, model_device
 from hfmi_kit.train.pretrained import ModelConfig
 from hfmi_kit.train.provenance import recorded
 
@@ -120,11 +120,11 @@ def pretrain(*, data: opt.Data, out: opt.Out, config: opt.Size = "tiny", steps: 
     tc = recipe.engine(ENGINE, steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision,
                        device=device, progress=progress, eval_every=max(steps // 4, 1),
                        checkpoint_every=checkpoint_every or max(steps // 2, 1))
-    geometry = d.geometry(stats)
+    geometry = d.geometry()
     geometry["split"] = {"train_years": split.train_years, "val_years": split.val_years,
                          "test_years": split.test_years}
     mc = ModelConfig(domain="climate", task="pretrain", model_type=f"climate_pretrainer.{config}",
-                     model_kwargs=mk, geometry=geometry,
+                     model_kwargs=mk, geometry=geometry, processors={"normalisation": stats},
                      card=_card(d, "Climate foundation model pretrained by masked reconstruction across "
                                    "variables and space-time patches plus next-step prediction."))
     res = recipe.fit(model, train, tc, out_dir=out, config=mc, evaluate=_val_loss(val), resume=resume)
@@ -170,6 +170,26 @@ def _fit_lim(tens: cdata.Tensors, split: cdata.Split, clim: torch.Tensor,
     return lim
 
 
+class ClimatePredictor(Predictor):
+    """A climate model with the normalisation of its checkpoint: ``pre`` turns a
+    :class:`~.data.ClimateData` (physical units) into the model's normalised tensors,
+    ``normaliser.denorm(variable, x)`` brings a predicted field back to physical units."""
+
+    def __init__(self, model: torch.nn.Module, config: dict[str, Any]) -> None:
+        self.normaliser = cdata.Normaliser(config["processors"]["normalisation"])
+        super().__init__(model, pre=lambda d: cdata.to_tensors(d, self.normaliser), config=config)
+
+    def denormalise(self, state: torch.Tensor, variables: list[str]) -> dict[str, np.ndarray]:
+        """``state`` (..., V, H, W) in model units as ``{variable: (..., H, W)}`` in physical units."""
+        return {v: np.asarray(self.normaliser.denorm(v, state[..., i, :, :].cpu().numpy()))
+                for i, v in enumerate(variables)}
+
+
+def predictor(model: torch.nn.Module, config: dict[str, Any] | None = None) -> ClimatePredictor:
+    """The :class:`ClimatePredictor` of a climate checkpoint's model (``config``: its config)."""
+    return ClimatePredictor(model, dict(config or model.hfmi_config))  # type: ignore[arg-type]
+
+
 def load_with_geometry(ckpt: str | Path, data: str | Path) -> tuple[dict[str, Any], cdata.ClimateData]:
     """A climate checkpoint's config and ``data`` loaded on its geometry (variables, grid, land
     mask, normalisation), with a clear error when the data or the checkpoint does not match."""
@@ -183,7 +203,7 @@ def load_with_geometry(ckpt: str | Path, data: str | Path) -> tuple[dict[str, An
     return cfg, d
 
 
-_GEOMETRY_KEYS = ("state_variables", "field_forcings", "scalar_forcings", "grid", "normalisation")
+_GEOMETRY_KEYS = ("state_variables", "field_forcings", "scalar_forcings", "grid")
 
 
 def _check_climate_config(cfg: dict[str, Any], ckpt: str | Path) -> None:
@@ -204,11 +224,11 @@ def _check_climate_config(cfg: dict[str, Any], ckpt: str | Path) -> None:
     grid = geom["grid"]
     if not (isinstance(grid, dict) and isinstance(grid.get("lat"), list) and isinstance(grid.get("lon"), list)):
         raise CheckpointError(f"{f}: geometry.grid must hold 'lat' and 'lon' lists")
-    norm = geom["normalisation"]
+    norm = (cfg.get("processors") or {}).get("normalisation")
     for v in [*geom["state_variables"], *geom["field_forcings"], *geom["scalar_forcings"]]:
         st = norm.get(v) if isinstance(norm, dict) else None
         if not (isinstance(st, dict) and all(isinstance(st.get(k), (int, float)) for k in ("mean", "std"))):
-            raise CheckpointError(f"{f}: geometry.normalisation has no numeric mean and std for {v!r}")
+            raise CheckpointError(f"{f}: processors.normalisation has no numeric mean and std for {v!r}")
     if "context" not in cfg["model_kwargs"]:
         raise CheckpointError(f"{f}: model_kwargs lacks 'context'")
 
@@ -266,7 +286,7 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
     out = Path(out)
     if ckpt is not None:
         pcfg, d = load_with_geometry(ckpt, data)
-        geom = pcfg["geometry"]
+        geom, stats = pcfg["geometry"], pcfg["processors"]["normalisation"]
         size = config or pcfg["model_type"].split(".", 1)[1]
         mk = dict(pcfg["model_kwargs"])
         for k in ("mask_ratio", "mask_strategy", "next_step_weight", "head_hidden"):
@@ -276,11 +296,11 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
         size = config or "tiny"
     split = cdata.split_years(d)
     if ckpt is None:
-        geom = d.geometry(cdata.compute_stats(data, d, time_index=split.train))
+        geom, stats = d.geometry(), cdata.compute_stats(data, d, time_index=split.train)
         geom["split"] = {"train_years": split.train_years, "val_years": split.val_years,
                          "test_years": split.test_years}
         mk = _model_kwargs(d, context=2, patch=_patch_for((d.lat.size, d.lon.size), None))
-    norm = cdata.Normaliser(geom["normalisation"])
+    norm = cdata.Normaliser(stats)
     tens = cdata.to_tensors(d, norm)
     if "residual_scale" not in mk:
         mk["residual_scale"] = cdata.residual_scale(tens, split.train)
@@ -299,7 +319,7 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
     horizon = rollout_train if task == "forecast" else 1
     train = cdata.ForecastWindows(tens, sub, context=ctx, horizon=horizon)
     val = cdata.ForecastWindows(tens, split.val, context=ctx, horizon=horizon)
-    processors: dict[str, Any] = {}
+    processors: dict[str, Any] = {"normalisation": stats}
     ext_stats = None
     if task == "seaice":
         ext = _extent_series(d)
@@ -489,10 +509,9 @@ def evaluate(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out, leads: Leads
     out = Path(out)
     cfg, d = load_with_geometry(ckpt, data)
     geom = cfg["geometry"]
-    model = load_pretrained(ckpt)
-    model.eval()
-    norm = cdata.Normaliser(geom["normalisation"])
-    tens = cdata.to_tensors(d, norm)
+    pred = predictor(load_pretrained(ckpt), cfg)
+    model, norm = pred.model, pred.normaliser
+    tens = pred.pre(d)
     sp = geom.get("split", {})
     trained_on = {f.get("sha256") for f in cfg.get("card", {}).get("data", [])}
     if cdata.sha256(data) in trained_on:
@@ -550,13 +569,11 @@ def whatif(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out,
                           f"got {average_from}")
     out = Path(out)
     cfg, d = load_with_geometry(ckpt, data)
-    model = load_pretrained(ckpt)
+    pred = predictor(load_pretrained(ckpt), cfg)
+    model, norm = pred.model, pred.normaliser
     if not isinstance(model, ClimateForecaster):
         raise ConfigError(f"{ckpt}: what-if needs a fine-tuned forecaster, got {cfg.get('model_type')}")
-    model.eval()
-    geom = cfg["geometry"]
-    norm = cdata.Normaliser(geom["normalisation"])
-    tens = cdata.to_tensors(d, norm)
+    tens = pred.pre(d)
     split = cdata.split_years(d)
     ctx = int(cfg["model_kwargs"]["context"])
     t0 = int(split.test[ctx - 1])
@@ -575,7 +592,7 @@ def whatif(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out,
     if not seen.min() * 0.999 <= new_ppm <= seen.max() * 1.001:
         LOGGER.warning("what-if CO2 %.0f ppm lies outside the training range %.0f-%.0f ppm: extrapolation",
                        new_ppm, seen.min(), seen.max())
-    s = geom["normalisation"][sc_names[0]]
+    s = norm.stats[sc_names[0]]
     base_s = torch.full((1, months, 1), (float(cdata.co2_to_forcing(base_ppm)) - s["mean"]) / s["std"])
     new_s = torch.full((1, months, 1), (float(cdata.co2_to_forcing(new_ppm)) - s["mean"]) / s["std"])
     gen = torch.Generator().manual_seed(seed)
