@@ -603,9 +603,9 @@ def whatif(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out,
     rb = model.rollout(x, forcing.expand(members, -1, -1, -1, -1), base_s.expand(members, -1, -1), mask, month)
     rc = model.rollout(x, forcing.expand(members, -1, -1, -1, -1), new_s.expand(members, -1, -1), mask, month)
     resp: dict[str, np.ndarray] = {}
-    for vi, v in enumerate(d.state_vars):
-        diff = (norm.denorm(v, rc[:, :, vi]) - norm.denorm(v, rb[:, :, vi])).numpy()  # (M, K, H, W)
-        resp[v] = np.where(d.valid[v], diff, np.nan)
+    changed, held = pred.denormalise(rc, d.state_vars), pred.denormalise(rb, d.state_vars)  # (M, K, H, W) each
+    for v in d.state_vars:
+        resp[v] = np.where(d.valid[v], changed[v] - held[v], np.nan)
     metrics: dict[str, float] = {"co2_base_ppm": base_ppm, "co2_whatif_ppm": new_ppm,
                                  "members": float(members), "months": float(months)}
     data_vars: dict[str, Any] = {}
