@@ -83,4 +83,21 @@ def test_a_domain_builds_the_predictor_of_its_tasks_module():
     raw = get_domain("materials").predictor(net, {})
     (mu0, sc0), = raw.over_arrays(arrays, keys=("elements", "fractions", "padding"))
     assert np.allclose(sc, 2 * sc0) and np.allclose(mu, mu0)  # one member: the mean is unchanged
-    assert type(get_domain("climate").predictor(net, {})) is Predictor  # no predictor of its own: as it is
+    from hfmi_kit.domains.base import Domain
+    from hfmi_kit.domains.climate.tasks import ClimatePredictor
+    from hfmi_kit.domains.radiology.tasks import SegmentationPredictor
+    from hfmi_kit.errors import CheckpointError
+
+    clim = get_domain("climate").predictor(net, {"processors": {"normalisation": {"tas": {"mean": 1.0, "std": 2.0}}}})
+    assert isinstance(clim, ClimatePredictor) and clim.normaliser.stats["tas"]["std"] == 2.0
+    with pytest.raises(CheckpointError, match="no processors.normalisation"):
+        get_domain("climate").predictor(net, {})
+    assert isinstance(get_domain("radiology").predictor(net, {}), SegmentationPredictor)
+
+    class Bare(Domain):  # a domain whose tasks module defines no predictor: the model as it is
+        name, tasks, data_formats, tasks_module = "bare", ("x",), "", "hfmi_kit.domains.base"
+
+        def example_data(self, out_dir, *, seed=0, small=True, years=None):
+            return out_dir
+
+    assert type(Bare().predictor(net, {})) is Predictor

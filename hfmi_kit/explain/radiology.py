@@ -16,17 +16,17 @@ from hfmi_kit.explain import CheckResult, zeroing_checks
 def crops(ckpt: str | Path, data: str | Path, *, n: int = 2) -> tuple[Any, torch.Tensor, torch.Tensor]:
     """The segmenter and (B, M, c, c, c) image crops with (B, c, c, c) tumour masks, centred on
     the tumours of ``n`` test subjects (those fine-tuning never saw)."""
-    from hfmi_kit.domains.radiology import discover, prepare, split_subjects
-    from hfmi_kit.train import load_pretrained, read_config
+    from hfmi_kit.domains.radiology import discover, split_subjects
+    from hfmi_kit.domains.radiology.tasks import predictor
+    from hfmi_kit.train import load_pretrained
 
-    cfg = read_config(ckpt)
-    geom = cfg["geometry"]
-    model = load_pretrained(ckpt).eval()
+    pred = predictor(load_pretrained(ckpt))
+    model = pred.model
     _, test = split_subjects(discover(data))
     c = model.crop
     imgs, masks = [], []
     for sub in test[:n]:
-        case = prepare(sub, geom["modalities"], float(geom["spacing_mm"]))
+        case = pred.prepare(sub)
         lab = case.label > 0
         ctr = np.argwhere(lab).mean(0).round().astype(int) if lab.any() else np.array(lab.shape) // 2
         lo = [int(np.clip(ctr[i] - c // 2, 0, max(0, lab.shape[i] - c))) for i in range(3)]

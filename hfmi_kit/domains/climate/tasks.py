@@ -176,7 +176,11 @@ class ClimatePredictor(Predictor):
     ``normaliser.denorm(variable, x)`` brings a predicted field back to physical units."""
 
     def __init__(self, model: torch.nn.Module, config: dict[str, Any]) -> None:
-        self.normaliser = cdata.Normaliser(config["processors"]["normalisation"])
+        stats = (config.get("processors") or {}).get("normalisation")
+        if not isinstance(stats, dict):
+            raise CheckpointError("a climate model's config has no processors.normalisation (the statistics its "
+                                  "inputs are normalised with)")
+        self.normaliser = cdata.Normaliser(stats)
         super().__init__(model, pre=lambda d: cdata.to_tensors(d, self.normaliser), config=config)
 
     def denormalise(self, state: torch.Tensor, variables: list[str]) -> dict[str, np.ndarray]:
@@ -187,7 +191,7 @@ class ClimatePredictor(Predictor):
 
 def predictor(model: torch.nn.Module, config: dict[str, Any] | None = None) -> ClimatePredictor:
     """The :class:`ClimatePredictor` of a climate checkpoint's model (``config``: its config)."""
-    return ClimatePredictor(model, dict(config or model.hfmi_config))  # type: ignore[arg-type]
+    return ClimatePredictor(model, dict(config if config is not None else getattr(model, "hfmi_config", {})))
 
 
 def load_with_geometry(ckpt: str | Path, data: str | Path) -> tuple[dict[str, Any], cdata.ClimateData]:

@@ -25,6 +25,7 @@ from hfmi_kit.domains.radiology.synth import LABELS
 from hfmi_kit.errors import ConfigError, DataError
 from hfmi_kit.train import load_pretrained, recipe
 from hfmi_kit.train.budget import LabelBudget
+from hfmi_kit.train.infer import Predictor
 from hfmi_kit.train.pretrained import ModelConfig
 from hfmi_kit.train.provenance import recorded
 
@@ -111,28 +112,61 @@ def _check_dicom_outputs(cases: Sequence[rdata.Prepared]) -> None:
             load_volume(series)
 
 
+class SegmentationPredictor(Predictor):
+    """A segmenter (or the U-Net baseline) with its checkpoint's grid.
+
+    :meth:`prepare` loads a subject's images onto the model grid (the checkpoint's modalities
+    and voxel spacing; intensities normalised as in training); calling the predictor on the
+    prepared case gives its label map on that grid: sliding windows of the model's crop with
+    ``overlap``, centre-weighted blending kept as a running argmax (one float and one byte per
+    voxel, :func:`hfmi_kit.data.windows.argmax_windows`).
+    """
+
+    def __init__(self, model: torch.nn.Module, config: dict[str, Any] | None = None, *, overlap: float = 0.5,
+                 batch_size: int = 4) -> None:
+        super().__init__(model, model_fn=self._label_map, config=config)
+        self.overlap, self.batch_size = overlap, batch_size
+
+    def prepare(self, subject: rdata.Subject, *, with_label: bool = True) -> rdata.Prepared:
+        """``subject`` on the model grid (its reference grids kept, to write predictions back)."""
+        geom = self.config.get("geometry", {})
+        if "modalities" not in geom or "spacing_mm" not in geom:
+            raise ConfigError("this segmenter has no checkpoint geometry (modalities, spacing_mm) to prepare "
+                              "subjects with")
+        return rdata.prepare(subject, geom["modalities"], float(geom["spacing_mm"]), with_label=with_label,
+                             keep_ref=True)
+
+    def _label_map(self, case: rdata.Prepared) -> np.ndarray:
+        model: Any = self.model
+        lab, _ = sliding_window_labels(model.logits, case.image, window=model.crop, background=case.background,
+                                       overlap=self.overlap, batch_size=self.batch_size, device=self.device)
+        return lab
+
+
+def predictor(model: torch.nn.Module, config: dict[str, Any] | None = None) -> SegmentationPredictor:
+    """The :class:`SegmentationPredictor` of a radiology segmenter (``config``: its checkpoint's)."""
+    return SegmentationPredictor(model, config)
+
+
 def predict_case(model: torch.nn.Module, case: rdata.Prepared, *, overlap: float = 0.5,
                  batch_size: int = 4) -> np.ndarray:
-    """Label map of one prepared case on its model grid (sliding windows, argmax on the fly)."""
-    dev = next(model.parameters()).device
-    model.eval()
-    lab, _ = sliding_window_labels(model.logits, case.image, window=model.crop, background=case.background,
-                                   overlap=overlap, batch_size=batch_size, device=dev)
-    return lab
+    """Label map of one prepared case on its model grid (:class:`SegmentationPredictor`)."""
+    return SegmentationPredictor(model, overlap=overlap, batch_size=batch_size)(case)
 
 
-def score_cases(model: torch.nn.Module, cases: Sequence[rdata.Prepared], *, out_dir: Path | None = None
-                ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+def score_cases(model: torch.nn.Module | SegmentationPredictor, cases: Sequence[rdata.Prepared], *,
+                out_dir: Path | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Per-case metrics on the input grid (mean and std over cases); writes predictions when ``out_dir``.
 
     Each per-case row also localises the lesion: ``centroid_mm`` and ``bbox_mm`` (world RAS mm,
     largest connected component of the predicted tumour).
     """
+    segment = model if isinstance(model, SegmentationPredictor) else SegmentationPredictor(model)
     rows = []
     for c in cases:
         if c.label_ref is None or c.ref is None:
             raise DataError(f"subject {c.id}: no label to score against")
-        lab = predict_case(model, c)
+        lab = segment(c)
         pred = to_input_grid(lab, c.affine, c.label_ref)
         rows.append({"id": c.id, **M.case_metrics(pred, c.label_ref.data, c.label_ref.affine),
                      **M.localise(pred, c.label_ref.affine)})
@@ -277,7 +311,8 @@ def _fit_and_score(name: str, ckpt: str | Path | None, size: str, mk: dict[str, 
     recipe.fit(model, ds, tc, out_dir=out / f"train_{name}", config=mc)
     mc.training = {**dataclasses.asdict(tc), "cases": [c.id for c in train_cases],
                    "from": str(ckpt) if ckpt else "scratch"}
-    metrics, rows = score_cases(model, test_cases, out_dir=out / "predictions" if save else None)
+    metrics, rows = score_cases(predictor(model, mc.to_dict()), test_cases,
+                                out_dir=out / "predictions" if save else None)
     return model, mc, metrics, rows
 
 
@@ -297,7 +332,8 @@ def evaluate(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out) -> dict[str,
     When ``data`` is the study it was trained on, the test split is the same as in fine-tuning;
     on another study every labelled subject is scored.
     """
-    model, cfg = _load_segmenter(ckpt)
+    pred = predictor(*_load_segmenter(ckpt))
+    cfg = pred.config
     root, out = Path(data), Path(out)
     subjects = rdata.discover(root)
     trained_on = set(cfg.get("training", {}).get("cases", []))
@@ -307,10 +343,9 @@ def evaluate(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out) -> dict[str,
     cases = [s for s in labelled if s.id not in trained_on]
     if not cases:
         raise DataError(f"{root}: every labelled subject was used for training {ckpt}")
-    mods = cfg["geometry"]["modalities"]
-    prepared = [rdata.prepare(s, mods, float(cfg["geometry"]["spacing_mm"]), keep_ref=True) for s in cases]
+    prepared = [pred.prepare(s) for s in cases]
     _check_dicom_outputs(prepared)
-    metrics, rows = score_cases(model, prepared, out_dir=out / "predictions")
+    metrics, rows = score_cases(pred, prepared, out_dir=out / "predictions")
     metrics["test_cases"] = float(len(cases))
     atomic_write_json(out / "cases.json", {"test": [c.id for c in cases], "per_case": rows})
     atomic_write_json(out / "metrics.json", metrics)
@@ -319,11 +354,11 @@ def evaluate(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out) -> dict[str,
 
 def predict(*, ckpt: str | Path, images: dict[str, str | Path], out: str | Path) -> list[Path]:
     """Segment one subject (modality -> NIfTI file or DICOM folder); write NIfTI (+ DICOM-SEG) into ``out``."""
-    model, cfg = _load_segmenter(ckpt)
-    mods = cfg["geometry"]["modalities"]
+    pred = predictor(*_load_segmenter(ckpt))
+    mods = pred.config["geometry"]["modalities"]
     dicom = {m: str(p) for m, p in images.items() if Path(p).is_dir()}
     sub = rdata.Subject(id=Path(next(iter(images.values()))).name.split("_")[0].split(".")[0],
                         images={m: str(p) for m, p in images.items()}, dicom=dicom)
-    case = rdata.prepare(sub, mods, float(cfg["geometry"]["spacing_mm"]), with_label=False, keep_ref=True)
+    case = pred.prepare(sub, with_label=False)
     case.dicom = {m: p for m, p in dicom.items() if m in mods}
-    return write_prediction(predict_case(model, case), case, Path(out))
+    return write_prediction(pred(case), case, Path(out))
