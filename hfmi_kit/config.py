@@ -269,8 +269,39 @@ def typed(fn: Callable[..., T]) -> Callable[..., T]:
     return run
 
 
+def umask() -> int:
+    """The process's file-creation mask, read without changing it where ``/proc`` allows."""
+    import os
+
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def as_created(path: str | Path) -> None:
+    """Give ``path`` (a folder: and everything in it) the mode a plain ``open``/``mkdir`` would
+    have, what the user's umask allows: the temporary files and folders atomic writes go through
+    are private to their owner (0600, 0700), and results on a shared project directory must be
+    readable by the group as any other file the user writes."""
+    import os
+
+    path = Path(path)
+    mask = umask()
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: never half-written."""
+    """Write ``text`` to ``path`` through a temporary file and a rename: never half-written, and
+    with the mode of a plainly written file (:func:`as_created`)."""
     import os
     import tempfile
 
@@ -282,6 +313,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        as_created(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

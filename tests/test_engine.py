@@ -260,3 +260,25 @@ def test_config_checks_types():
         from_dict(TrainConfig, {"precision": "fp8"})
     with pytest.raises(ConfigError, match="steps, batch_size"):
         Trainer(Regressor(size=get_size("tiny")), Fields(), config=TrainConfig(steps=0))
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_results_take_the_users_umask(tmp_path, mask):
+    """Atomic writes go through mkstemp/mkdtemp (0600/0700); what they publish must have the mode
+    a plain write would: group-readable under umask 022 on a shared project directory."""
+    import os
+    import stat
+
+    from hfmi_kit.config import atomic_write_json
+    from hfmi_kit.train.pretrained import ModelConfig, save_pretrained
+
+    old = os.umask(mask)
+    try:
+        ck = save_pretrained(torch.nn.Linear(2, 2), tmp_path / "model",
+                             config=ModelConfig(domain="x", task="t", model_type="x.tiny"))
+        atomic_write_json(tmp_path / "metrics.json", {"a": 1.0})
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [ck, *ck.iterdir(), tmp_path / "metrics.json"]}
+    assert modes == {"model": 0o777 & ~mask, **{n: 0o666 & ~mask for n in modes if n != "model"}}, modes
+    assert {"config.json", "model.safetensors", "MODEL_CARD.md", "metrics.json"} <= set(modes)

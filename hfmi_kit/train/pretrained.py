@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from hfmi_kit.config import read_json_object
+from hfmi_kit.config import as_created, read_json_object
 from hfmi_kit.errors import CheckpointError, ConfigError
 from hfmi_kit.train.env import code_version, environment
 
@@ -210,6 +210,7 @@ def _write_dir_atomically(path: Path, write: Any) -> None:
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        as_created(tmp)  # mkdtemp's folder is 0700: give it (and its files) the user's umask
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from hfmi_kit.config import as_created
 from hfmi_kit.errors import DataError
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -379,6 +380,7 @@ def write_dicom_series(volume: Volume, out_dir: str | Path, *, modality: str = "
                 ds.KVP = "120"
             ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
             pydicom.dcmwrite(ds.filename, ds, enforce_file_format=True)
+        as_created(tmp)  # mkdtemp's 0700: the series gets the user's umask
         os.replace(tmp, out)
     finally:
         if tmp.exists():
@@ -473,6 +475,7 @@ def write_dicom_seg(labels: np.ndarray, source_files: Sequence[str], out_path: s
     os.close(fd)
     try:
         seg.save_as(tmp)
+        as_created(tmp)  # mkstemp's 0600: the file gets the user's umask
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
