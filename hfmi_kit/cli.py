@@ -552,8 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_whatif)
 
-    sp = sub.add_parser("options", help="a domain's typed task options: flag, type, default (what its notebooks' "
-                                        "parameters and the CLI's domain flags are checked against)")
+    sp = sub.add_parser("options", help="a domain's typed task options: flag, type, default, help, range (what "
+                                        "its notebooks' parameters and the CLI's domain flags are checked against)")
     sp.add_argument("domain", help=f"one of the registered domains: {', '.join(list_domains())}")
     sp.add_argument("command", nargs="?", default="finetune", choices=("pretrain", "finetune", "evaluate", "whatif"))
     sp.set_defaults(fn=cmd_options)
@@ -625,7 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
     slurm_opts(sp)
     sp.set_defaults(fn=cmd_sweep)
 
-    sp = sub.add_parser("sweep-task", help=argparse.SUPPRESS)
+    # internal (one task of a SLURM array): without help= it is not listed (help=SUPPRESS printed "==SUPPRESS==")
+    sp = sub.add_parser("sweep-task")
     sp.add_argument("sweep")
     sp.add_argument("index", type=int)
     sp.set_defaults(fn=cmd_sweep_task)

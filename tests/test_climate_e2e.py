@@ -110,6 +110,10 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])
         assert e.value.code == 0 and "usage: hfmi" in capsys.readouterr().out, cmd
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    assert "sweep " in top and "SUPPRESS" not in top and "sweep-task" not in top  # internal: not listed
 
 
 def test_finetune_from_scratch_and_seaice_task(climate_runs, tmp_path):
