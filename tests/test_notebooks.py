@@ -195,3 +195,23 @@ def test_notebooks_started_together_talk_over_private_sockets(tmp_path):
     assert [s[:2] for s in seen] == [[str(i), "ipc"] for i in range(4)]
     assert len({s[2] for s in seen}) == 4  # one private socket folder each, none left behind
     assert not any(Path(s[2]).parent.exists() for s in seen)
+
+
+def test_an_executed_notebook_is_plain_trusted_and_runs_where_the_caller_is(tmp_path, monkeypatch):
+    """Relative parameters mean what they mean to the caller; the executed copy carries no
+    jupytext pairing (opening it would write a .py beside it) and is signed as trusted."""
+    from nbformat.sign import NotebookNotary
+
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "jupyter"))  # this test's signature store
+    nbdir, caller = tmp_path / "nbs", tmp_path / "caller"
+    nbdir.mkdir()
+    caller.mkdir()
+    src = nbdir / "w.py"
+    src.write_text("# ---\n# jupyter:\n#   jupytext:\n#     formats: ipynb,py:percent\n# ---\n\n"
+                   "# %% tags=[\"parameters\"]\nout = 'x.txt'\n\n# %%\nopen(out, 'w').write('hi')\n")
+    monkeypatch.chdir(caller)
+    out = run_notebook(src, {"out": "x.txt"}, output=tmp_path / "w.ipynb")
+    assert (caller / "x.txt").read_text() == "hi" and not (nbdir / "x.txt").exists()
+    nb = nbformat.read(out, as_version=4)
+    assert "jupytext" not in nb.metadata
+    assert NotebookNotary().check_signature(nb)

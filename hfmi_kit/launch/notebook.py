@@ -112,6 +112,11 @@ def run_notebook(path: str | Path, parameters: Mapping[str, Any] | None = None, 
                  kernel_name: str = "python3", timeout: int | None = None) -> Path:
     """Execute a notebook with papermill and return the executed ``.ipynb``.
 
+    The notebook runs in ``cwd`` (default: the caller's working directory, so that relative paths
+    given as parameters mean what they mean to the caller). The executed copy is a plain
+    ``.ipynb`` (no jupytext pairing: opening it does not write a paired ``.py`` beside it) and is
+    signed as trusted for this user, who ran it, so that its outputs render when opened.
+
     Raises:
         NotebookError: a cell raised (with the cell and error), or the kernel died (with the
             cell that was running), or a parameter is not one the ``parameters`` cell sets
@@ -125,6 +130,7 @@ def run_notebook(path: str | Path, parameters: Mapping[str, Any] | None = None, 
     nb = read_notebook(src)
     params = dict(parameters or {})
     check_parameters(nb, params, source=src)  # before the kernel starts
+    nb.metadata.pop("jupytext", None)  # the executed copy is not one of the pair
     out = Path(output) if output else src.with_name(f"{src.stem}.out.ipynb")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,7 +140,7 @@ def run_notebook(path: str | Path, parameters: Mapping[str, Any] | None = None, 
         engine = {"kernel_manager_class": manager} if manager else {}
         try:
             pm.execute_notebook(str(inp), str(out), parameters=params, kernel_name=kernel_name,
-                                cwd=str(cwd or src.parent), progress_bar=False, log_output=False,
+                                cwd=str(cwd or Path.cwd()), progress_bar=False, log_output=False,
                                 execution_timeout=timeout, **engine)
         except PapermillExecutionError as e:
             raise NotebookError(
@@ -148,4 +154,17 @@ def run_notebook(path: str | Path, parameters: Mapping[str, Any] | None = None, 
                     f"memory?); partial output: {out}"
                 ) from e
             raise NotebookError(f"{src}: notebook run failed ({name}: {e})") from e
+    _trust(out)
     return out
+
+
+def _trust(path: Path) -> None:
+    """Sign the executed notebook in this user's Jupyter signature store (``jupyter trust``):
+    its outputs came from the user's own run. A store that cannot be written is only logged."""
+    import nbformat
+    from nbformat.sign import NotebookNotary
+
+    try:
+        NotebookNotary().sign(nbformat.read(path, as_version=4))
+    except Exception as e:  # a read-only home, a locked database: the notebook is still complete
+        LOGGER.warning("%s: not marked as trusted (%s); run `jupyter trust %s`", path, e, path)
