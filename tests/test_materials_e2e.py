@@ -118,3 +118,21 @@ def test_cli_finetune_and_evaluate(pretrained, sets, tmp_path):
                         str(tmp_path / "ft" / "model"), "--data", str(sets / "heldout.csv"),
                         "--out", str(tmp_path / "ev3")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "missing column" in r.stderr and "--target" in r.stderr
+
+
+def test_folds_0_trains_only_the_final_ensemble_for_a_users_own_split(sets, tmp_path):
+    """A user with their own test file skips the cross-validation and scores with evaluate."""
+    out = tmp_path / "nocv"
+    m = finetune(ckpt=None, data=sets / "expt.csv", out=out, labels=40, folds=0, members=1, steps=20,
+                 progress=False)
+    assert m["folds"] == 0 and m["uncertainty_scale"] == 1.0 and m["labels"] == 40 and "mae_ev" not in m
+    assert (out / "model" / "model.safetensors").is_file() and not (out / "cv_predictions.csv").exists()
+    assert "not cross-validated" in read_config(out / "model")["card"]["summary"]
+    ev = evaluate(ckpt=out / "model", data=sets / "heldout.csv", out=tmp_path / "ev", target="eg")
+    assert np.isfinite(ev["mae_ev"]) and ev["rows"] == 200
+    for kw, msg in (({"folds": 1}, "0 .no cross-validation. or an integer >= 2, got 1"),
+                    ({"folds": 0, "baselines": ["rf"]}, "baselines are scored on its folds"),
+                    ({"folds": 0, "final": False}, "nothing would be trained")):
+        with pytest.raises(ConfigError, match=msg):
+            finetune(ckpt=None, data=sets / "expt.csv", out=tmp_path / "x", progress=False, **kw)
+    assert not (tmp_path / "x").exists()

@@ -83,8 +83,8 @@ def test_an_option_carries_its_help_and_range_and_every_caller_is_held_to_it(tmp
     from hfmi_kit.domains.materials.tasks import finetune as mft
 
     opts = get_domain("materials").options("finetune")
-    assert opts["folds"].help == "cross-validation folds" and opts["folds"].opt.low == 2
-    assert opts["folds"].describe() == "--folds (int, default 5): cross-validation folds; must be an integer >= 2"
+    assert opts["members"].help == "ensemble members (seeds)" and opts["members"].opt.low == 1
+    assert opts["members"].describe() == "--members (int, default 3): ensemble members (seeds); must be an integer >= 1"
     missing = tmp_path / "nowhere.nc"
     with pytest.raises(ConfigError, match=r"^--steps must be an integer >= 1, got 0$"):
         finetune(ckpt=None, data=missing, out=tmp_path / "o", steps=0)
@@ -94,8 +94,8 @@ def test_an_option_carries_its_help_and_range_and_every_caller_is_held_to_it(tmp
         finetune(ckpt=None, data=missing, out=tmp_path / "o", label_fraction=1.5)
     with pytest.raises(ConfigError, match=r"^--co2-factor must be a finite number > 0, got nan$"):
         whatif(ckpt=tmp_path, data=missing, out=tmp_path / "o", co2_factor=float("nan"))
-    with pytest.raises(ConfigError, match=r"^--folds must be an integer >= 2, got 1$"):
-        mft(ckpt=None, data=missing, out=tmp_path / "o", folds=np.int64(1))  # numpy integers are integers
+    with pytest.raises(ConfigError, match=r"^--members must be an integer >= 1, got 0$"):
+        mft(ckpt=None, data=missing, out=tmp_path / "o", members=np.int64(0))  # numpy integers are integers
     assert not (tmp_path / "o").exists()
     assert main(["options", "climate", "whatif"]) == 0
     assert "--members (int, default 8): ensemble members (perturbed initial states); must be an integer >= 1" \

@@ -429,6 +429,13 @@ def check_rows_for_cv(table: PropertyTable, folds: int, data: str | Path) -> int
     return smallest_train(n)
 
 
+def _check_rows_to_train(table: PropertyTable, data: str | Path) -> int:
+    """The rows a run without cross-validation trains on (at least 2)."""
+    if len(table) < 2:
+        raise DataError(f"{data}: {len(table)} usable row(s); at least 2 are needed to train")
+    return len(table)
+
+
 def _materials_checkpoint_config(ckpt: str | Path) -> dict[str, Any]:
     """The config of a materials checkpoint to fine-tune from, checked before any data is read."""
     return recipe.parent_config(ckpt, "materials")
@@ -441,7 +448,9 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data = "expt_gap", out: opt.Out,
              labels: Annotated[int | None, opt.Opt("labelled rows per fold (None: every training row of the fold, "
                                                "or --label-fraction of them)", low=2)] = None,
              label_fraction: opt.LabelFraction = 1.0,
-             folds: Annotated[int, opt.Opt("cross-validation folds", low=2)] = 5,
+             folds: Annotated[int, opt.Opt("cross-validation folds (0: none, only the final ensemble on every "
+                                           "row, to score with hfmi evaluate on a test file of your own)",
+                                           low=0)] = 5,
              members: Annotated[int, opt.Opt("ensemble members (seeds)", low=1)] = 3,
              steps: opt.Steps = 1000, batch_size: opt.BatchSize = 64, lr: opt.FinetuneRate = None,
              layer_decay: opt.LayerDecay = None, mode: opt.Mode = "full", config: opt.ParentSize = None,
@@ -456,21 +465,29 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data = "expt_gap", out: opt.Out,
     same folds and labels also train the model from scratch, a random forest on Magpie features
     and a mean predictor: ``mae_ev_scratch``, ``mae_ev_rf``, ``mae_ev_dummy``. With ``final`` an
     ensemble trained on ``labels`` rows of the whole set is saved to ``out/model``.
+    ``folds=0`` skips the cross-validation (for a user who brings their own split): only the
+    final ensemble is trained, its uncertainty left uncalibrated (``uncertainty_scale`` 1).
     Writes ``metrics.json``, ``cv_predictions.csv`` and ``rejected_rows.csv`` (when rows were
     rejected).
     """
     if task != "band_gap":
         raise ConfigError(f"unknown materials task {task!r}; expected 'band_gap'")
+    if folds == 1:
+        raise ConfigError("--folds must be 0 (no cross-validation) or an integer >= 2, got 1")
+    if folds == 0 and (baselines or not final):
+        raise ConfigError("--folds 0 skips the cross-validation: " + (
+            "--baselines are scored on its folds (give --folds 2 or more)" if baselines
+            else "with --final false nothing would be trained"))
     out = Path(out)
     pcfg = _materials_checkpoint_config(ckpt) if ckpt is not None else None
     table = load_property_csv(data, target=target)
-    min_train = check_rows_for_cv(table, folds, data)
+    min_train = check_rows_for_cv(table, folds, data) if folds else _check_rows_to_train(table, data)
     if labels is not None and labels > min_train:
         raise ConfigError(f"--labels {labels} is more than the {min_train} training rows of the smallest fold "
                           f"({folds}-fold cross-validation of the {len(table)} usable rows of {data})")
     label_budget = LabelBudget.from_options(labels, label_fraction, pool="training rows of a fold", minimum=2)
     if label_budget.fraction is not None:  # a share of a fold's training rows, the same count in every fold
-        labels = min(min_train, label_budget.size(len(table) * (folds - 1) / folds))
+        labels = min(min_train, label_budget.size(len(table) * (folds - 1) / folds if folds else len(table)))
     wanted = ("scratch", "rf", "dummy") if baselines is True else tuple(baselines or ())
     unknown = set(wanted) - {"scratch", "rf", "dummy"}
     if unknown:
@@ -480,21 +497,29 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data = "expt_gap", out: opt.Out,
     size, max_el = config or "tiny", None
     if pcfg is not None:
         size = recipe.size_of(pcfg)
-    metrics, frame = cross_validate(ckpt, table, labels=labels, folds=folds, members=members, steps=steps,
-                                    batch_size=batch_size, lr=lr, layer_decay=layer_decay, mode=mode, size=size,
-                                    baselines=wanted, seed=seed, precision=precision, device=device,
-                                    progress=False, max_elements=max_el)
+    if folds:
+        metrics, frame = cross_validate(ckpt, table, labels=labels, folds=folds, members=members, steps=steps,
+                                        batch_size=batch_size, lr=lr, layer_decay=layer_decay, mode=mode,
+                                        size=size, baselines=wanted, seed=seed, precision=precision,
+                                        device=device, progress=False, max_elements=max_el)
+        # recalibration for the saved model: the factor that makes the central 90 % interval
+        # (mean +- 1.645 std) hold 90 % of the out-of-fold errors (the CV coverage above stays raw)
+        z = np.abs(frame["prediction_ev"] - frame["target_ev"]) / frame["uncertainty_ev"].clip(lower=1e-6)
+        metrics["uncertainty_scale"] = float(np.quantile(z, 0.90) / 1.645)
+    else:
+        LOGGER.warning("--folds 0: no cross-validation; the ensemble's uncertainty is its raw spread (not "
+                       "recalibrated) and there is no score: run hfmi evaluate on a test file")
+        metrics, frame = {"folds": 0.0, "uncertainty_scale": 1.0}, None
     metrics["rows_rejected"] = float(len(table.rejected))
-    # recalibration for the saved model: the factor that makes the central 90 % interval
-    # (mean +- 1.645 std) hold 90 % of the out-of-fold errors (the CV coverage above stays raw)
-    z = np.abs(frame["prediction_ev"] - frame["target_ev"]) / frame["uncertainty_ev"].clip(lower=1e-6)
-    metrics["uncertainty_scale"] = float(np.quantile(z, 0.90) / 1.645)
     _write_rejections(table, out)  # outputs only once every check passed: a failed run leaves --out as it was
-    _write_table(frame, out / "cv_predictions.csv")
+    if frame is not None:
+        _write_table(frame, out / "cv_predictions.csv")
     ens, mconf = None, None
     if final:
         arrays = _encode(table)
         chosen = choose_labels(np.arange(len(table)), labels, seed)
+        if not folds:
+            metrics["labels"] = float(len(chosen))
         ens, settings = fit_ensemble(ckpt, arrays, table.y, chosen, size=size, members=members, steps=steps,
                                      batch_size=batch_size, lr=lr, layer_decay=layer_decay, mode=mode, seed=seed,
                                      precision=precision, device=device, progress=progress)
@@ -505,7 +530,8 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data = "expt_gap", out: opt.Out,
             processors={"calibration": {"uncertainty_scale": metrics["uncertainty_scale"]}},
             card={"summary": (f"Deep ensemble ({members} members) of composition models fine-tuned "
                               f"({mode}) from {ckpt or 'scratch'} on {len(chosen)} measured band gaps; "
-                              f"{folds}-fold CV MAE {metrics['mae_ev']:.3f} eV."),
+                              + (f"{folds}-fold CV MAE {metrics['mae_ev']:.3f} eV." if folds
+                                 else "not cross-validated (uncertainty not recalibrated).")),
                   "data": [_data_entry(table, "fine-tuning")], "licence": LICENCE,
                   "intended_use": "screening band gaps of inorganic compositions for photovoltaics",
                   "limitations": "composition only; uncertainty is the ensemble spread (see coverage)"},
