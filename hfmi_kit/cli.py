@@ -198,10 +198,45 @@ def cmd_info(a: argparse.Namespace) -> None:
         read_metadata(Path(a.ckpt) / "sharded")
     elif (Path(a.ckpt) / WEIGHTS).exists() or cfg.get("model_type"):
         verify_weights(a.ckpt)  # the header and every tensor's extent against the file's size
+    if not a.full:
+        print(_summary(Path(a.ckpt), cfg))
+        return
     card = Path(a.ckpt) / CARD
     print(card.read_text(encoding="utf-8") if card.is_file() else f"(no {CARD})")
     print("## config.json\n")
     print(json.dumps({k: v for k, v in cfg.items() if k != "card"}, indent=2, default=str)[:20000])
+
+
+def _summary(path: Path, cfg: dict[str, Any]) -> str:
+    """A checkpoint in a dozen lines: what it is, what it was trained on, its headline metrics."""
+    from hfmi_kit.domains import list_domains
+
+    tr, card = cfg.get("training") or {}, cfg.get("card") or {}
+    metrics = {k: v for k, v in (cfg.get("metrics") or {}).items() if isinstance(v, (int, float))}
+    headline: Sequence[str] = ()
+    if cfg.get("domain") in list_domains():
+        try:
+            headline = _domain(str(cfg["domain"])).headline_metrics
+        except HfmiError:  # a domain whose extra packages are missing: the summary still prints
+            pass
+    shown = [k for k in headline if k in metrics] or list(metrics)[:8]
+    lines = [f"{path}: {cfg.get('domain', '?')} {cfg.get('task', '?')} model {cfg.get('model_type', '?')} "
+             f"(config schema {cfg.get('schema_version', '?')})"]
+    if card.get("summary"):
+        lines.append(f"  {card['summary']}")
+    src = tr.get("from")
+    lines.append(f"  trained on {tr.get('data', '?')}" + (f" from {src}" if src else "")
+                 + (f", {tr['steps']} steps" if "steps" in tr else "")
+                 + (f", seed {tr['seed']}" if "seed" in tr else ""))
+    lines.append(f"  created {cfg.get('created', '?')} by hfmi_kit {cfg.get('code_version', '?')}")
+    if cfg.get("processors"):
+        lines.append(f"  applied around the model: {', '.join(sorted(cfg['processors']))}")
+    for k in shown:
+        lines.append(f"  {k:32s} {metrics[k]:.4g}")
+    if len(metrics) > len(shown):
+        lines.append(f"  (+{len(metrics) - len(shown)} more metrics)")
+    lines.append(f"the model card and the whole config: hfmi info {path} --full")
+    return "\n".join(lines)
 
 
 def _parse_params(pairs: Sequence[Sequence[str]] | None) -> dict[str, Any]:
@@ -558,8 +593,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("command", nargs="?", default="finetune", choices=("pretrain", "finetune", "evaluate", "whatif"))
     sp.set_defaults(fn=cmd_options)
 
-    sp = sub.add_parser("info", help="print a checkpoint's model card and config")
+    sp = sub.add_parser("info", help="a checkpoint in short: what it is, its data, its headline metrics "
+                                     "(--full: the model card and the whole config)")
     sp.add_argument("ckpt")
+    sp.add_argument("--full", action="store_true", help="print the model card and the whole config.json")
     sp.set_defaults(fn=cmd_info)
 
     sp = sub.add_parser("run", help="run a notebook (.ipynb or paired .py) headless with papermill")

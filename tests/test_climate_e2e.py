@@ -69,7 +69,12 @@ def test_evaluate_and_info(climate_runs, capsys):
     m = json.loads((out / "metrics.json").read_text())
     ft = json.loads((climate_runs["ft"] / "metrics.json").read_text())
     assert m["rmse"] == pytest.approx(ft["rmse"], rel=1e-5)  # same held-out years, same model
+    capsys.readouterr()
     assert main(["info", str(climate_runs["ft"] / "model")]) == 0
+    short = capsys.readouterr().out
+    assert "climate forecast model climate_forecaster.tiny" in short and len(short.splitlines()) < 20
+    assert f"rmse {' ' * 28}{ft['rmse']:.4g}" in short and "--full" in short  # a headline metric, as run
+    assert main(["info", str(climate_runs["ft"] / "model"), "--full"]) == 0
     text = capsys.readouterr().out
     assert "climate_forecaster.tiny" in text and "## Metrics" in text and "schema_version" in text
 
