@@ -136,3 +136,14 @@ def test_folds_0_trains_only_the_final_ensemble_for_a_users_own_split(sets, tmp_
         with pytest.raises(ConfigError, match=msg):
             finetune(ckpt=None, data=sets / "expt.csv", out=tmp_path / "x", progress=False, **kw)
     assert not (tmp_path / "x").exists()
+
+
+def test_a_cross_validated_finetune_says_where_it_is(sets, tmp_path, capsys):
+    """No silent minutes: every network of the folds and the final ensemble is announced, with
+    the time left."""
+    finetune(ckpt=None, data=sets / "expt.csv", out=tmp_path / "cv", labels=30, folds=2, members=2, steps=5,
+             baselines=["dummy"], progress=True)
+    err = capsys.readouterr().err
+    assert "materials finetune: part 1/6, fold 1/2, member 1/2" in err
+    assert "part 6/6, final ensemble, member 2/2" in err and "left" in err
+    assert "materials finetune: done, 6 part(s)" in err

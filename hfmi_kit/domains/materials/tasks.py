@@ -27,6 +27,7 @@ from hfmi_kit.train import TrainConfig, load_pretrained, recipe
 from hfmi_kit.train.budget import LabelBudget
 from hfmi_kit.train.infer import Predictor, collate
 from hfmi_kit.train.pretrained import ModelConfig, read_weights, transfer_weights
+from hfmi_kit.train.progress import Status
 from hfmi_kit.train.provenance import recorded
 
 LOGGER = logging.getLogger(__name__)
@@ -271,12 +272,14 @@ def fit_ensemble(ckpt: str | Path | None, arrays: dict[str, np.ndarray], y: np.n
                  size: str = "tiny", members: int = 3, steps: int = 1000, epochs: float = 60.0,
                  batch_size: int = 64, lr: float | None = None, layer_decay: float | None = None,
                  mode: str = "full", seed: int = 0, precision: str = "auto", device: str = "auto",
-                 progress: bool = False) -> tuple[MaterialsEnsemble, dict[str, Any]]:
+                 progress: bool = False, status: Status | None = None, label: str = "ensemble"
+                 ) -> tuple[MaterialsEnsemble, dict[str, Any]]:
     """Train a deep ensemble on rows ``idx``: each member from the pretrained weights of ``ckpt``
     (or from scratch when None) with its own seed (data order, head init).
 
     Steps follow the label count: ``min(steps, max(150, epochs * N / batch))``, so a 50-label run
-    does not grind thousands of epochs. Returns the ensemble and its training settings.
+    does not grind thousands of epochs. Each member is a part of ``status`` (named ``label``,
+    member k/n). Returns the ensemble and its training settings.
     """
     n = len(idx)
     bs = min(batch_size, n)
@@ -287,6 +290,8 @@ def fit_ensemble(ckpt: str | Path | None, arrays: dict[str, np.ndarray], y: np.n
         layer_decay = ENGINE.layer_decay if ckpt is not None and mode == "full" else 1.0
     nets = []
     for k in range(members):
+        if status is not None:
+            status.start(f"{label}, member {k + 1}/{members} ({eff} steps on {n} rows)")
         torch.manual_seed(seed * 1000 + k)
         member = create_model(f"materials_net.{size}")
         if weights is not None:
@@ -294,6 +299,8 @@ def fit_ensemble(ckpt: str | Path | None, arrays: dict[str, np.ndarray], y: np.n
         _train_net(member, CompositionSet(arrays, idx, y), steps=eff, batch_size=bs, lr=lr, seed=seed * 1000 + k,
                    layer_decay=layer_decay, mode=mode, precision=precision, device=device, progress=progress)
         nets.append(member)
+        if status is not None:
+            status.done()
     ens = create_model(f"materials_ensemble.{size}", members=0)  # an empty shell for the trained members
     ens.members.extend(nets)
     ens.eval()
@@ -336,10 +343,12 @@ def cross_validate(ckpt: str | Path | None, table: PropertyTable, *, labels: int
                    members: int = 3, steps: int = 1000, batch_size: int = 64, lr: float | None = None,
                    layer_decay: float | None = None, mode: str = "full", size: str = "tiny",
                    baselines: Sequence[str] = (), seed: int = 0, precision: str = "auto", device: str = "auto",
-                   progress: bool = False, max_elements: int | None = None) -> tuple[dict[str, float], Any]:
+                   progress: bool = False, max_elements: int | None = None, status: Status | None = None
+                   ) -> tuple[dict[str, float], Any]:
     """k-fold CV: in each fold the model (and ``baselines``: ``scratch``, ``rf``, ``dummy``) trains on
-    ``labels`` rows of the other folds and predicts the held-out fold. Returns pooled metrics over
-    all out-of-fold predictions and the per-row prediction frame."""
+    ``labels`` rows of the other folds and predicts the held-out fold. Every network trained is a
+    part of ``status``. Returns pooled metrics over all out-of-fold predictions and the per-row
+    prediction frame."""
     import pandas as pd
     from sklearn.model_selection import KFold
 
@@ -359,13 +368,15 @@ def cross_validate(ckpt: str | Path | None, table: PropertyTable, *, labels: int
         LOGGER.info("fold %d/%d: %d labelled, %d test", k + 1, folds, len(chosen), len(te))
         kw = {"members": members, "steps": steps, "batch_size": batch_size, "mode": mode, "size": size,
               "seed": seed + k, "precision": precision, "device": device, "progress": progress}
-        ens, settings = fit_ensemble(ckpt, arrays, y, chosen, lr=lr, layer_decay=layer_decay, **kw)
+        ens, settings = fit_ensemble(ckpt, arrays, y, chosen, lr=lr, layer_decay=layer_decay, status=status,
+                                     label=f"fold {k + 1}/{folds}", **kw)
         mean, std = ensemble_moments(*predict_arrays(ens, {a: v[te] for a, v in arrays.items()}))
         cols["prediction"][te], cols["uncertainty"][te], cols["fold"][te] = mean, std, k
         fold_mae.append(float(np.abs(mean - y[te]).mean()))
         if "scratch" in baselines:
             kw["mode"] = "full"
-            ens_s, _ = fit_ensemble(None, arrays, y, chosen, **kw)
+            ens_s, _ = fit_ensemble(None, arrays, y, chosen, status=status, label=f"fold {k + 1}/{folds}, scratch",
+                                    **kw)
             cols["pred_scratch"][te] = predict_arrays(ens_s, {a: v[te] for a, v in arrays.items()})[0].mean(0)
         if "rf" in baselines:
             assert X is not None
@@ -497,46 +508,49 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data = "expt_gap", out: opt.Out,
     size, max_el = config or "tiny", None
     if pcfg is not None:
         size = recipe.size_of(pcfg)
-    if folds:
-        metrics, frame = cross_validate(ckpt, table, labels=labels, folds=folds, members=members, steps=steps,
-                                        batch_size=batch_size, lr=lr, layer_decay=layer_decay, mode=mode,
-                                        size=size, baselines=wanted, seed=seed, precision=precision,
-                                        device=device, progress=False, max_elements=max_el)
-        # recalibration for the saved model: the factor that makes the central 90 % interval
-        # (mean +- 1.645 std) hold 90 % of the out-of-fold errors (the CV coverage above stays raw)
-        z = np.abs(frame["prediction_ev"] - frame["target_ev"]) / frame["uncertainty_ev"].clip(lower=1e-6)
-        metrics["uncertainty_scale"] = float(np.quantile(z, 0.90) / 1.645)
-    else:
-        LOGGER.warning("--folds 0: no cross-validation; the ensemble's uncertainty is its raw spread (not "
-                       "recalibrated) and there is no score: run hfmi evaluate on a test file")
-        metrics, frame = {"folds": 0.0, "uncertainty_scale": 1.0}, None
-    metrics["rows_rejected"] = float(len(table.rejected))
-    _write_rejections(table, out)  # outputs only once every check passed: a failed run leaves --out as it was
-    if frame is not None:
-        _write_table(frame, out / "cv_predictions.csv")
-    ens, mconf = None, None
-    if final:
-        arrays = _encode(table)
-        chosen = choose_labels(np.arange(len(table)), labels, seed)
-        if not folds:
-            metrics["labels"] = float(len(chosen))
-        ens, settings = fit_ensemble(ckpt, arrays, table.y, chosen, size=size, members=members, steps=steps,
-                                     batch_size=batch_size, lr=lr, layer_decay=layer_decay, mode=mode, seed=seed,
-                                     precision=precision, device=device, progress=progress)
-        mconf = ModelConfig(
-            domain="materials", task="band_gap", model_type=f"materials_ensemble.{size}",
-            model_kwargs={"members": members},
-            geometry={"elements": list(chem.element_symbols()), "property": "band_gap", "unit": "eV"},
-            processors={"calibration": {"uncertainty_scale": metrics["uncertainty_scale"]}},
-            card={"summary": (f"Deep ensemble ({members} members) of composition models fine-tuned "
-                              f"({mode}) from {ckpt or 'scratch'} on {len(chosen)} measured band gaps; "
-                              + (f"{folds}-fold CV MAE {metrics['mae_ev']:.3f} eV." if folds
-                                 else "not cross-validated (uncertainty not recalibrated).")),
-                  "data": [_data_entry(table, "fine-tuning")], "licence": LICENCE,
-                  "intended_use": "screening band gaps of inorganic compositions for photovoltaics",
-                  "limitations": "composition only; uncertainty is the ensemble spread (see coverage)"},
-            training={**settings, "data": str(data), "target": target, "seed": seed,
-                      "formulas": [table.reduced[i] for i in chosen]})
+    nets = members * (folds * (1 + ("scratch" in wanted)) + final)  # every network this run trains
+    with Status("materials finetune", nets, enabled=progress) as status:
+        if folds:
+            metrics, frame = cross_validate(ckpt, table, labels=labels, folds=folds, members=members, steps=steps,
+                                            batch_size=batch_size, lr=lr, layer_decay=layer_decay, mode=mode,
+                                            size=size, baselines=wanted, seed=seed, precision=precision,
+                                            device=device, progress=False, max_elements=max_el, status=status)
+            # recalibration for the saved model: the factor that makes the central 90 % interval
+            # (mean +- 1.645 std) hold 90 % of the out-of-fold errors (the CV coverage above stays raw)
+            z = np.abs(frame["prediction_ev"] - frame["target_ev"]) / frame["uncertainty_ev"].clip(lower=1e-6)
+            metrics["uncertainty_scale"] = float(np.quantile(z, 0.90) / 1.645)
+        else:
+            LOGGER.warning("--folds 0: no cross-validation; the ensemble's uncertainty is its raw spread (not "
+                           "recalibrated) and there is no score: run hfmi evaluate on a test file")
+            metrics, frame = {"folds": 0.0, "uncertainty_scale": 1.0}, None
+        metrics["rows_rejected"] = float(len(table.rejected))
+        _write_rejections(table, out)  # outputs only once every check passed: a failed run leaves --out as it was
+        if frame is not None:
+            _write_table(frame, out / "cv_predictions.csv")
+        ens, mconf = None, None
+        if final:
+            arrays = _encode(table)
+            chosen = choose_labels(np.arange(len(table)), labels, seed)
+            if not folds:
+                metrics["labels"] = float(len(chosen))
+            ens, settings = fit_ensemble(ckpt, arrays, table.y, chosen, size=size, members=members, steps=steps,
+                                         batch_size=batch_size, lr=lr, layer_decay=layer_decay, mode=mode,
+                                         seed=seed, precision=precision, device=device, status=status,
+                                         label="final ensemble")
+            mconf = ModelConfig(
+                domain="materials", task="band_gap", model_type=f"materials_ensemble.{size}",
+                model_kwargs={"members": members},
+                geometry={"elements": list(chem.element_symbols()), "property": "band_gap", "unit": "eV"},
+                processors={"calibration": {"uncertainty_scale": metrics["uncertainty_scale"]}},
+                card={"summary": (f"Deep ensemble ({members} members) of composition models fine-tuned "
+                                  f"({mode}) from {ckpt or 'scratch'} on {len(chosen)} measured band gaps; "
+                                  + (f"{folds}-fold CV MAE {metrics['mae_ev']:.3f} eV." if folds
+                                     else "not cross-validated (uncertainty not recalibrated).")),
+                      "data": [_data_entry(table, "fine-tuning")], "licence": LICENCE,
+                      "intended_use": "screening band gaps of inorganic compositions for photovoltaics",
+                      "limitations": "composition only; uncertainty is the ensemble spread (see coverage)"},
+                training={**settings, "data": str(data), "target": target, "seed": seed,
+                          "formulas": [table.reduced[i] for i in chosen]})
     recipe.finish(ens, out, mconf, metrics)
     return metrics
 
