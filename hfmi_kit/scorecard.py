@@ -87,20 +87,32 @@ def _rows(domain: str, task: str, budget: float, seed: int, metrics: dict[str, f
              "value": float(metrics[key])} for method, key in methods.items() if key in metrics]
 
 
-def run_domain(domain: str, out: Path, *, budget: str = "small", seeds: Sequence[int] = (0, 1, 2)) -> list[dict]:
-    """Pretrain once, fine-tune at every label budget and seed with the baselines; the rows."""
+def run_domain(domain: str, out: Path, *, budget: str = "small", seeds: Sequence[int] = (0, 1, 2),
+               progress: bool = True) -> list[dict]:
+    """Pretrain once, fine-tune at every label budget and seed with the baselines; the rows. With
+    ``progress``, a status line per run and at least every 10 s (:class:`~hfmi_kit.train.progress.Status`)."""
     from hfmi_kit.domains import get_domain
+    from hfmi_kit.train.progress import Status
 
     plan, dom = plan_of(domain), get_domain(domain)
-    metric, task = dom.primary_metric, dom.tasks[0]
     data = plan.data(out / "data", budget)
     runs = out / "runs" / domain
     pkw = {**plan.pretrain_kw[budget]}
     if "exclude" in data:
         pkw["exclude"] = data["exclude"]
+    runs_total = 1 + len(plan.budgets[budget]) * len(seeds) * (1 + plan.scratch_separately)
+    with Status(f"scorecard {domain}", runs_total, enabled=progress) as status:
+        return _run_domain(dom, plan, data, runs, pkw, budget, seeds, status)
+
+
+def _run_domain(dom: Any, plan: DomainPlan, data: dict[str, Any], runs: Path, pkw: dict[str, Any], budget: str,
+                seeds: Sequence[int], status: Any) -> list[dict]:
+    domain, metric, task = dom.name, dom.primary_metric, dom.tasks[0]
     t0 = time.time()
+    status.start("pretraining")
     pre = dom.pretrain(data=data.get("pretrain_data", data["data"]), out=runs / "pretrain", seed=0, progress=False,
                        **pkw)
+    status.done()
     LOGGER.info("scorecard %s: pretrained in %.0f s", domain, time.time() - t0)
     rows: list[dict[str, Any]] = []
     once: dict[int, dict[str, float]] = {}  # seed -> metrics of the budget-independent baselines
@@ -112,7 +124,10 @@ def run_domain(domain: str, out: Path, *, budget: str = "small", seeds: Sequence
             wanted = [x for x in plan.baselines if i == 0 or x not in plan.budget_independent]
             if wanted:
                 kw["baselines"] = wanted
+            status.start(f"fine-tuning at {b.value:g} label(s), seed {seed}" + (f" with {', '.join(wanted)}"
+                                                                                 if wanted else ""))
             m = dom.finetune(ckpt=pre, data=data["data"], out=runs / f"pretrained_{tag}", **kw)
+            status.done()
             if i == 0:
                 keys = [f"{metric}_{x}" for x in plan.budget_independent]
                 once[seed] = {k: m[k] for k in keys if k in m}
@@ -121,8 +136,10 @@ def run_domain(domain: str, out: Path, *, budget: str = "small", seeds: Sequence
                                                 for x in (*plan.baselines, *plan.extra_methods)}}
             rows += _rows(domain, task, x, seed, m, metric, methods)
             if plan.scratch_separately:
+                status.start(f"from scratch at {b.value:g} label(s), seed {seed}")
                 ms = dom.finetune(ckpt=None, data=data["data"], out=runs / f"scratch_{tag}", config="tiny",
                                   **{k: v for k, v in kw.items() if k != "baselines"})
+                status.done()
                 rows += _rows(domain, task, x, seed, ms, metric, {"scratch": metric})
     return rows
 
