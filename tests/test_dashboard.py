@@ -134,6 +134,28 @@ def test_results_reader_status_and_traversal(results: Path):
     assert {r["method"] for r in rows if r["domain"] == "carbon"} == {"pretrained", "rf", "scratch"}
 
 
+def test_a_run_page_shows_the_loss_curve_of_its_training_logs(results: Path):
+    """A pretraining run page is not empty: its loss curve, from metrics.jsonl (and, for a run
+    trained in stages, from each stage's log); a half-written last line is skipped."""
+    import panel as pn
+
+    from hfmi_kit.viz.dashboard import run_page
+
+    def labels(rel: str) -> list[str]:
+        page = run_page(results, load_run(results, rel))
+        panes = [o for o in page.select(pn.pane.HoloViews) if o.name == "training curve"]
+        assert len(panes) == 1, rel
+        return [el.label for el in panes[0].object if el.label]
+
+    log = results / "runs/climate/pretrain/metrics.jsonl"
+    log.write_text(log.read_text() + '{"step": 99, "split": "tr')  # a run still writing
+    assert "training loss" in labels("runs/climate/pretrain")
+    staged = labels("runs/materials/pretrain")
+    assert "stage1_mlm training loss" in staged and "stage2_supervised training loss" in staged
+    assert not [o for o in run_page(results, load_run(results, "broken")).select(pn.pane.HoloViews)
+                if o.name == "training curve"]
+
+
 def test_display_sized_arrays():
     """Maps go to the browser at display size; slices, not volumes."""
     import holoviews as hv
@@ -264,6 +286,16 @@ def test_each_domain_page_renders(browser, server: str, results: Path, domain: s
         vol = nib.load(str(next((results / rel / "predictions").glob("*_pred.nii.gz"))))
         # the page got slices, not volumes: less than one float32 copy of the scan in all
         assert pg.ws_bytes < np.prod(vol.shape) * 4, (pg.ws_bytes, vol.shape)
+    pg.page.close()
+
+
+def test_a_pretrain_page_draws_its_loss_curve(browser, server: str):
+    pg = Page(browser, f"{server}/?run=runs/climate/pretrain")
+    pg.rendered()  # the first canvas: before the loss curve, a pretraining page had no plot at all
+    pg.text("runs/climate/pretrain")
+    assert pg.page.locator("canvas").count() >= 1
+    assert pg.shot("pretrain").stat().st_size > 10_000
+    assert not pg.bad, pg.bad
     pg.page.close()
 
 

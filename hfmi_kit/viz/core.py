@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -96,12 +97,44 @@ def curves(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, xla
                                   logx=logx)
 
 
-def loss_curve(metrics_jsonl: str | Path, keys: Sequence[str] = ("loss",)) -> Any:
-    """Training curves from a run's ``metrics.jsonl``."""
-    rows = [json.loads(x) for x in Path(metrics_jsonl).read_text().splitlines() if x.strip()]
-    tr = [r for r in rows if r.get("split") == "train"]
-    series = {k: ([r["step"] for r in tr if k in r], [r[k] for r in tr if k in r]) for k in keys}
-    return curves(series, xlabel="step", ylabel="loss", title="training loss")
+def read_log(metrics_jsonl: str | Path, *, max_bytes: int = 64 << 20) -> list[dict[str, Any]]:
+    """The records of a training log (``metrics.jsonl``, one JSON object a line); a line that is
+    not one (the last line of a run still writing) is skipped.
+
+    Raises:
+        ValueError: a log larger than ``max_bytes`` (not read whole).
+    """
+    path = Path(metrics_jsonl)
+    if path.stat().st_size > max_bytes:
+        raise ValueError(f"{path}: {path.stat().st_size} bytes, more than the {max_bytes} a plot reads")
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(r, dict) and isinstance(r.get("step"), (int, float)):
+            rows.append(r)
+    return rows
+
+
+def loss_curve(metrics_jsonl: str | Path | Mapping[str, str | Path], keys: Sequence[str] = ("loss",)) -> Any:
+    """Loss against optimiser step from a run's ``metrics.jsonl`` (or ``{stage: path}`` for a run
+    trained in stages): the training loss and, where logged, the evaluation loss."""
+    logs = metrics_jsonl if isinstance(metrics_jsonl, Mapping) else {"": metrics_jsonl}
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for stage, path in logs.items():
+        rows = read_log(path)
+        for split, name in (("train", "training"), ("eval", "evaluation")):
+            for k in keys:
+                pts = [(r["step"], r[k]) for r in rows if r.get("split") == split and isinstance(r.get(k), (int, float))
+                       and math.isfinite(r[k])]
+                if pts:
+                    label = " ".join(x for x in (stage, name, k if k != "loss" else "") if x)
+                    series[label + (" loss" if k == "loss" else "")] = ([p[0] for p in pts], [p[1] for p in pts])
+    if not series:
+        raise ValueError(f"no loss logged in {', '.join(str(p) for p in logs.values())}")
+    return curves(series, xlabel="optimiser step", ylabel="loss", title="Training loss", width=560)
 
 
 def label_efficiency(rows: Sequence[Mapping[str, Any]], metric: str, *, xlabel: str = "labelled cases",

@@ -127,11 +127,33 @@ def run_page(root: Path, run: Run) -> Any:
                                    name="run status"))
     if run.status == "ok" and run.domain:
         items.extend(guard(f"{run.domain} plots", lambda: _domain_section(run)))
+    if run.status != "malformed":
+        curve = guard("training curve", lambda: _training_curve(run))
+        if curve is not None:
+            items.append(curve)
     side = [pn.pane.Markdown("### Metrics"), _metrics_table(run), pn.pane.Markdown("### Files"), _files(run)]
     card = pn.pane.Markdown(run.card or "*no model card*", name="model card", sizing_mode="stretch_width")
     side.append(pn.Card(card, title="Model card", collapsed=False, max_height=900, scroll=True))
     return pn.Row(pn.Column(*items, sizing_mode="stretch_width"), pn.Column(*side, width=420),
                   sizing_mode="stretch_width")
+
+
+def _training_curve(run: Run) -> Any:
+    """The loss against step from the run's training logs (``metrics.jsonl``, and one level down
+    for a run trained in stages), read through ``run.file``; None without a log."""
+    from hfmi_kit.viz.core import loss_curve
+
+    names = ["metrics.jsonl"] if run.has("metrics.jsonl") else []
+    names += sorted(str(p.relative_to(run.path)) for p in run.path.glob("*/metrics.jsonl")
+                    if p.parent.name != "checkpoints")
+    logs = {}
+    for n in names:
+        f = run.file(n)  # refused when it leads outside the results directory
+        if f is not None:
+            logs["" if n == "metrics.jsonl" else n.split("/", 1)[0]] = f
+    if not logs:
+        return None
+    return panel().pane.HoloViews(loss_curve(logs), name="training curve")
 
 
 def _domain_section(run: Run) -> list[Any]:
