@@ -215,3 +215,38 @@ def test_an_executed_notebook_is_plain_trusted_and_runs_where_the_caller_is(tmp_
     nb = nbformat.read(out, as_version=4)
     assert "jupytext" not in nb.metadata
     assert NotebookNotary().check_signature(nb)
+
+
+def test_an_executed_notebooks_plots_render_with_the_network_blocked(tmp_path):
+    """Compute nodes have no internet: an executed notebook's plots must not need the Bokeh or
+    HoloViz CDN. Its HTML export is opened in Chromium with every request but file:// refused."""
+    import shutil
+
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    exe = shutil.which("chromium")
+    if exe is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    src = tmp_path / "plot.py"
+    src.write_text("# %% tags=[\"parameters\"]\nn = 3\n\n# %%\nfrom hfmi_kit.viz.core import curves\n"
+                   "curves({'a': (list(range(n)), [1.0, 3.0, 2.0])}, xlabel='step', ylabel='loss')\n")
+    out = run_notebook(src, {"n": 3}, output=tmp_path / "plot.ipynb", cwd=tmp_path)
+    html = tmp_path / "plot.html"
+    subprocess.run([sys.executable, "-m", "nbconvert", "--to", "html", str(out), "--output", str(html)],
+                   check=True, capture_output=True, timeout=300)
+    refused: list[str] = []
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, headless=True)
+        page = b.new_page()
+
+        def route(r):
+            if r.request.url.startswith("file:"):
+                r.continue_()
+            else:
+                refused.append(r.request.url)
+                r.abort()
+
+        page.route("**/*", route)
+        page.goto(html.as_uri())
+        page.wait_for_selector("canvas", timeout=30_000)  # BokehJS came with the notebook, not a CDN
+        b.close()
+    assert not any("cdn.bokeh.org" in u for u in refused), refused

@@ -5,12 +5,33 @@ from __future__ import annotations
 from typing import Any
 
 
+def _in_kernel() -> bool:
+    """Whether this runs in a Jupyter kernel (a notebook, live or executed by ``hfmi run``)."""
+    import sys
+
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return shell is not None and hasattr(shell, "kernel")
+
+
 def require_holoviews() -> Any:
-    """Import holoviews with the bokeh backend, or say which extra to install."""
+    """Import holoviews with the bokeh backend, or say which extra to install.
+
+    In a notebook the BokehJS and Panel resources are inlined into the notebook's output
+    (``inline=True``): by default they are requested from the Bokeh and HoloViz CDNs, which a
+    compute node without internet cannot reach, and every plot stays blank, live and in
+    executed notebooks. (The dashboard serves them itself.)
+    """
     try:
         import holoviews as hv
     except ImportError as e:
         raise ImportError("plots need holoviews; install them with `pip install hfmi_kit[viz]`") from e
     if not hv.Store.renderers:
-        hv.extension("bokeh", logo=False)
+        if _in_kernel():
+            import panel as pn
+
+            hv.extension("bokeh", logo=False, inline=True)
+            pn.extension(inline=True)
+        else:
+            hv.extension("bokeh", logo=False)
     return hv
