@@ -232,3 +232,15 @@ def test_linear_inverse_model_recovers_a_nonlocal_forced_response():
     assert np.abs(eq_cell - equilibrium_true).mean() > 2 * np.abs(eq - equilibrium_true).mean()
     with pytest.raises(Exception, match="too few consecutive training steps"):
         cdata.fit_lim(tens, np.arange(5), clim, 8)
+
+
+def test_the_skill_plot_shows_every_baseline_the_metrics_hold():
+    """The strongest baseline (here damped persistence, as often at short leads) is drawn too."""
+    pytest.importorskip("holoviews")
+    from hfmi_kit.domains.climate.plots import skill_vs_lead
+
+    m = {f"rmse{b}_tas_lead{k}": v * k for k in (1, 2)
+         for b, v in (("", 1.0), ("_persistence", 2.0), ("_climatology", 1.5), ("_damped_persistence", 0.8))}
+    m.update({"rmse_tos_lead1": 9.0, "rmse_skip_tas_lead1": 1.0})  # another variable; a baseline at one lead only
+    labels = {e.label for e in skill_vs_lead(m) if e.label}
+    assert labels == {"model", "persistence", "climatology", "damped persistence"}

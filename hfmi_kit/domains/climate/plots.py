@@ -27,15 +27,22 @@ def forecast_maps(forecast: xr.Dataset | str | Path, var: str = "tas", init_inde
                            title=f"{var} forecast from {init}", dynamic=dynamic)
 
 
+BASELINE_NAMES = {"damped_persistence": "damped persistence", "skip": "skip path (linear inverse model)"}
+
+
 def skill_vs_lead(metrics: Mapping[str, float] | str | Path, var: str = "tas", metric: str = "rmse") -> Any:
-    """RMSE (or ACC) against lead time for the model and the persistence / climatology baselines."""
+    """RMSE (or ACC) against lead time for the model and every baseline the metrics hold for
+    ``var`` at every lead (persistence, climatology, damped persistence, the skip path): the
+    strongest one included, whichever it is."""
     m = json.loads(Path(metrics).read_text()) if not isinstance(metrics, Mapping) else metrics
     leads = sorted(int(k.rsplit("lead", 1)[1]) for k in m if k.startswith(f"{metric}_{var}_lead"))
     series = {"model": (leads, [m[f"{metric}_{var}_lead{k}"] for k in leads])}
-    for base in ("persistence", "climatology"):
-        key = f"{metric}_{base}_{var}_lead1"
-        if key in m:
-            series[base] = (leads, [m[f"{metric}_{base}_{var}_lead{k}"] for k in leads])
+    suffix = f"_{var}_lead{leads[0]}" if leads else None
+    bases = sorted({k[len(metric) + 1:-len(suffix)] for k in m
+                    if suffix and k.startswith(f"{metric}_") and k.endswith(suffix) and k != f"{metric}{suffix}"})
+    for base in bases:
+        if all(f"{metric}_{base}_{var}_lead{k}" in m for k in leads):
+            series[BASELINE_NAMES.get(base, base)] = (leads, [m[f"{metric}_{base}_{var}_lead{k}"] for k in leads])
     label = "latitude-weighted RMSE" if metric == "rmse" else "anomaly correlation"
     return curves(series, xlabel="lead [months]", ylabel=label, title=f"{var}: {label} vs lead")
 
