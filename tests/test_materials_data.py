@@ -127,3 +127,17 @@ def test_active_learning_finds_absorbers_faster_than_random():
     assert res.hits["magpie"].shape == (2, 80)
     found = {k: v[:, -1].mean() for k, v in res.hits.items()}
     assert found["magpie"] > 1.5 * found["random"], found
+
+
+def test_the_error_by_chemistry_plot_shows_every_baseline_of_the_table():
+    """The random forest (often the strongest at few labels) is drawn beside the model."""
+    pytest.importorskip("holoviews")
+    import pandas as pd
+
+    from hfmi_kit.domains.materials.plots import error_by_chemistry
+
+    f = pd.DataFrame({"chemistry": ["oxide", "oxide", "halide"], "target_ev": [1.0, 2.0, 3.0],
+                      "prediction_ev": [1.5, 2.0, 2.0], "prediction_rf_ev": [1.0, 2.5, 3.0],
+                      "prediction_dummy_ev": [2.0, 2.0, 2.0], "uncertainty_ev": [0.1, 0.1, 0.1]})
+    bars = error_by_chemistry(f)
+    assert set(bars.dimension_values("method")) == {"model", "random forest (Magpie)", "mean predictor"}

@@ -12,6 +12,8 @@ from hfmi_kit.domains.materials.pv import sq_limit
 from hfmi_kit.viz import require_holoviews
 from hfmi_kit.viz.core import curves
 
+BASELINE_NAMES = {"rf": "random forest (Magpie)", "scratch": "from scratch", "dummy": "mean predictor"}
+
 
 def parity(frame: Any, *, pred: str = "prediction_ev", title: str = "", size: int = 360) -> Any:
     """Measured against predicted gap (out-of-fold), coloured by uncertainty, with the y = x line."""
@@ -26,9 +28,16 @@ def parity(frame: Any, *, pred: str = "prediction_ev", title: str = "", size: in
 
 
 def error_by_chemistry(frame: Any, *, methods: Mapping[str, str] | None = None) -> Any:
-    """Mean absolute error per chemical family, one bar group per method (column of predictions)."""
+    """Mean absolute error per chemical family, one bar group per method (column of predictions;
+    default: the model and every baseline the frame holds, ``prediction_<baseline>_ev``)."""
     hv = require_holoviews()
-    methods = dict(methods or {"model": "prediction_ev"})
+    if methods is None:
+        methods = {"model": "prediction_ev"}
+        for col in frame.columns:
+            if col.startswith("prediction_") and col.endswith("_ev") and col != "prediction_ev":
+                base = col[len("prediction_"):-len("_ev")]
+                methods[BASELINE_NAMES.get(base, base)] = col
+    methods = dict(methods)
     rows = []
     for fam, g in frame.groupby("chemistry"):
         for name, col in methods.items():
