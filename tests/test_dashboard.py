@@ -156,6 +156,21 @@ def test_a_run_page_shows_the_loss_curve_of_its_training_logs(results: Path):
                 if o.name == "training curve"]
 
 
+def test_the_model_card_comes_in_sections_with_long_lists_summarised(results: Path):
+    import panel as pn
+
+    from hfmi_kit.viz.dashboard import run_page, shorten
+
+    assert shorten(list(range(20))) == [0, 1, 2, "... 16 more ...", 19] and shorten([1, 2]) == [1, 2]
+    assert shorten({f"k{i}": i for i in range(30)}, keys=24)["..."] == "6 more"
+    page = run_page(results, load_run(results, "runs/climate/pretrain"))
+    cards = {c.title: c for c in page.select(pn.Card)}
+    assert not cards["Overview"].collapsed and cards["Geometry the model expects"].collapsed
+    geometry = cards["Geometry the model expects"].objects[0].object
+    lat = load_run(results, "runs/climate/pretrain").config["geometry"]["grid"]["lat"]
+    assert len(lat) > 8 and f"{len(lat) - 4} more" in geometry and str(lat[4]) not in geometry
+
+
 def test_display_sized_arrays():
     """Maps go to the browser at display size; slices, not volumes."""
     import holoviews as hv

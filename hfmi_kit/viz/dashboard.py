@@ -132,8 +132,7 @@ def run_page(root: Path, run: Run) -> Any:
         if curve is not None:
             items.append(curve)
     side = [pn.pane.Markdown("### Metrics"), _metrics_table(run), pn.pane.Markdown("### Files"), _files(run)]
-    card = pn.pane.Markdown(run.card or "*no model card*", name="model card", sizing_mode="stretch_width")
-    side.append(pn.Card(card, title="Model card", collapsed=False, max_height=900, scroll=True))
+    side.append(pn.Card(_card_sections(run), title="Model card", collapsed=False, max_height=900, scroll=True))
     return pn.Row(pn.Column(*items, sizing_mode="stretch_width"), pn.Column(*side, width=420),
                   sizing_mode="stretch_width")
 
@@ -154,6 +153,46 @@ def _training_curve(run: Run) -> Any:
     if not logs:
         return None
     return panel().pane.HoloViews(loss_curve(logs), name="training curve")
+
+
+def shorten(value: Any, *, items: int = 8, keys: int = 24) -> Any:
+    """``value`` with every list longer than ``items`` cut to its first three and last value and a
+    count (``[-84.4, -73.1, -61.9, "... 11 more ...", 84.4]``) and every mapping longer than
+    ``keys`` cut likewise: a model card's every latitude, training year and element, summarised."""
+    if isinstance(value, Mapping):
+        pairs = list(value.items())
+        out = {k: shorten(v, items=items, keys=keys) for k, v in pairs[:keys]}
+        if len(pairs) > keys:
+            out["..."] = f"{len(pairs) - keys} more"
+        return out
+    if isinstance(value, (list, tuple)):
+        vals = [shorten(v, items=items, keys=keys) for v in value]
+        return vals if len(vals) <= items else [*vals[:3], f"... {len(vals) - 4} more ...", vals[-1]]
+    return value
+
+
+def _card_sections(run: Run) -> Any:
+    """The model card in sections (overview and metrics open, the rest collapsed), rendered from
+    the checkpoint's config with long lists summarised (:func:`shorten`); the run's
+    ``MODEL_CARD.md`` as it is when there is no config."""
+    import re
+
+    from hfmi_kit.train.pretrained import render_model_card
+
+    pn = panel()
+    if run.config:
+        text = render_model_card(shorten(run.config))
+    elif run.card:
+        text = run.card
+    else:
+        return pn.pane.Markdown("*no model card*", name="model card")
+    head, *sections = re.split(r"(?m)^## ", text)
+    parts: list[Any] = [pn.pane.Markdown(head, sizing_mode="stretch_width")]
+    for sec in sections:
+        title, _, body = sec.partition("\n")
+        parts.append(pn.Card(pn.pane.Markdown(body, sizing_mode="stretch_width"), title=title.strip(),
+                             collapsed=title.strip() not in ("Overview", "Metrics"), sizing_mode="stretch_width"))
+    return pn.Column(*parts, name="model card", sizing_mode="stretch_width")
 
 
 def _domain_section(run: Run) -> list[Any]:
