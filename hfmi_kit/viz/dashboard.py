@@ -15,6 +15,7 @@ handler that refuses anything outside the directory. :func:`serve` binds 127.0.0
 
 from __future__ import annotations
 
+import html
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -127,7 +128,8 @@ def run_page(root: Path, run: Run) -> Any:
                                    name="run status"))
     if run.status == "ok" and run.domain:
         items.extend(guard(f"{run.domain} plots", lambda: _domain_section(run)))
-    if run.status != "malformed":
+    if run.status != "malformed" and (run.kind == "pretrain" or len(items) == 1):
+        # a run with nothing else to show (a pretraining) shows how its loss went down
         curve = guard("training curve", lambda: _training_curve(run))
         if curve is not None:
             items.append(curve)
@@ -172,9 +174,10 @@ def shorten(value: Any, *, items: int = 8, keys: int = 24) -> Any:
 
 
 def _card_sections(run: Run) -> Any:
-    """The model card in sections (overview and metrics open, the rest collapsed), rendered from
-    the checkpoint's config with long lists summarised (:func:`shorten`); the run's
-    ``MODEL_CARD.md`` as it is when there is no config."""
+    """The model card in sections (overview and metrics open, the rest folded in ``<details>``),
+    rendered from the checkpoint's config with long lists summarised (:func:`shorten`); the
+    run's ``MODEL_CARD.md`` as it is when there is no config. One Markdown pane: sections as
+    Panel cards would each be a model sent to the browser."""
     import re
 
     from hfmi_kit.train.pretrained import render_model_card
@@ -187,12 +190,13 @@ def _card_sections(run: Run) -> Any:
     else:
         return pn.pane.Markdown("*no model card*", name="model card")
     head, *sections = re.split(r"(?m)^## ", text)
-    parts: list[Any] = [pn.pane.Markdown(head, sizing_mode="stretch_width")]
+    out = [head]
     for sec in sections:
         title, _, body = sec.partition("\n")
-        parts.append(pn.Card(pn.pane.Markdown(body, sizing_mode="stretch_width"), title=title.strip(),
-                             collapsed=title.strip() not in ("Overview", "Metrics"), sizing_mode="stretch_width"))
-    return pn.Column(*parts, name="model card", sizing_mode="stretch_width")
+        title = title.strip()
+        opened = " open" if title in ("Overview", "Metrics") else ""
+        out.append(f"<details{opened}><summary><b>{html.escape(title)}</b></summary>\n\n{body.strip()}\n\n</details>\n")
+    return pn.pane.Markdown("\n".join(out), name="model card", sizing_mode="stretch_width")
 
 
 def _domain_section(run: Run) -> list[Any]:
