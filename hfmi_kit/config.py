@@ -140,7 +140,6 @@ class Opt:
         """Raise :class:`ConfigError` (``--steps must be an integer >= 1, got 0``) for a value out
         of range; None (unset) and non-numbers other than ``choices`` pass."""
         import math
-        import numbers
 
         if value is None:
             return

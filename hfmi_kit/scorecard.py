@@ -100,48 +100,40 @@ def run_domain(domain: str, out: Path, *, budget: str = "small", seeds: Sequence
     pkw = {**plan.pretrain_kw[budget]}
     if "exclude" in data:
         pkw["exclude"] = data["exclude"]
+    metric, task = dom.primary_metric, dom.tasks[0]
     runs_total = 1 + len(plan.budgets[budget]) * len(seeds) * (1 + plan.scratch_separately)
     with Status(f"scorecard {domain}", runs_total, enabled=progress) as status:
-        return _run_domain(dom, plan, data, runs, pkw, budget, seeds, status)
-
-
-def _run_domain(dom: Any, plan: DomainPlan, data: dict[str, Any], runs: Path, pkw: dict[str, Any], budget: str,
-                seeds: Sequence[int], status: Any) -> list[dict]:
-    domain, metric, task = dom.name, dom.primary_metric, dom.tasks[0]
-    t0 = time.time()
-    status.start("pretraining")
-    pre = dom.pretrain(data=data.get("pretrain_data", data["data"]), out=runs / "pretrain", seed=0, progress=False,
-                       **pkw)
-    status.done()
-    LOGGER.info("scorecard %s: pretrained in %.0f s", domain, time.time() - t0)
-    rows: list[dict[str, Any]] = []
-    once: dict[int, dict[str, float]] = {}  # seed -> metrics of the budget-independent baselines
-    for i, b in enumerate(plan.budgets[budget]):
-        x = b.count if b.count is not None else b.value  # the label-budget column: 10 plots, 0.25 of the years
-        for seed in seeds:
-            kw = {**plan.finetune_kw[budget], **b.options(), "seed": seed, "progress": False}
-            tag = f"n{b.value:g}_s{seed}"
-            wanted = [x for x in plan.baselines if i == 0 or x not in plan.budget_independent]
-            if wanted:
-                kw["baselines"] = wanted
-            status.start(f"fine-tuning at {b.value:g} label(s), seed {seed}" + (f" with {', '.join(wanted)}"
-                                                                                 if wanted else ""))
-            m = dom.finetune(ckpt=pre, data=data["data"], out=runs / f"pretrained_{tag}", **kw)
-            status.done()
-            if i == 0:
-                keys = [f"{metric}_{x}" for x in plan.budget_independent]
-                once[seed] = {k: m[k] for k in keys if k in m}
-            m = {**once.get(seed, {}), **m}
-            methods = {"pretrained": metric, **{plan.method_names.get(x, x): f"{metric}_{x}"
-                                                for x in (*plan.baselines, *plan.extra_methods)}}
-            rows += _rows(domain, task, x, seed, m, metric, methods)
-            if plan.scratch_separately:
-                status.start(f"from scratch at {b.value:g} label(s), seed {seed}")
-                ms = dom.finetune(ckpt=None, data=data["data"], out=runs / f"scratch_{tag}", config="tiny",
-                                  **{k: v for k, v in kw.items() if k != "baselines"})
-                status.done()
-                rows += _rows(domain, task, x, seed, ms, metric, {"scratch": metric})
-    return rows
+        t0 = time.time()
+        with status.part("pretraining"):
+            pre = dom.pretrain(data=data.get("pretrain_data", data["data"]), out=runs / "pretrain", seed=0,
+                               progress=False, **pkw)
+        LOGGER.info("scorecard %s: pretrained in %.0f s", domain, time.time() - t0)
+        rows: list[dict[str, Any]] = []
+        once: dict[int, dict[str, float]] = {}  # seed -> metrics of the budget-independent baselines
+        for i, b in enumerate(plan.budgets[budget]):
+            x = b.count if b.count is not None else b.value  # the label-budget column: 10 plots, 0.25 of the years
+            for seed in seeds:
+                kw = {**plan.finetune_kw[budget], **b.options(), "seed": seed, "progress": False}
+                tag = f"n{b.value:g}_s{seed}"
+                wanted = [x for x in plan.baselines if i == 0 or x not in plan.budget_independent]
+                if wanted:
+                    kw["baselines"] = wanted
+                with status.part(f"fine-tuning at {b.value:g} label(s), seed {seed}"
+                                 + (f" with {', '.join(wanted)}" if wanted else "")):
+                    m = dom.finetune(ckpt=pre, data=data["data"], out=runs / f"pretrained_{tag}", **kw)
+                if i == 0:
+                    keys = [f"{metric}_{x}" for x in plan.budget_independent]
+                    once[seed] = {k: m[k] for k in keys if k in m}
+                m = {**once.get(seed, {}), **m}
+                methods = {"pretrained": metric, **{plan.method_names.get(x, x): f"{metric}_{x}"
+                                                    for x in (*plan.baselines, *plan.extra_methods)}}
+                rows += _rows(domain, task, x, seed, m, metric, methods)
+                if plan.scratch_separately:
+                    with status.part(f"from scratch at {b.value:g} label(s), seed {seed}"):
+                        ms = dom.finetune(ckpt=None, data=data["data"], out=runs / f"scratch_{tag}", config="tiny",
+                                          **{k: v for k, v in kw.items() if k != "baselines"})
+                    rows += _rows(domain, task, x, seed, ms, metric, {"scratch": metric})
+        return rows
 
 
 def summarise(rows: Sequence[dict[str, Any]], budget: str = "") -> str:

@@ -173,6 +173,30 @@ def _apply_mode(model: nn.Module, mode: str) -> None:
         p.requires_grad_(False)
 
 
+def read_log(metrics_jsonl: str | Path, *, max_bytes: int = 64 << 20) -> list[dict[str, Any]]:
+    """The records the training loop logged to ``metrics.jsonl`` (one JSON object a line; empty
+    when the file is missing); a line that is not one (the last line of a run still writing) is
+    skipped.
+
+    Raises:
+        ValueError: a log larger than ``max_bytes`` (not read whole).
+    """
+    path = Path(metrics_jsonl)
+    if not path.is_file():
+        return []
+    if path.stat().st_size > max_bytes:
+        raise ValueError(f"{path}: {path.stat().st_size} bytes, more than the {max_bytes} a reader takes")
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(r, dict):
+            rows.append(r)
+    return rows
+
+
 class Trainer:
     """Train ``model`` on ``train_data``; see the module docstring for what the loop does.
 

@@ -7,18 +7,19 @@ estimated from the parts done::
 
     with Status("materials cross-validation", total=6) as st:
         for k in range(3):
-            st.start(f"fold {k + 1}/3: ensemble")
-            ...
-            st.done()
+            with st.part(f"fold {k + 1}/3: ensemble"):
+                ...
 
     materials cross-validation: part 2/6, fold 1/3: scratch baseline; 1 min 40 s elapsed, about 3 min 20 s left
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from types import TracebackType
 from typing import TextIO
 
@@ -69,6 +70,13 @@ class Status:
     def done(self) -> None:
         """The current part is finished."""
         self.finished += 1
+
+    @contextlib.contextmanager
+    def part(self, label: str) -> Iterator[None]:
+        """``start(label)`` on entry, ``done()`` when the block finishes without an error."""
+        self.start(label)
+        yield
+        self.done()
 
     def _beat(self) -> None:
         while not self._stop.wait(self.every):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from hfmi_kit.train.loop import read_log
 from hfmi_kit.viz import require_holoviews
 
 DISPLAY_PX = 512  # the largest side of an image sent to a browser: maps go at the resolution shown
@@ -97,34 +97,13 @@ def curves(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, xla
                                   logx=logx)
 
 
-def read_log(metrics_jsonl: str | Path, *, max_bytes: int = 64 << 20) -> list[dict[str, Any]]:
-    """The records of a training log (``metrics.jsonl``, one JSON object a line); a line that is
-    not one (the last line of a run still writing) is skipped.
-
-    Raises:
-        ValueError: a log larger than ``max_bytes`` (not read whole).
-    """
-    path = Path(metrics_jsonl)
-    if path.stat().st_size > max_bytes:
-        raise ValueError(f"{path}: {path.stat().st_size} bytes, more than the {max_bytes} a plot reads")
-    rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            r = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(r, dict) and isinstance(r.get("step"), (int, float)):
-            rows.append(r)
-    return rows
-
-
 def loss_curve(metrics_jsonl: str | Path | Mapping[str, str | Path], keys: Sequence[str] = ("loss",)) -> Any:
     """Loss against optimiser step from a run's ``metrics.jsonl`` (or ``{stage: path}`` for a run
     trained in stages): the training loss and, where logged, the evaluation loss."""
     logs = metrics_jsonl if isinstance(metrics_jsonl, Mapping) else {"": metrics_jsonl}
     series: dict[str, tuple[list[float], list[float]]] = {}
     for stage, path in logs.items():
-        rows = read_log(path)
+        rows = [r for r in read_log(path) if isinstance(r.get("step"), (int, float))]
         for split, name in (("train", "training"), ("eval", "evaluation")):
             for k in keys:
                 pts = [(r["step"], r[k]) for r in rows if r.get("split") == split and isinstance(r.get(k), (int, float))

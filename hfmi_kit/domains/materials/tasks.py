@@ -4,7 +4,6 @@ evaluation and prediction tables."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from hfmi_kit.models import create_model
 from hfmi_kit.train import TrainConfig, load_pretrained, recipe
 from hfmi_kit.train.budget import LabelBudget
 from hfmi_kit.train.infer import Predictor, collate
+from hfmi_kit.train.loop import read_log
 from hfmi_kit.train.pretrained import ModelConfig, read_weights, transfer_weights
 from hfmi_kit.train.progress import Status
 from hfmi_kit.train.provenance import recorded
@@ -90,20 +90,6 @@ def _data_entry(table: PropertyTable, role: str) -> dict[str, Any]:
             "rows": len(table), "rejected_rows": len(table.rejected)}
 
 
-def _logged(path: Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` (empty when missing; unreadable lines skipped)."""
-    out = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
-    return out
-
-
 def _train_net(model: MaterialsNet, ds: Dataset, *, steps: int, batch_size: int, lr: float, seed: int,
                layer_decay: float = 1.0, mode: str = "full", precision: str = "auto", device: str = "auto",
                progress: bool = False, out_dir: Path | None = None, model_config: ModelConfig | None = None,
@@ -116,7 +102,7 @@ def _train_net(model: MaterialsNet, ds: Dataset, *, steps: int, batch_size: int,
     res = recipe.fit(model, ds, tc, out_dir=out_dir, config=model_config, resume=resume)
     history = res.history
     if resume and out_dir is not None and not any(r.get("split") == "train" for r in history):
-        history = _logged(out_dir / "metrics.jsonl")  # a finished stage resumed: its own log
+        history = read_log(out_dir / "metrics.jsonl")  # a finished stage resumed: its own log
     last = next((r for r in reversed(history) if r.get("split") == "train"), {})
     if math.isnan(res.last_loss) and "loss" in last:
         res.last_loss = float(last["loss"])
@@ -289,18 +275,17 @@ def fit_ensemble(ckpt: str | Path | None, arrays: dict[str, np.ndarray], y: np.n
     if layer_decay is None:
         layer_decay = ENGINE.layer_decay if ckpt is not None and mode == "full" else 1.0
     nets = []
+    status = status or Status("", members, enabled=False)
     for k in range(members):
-        if status is not None:
-            status.start(f"{label}, member {k + 1}/{members} ({eff} steps on {n} rows)")
-        torch.manual_seed(seed * 1000 + k)
-        member = create_model(f"materials_net.{size}")
-        if weights is not None:
-            transfer_weights(member, weights)
-        _train_net(member, CompositionSet(arrays, idx, y), steps=eff, batch_size=bs, lr=lr, seed=seed * 1000 + k,
-                   layer_decay=layer_decay, mode=mode, precision=precision, device=device, progress=progress)
-        nets.append(member)
-        if status is not None:
-            status.done()
+        with status.part(f"{label}, member {k + 1}/{members} ({eff} steps on {n} rows)"):
+            torch.manual_seed(seed * 1000 + k)
+            member = create_model(f"materials_net.{size}")
+            if weights is not None:
+                transfer_weights(member, weights)
+            _train_net(member, CompositionSet(arrays, idx, y), steps=eff, batch_size=bs, lr=lr,
+                       seed=seed * 1000 + k, layer_decay=layer_decay, mode=mode, precision=precision,
+                       device=device, progress=progress)
+            nets.append(member)
     ens = create_model(f"materials_ensemble.{size}", members=0)  # an empty shell for the trained members
     ens.members.extend(nets)
     ens.eval()
