@@ -24,7 +24,7 @@ def test_randomization_check_itself():
 
 def test_materials_element_attributions(small_scorecard):
     from hfmi_kit.domains.materials import chem, load_property_csv
-    from hfmi_kit.explain import materials as ex
+    from hfmi_kit.domains.materials import explain as ex
 
     model = load_pretrained(small_scorecard / "runs" / "materials" / "pretrained_n150_s0" / "model").eval()
     table = load_property_csv(small_scorecard / "data" / "expt.csv")
@@ -36,8 +36,8 @@ def test_materials_element_attributions(small_scorecard):
 
 
 def test_carbon_source_attributions(small_scorecard):
+    from hfmi_kit.domains.carbon import explain as ex
     from hfmi_kit.domains.carbon.tasks import prepare
-    from hfmi_kit.explain import carbon as ex
 
     model = load_pretrained(small_scorecard / "runs" / "carbon" / "pretrained_n30_s0" / "model").eval()
     prep = prepare(small_scorecard / "data" / "carbon_region", tile=model.tile, groups=model.groups)
@@ -50,7 +50,7 @@ def test_carbon_source_attributions(small_scorecard):
 
 
 def test_climate_forecast_attributions(small_scorecard):
-    from hfmi_kit.explain import climate as ex
+    from hfmi_kit.domains.climate import explain as ex
 
     model, batch = ex.samples(small_scorecard / "runs" / "climate" / "pretrained_n1_s0" / "model",
                               small_scorecard / "data" / "climate.zarr", n=4)
@@ -62,7 +62,7 @@ def test_climate_forecast_attributions(small_scorecard):
 
 
 def test_radiology_voxel_attributions(small_scorecard):
-    from hfmi_kit.explain import radiology as ex
+    from hfmi_kit.domains.radiology import explain as ex
 
     model, image, mask = ex.crops(small_scorecard / "runs" / "radiology" / "pretrained_n3_s0" / "model",
                                   small_scorecard / "data" / "radiology_study", n=2)

@@ -1,8 +1,9 @@
-"""Explanations and their checks.
+"""The checks every explanation is held to.
 
-Per domain, an attribution method answers the field's question (which elements drive a band
-gap: :mod:`.materials`; which sources drive a biomass estimate: :mod:`.carbon`). Every method is
-held to two checks (Adebayo et al. 2018; Samek et al. 2017):
+Each domain's attribution method lives in its own folder (``hfmi_kit.domains.<x>.explain``) and
+answers the field's question (which elements drive a band gap: ``domains.materials.explain``;
+which sources drive a biomass estimate: ``domains.carbon.explain``). Every method is held to two
+checks (Adebayo et al. 2018; Samek et al. 2017):
 
 - :func:`randomization_check`: attributions of the trained model and of the same architecture
   with re-initialised weights must differ (low rank correlation); otherwise the method shows the
