@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +85,47 @@ def _ckpt_data(ckpt: str) -> str:
 
 
 _TASK_COMMANDS = ("pretrain", "finetune", "evaluate")
-TASK_FLAGS_EPILOG = ("Every other option of the domain's {cmd} is a flag too (materials --folds 3, carbon "
-                     "--calibration-folds 2): `hfmi options DOMAIN {cmd}` lists them with their types.")
+TASK_FLAGS_EPILOG = ("Every other option of the domain's {cmd} is a flag too (hfmi finetune materials "
+                     "--folds 3): `hfmi {cmd} DOMAIN --help` adds them to this list, with their types, "
+                     "defaults and ranges.")
+DOMAIN_HELP = "show this help message (after DOMAIN: with that domain's own flags) and exit"
+_NOT_FLAGS = ("out", "ckpt", "data", "progress")  # given by the shared flags (--out, --from/--ckpt, --data)
+
+
+class _DomainHelp(argparse.Action):
+    """``-h``/``--help`` of a task command: the shared flags and, when the domain was named
+    first (``hfmi finetune materials --help``), every flag of that domain's task as well, from its
+    typed options (what ``hfmi options`` prints)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        parser.print_help()
+        command = parser.prog.split()[-1]
+        name = getattr(namespace, "domain", None)
+        if name in _domain_names():
+            shared = {a.dest for a in parser._actions}
+            lines = _option_lines(_domain(name), command, skip=shared | set(_NOT_FLAGS))
+            if lines:
+                print(f"\n{name} {command} flags (besides those above):")
+                print("\n".join(lines))
+        parser.exit()
+
+
+def _domain_names() -> list[str]:
+    from hfmi_kit.domains import list_domains
+
+    return list_domains()
+
+
+def _option_lines(dom: Any, command: str, *, skip: Iterable[str] = ()) -> list[str]:
+    """One line per typed option of ``dom``'s ``command`` (its flag, type, default, help and
+    range), leaving out ``out``, ``progress`` and the names in ``skip``."""
+    skip = {"out", "progress", *skip}
+    return [f"  {o.describe()}" for o in dom.options(command).values() if o.name not in skip]
 
 
 def _task_flags(args: argparse.Namespace, extra: Sequence[str]) -> dict[str, Any]:
@@ -113,7 +152,7 @@ def _task_flags(args: argparse.Namespace, extra: Sequence[str]) -> dict[str, Any
     while i < len(extra):
         flag = extra[i]
         name = flag[2:].split("=", 1)[0].replace("-", "_") if flag.startswith("--") else ""
-        if not name or name in ("out", "ckpt", "data", "progress"):
+        if not name or name in _NOT_FLAGS:
             raise UsageError(f"unrecognized argument {flag!r}")
         if "=" in flag:
             text, i = flag.split("=", 1)[1], i + 1
@@ -184,9 +223,7 @@ def cmd_options(a: argparse.Namespace) -> None:
     if not opts:
         raise HfmiError(f"the {dom.name} domain has no {a.command} command")
     print(f"{dom.name} {a.command} options (from {dom.tasks_module}.{a.command}):")
-    for o in opts.values():
-        if o.name not in ("out", "progress"):
-            print(f"  {o.describe()}")
+    print("\n".join(_option_lines(dom, a.command)))
 
 
 def cmd_info(a: argparse.Namespace) -> None:
@@ -521,7 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(sets HFMI_STRATEGY for the processes)")
 
     sp = sub.add_parser("pretrain", help="pretrain a foundation model on unlabelled data",
-                        epilog=TASK_FLAGS_EPILOG.format(cmd="pretrain"))
+                        epilog=TASK_FLAGS_EPILOG.format(cmd="pretrain"), add_help=False)
+    sp.add_argument("-h", "--help", action=_DomainHelp, help=DOMAIN_HELP)
     sp.add_argument("domain", help=f"one of the registered domains: {domains}")
     sp.add_argument("--out", required=True, help="output directory (checkpoints, metrics.jsonl, model/)")
     sp.add_argument("--data", help="data in the domain's format (default: generated example data)")
@@ -536,7 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_pretrain)
 
     sp = sub.add_parser("finetune", help="fine-tune a pretrained model on a downstream task",
-                        epilog=TASK_FLAGS_EPILOG.format(cmd="finetune"))
+                        epilog=TASK_FLAGS_EPILOG.format(cmd="finetune"), add_help=False)
+    sp.add_argument("-h", "--help", action=_DomainHelp, help=DOMAIN_HELP)
     sp.add_argument("domain", help=f"one of the registered domains: {domains}")
     sp.add_argument("--from", dest="from_", required=True, metavar="CKPT",
                     help="pretrained checkpoint directory, or 'scratch' for the same model untrained")
@@ -566,7 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_finetune)
 
     sp = sub.add_parser("evaluate", help="evaluate a fine-tuned checkpoint; writes metrics.json",
-                        epilog=TASK_FLAGS_EPILOG.format(cmd="evaluate"))
+                        epilog=TASK_FLAGS_EPILOG.format(cmd="evaluate"), add_help=False)
+    sp.add_argument("-h", "--help", action=_DomainHelp, help=DOMAIN_HELP)
     sp.add_argument("domain", help=f"one of the registered domains: {domains}")
     sp.add_argument("--ckpt", required=True)
     sp.add_argument("--out", required=True)

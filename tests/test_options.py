@@ -44,6 +44,19 @@ def test_hfmi_options_lists_them(capsys):
     assert main(["options", "radiology", "whatif"]) == 1
 
 
+def test_a_task_commands_help_after_a_domain_lists_that_domains_own_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["finetune", "materials", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    own = text[text.index("materials finetune flags"):]
+    assert "--folds (int, default 5)" in own and "--members (int, default 3)" in own
+    assert "--labels (" not in own and "--from (" not in own  # shared flags are listed once, above
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    assert "flags (besides those above)" not in capsys.readouterr().out
+
+
 def test_task_options_of_a_plain_function():
     def f(*, a: int, b: str = "x", c: float | None = None) -> None: ...
 
