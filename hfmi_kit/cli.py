@@ -138,7 +138,7 @@ def _task_flags(args: argparse.Namespace, extra: Sequence[str]) -> dict[str, Any
         UsageError: another command, a flag that is not one of the task's options, or a flag
             without its value.
     """
-    from hfmi_kit.config import check_options
+    from hfmi_kit.config import check_options, takes_list
 
     if args.cmd not in _TASK_COMMANDS:
         raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
@@ -160,7 +160,9 @@ def _task_flags(args: argparse.Namespace, extra: Sequence[str]) -> dict[str, Any
             text, i = extra[i + 1], i + 2
         else:
             raise UsageError(f"{flag} needs a value")
-        given[name] = parse_param(text)  # as a notebook's -p value
+        value = parse_param(text)  # as a notebook's -p value
+        given[name] = [value] if name in opts and takes_list(opts[name].type) and not isinstance(value, list) \
+            else value  # --levels 500: a list of one
     try:
         return check_options(opts, given, what=f"{dom.name} {args.cmd}")
     except ConfigError as e:

@@ -199,6 +199,12 @@ class TaskOption:
         return value
 
 
+def takes_list(tp: Any) -> bool:
+    """Whether an option of type ``tp`` holds a list (``Sequence[float] | None``, ``list[str]``)."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    return any(typing.get_origin(a) in (list, Sequence) for a in args)  # not a fixed-size tuple
+
+
 def task_options(fn: Any) -> dict[str, TaskOption]:
     """The typed options of a task function: its keyword-only parameters, with the types of its
     annotations, their :class:`Opt` (from ``Annotated[type, Opt(...)]``) and its defaults. A
@@ -326,7 +332,8 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 def parse_param(text: str) -> Any:
     """A notebook parameter from the command line: YAML (numbers, lists, dicts, strings), with
-    ``1e-3``-style numbers read as floats (YAML 1.1 would keep them strings)."""
+    ``1e-3``-style numbers read as floats (YAML 1.1 would keep them strings) and ``500,850`` as a
+    list of numbers."""
     import yaml
 
     value = yaml.safe_load(text)
@@ -334,7 +341,12 @@ def parse_param(text: str) -> Any:
         try:
             return float(value)
         except ValueError:
-            return value
+            pass
+        if "," in value:  # 500,850: a list of numbers, as the comma-separated flags read
+            try:
+                return [int(x) if x.strip().lstrip("+-").isdigit() else float(x) for x in value.split(",")]
+            except ValueError:
+                return value
     return value
 
 

@@ -244,3 +244,73 @@ def test_the_skill_plot_shows_every_baseline_the_metrics_hold():
     m.update({"rmse_tos_lead1": 9.0, "rmse_skip_tas_lead1": 1.0})  # another variable; a baseline at one lead only
     labels = {e.label for e in skill_vs_lead(m) if e.label}
     assert labels == {"model", "persistence", "climatology", "damped persistence"}
+
+
+@pytest.fixture(scope="module")
+def leveled(tmp_path_factory) -> xr.Dataset:
+    """Generated data with air temperature on pressure levels (Pa, as CMIP6 writes them) and
+    ocean temperature on depths whose shelf cells end at 100 m."""
+    return generate(GeneratorConfig(years=3, spinup_years=1, seed=2, pressure_levels=(850, 500, 250),
+                                    ocean_depths=(5, 50, 200)))
+
+
+def test_a_pressure_coordinate_is_read_as_one_field_per_level_with_its_own_statistics(leveled, tmp_path):
+    path = write_cf(leveled, tmp_path / "levels.nc")
+    d = load_climate(path)
+    assert d.state_vars == ["tas", "tos", "siconc", "ta_850", "ta_500", "ta_250", "thetao_5", "thetao_50",
+                            "thetao_200"]
+    assert d.levels["ta_500"] == {"variable": "ta", "axis": "plev", "kind": "pressure", "value": 500.0,
+                                  "units": "hPa", "positive": "down", "file_value": 50000.0}
+    np.testing.assert_allclose(d.state["ta_500"], leveled["ta"].sel(plev=50000.0).values)
+    stats = cdata.compute_stats(path, d)
+    means = [stats[f"ta_{p}"]["mean"] for p in (850, 500, 250)]
+    assert means[0] > means[1] > means[2]  # colder aloft: statistics per level, not per variable
+    # at 200 m the shelf (ocean next to land) is below the sea floor: outside that level's mask only
+    assert d.valid["thetao_200"].sum() < d.valid["thetao_50"].sum() == d.valid["tos"].sum()
+    geo = d.geometry()
+    assert set(geo["levels"]) == {f"ta_{p}" for p in (850, 500, 250)} | {f"thetao_{z}" for z in (5, 50, 200)}
+    assert "file_value" not in geo["levels"]["ta_500"]
+    assert load_climate(path, expect=geo).state_vars == d.state_vars  # a checkpoint finds its fields again
+
+
+def test_levels_and_variables_select_level_fields(leveled, tmp_path):
+    path = write_cf(leveled, tmp_path / "levels.nc")
+    d = load_climate(path, levels=[500, 850])
+    assert [v for v in d.state_vars if v.startswith("ta_")] == ["ta_850", "ta_500"]
+    assert [v for v in d.state_vars if v.startswith("thetao")] == ["thetao_5", "thetao_50", "thetao_200"]
+    assert load_climate(path, variables=["tas", "ta_250", "thetao"]).state_vars == [
+        "tas", "ta_250", "thetao_5", "thetao_50", "thetao_200"]
+    with pytest.raises(DataError, match=r"levels.nc: no variable has the level\(s\) 300; the levels present "
+                                        r"are .*250 hPa"):
+        load_climate(path, levels=[300])
+    with pytest.raises(DataError, match=r"levels.nc: field\(s\) \['ta_300'\] not found.*ta: 500 hPa"):
+        load_climate(path, variables=["ta_300"])
+
+
+def test_level_spellings_real_files_use_and_levels_that_are_not_pressure_depth_or_height(leveled, tmp_path):
+    ds = leveled[["tas", "ta"]].assign_coords(plev=leveled.plev / 100.0)
+    ds["plev"].attrs = {"units": "millibars"}  # no axis, no standard name: the units say pressure
+    ds["tas"].attrs["units"] = "degK"
+    d = load_climate(write_cf(ds, tmp_path / "mbar.nc"))
+    assert d.state_vars == ["tas", "ta_850", "ta_500", "ta_250"] and d.attrs["tas"]["units"] == "K"
+    hybrid = leveled[["tas", "ta"]].rename(plev="lev").assign_coords(lev=[0.9, 0.5, 0.2])
+    hybrid["lev"].attrs = {"axis": "Z", "units": "1", "standard_name": "atmosphere_hybrid_sigma_pressure_coordinate"}
+    with pytest.raises(DataError, match=r"hybrid.nc: variable 'ta' has the vertical axis 'lev' .*not pressure, "
+                                        r"depth or height.*interpolate"):
+        load_climate(write_cf(hybrid, tmp_path / "hybrid.nc"))
+
+
+def test_level_fields_are_written_back_on_their_vertical_coordinate(leveled, tmp_path):
+    from hfmi_kit.domains.climate.plots import field, field_names
+
+    d = load_climate(write_cf(leveled, tmp_path / "levels.nc"), levels=[850, 250])
+    fields = {v: d.state[v][None, :2] for v in d.state}  # (init, lead, lat, lon) as a forecast holds them
+    out = cdata.gather_levels(xr.Dataset({v: (("init_time", "lead", "lat", "lon"), a) for v, a in fields.items()},
+                                         coords={"lat": d.lat, "lon": d.lon}), d.levels)
+    assert out["ta"].dims == ("init_time", "lead", "plev", "lat", "lon")
+    assert list(out["plev"].values) == [850.0, 250.0]
+    assert out["plev"].attrs == {"standard_name": "air_pressure", "units": "hPa", "positive": "down", "axis": "Z"}
+    assert out["thetao"].dims[2] == "depth" and "ta_850" not in out
+    np.testing.assert_array_equal(out["ta"].sel(plev=250.0).values, fields["ta_250"])
+    assert field_names(out, ["tas", "ta"]) == ["tas", "ta_850", "ta_250"]
+    np.testing.assert_array_equal(field(out, "ta_850").values, fields["ta_850"])

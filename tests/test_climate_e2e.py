@@ -132,3 +132,23 @@ def test_finetune_from_scratch_and_seaice_task(climate_runs, tmp_path):
     assert {"extent_mae", "extent_mae_persistence", "extent_mae_climatology"} <= set(s)
     assert main(["finetune", "climate", "--from", str(climate_runs["pre"] / "model"), "--task", "nope",
                  "--out", str(tmp_path / "x")]) == 1
+
+
+def test_pressure_levels_through_the_cli_round_trip_to_the_forecast(tmp_path, capsys):
+    data = write_dataset(generate(GeneratorConfig(years=3, spinup_years=1, seed=4, pressure_levels=(850, 500, 250))),
+                         tmp_path / "plev.nc")
+    pre, ft = tmp_path / "pre", tmp_path / "ft"
+    assert main(["pretrain", "climate", "--data", str(data), "--out", str(pre), "--steps", "3",
+                 "--levels", "500,850"]) == 0
+    geo = read_config(pre / "model")["geometry"]
+    assert geo["state_variables"] == ["tas", "tos", "siconc", "ta_850", "ta_500"]
+    assert geo["levels"]["ta_850"]["units"] == "hPa"
+    assert main(["finetune", "climate", "--from", str(pre / "model"), "--out", str(ft), "--steps", "3",
+                 "--leads", "2", "--levels", "500"]) == 1  # a checkpoint's levels are its own
+    assert "--levels chooses the levels of a model trained from scratch" in capsys.readouterr().err
+    assert main(["finetune", "climate", "--from", str(pre / "model"), "--out", str(ft), "--steps", "3",
+                 "--leads", "2"]) == 0
+    fc = xr.open_dataset(ft / "forecast.nc")
+    assert fc["ta"].dims == ("init_time", "lead", "plev", "lat", "lon")
+    assert list(fc["plev"].values) == [850.0, 500.0] and fc["plev"].attrs["units"] == "hPa"
+    assert "rmse_ta_500_lead2" in json.loads((ft / "metrics.json").read_text())

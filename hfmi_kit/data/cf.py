@@ -134,6 +134,89 @@ def check_time(ds: xr.Dataset, time: str, *, source: str = "dataset") -> None:
         raise DataError(f"{source}: non-monotonic time: {t[i + 1]} follows {t[i]} at index {i + 1} of {time!r}")
 
 
+def unit_factor(units: str, canon: str) -> tuple[float, float] | None:
+    """(scale, offset) taking values in ``units`` to ``canon`` (``x * scale + offset``), by
+    UDUNITS through ``cf_units``: every spelling real files use (``hPa``, ``millibars``, ``mbar``,
+    ``degK``, ``m s-1``, ``M/S``...). None when either is unknown to it or they are not convertible."""
+    try:
+        import cf_units
+    except ImportError:  # pragma: no cover - cf_units comes with the climate extra
+        return None
+    try:
+        u = cf_units.Unit(units)
+        if not u.is_convertible(cf_units.Unit(canon)):
+            return None
+        offset = float(u.convert(0.0, canon))
+        return float(u.convert(1.0, canon)) - offset, offset
+    except (ValueError, TypeError, ArithmeticError):
+        return None
+
+
+# the CF vertical coordinates a level field is read from, and the units its levels are named in
+VERTICAL_KINDS = {"pressure": "hPa", "depth": "m", "height": "m"}
+_VERTICAL_NAMES = {"air_pressure": "pressure", "depth": "depth", "height": "height", "altitude": "height",
+                   "height_above_reference_ellipsoid": "height", "height_above_geopotential_datum": "height"}
+
+
+@dataclass(frozen=True)
+class Vertical:
+    """A variable's vertical axis: pressure, depth or height levels, converted to hPa or m."""
+
+    dim: str  # the dimension's name in the file
+    kind: str  # pressure, depth or height
+    values: np.ndarray  # the levels in :data:`VERTICAL_KINDS` units, in the file's order
+    file_values: np.ndarray  # the same levels as the file holds them
+    positive: str  # "down" (pressure, depth) or "up" (height)
+
+    @property
+    def units(self) -> str:
+        return VERTICAL_KINDS[self.kind]
+
+    def cf_attrs(self) -> dict[str, str]:
+        """The CF attributes of this axis as hfmi writes it (canonical units)."""
+        sn = {"pressure": "air_pressure", "depth": "depth", "height": "height"}[self.kind]
+        return {"standard_name": sn, "units": self.units, "positive": self.positive, "axis": "Z"}
+
+
+def vertical_axis(da: xr.DataArray, ds: xr.Dataset, *, source: str = "dataset") -> Vertical | None:
+    """The vertical axis of variable ``da``: a dimension whose coordinate is CF-vertical
+    (``axis: Z``, a ``positive`` attribute, a vertical standard name, or pressure units), or None.
+
+    Raises:
+        DataError: a vertical coordinate that is not pressure, depth or height in units of
+            pressure or length (model or hybrid levels, a level index), or has NaN values.
+    """
+    for d in da.dims:
+        if d not in ds.coords or ds[d].ndim != 1:
+            continue
+        c = ds[d]
+        sn, ax = _attr(c, "standard_name"), _attr(c, "axis")
+        units = str(c.attrs.get("units", "")).strip()
+        pressure = bool(units) and unit_factor(units, "hPa") is not None
+        if not (ax == "z" or "positive" in c.attrs or sn in _VERTICAL_NAMES or pressure):
+            continue
+        positive = str(c.attrs.get("positive", "")).strip().lower()
+        kind = "pressure" if pressure else _VERTICAL_NAMES.get(sn) or (
+            "depth" if positive == "down" else "height" if positive == "up" else "")
+        canon = VERTICAL_KINDS.get(kind)
+        factor = unit_factor(units, canon) if canon and units else None
+        if factor is None:
+            raise DataError(f"{source}: variable {da.name!r} has the vertical axis {d!r} (units {units!r}, "
+                            f"standard_name {sn!r}), which is not pressure, depth or height in units of "
+                            "pressure or length; interpolate model or hybrid levels to pressure levels first")
+        raw = np.asarray(c.values, dtype=np.float64)
+        if not np.isfinite(raw).all():
+            raise DataError(f"{source}: vertical axis {d!r} has NaN/inf values")
+        return Vertical(dim=str(d), kind=kind, values=raw * factor[0] + factor[1], file_values=raw,
+                        positive=positive or ("up" if kind == "height" else "down"))
+    return None
+
+
+def level_name(variable: str, level: float) -> str:
+    """The name of one level of a variable as a field of its own: ``ta_500`` (hPa), ``thetao_5`` (m)."""
+    return f"{variable}_{level:g}"
+
+
 def grid_dims(da: xr.DataArray, ds: xr.Dataset) -> tuple[str, str] | None:
     """The (lat, lon) dimension names of variable ``da`` (it may sit on its own grid)."""
     lat = lon = None

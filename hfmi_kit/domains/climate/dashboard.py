@@ -14,7 +14,7 @@ from hfmi_kit.viz.results import Run
 def section(run: Run) -> list[Any]:
     """Forecast maps with a lead slider, skill against lead, and what-if response maps."""
 
-    from hfmi_kit.domains.climate.plots import forecast_maps, skill_vs_lead, whatif_maps
+    from hfmi_kit.domains.climate.plots import field_names, forecast_maps, skill_vs_lead, whatif_maps
 
     pn = panel()
     out: list[Any] = []
@@ -22,7 +22,7 @@ def section(run: Run) -> list[Any]:
     if fc_path is not None:
         def forecast() -> Any:
             ds = open_netcdf(fc_path)
-            names = [str(v) for v in ds.data_vars if {"init_time", "lead"} <= set(ds[v].dims)]
+            names = field_names(ds, [str(v) for v in ds.data_vars if {"init_time", "lead"} <= set(ds[v].dims)])
             if not names:
                 raise ConfigError(f"{fc_path.name}: no variable with init_time and lead dimensions")
             var = pn.widgets.Select(name="variable", options=names, value="tas" if "tas" in names else names[0])
@@ -43,7 +43,8 @@ def section(run: Run) -> list[Any]:
     if wi_path is not None:
         def whatif() -> Any:
             ds = open_netcdf(wi_path)
-            names = [str(v)[: -len("_response")] for v in ds.data_vars if str(v).endswith("_response")]
+            names = field_names(ds, [str(v)[: -len("_response")] for v in ds.data_vars
+                                     if str(v).endswith("_response")], "_response")
             if not names:
                 raise ConfigError(f"{wi_path.name}: no <variable>_response in the file")
             var = pn.widgets.Select(name="variable", options=names, value="tas" if "tas" in names else names[0])

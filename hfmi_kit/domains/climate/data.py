@@ -34,9 +34,12 @@ from hfmi_kit.data.cf import (
     check_time,
     find_axes,
     grid_dims,
+    level_name,
     open_cf,
     regrid_bilinear,
     select_gridded,
+    unit_factor,
+    vertical_axis,
 )
 from hfmi_kit.errors import DataError, GeometryMismatchError
 
@@ -85,6 +88,9 @@ class ClimateData:
     valid: dict[str, np.ndarray]  # state var -> (H, W) bool
     attrs: dict[str, dict[str, Any]]  # var -> CF attributes (units canonical)
     global_attrs: dict[str, Any] = field(default_factory=dict)
+    # a field that is one level of a variable (ta_500) -> {variable, axis, kind, value, units,
+    # positive, file_value}: its vertical coordinate, the level in hPa or m
+    levels: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def state_vars(self) -> list[str]:
@@ -110,24 +116,9 @@ class ClimateData:
             "grid": {"lat": [float(x) for x in self.lat], "lon": [float(x) for x in self.lon]},
             "valid_fraction": {v: float(m.mean()) for v, m in self.valid.items()},
             "time_step": "1 month",
+            **({"levels": {k: {a: b for a, b in v.items() if a != "file_value"} for k, v in self.levels.items()}}
+               if self.levels else {}),
         }
-
-
-def _udunits_conversion(units: str, canon: str) -> tuple[float, float] | None:
-    """(scale, offset) from ``units`` to ``canon`` by UDUNITS (``cf_units``, when installed), or None
-    when the units are unknown to it or not convertible."""
-    try:
-        import cf_units
-    except ImportError:
-        return None
-    try:
-        u = cf_units.Unit(units)
-        if not u.is_convertible(cf_units.Unit(canon)):
-            return None
-        offset = float(u.convert(0.0, canon))
-        return float(u.convert(1.0, canon)) - offset, offset
-    except (ValueError, TypeError, ArithmeticError):
-        return None
 
 
 def unit_conversion(standard_name: str, units: str) -> tuple[float, float] | None:
@@ -141,7 +132,7 @@ def unit_conversion(standard_name: str, units: str) -> tuple[float, float] | Non
         return 1.0, 0.0
     if units in conv:
         return conv[units]
-    return _udunits_conversion(units, canon) if units else None
+    return unit_factor(units, canon) if units else None
 
 
 def _convert_units(da: xr.DataArray, name: str, source: str) -> tuple[xr.DataArray, str]:
@@ -161,7 +152,7 @@ def _convert_units(da: xr.DataArray, name: str, source: str) -> tuple[xr.DataArr
         out = da * a + b
         out.attrs = {**da.attrs, "units": canon}
         return out, canon
-    if _udunits_conversion(canon, canon) is not None:  # UDUNITS at hand: any convertible units will do
+    if unit_factor(canon, canon) is not None:  # UDUNITS at hand: any convertible units will do
         expected = f"{canon!r} or units convertible to it" + (f" (e.g. {sorted(conv)})" if conv else "")
     else:
         expected = f"{canon!r}" + (f" or one of {sorted(conv)}" if conv else "")
@@ -268,18 +259,100 @@ def _on_grid(ds: xr.Dataset, dims: tuple[str, str], lat: np.ndarray, lon: np.nda
     return a.shape == lat.shape and b.shape == lon.shape and np.allclose(a, lat) and np.allclose(b, lon)
 
 
+def _level_fields(ds: xr.Dataset, names: Sequence[str], levels: Sequence[float] | None, src: str
+                  ) -> tuple[dict[str, xr.DataArray], dict[str, dict[str, Any]]]:
+    """Each variable of ``names`` as (time, lat, lon) fields: a variable on a vertical axis
+    (pressure, depth, height) becomes one field per level, ``ta_500`` (the level in hPa or m).
+    ``levels`` keeps those levels of every variable that has any of them (``500,850`` thins the
+    pressure levels and leaves ocean depths as they are); a level no variable has is an error.
+    Returns the fields and each level field's vertical coordinate."""
+    fields: dict[str, xr.DataArray] = {}
+    info: dict[str, dict[str, Any]] = {}
+    wanted = None if levels is None else np.asarray(levels, dtype=np.float64)
+    for v in names:
+        da = ds[v]
+        vert = vertical_axis(da, ds, source=src)
+        if vert is None:
+            fields[v] = da
+            continue
+        keep = [i for i, x in enumerate(vert.values) if wanted is None or np.isclose(x, wanted).any()]
+        for i in keep or range(len(vert.values)):  # a variable with none of them keeps every level
+            name = level_name(v, float(vert.values[i]))
+            if name in ds.variables or name in fields:
+                raise DataError(f"{src}: level {vert.values[i]:g} {vert.units} of {v!r} would be the field {name!r}, "
+                                "which the dataset already has; rename one of them")
+            fields[name] = da.isel({vert.dim: i}, drop=True)
+            info[name] = {"variable": str(v), "axis": vert.dim, "kind": vert.kind, "value": float(vert.values[i]),
+                          "units": vert.units, "positive": vert.positive, "file_value": float(vert.file_values[i])}
+    if wanted is not None:
+        have = {(i["units"], i["value"]) for i in info.values()}
+        missing = [f"{x:g}" for x in wanted if not any(np.isclose(x, h) for _, h in have)]
+        if missing:
+            raise DataError(f"{src}: no variable has the level(s) {', '.join(missing)}; the levels present are "
+                            f"{', '.join(f'{h:g} {u}' for u, h in sorted(have))}" if have else
+                            f"{src}: levels {', '.join(missing)} asked for, but no variable has a vertical axis")
+    return fields, info
+
+
+def _requested(ds: xr.Dataset, variables: Sequence[str]) -> list[str]:
+    """The file variables a request names: ``ta`` (every level) or one level field ``ta_500``."""
+    out = []
+    for r in variables:
+        base = r.rsplit("_", 1)[0] if r not in ds.data_vars and "_" in r else r
+        out.append(base if base in ds.data_vars else r)
+    return list(dict.fromkeys(out))
+
+
+def field_array(ds: xr.Dataset, name: str, levels: dict[str, dict[str, Any]]) -> xr.DataArray:
+    """Field ``name`` of ``ds``: a variable, or one level of one (``levels[name]``)."""
+    lv = levels.get(name)
+    return ds[name] if lv is None else ds[lv["variable"]].sel({lv["axis"]: lv["file_value"]}, drop=True)
+
+
+def gather_levels(ds: xr.Dataset, levels: dict[str, dict[str, Any]]) -> xr.Dataset:
+    """The data variables of ``ds`` named after level fields (``ta_500``, ``ta_500_response``)
+    joined per variable along its vertical coordinate (``ta``, ``ta_response`` with dims
+    (..., plev, lat, lon) and the CF attributes of the axis, levels in hPa or m), as the
+    source file held them."""
+    groups: dict[tuple[str, str], list[tuple[str, dict[str, Any]]]] = {}
+    for name in list(ds.data_vars):
+        for f in sorted(levels, key=len, reverse=True):
+            if name == f or name.startswith(f + "_"):
+                groups.setdefault((f"{levels[f]['variable']}{name[len(f):]}", levels[f]["axis"]), []).append(
+                    (str(name), levels[f]))
+                break
+    out = ds
+    for (target, axis), members in groups.items():
+        lv = members[0][1]
+        coord = xr.DataArray([m[1]["value"] for m in members], dims=axis,
+                             attrs={"standard_name": {"pressure": "air_pressure"}.get(lv["kind"], lv["kind"]),
+                                    "units": lv["units"], "positive": lv["positive"], "axis": "Z"})
+        joined = xr.concat([ds[m[0]] for m in members], dim=coord)
+        dims = list(ds[members[0][0]].dims)
+        joined = joined.transpose(*dims[:-2], axis, *dims[-2:])
+        joined.attrs = dict(ds[members[0][0]].attrs)
+        joined.encoding = dict(ds[members[0][0]].encoding)
+        out = out.drop_vars([m[0] for m in members]).assign({target: joined})
+    return out
+
+
 def load_climate(path: str | Path, *, variables: Sequence[str] | None = None,
-                 expect: dict[str, Any] | None = None) -> ClimateData:
+                 levels: Sequence[float] | None = None, expect: dict[str, Any] | None = None) -> ClimateData:
     """Read and validate a CF climate dataset.
 
     Takes every data variable with a time axis and a lat-lon grid (or those named in
     ``variables``); variables whose standard name is a known forcing (TOA insolation) become
     forcings, a time-only CO2 series becomes a scalar forcing. Variables on another lat-lon grid
     are regridded bilinearly onto the grid of the first state variable (or ``expect``'s grid).
+    A variable on a vertical axis (pressure, depth or height, found by its CF attributes) is
+    read as one field per level, ``ta_500`` (hPa) or ``thetao_5`` (m): a token group each, with
+    statistics of its own; an ocean field's cells that hold no value at any time at one depth
+    (below the sea floor) are outside its mask at that depth.
 
     Args:
         path: NetCDF file or Zarr store.
-        variables: restrict to these variables (forcings are still picked up).
+        variables: restrict to these variables (``ta`` for every level, ``ta_500`` for one).
+        levels: keep only these levels (hPa for pressure, m for depth and height).
         expect: a checkpoint's geometry; the data must provide its variables on its grid.
 
     Raises:
@@ -295,7 +368,8 @@ def load_climate(path: str | Path, *, variables: Sequence[str] | None = None,
     check_time(ds, axes.time, source=src)
     if expect is not None:
         variables = list(expect["state_variables"]) + list(expect["field_forcings"])
-    names = select_gridded(ds, axes, variables, source=src)
+        levels = None
+    names = select_gridded(ds, axes, _requested(ds, variables) if variables else None, source=src)
     if not names:
         raise DataError(f"{src}: no data variable has dims ({axes.time}, lat, lon)")
     for v in names:
@@ -303,18 +377,27 @@ def load_climate(path: str | Path, *, variables: Sequence[str] | None = None,
             raise DataError(f"{src}: variable {v!r} has no time axis {axes.time!r}; dims are {ds[v].dims}")
         if grid_dims(ds[v], ds) is None:
             raise DataError(f"{src}: variable {v!r} is not on a lat-lon grid; dims are {ds[v].dims}")
-        if axes.level and axes.level in ds[v].dims:
-            raise DataError(f"{src}: variable {v!r} has a vertical axis {axes.level!r}; select a level first")
-        extra = [str(d) for d in ds[v].dims if d not in (axes.time, *grid_dims(ds[v], ds))]  # type: ignore[misc]
+    fields, level_info = _level_fields(ds, names, levels, src)
+    if variables:
+        chosen = [f for r in variables for f in fields if f == r or level_info.get(f, {}).get("variable") == r]
+        missing = [r for r in variables if r not in fields and not any(i["variable"] == r for i in level_info.values())]
+        if missing:
+            lv = sorted({f"{i['variable']}: {i['value']:g} {i['units']}" for i in level_info.values()})
+            raise DataError(f"{src}: field(s) {missing} not found; the level fields are named VARIABLE_LEVEL "
+                            f"({', '.join(lv[:8])}{', ...' if len(lv) > 8 else ''})")
+        fields = {f: fields[f] for f in dict.fromkeys(chosen)}
+    for v, da in fields.items():
+        dims = grid_dims(da, ds)
+        extra = [str(d) for d in da.dims if d not in (axes.time, *dims)]  # type: ignore[misc]
         if extra:
-            raise DataError(f"{src}: variable {v!r} has dims {ds[v].dims}; expected only ({axes.time}, lat, lon), "
-                            f"not the extra dimension(s) {extra}")
-        if not np.issubdtype(ds[v].dtype, np.number):
-            raise DataError(f"{src}: variable {v!r} holds {ds[v].dtype} values, not numbers")
-        for c, kind in zip(grid_dims(ds[v], ds), ("latitude", "longitude")):  # type: ignore[arg-type]
+            raise DataError(f"{src}: variable {v!r} has dims {da.dims}; expected only ({axes.time}, [level,] lat, "
+                            f"lon), not the extra dimension(s) {extra}")
+        if not np.issubdtype(da.dtype, np.number):
+            raise DataError(f"{src}: variable {v!r} holds {da.dtype} values, not numbers")
+        for c, kind in zip(dims, ("latitude", "longitude")):  # type: ignore[arg-type]
             _check_coord(ds, c, kind, src)
-    state_names = [v for v in names if ds[v].attrs.get("standard_name") not in FIELD_FORCINGS]
-    forcing_names = [v for v in names if ds[v].attrs.get("standard_name") in FIELD_FORCINGS]
+    state_names = [v for v in fields if fields[v].attrs.get("standard_name") not in FIELD_FORCINGS]
+    forcing_names = [v for v in fields if fields[v].attrs.get("standard_name") in FIELD_FORCINGS]
     if not state_names:
         raise DataError(f"{src}: only forcings found ({forcing_names}); need at least one state variable")
     scalar_names = [str(v) for v, da in ds.data_vars.items()
@@ -325,7 +408,7 @@ def load_climate(path: str | Path, *, variables: Sequence[str] | None = None,
             raise GeometryMismatchError(f"{src}: scalar forcing(s) {missing} the model expects are missing")
         scalar_names = list(expect["scalar_forcings"])
     # target grid
-    lat_d, lon_d = grid_dims(ds[state_names[0]], ds)  # type: ignore[misc]
+    lat_d, lon_d = grid_dims(fields[state_names[0]], ds)  # type: ignore[misc]
     lat = np.asarray(ds[lat_d].values, dtype=np.float64)
     lon = np.asarray(ds[lon_d].values, dtype=np.float64)
     if expect is not None:
@@ -342,16 +425,17 @@ def load_climate(path: str | Path, *, variables: Sequence[str] | None = None,
     time = ds[axes.time].values
     state, forcing, valid, attrs = {}, {}, {}, {}
     for v in state_names + forcing_names:
-        da = ds[v].transpose(axes.time, *grid_dims(ds[v], ds))  # type: ignore[misc]
+        src_da = fields[v]
+        g = grid_dims(src_da, ds)
+        da = src_da.transpose(axes.time, *g)  # type: ignore[misc]
         da, units = _convert_units(da, v, src)
-        g = grid_dims(ds[v], ds)
-        where_sea = "where sea" in str(ds[v].attrs.get("cell_methods", ""))
+        where_sea = "where sea" in str(src_da.attrs.get("cell_methods", ""))
         mask_v = land
         regrid = not _on_grid(ds, g, lat, lon)  # another grid, or not the checkpoint's grid
         if regrid:
             LOGGER.info("%s: regridding %s bilinearly onto the %dx%d target grid", src, v, lat.size, lon.size)
             if where_sea and land is not None:  # check NaNs against the variable's own mask first
-                own = _values(ds[v], v, src)
+                own = _values(src_da, v, src)
                 if (~np.isfinite(own) & ~(np.isnan(own).all(axis=0))[None]).any():
                     raise DataError(f"{src}: variable {v!r} has NaN/inf values over the ocean on its own grid")
             da = regrid_bilinear(da, g[0], g[1], lat, lon)
@@ -359,8 +443,9 @@ def load_climate(path: str | Path, *, variables: Sequence[str] | None = None,
         if arr.shape[1:] != (lat.size, lon.size):
             raise DataError(f"{src}: variable {v!r} has grid {arr.shape[1:]}, expected {(lat.size, lon.size)}")
         bad = ~np.isfinite(arr)
-        if where_sea and land is not None and regrid:
-            mask_v = land | bad.all(axis=0)  # coast cells the regridded ocean field does not reach
+        if where_sea and land is not None and (regrid or v in level_info):
+            # coast cells the regridded ocean field does not reach; at a depth, cells below the sea floor
+            mask_v = land | bad.all(axis=0)
         if bad.any():
             if where_sea and mask_v is not None:
                 outside = bad & ~mask_v[None]
@@ -379,8 +464,11 @@ def load_climate(path: str | Path, *, variables: Sequence[str] | None = None,
                     f"{src}: variable {v!r} has {int(bad.sum())} NaN/inf value(s) and {declared}; "
                     f"first at time={time[t]}, lat={lat[i]:.2f}, lon={lon[j]:.2f}"
                 )
-        attrs[v] = {**{k: ds[v].attrs[k] for k in ("standard_name", "long_name", "cell_methods")
-                       if k in ds[v].attrs}, "units": units}
+        attrs[v] = {**{k: src_da.attrs[k] for k in ("standard_name", "long_name", "cell_methods")
+                       if k in src_da.attrs}, "units": units}
+        if v in level_info:
+            lv = level_info[v]
+            attrs[v]["level"] = f"{lv['value']:g} {lv['units']}"
         if v in forcing_names:
             forcing[v] = arr
         else:
@@ -410,7 +498,7 @@ def load_climate(path: str | Path, *, variables: Sequence[str] | None = None,
     ds.close()
     return ClimateData(source=src, time=np.asarray(time).astype("datetime64[ns]"), lat=lat, lon=lon,
                        state=state, forcing=forcing, scalars=scalars, valid=valid, attrs=attrs,
-                       global_attrs=ga)
+                       global_attrs=ga, levels={k: level_info[k] for k in [*state, *forcing] if k in level_info})
 
 
 def compute_stats(path: str | Path, data: ClimateData,
@@ -428,10 +516,10 @@ def compute_stats(path: str | Path, data: ClimateData,
 
     names = [*data.state, *data.forcing]
     # one dask graph for every mean and std: each chunk is read once, not twice per variable
-    means, stds = dask.compute([ds[v].mean(skipna=True) for v in names], [ds[v].std(skipna=True) for v in names])
+    arrays = [field_array(ds, v, data.levels) for v in names]
+    means, stds = dask.compute([a.mean(skipna=True) for a in arrays], [a.std(skipna=True) for a in arrays])
     stats = {}
-    for v, m, sd in zip(names, means, stds):
-        da = ds[v]
+    for v, da, m, sd in zip(names, arrays, means, stds):
         a = data.attrs[v]
         mean, std = float(m), float(sd)
         factor = unit_conversion(a.get("standard_name", ""), str(da.attrs.get("units", "")).strip())
@@ -460,8 +548,9 @@ def residual_scale(tens: Tensors, index: np.ndarray) -> list[float]:
 
 
 def main_variable(data: ClimateData) -> str:
-    """The headline variable: near-surface air temperature when present, else the first."""
-    for v in data.state:
+    """The headline variable: near-surface air temperature when present (a single-level field
+    before one on pressure levels), else the first."""
+    for v in sorted(data.state, key=lambda v: v in data.levels):
         if data.attrs[v].get("standard_name") == "air_temperature":
             return v
     return data.state_vars[0]

@@ -66,6 +66,9 @@ class GeneratorConfig:
     ice_heat_k: float = 6.0  # mixed-layer warming [K] equivalent to melting a full cell of ice
     steps_per_day: int = 1  # sub-steps per day
     cloud_albedo: float = 0.16  # albedo added by clouds everywhere
+    # diagnosed upper-air and sub-surface fields (see :func:`level_fields`); empty: none written
+    pressure_levels: tuple[float, ...] = ()  # hPa: air temperature ``ta`` on these levels (written in Pa)
+    ocean_depths: tuple[float, ...] = ()  # m: ocean temperature ``thetao`` at these depths
 
 
 @dataclass
@@ -304,10 +307,55 @@ def to_cf_dataset(sys_: CoupledSystem, data: dict[str, np.ndarray], co2_ppm: np.
             "hfmi_generator_config": json.dumps(dataclasses.asdict(cfg)),
         },
     )
-    for v in ("tos", "siconc"):
-        ds[v].encoding["_FillValue"] = np.float32(1e20)
+    ds = ds.assign(level_fields(data, sys_.land, cfg))
+    for v in ("tos", "siconc", "thetao"):
+        if v in ds:
+            ds[v].encoding["_FillValue"] = np.float32(1e20)
     ds["time"].encoding.update({"units": f"days since {cfg.start_year}-01-01", "calendar": "standard"})
     return ds
+
+
+LAPSE_K_PER_M, SCALE_HEIGHT_M, T_DEEP = 6.5e-3, 7000.0, 275.0
+
+
+def level_fields(data: dict[str, np.ndarray], land: np.ndarray, cfg: GeneratorConfig) -> dict[str, xr.DataArray]:
+    """Fields on vertical levels, diagnosed from the surface state (they add no dynamics of
+    their own): air temperature ``ta`` on ``cfg.pressure_levels`` (the surface temperature
+    lapsed at 6.5 K/km over the height of each level, z = 7 km ln(1000 hPa / p), its anomaly
+    from the cell's mean damped as sqrt(p / 1000 hPa)), written on a ``plev`` axis in Pa as
+    CMIP6 does; and ocean temperature ``thetao`` at ``cfg.ocean_depths`` (relaxing from the
+    mixed layer to a 275 K deep ocean over 300 m), NaN over land and, on the shelf (ocean cells
+    next to land, 100 m deep), below the sea floor."""
+    out: dict[str, xr.DataArray] = {}
+    if cfg.pressure_levels:
+        p = np.asarray(cfg.pressure_levels, dtype=np.float64)
+        tas = data["tas"].astype(np.float64)
+        mean = tas.mean(axis=0, keepdims=True)
+        ta = np.stack([mean + (tas - mean) * np.sqrt(q / 1000.0) - LAPSE_K_PER_M * SCALE_HEIGHT_M *
+                       np.log(1000.0 / q) for q in p], axis=1)
+        out["ta"] = xr.DataArray(ta.astype("float32"), dims=("time", "plev", "lat", "lon"), attrs={
+            "standard_name": "air_temperature", "long_name": "Air temperature", "units": "K",
+            "cell_methods": "time: mean"})
+        out["plev"] = xr.DataArray(p * 100.0, dims="plev", attrs={
+            "standard_name": "air_pressure", "long_name": "pressure", "units": "Pa", "positive": "down",
+            "axis": "Z"})
+    if cfg.ocean_depths:
+        z = np.asarray(cfg.ocean_depths, dtype=np.float64)
+        tos = data["tos"].astype(np.float64)
+        ocean = ~land
+        near = np.zeros_like(land)
+        for axis, shift in ((0, 1), (0, -1), (1, 1), (1, -1)):
+            near |= np.roll(land, shift, axis=axis)
+        shelf = ocean & near
+        th = np.stack([np.where(shelf & (d > 100.0), np.nan, T_DEEP + (tos - T_DEEP) * np.exp(-d / 300.0))
+                       for d in z], axis=1)
+        out["thetao"] = xr.DataArray(th.astype("float32"), dims=("time", "depth", "lat", "lon"), attrs={
+            "standard_name": "sea_water_potential_temperature", "long_name": "Sea water potential temperature",
+            "units": "K", "cell_methods": "area: mean where sea time: mean"})
+        out["depth"] = xr.DataArray(z, dims="depth", attrs={
+            "standard_name": "depth", "long_name": "depth below the sea surface", "units": "m",
+            "positive": "down", "axis": "Z"})
+    return out
 
 
 def write_dataset(ds: xr.Dataset, path: str | Path, *, time_chunk: int = 1) -> Path:

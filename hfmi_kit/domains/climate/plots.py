@@ -16,12 +16,45 @@ from hfmi_kit.data.cf import open_cf
 from hfmi_kit.viz.core import curves, map_with_slider, single_map
 
 
+def _vertical_dim(da: xr.DataArray) -> str | None:
+    return next((str(d) for d in da.dims if d in da.coords and str(da[d].attrs.get("axis", "")).upper() == "Z"),
+                None)
+
+
+def field(ds: xr.Dataset, name: str, suffix: str = "") -> xr.DataArray:
+    """``name + suffix`` of a forecast or what-if file: a variable, or one level of one
+    (``ta_500``: ``ta`` at 500 hPa on its vertical axis; ``ta_500``, ``_response``: that level of
+    ``ta_response``)."""
+    if f"{name}{suffix}" in ds:
+        return ds[f"{name}{suffix}"]
+    base, _, level = name.rpartition("_")
+    if f"{base}{suffix}" in ds and (z := _vertical_dim(ds[f"{base}{suffix}"])) is not None:
+        da = ds[f"{base}{suffix}"]
+        try:
+            return da.sel({z: float(level)}, method="nearest", tolerance=1e-6).drop_vars(z)
+        except (KeyError, ValueError):
+            pass
+    raise KeyError(f"no variable {name}{suffix} (nor level {name.rpartition('_')[2]} of {base}{suffix}) in the file")
+
+
+def field_names(ds: xr.Dataset, names: list[str], suffix: str = "") -> list[str]:
+    """``names`` (of the variables ``name + suffix``) with each variable on a vertical axis
+    spelled as its level fields (``ta`` -> ``ta_850``, ``ta_500``), as the metrics and
+    checkpoints name them."""
+    out = []
+    for n in names:
+        da = ds[f"{n}{suffix}"]
+        z = _vertical_dim(da)
+        out += [f"{n}_{float(x):g}" for x in da[z].values] if z else [n]
+    return out
+
+
 def forecast_maps(forecast: xr.Dataset | str | Path, var: str = "tas", init_index: int = 0, *,
                   dynamic: bool = False) -> Any:
     """Forecast of ``var`` from one initialisation, with a lead-time slider (``dynamic``: frames are
     rendered on demand, as in the dashboard)."""
     ds = open_cf(forecast) if not isinstance(forecast, xr.Dataset) else forecast
-    da = ds[var].isel(init_time=init_index).load()
+    da = field(ds, var).isel(init_time=init_index).load()
     init = str(ds["init_time"].values[init_index])[:10]
     return map_with_slider(da, "lead", cmap="viridis" if var != "siconc" else "Blues_r",
                            title=f"{var} forecast from {init}", dynamic=dynamic)
@@ -50,16 +83,19 @@ def skill_vs_lead(metrics: Mapping[str, float] | str | Path, var: str = "tas", m
 def whatif_maps(whatif: xr.Dataset | str | Path, var: str = "tas") -> Any:
     """Predicted ensemble-mean response, its spread and (when known) the true response."""
     ds = open_cf(whatif) if not isinstance(whatif, xr.Dataset) else whatif
-    resp = ds[f"{var}_response"].load()
+    resp = field(ds, var, "_response").load()
+    try:
+        truth = field(ds, var, "_response_true").load()
+    except KeyError:
+        truth = None
     panels = []
     m = float(abs(resp).max())
-    if f"{var}_response_true" in ds:
-        m = max(m, float(abs(ds[f"{var}_response_true"]).max()))
+    if truth is not None:
+        m = max(m, float(abs(truth).max()))
     panels.append(single_map(resp, clim=(-m, m), title=f"{var} response (model ensemble mean)"))
-    if f"{var}_response_true" in ds:
-        panels.append(single_map(ds[f"{var}_response_true"].load(), clim=(-m, m),
-                                 title=f"{var} response (generator truth)"))
-    panels.append(single_map(ds[f"{var}_response_spread"].load(), cmap="viridis",
+    if truth is not None:
+        panels.append(single_map(truth, clim=(-m, m), title=f"{var} response (generator truth)"))
+    panels.append(single_map(field(ds, var, "_response_spread").load(), cmap="viridis",
                              title=f"{var} response spread (ensemble std)"))
     import holoviews as hv
 

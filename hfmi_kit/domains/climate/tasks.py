@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -62,6 +63,8 @@ def _patch_for(grid: tuple[int, int], patch: tuple[int, int] | None) -> tuple[in
 
 Context = Annotated[int, opt.Opt("months of history the model sees", low=1)]
 Leads = Annotated[int, opt.Opt("monthly lead times forecast and scored", low=1)]
+Levels = Annotated[Sequence[float] | None, opt.Opt("vertical levels to keep, e.g. 500,850 (hPa for pressure, m for "
+                                                   "depth and height; None: every level of the data)")]
 
 
 def _fork_eval(fn: Any) -> Any:
@@ -89,7 +92,8 @@ def _val_loss(ds: cdata.ForecastWindows, batch_size: int = 32) -> Any:
 
 @recorded("climate", "pretrain")
 def pretrain(*, data: opt.Data, out: opt.Out, config: opt.Size = "tiny", steps: opt.Steps = 300, seed: opt.Seed = 0,
-             resume: opt.Resume = False, variables: opt.Variables = None, batch_size: opt.BatchSize = 16,
+             resume: opt.Resume = False, variables: opt.Variables = None, levels: Levels = None,
+             batch_size: opt.BatchSize = 16,
              lr: opt.LearningRate = 1e-3, context: Context = 2,
              patch: Annotated[tuple[int, int] | None,
                               opt.Opt("patch size in (lat, lon) cells (None: from the grid)")] = None,
@@ -103,7 +107,7 @@ def pretrain(*, data: opt.Data, out: opt.Out, config: opt.Size = "tiny", steps: 
     ``lim_modes``: EOF modes of the skip path's linear inverse model (None: chosen by 12-month
     rollouts on the validation years; 0: the per-cell forced regression instead)."""
     out = Path(out)
-    d = cdata.load_climate(data, variables=variables)
+    d = cdata.load_climate(data, variables=variables, levels=levels)
     split = cdata.split_years(d)
     stats = cdata.compute_stats(data, d, time_index=split.train)
     norm = cdata.Normaliser(stats)
@@ -269,7 +273,7 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
              label_fraction: opt.LabelFraction = 1.0, steps: opt.Steps = 300, seed: opt.Seed = 0,
              mode: opt.Mode = "full",
              config: opt.ParentSize = None, batch_size: opt.BatchSize = 16, lr: opt.FinetuneRate = None,
-             leads: Leads = 6,
+             leads: Leads = 6, levels: Levels = None,
              rollout_train: Annotated[int, opt.Opt("lead times of the autoregressive rollout the loss averages",
                                                low=1)] = 6,
              layer_decay: opt.LayerDecay = None, precision: opt.Precision = "auto",
@@ -288,6 +292,9 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
     if task not in ("forecast", "seaice"):
         raise ConfigError(f"unknown climate task {task!r}; expected 'forecast' or 'seaice'")
     out = Path(out)
+    if ckpt is not None and levels is not None:
+        raise ConfigError("--levels chooses the levels of a model trained from scratch; one fine-tuned from "
+                          f"{ckpt} reads the levels it was pretrained on")
     if ckpt is not None:
         pcfg, d = load_with_geometry(ckpt, data)
         geom, stats = pcfg["geometry"], pcfg["processors"]["normalisation"]
@@ -296,7 +303,7 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
         for k in ("mask_ratio", "mask_strategy", "next_step_weight", "head_hidden"):
             mk.pop(k, None)
     else:
-        d = cdata.load_climate(data)
+        d = cdata.load_climate(data, levels=levels)
         size = config or "tiny"
     split = cdata.split_years(d)
     if ckpt is None:
@@ -471,6 +478,7 @@ def forecast_dataset(d: cdata.ClimateData, fields: dict[str, np.ndarray], t0: np
     )
     for v in fields:
         ds[v].encoding["_FillValue"] = np.float32(1e20)
+    ds = cdata.gather_levels(ds, d.levels)
     for c in ("init_time", "valid_time"):
         ds[c].encoding.update({"units": "days since 1970-01-01", "calendar": "standard"})
     return ds
@@ -660,7 +668,7 @@ def whatif(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out,
     )
     for v in ds.data_vars:
         ds[v].encoding["_FillValue"] = np.float32(1e20)
-    write_cf(ds, out / "whatif.nc")
+    write_cf(cdata.gather_levels(ds, d.levels), out / "whatif.nc")
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
 
