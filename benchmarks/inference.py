@@ -88,12 +88,12 @@ def climate(ckpt: Path, data: dict[str, Any], repeats: int) -> None:
     n = len(items)
     clim = model.climatology.cpu()
     damping = cdata.anomaly_damping(tens, np.flatnonzero(np.isin(d.years, train_years)), clim)
-    prev = (b["month"] - 1) % 12
+    prev = (b["phase"] - 1) % model.phases
 
     def dp() -> torch.Tensor:  # climatology + damped initial anomaly
-        return clim[b["month"]] + damping * (b["inputs"][:, -1] - clim[prev])
+        return clim[b["phase"]] + damping * (b["inputs"][:, -1] - clim[prev])
 
-    t_model = per_call(lambda: model.rollout(b["inputs"], b["forcing"], b["scalars"], b["mask"], b["month"],
+    t_model = per_call(lambda: model.rollout(b["inputs"], b["forcing"], b["scalars"], b["mask"], b["phase"],
                                              steps=1), repeats)
     grid = "x".join(str(s) for s in b["inputs"].shape[-2:])
     report("climate", f"state {grid}", t_model / n, per_call(dp, repeats) / n, "damped persistence")

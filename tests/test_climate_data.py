@@ -179,7 +179,7 @@ def test_forced_anomaly_regression_recovers_known_damping_and_co2_response():
         x[t] = a_true * x[t - 1] + b_true[0] * (s[t] - s.mean()) + 0.05 * rng.standard_normal((1, H, W))
     tens = cdata.Tensors(state=torch.tensor(x, dtype=torch.float32), forcing=torch.zeros(T, 0, H, W),
                          scalars=torch.tensor(s, dtype=torch.float32)[:, None], mask=torch.ones(1, H, W),
-                         months=torch.arange(T) % 12)
+                         phase=torch.arange(T) % 12)
     a, b, ref = cdata.anomaly_regression(tens, np.arange(T), torch.zeros(12, 1, H, W))
     assert a.shape == (1, H, W) and b.shape == (1, 1, H, W) and ref.shape == (1,)
     assert np.allclose(a.numpy(), a_true, atol=0.03) and np.allclose(b.numpy(), b_true, atol=0.03)
@@ -209,7 +209,7 @@ def test_linear_inverse_model_recovers_a_nonlocal_forced_response():
         x[t] = A_true @ x[t - 1] + b_true * s[t] + 0.1 * rng.standard_normal(n)
     tens = cdata.Tensors(state=torch.tensor(x.reshape(T, 1, H, W), dtype=torch.float32),
                          forcing=torch.zeros(T, 0, H, W), scalars=torch.tensor(s, dtype=torch.float32)[:, None],
-                         mask=torch.ones(1, H, W), months=torch.arange(T) % 12)
+                         mask=torch.ones(1, H, W), phase=torch.arange(T) % 12)
     clim = torch.zeros(12, 1, H, W)
     train, val = np.arange(900), np.arange(900, T)
     lim = cdata.choose_lim(tens, train, val, clim, candidates=(3, 8, n))

@@ -152,3 +152,50 @@ def test_pressure_levels_through_the_cli_round_trip_to_the_forecast(tmp_path, ca
     assert fc["ta"].dims == ("init_time", "lead", "plev", "lat", "lon")
     assert list(fc["plev"].values) == [850.0, 500.0] and fc["plev"].attrs["units"] == "hPa"
     assert "rmse_ta_500_lead2" in json.loads((ft / "metrics.json").read_text())
+
+
+def _eofs_data(name: str):
+    eofs = pytest.importorskip("eofs")
+    from pathlib import Path
+
+    return Path(eofs.__file__).parent / "examples" / "example_data" / name
+
+
+def test_real_reanalysis_500hpa_heights_of_annual_winters_train_end_to_end(tmp_path, capsys):
+    """NCEP/NCAR reanalysis DJF-mean 500 hPa geopotential height 1948-2012 on a 2.5 degree grid of
+    29 x 49 cells, as the eofs package ships it: a pressure coordinate (one level), one step a year
+    (dated mid-January, one at 12:00), a grid no patch divides, and no units on the variable."""
+    src = _eofs_data("hgt_djf.nc")
+    out = tmp_path / "pre"
+    assert main(["pretrain", "climate", "--data", str(src), "--out", str(out), "--steps", "2"]) == 1
+    err = capsys.readouterr().err
+    assert f"{src}: variable 'z' (geopotential_height) has no 'units' attribute; CF requires one" in err
+    ds = xr.open_dataset(src)
+    ds["z"].attrs["units"] = "m"  # the one fix CF asks of the file
+    data = tmp_path / "hgt_djf.nc"
+    ds.to_netcdf(data)
+    assert main(["pretrain", "climate", "--data", str(data), "--out", str(out), "--steps", "3"]) == 0
+    geo = read_config(out / "model")["geometry"]
+    assert geo["state_variables"] == ["z_500"] and geo["time_step"] == "1 year" and geo["climatology"] == "none"
+    assert main(["finetune", "climate", "--from", str(out / "model"), "--out", str(tmp_path / "ft"), "--steps", "3",
+                 "--leads", "3"]) == 0
+    m = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert np.isfinite(m["rmse_z_500_lead3"]) and 10 < m["rmse_climatology"] < 200  # metres of 500 hPa height
+    fc = xr.open_dataset(tmp_path / "ft" / "forecast.nc")
+    assert fc["z"].dims == ("init_time", "lead", "pressure", "lat", "lon") and float(fc["pressure"][0]) == 500.0
+    assert fc["lead"].attrs["long_name"] == "forecast lead in steps of 1 year"
+
+
+def test_a_360_day_calendar_runs_and_is_written_back_on_its_calendar(tmp_path):
+    import cftime
+
+    ds = generate(GeneratorConfig(years=4, spinup_years=1, seed=5))
+    t = [cftime.Datetime360Day(2000 + i // 12, i % 12 + 1, 16) for i in range(ds.sizes["time"])]
+    ds = ds.assign_coords(time=xr.DataArray(t, dims="time", attrs=ds["time"].attrs))
+    ds["time"].encoding = {"units": "days since 2000-01-01", "calendar": "360_day"}
+    data = write_dataset(ds, tmp_path / "c360.nc")
+    assert main(["finetune", "climate", "--from", "scratch", "--data", str(data), "--out", str(tmp_path / "ft"),
+                 "--steps", "3", "--leads", "2"]) == 0
+    assert read_config(tmp_path / "ft" / "model")["geometry"]["calendar"] == "360_day"
+    fc = xr.open_dataset(tmp_path / "ft" / "forecast.nc", use_cftime=True)
+    assert fc["valid_time"].values.ravel()[0].calendar == "360_day"

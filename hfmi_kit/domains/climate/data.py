@@ -7,7 +7,8 @@ A sample (see :class:`ForecastWindows`) is a dict with the documented keys:
 - ``scalars``: (K, S) normalised scalar forcings (CO2 radiative forcing) at t+1 .. t+K;
 - ``target``: (K, V, H, W) normalised state at t+1 .. t+K;
 - ``mask``: (V, H, W) 1 where a variable is defined (ocean variables over the ocean), else 0;
-- ``month``: () month of year (0-11) of t+1;
+- ``phase``: () climatological bin of t+1 (its month of year 0-11 for monthly data; see
+  :mod:`~hfmi_kit.domains.climate.timeaxis`);
 - ``meta``: (1,) index of time t in the dataset.
 
 Field forcings (insolation) and scalar forcings (CO2) are inputs the model never predicts: a
@@ -41,6 +42,7 @@ from hfmi_kit.data.cf import (
     unit_factor,
     vertical_axis,
 )
+from hfmi_kit.domains.climate.timeaxis import TimeStep, calendar_fields, detect_step, phase_of
 from hfmi_kit.errors import DataError, GeometryMismatchError
 
 LOGGER = logging.getLogger(__name__)
@@ -79,7 +81,7 @@ class ClimateData:
     """A validated climate dataset held as numpy arrays on one lat-lon grid."""
 
     source: str
-    time: np.ndarray  # (T,) datetime64
+    time: np.ndarray  # (T,) datetime64, or cftime objects on a calendar numpy lacks (360_day, noleap)
     lat: np.ndarray  # (H,)
     lon: np.ndarray  # (W,)
     state: dict[str, np.ndarray]  # var -> (T, H, W) physical units, NaN where undefined
@@ -91,18 +93,20 @@ class ClimateData:
     # a field that is one level of a variable (ta_500) -> {variable, axis, kind, value, units,
     # positive, file_value}: its vertical coordinate, the level in hPa or m
     levels: dict[str, dict[str, Any]] = field(default_factory=dict)
+    step: TimeStep = TimeStep("month", 1)  # the regular time step (and calendar) of ``time``
 
     @property
     def state_vars(self) -> list[str]:
         return list(self.state)
 
     @property
-    def months(self) -> np.ndarray:
-        return self.time.astype("datetime64[M]").astype(int) % 12
+    def phase(self) -> np.ndarray:
+        """(T,) the climatological bin of each step (month of year 0-11 for monthly data)."""
+        return phase_of(self.time, self.step)
 
     @property
     def years(self) -> np.ndarray:
-        return self.time.astype("datetime64[Y]").astype(int) + 1970
+        return calendar_fields(self.time)["year"]
 
     def geometry(self) -> dict[str, Any]:
         """What a checkpoint records about the data it expects (its normalisation statistics go
@@ -115,7 +119,7 @@ class ClimateData:
             "standard_names": {v: self.attrs[v].get("standard_name", "") for v in self.attrs},
             "grid": {"lat": [float(x) for x in self.lat], "lon": [float(x) for x in self.lon]},
             "valid_fraction": {v: float(m.mean()) for v, m in self.valid.items()},
-            "time_step": "1 month",
+            "time_step": self.step.label, "calendar": self.step.calendar, "climatology": self.step.cycle,
             **({"levels": {k: {a: b for a, b in v.items() if a != "file_value"} for k, v in self.levels.items()}}
                if self.levels else {}),
         }
@@ -140,7 +144,8 @@ def _convert_units(da: xr.DataArray, name: str, source: str) -> tuple[xr.DataArr
     units = str(da.attrs.get("units", "")).strip()
     if sn not in UNITS:
         if not units:
-            raise DataError(f"{source}: variable {name!r} has no 'units' attribute")
+            raise DataError(f"{source}: variable {name!r}{f' ({sn})' if sn else ''} has no 'units' attribute; CF "
+                            f"requires one: add it, e.g. `ncatted -a units,{name},c,c,UNITS FILE`")
         return da, units
     canon, ok, conv = UNITS[sn]
     if units in ok:
@@ -336,6 +341,21 @@ def gather_levels(ds: xr.Dataset, levels: dict[str, dict[str, Any]]) -> xr.Datas
     return out
 
 
+def _times(t: xr.DataArray) -> tuple[np.ndarray, str]:
+    """The times of axis ``t`` (datetime64, or cftime objects on a calendar numpy lacks) and
+    their CF calendar."""
+    calendar = str(t.encoding.get("calendar", t.attrs.get("calendar", "standard")))
+    values = np.asarray(t.values)
+    if values.dtype == object:
+        calendar = str(getattr(values.ravel()[0], "calendar", calendar) or calendar)
+        if calendar in ("standard", "gregorian", "proleptic_gregorian"):
+            values = np.asarray(xr.CFTimeIndex(values).to_datetimeindex(time_unit="ns"))
+    if np.issubdtype(values.dtype, np.datetime64):
+        values = values.astype("datetime64[ns]")
+        calendar = "standard" if calendar in ("gregorian", "proleptic_gregorian") else calendar
+    return values, calendar
+
+
 def load_climate(path: str | Path, *, variables: Sequence[str] | None = None,
                  levels: Sequence[float] | None = None, expect: dict[str, Any] | None = None) -> ClimateData:
     """Read and validate a CF climate dataset.
@@ -422,13 +442,17 @@ def load_climate(path: str | Path, *, variables: Sequence[str] | None = None,
                 frac = np.asarray(_values(lf, str(da.name), src), dtype=np.float64)
                 frac = frac / 100.0 if str(da.attrs.get("units", "%")).strip() == "%" else frac
                 land = frac >= 0.5
-    time = ds[axes.time].values
+    time, calendar = _times(ds[axes.time])
+    step = detect_step(time, calendar=calendar, source=src)
+    if expect is not None and expect.get("time_step", "1 month") != step.label:
+        raise GeometryMismatchError(f"{src}: time step of {step.label}; the checkpoint was trained on steps of "
+                                    f"{expect.get('time_step', '1 month')}")
     state, forcing, valid, attrs = {}, {}, {}, {}
     for v in state_names + forcing_names:
         src_da = fields[v]
         g = grid_dims(src_da, ds)
         da = src_da.transpose(axes.time, *g)  # type: ignore[misc]
-        da, units = _convert_units(da, v, src)
+        da, units = _convert_units(da, level_info[v]["variable"] if v in level_info else v, src)
         where_sea = "where sea" in str(src_da.attrs.get("cell_methods", ""))
         mask_v = land
         regrid = not _on_grid(ds, g, lat, lon)  # another grid, or not the checkpoint's grid
@@ -496,7 +520,7 @@ def load_climate(path: str | Path, *, variables: Sequence[str] | None = None,
                 )
     ga = dict(ds.attrs)
     ds.close()
-    return ClimateData(source=src, time=np.asarray(time).astype("datetime64[ns]"), lat=lat, lon=lon,
+    return ClimateData(source=src, time=time, step=step, lat=lat, lon=lon,
                        state=state, forcing=forcing, scalars=scalars, valid=valid, attrs=attrs,
                        global_attrs=ga, levels={k: level_info[k] for k in [*state, *forcing] if k in level_info})
 
@@ -594,7 +618,8 @@ class Tensors:
     forcing: torch.Tensor  # (T, F, H, W)
     scalars: torch.Tensor  # (T, S)
     mask: torch.Tensor  # (V, H, W)
-    months: torch.Tensor  # (T,) month of year 0-11
+    phase: torch.Tensor  # (T,) climatological bin of each step (month of year 0-11 for monthly data)
+    step: TimeStep = TimeStep("month", 1)
 
 
 def to_tensors(data: ClimateData, normaliser: Normaliser) -> Tensors:
@@ -612,20 +637,45 @@ def to_tensors(data: ClimateData, normaliser: Normaliser) -> Tensors:
         forcing=stack(data.forcing, (T, 0, H, W)),
         scalars=stack(data.scalars, (T, 0)),
         mask=torch.from_numpy(np.stack([data.valid[v] for v in data.state]).astype(np.float32)),
-        months=torch.from_numpy(data.months.astype(np.int64)),
+        phase=torch.from_numpy(data.phase.astype(np.int64)),
+        step=data.step,
     )
 
 
-def monthly_climatology(tens: Tensors, index: np.ndarray) -> torch.Tensor:
-    """(12, V, H, W) normalised mean state of each month of year over the time steps ``index``."""
+def phase_means(x: torch.Tensor, phase: torch.Tensor, step: TimeStep, index: np.ndarray) -> torch.Tensor:
+    """(P, ...) mean of ``x`` (T, ...) in each climatological bin of ``step`` over the steps
+    ``index``; day-of-year bins are smoothed over +-15 days (circular), so a bin without data
+    (day 366 outside leap years) takes its neighbours'.
+
+    Raises:
+        DataError: a bin without data (after smoothing): the training steps do not cover the cycle.
+    """
+    P = step.phases
     idx = torch.from_numpy(np.asarray(index))
-    out = torch.zeros(12, *tens.state.shape[1:])
-    for m in range(12):
-        sel = idx[tens.months[idx] == m]
-        if sel.numel() == 0:
-            raise DataError(f"month {m + 1} has no data in the training years; cannot form a climatology")
-        out[m] = tens.state[sel].mean(0)
-    return out
+    ph = phase[idx]
+    sums = torch.zeros(P, *x.shape[1:], dtype=torch.float64).index_add_(0, ph, x[idx].double())
+    counts = torch.zeros(P, dtype=torch.float64).index_add_(0, ph, torch.ones(len(idx), dtype=torch.float64))
+    w = step.smooth_bins
+    if w:
+        per = 24 // step.n if step.unit == "hour" else 1  # bins per day: smooth along the days
+        days = P // per
+        s = sums.reshape(days, per, *x.shape[1:])
+        c = counts.reshape(days, per)
+        s = sum(torch.roll(s, k, dims=0) for k in range(-w, w + 1))
+        c = sum(torch.roll(c, k, dims=0) for k in range(-w, w + 1))
+        sums, counts = s.reshape(P, *x.shape[1:]), c.reshape(P)
+    empty = torch.nonzero(counts == 0).flatten()
+    if empty.numel():
+        b = int(empty[0])
+        what = f"month {b + 1}" if step.cycle == "month" else f"{step.cycle} bin {b}"
+        raise DataError(f"{what} has no data in the training years; cannot form a climatology")
+    return (sums / counts.reshape(P, *([1] * (x.dim() - 1)))).float()
+
+
+def climatology(tens: Tensors, index: np.ndarray) -> torch.Tensor:
+    """(P, V, H, W) normalised mean state of each climatological bin (month of year for monthly
+    data, day of year for daily, none for annual; see :mod:`.timeaxis`) over the steps ``index``."""
+    return phase_means(tens.state, tens.phase, tens.step, index)
 
 
 def anomaly_damping(tens: Tensors, index: np.ndarray, clim: torch.Tensor) -> torch.Tensor:
@@ -640,8 +690,8 @@ def anomaly_damping(tens: Tensors, index: np.ndarray, clim: torch.Tensor) -> tor
     if pairs.size < 2:
         raise DataError("fewer than two consecutive training steps; cannot fit the anomaly damping")
     p = torch.from_numpy(pairs)
-    a0 = tens.state[p] - clim[tens.months[p]]
-    a1 = tens.state[p + 1] - clim[tens.months[p + 1]]
+    a0 = tens.state[p] - clim[tens.phase[p]]
+    a1 = tens.state[p + 1] - clim[tens.phase[p + 1]]
     num, den = (a0 * a1).sum(0), (a0 * a0).sum(0)
     out = torch.where(den > 1e-8, num / den.clamp_min(1e-8), torch.ones_like(den)).clamp(0.0, 1.0)
     return torch.where(tens.mask > 0, out, torch.ones_like(out))
@@ -663,8 +713,8 @@ def anomaly_regression(tens: Tensors, index: np.ndarray, clim: torch.Tensor) -> 
     if pairs.size < S + 2:
         raise DataError("too few consecutive training steps to fit the forced anomaly persistence")
     p = torch.from_numpy(pairs)
-    a0 = (tens.state[p] - clim[tens.months[p]]).double()  # (N, V, H, W)
-    a1 = (tens.state[p + 1] - clim[tens.months[p + 1]]).double()
+    a0 = (tens.state[p] - clim[tens.phase[p]]).double()  # (N, V, H, W)
+    a1 = (tens.state[p + 1] - clim[tens.phase[p + 1]]).double()
     if S == 0:
         a = anomaly_damping(tens, index, clim)
         return a, torch.zeros(0, *a.shape), torch.zeros(0)
@@ -731,7 +781,7 @@ def lim_step(anom: torch.Tensor, ds: torch.Tensor | None, project: torch.Tensor,
 
 
 def _anomalies(tens: Tensors, clim: torch.Tensor) -> torch.Tensor:
-    return ((tens.state - clim[tens.months]) * tens.mask).double()
+    return ((tens.state - clim[tens.phase]) * tens.mask).double()
 
 
 @dataclass
@@ -936,6 +986,6 @@ class ForecastWindows(Dataset):
             "scalars": self.t.scalars[t + 1 : t + K + 1],  # (K, S)
             "target": self.t.state[t + 1 : t + K + 1],  # (K, V, H, W)
             "mask": self.t.mask,  # (V, H, W)
-            "month": self.t.months[t + 1],  # () month of year of t+1
+            "phase": self.t.phase[t + 1],  # () climatological bin of t+1
             "meta": torch.tensor([t]),
         }

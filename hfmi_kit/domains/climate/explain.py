@@ -35,7 +35,7 @@ def samples(ckpt: str | Path, data: str | Path, *, n: int = 8) -> tuple[Any, dic
                                 context=int(cfg["model_kwargs"]["context"]))
     take = np.linspace(0, len(win) - 1, min(n, len(win))).round().astype(int)
     items = [win[int(i)] for i in take]
-    return model, collate(items, keys=("inputs", "forcing", "scalars", "mask", "month"), where="explanation batch")
+    return model, collate(items, keys=("inputs", "forcing", "scalars", "mask", "phase"), where="explanation batch")
 
 
 def _target(model: Any, batch: dict[str, torch.Tensor], var: str) -> Any:

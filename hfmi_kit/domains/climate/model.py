@@ -39,13 +39,17 @@ class ClimateNet(nn.Module):
     def __init__(self, *, size: EncoderConfig, variables: Sequence[str], field_forcings: Sequence[str],
                  scalar_forcings: Sequence[str], grid: Sequence[int], patch: Sequence[int] = (4, 4),
                  context: int = 2, lat: Sequence[float] | None = None,
-                 residual_scale: Sequence[float] | None = None, lim_modes: int = 0) -> None:
+                 residual_scale: Sequence[float] | None = None, lim_modes: int = 0, phases: int = 12) -> None:
         super().__init__()
         self.variables, self.field_forcings = list(variables), list(field_forcings)
         self.scalar_forcings, self.context = list(scalar_forcings), context
         groups = [state_group(v, c) for c in range(context) for v in self.variables]
         groups += [f"{f}@t+1" for f in self.field_forcings]
-        tok = GridTokenizer(groups=groups, grid=grid, patch=patch, dim=size.dim,
+        # a grid the patch does not divide is padded (periodic in longitude, the edge row
+        # repeated in latitude) to the next multiple, and outputs are cropped back
+        self.grid = (int(grid[0]), int(grid[1]))
+        padded = [-(-g // int(p)) * int(p) for g, p in zip(self.grid, patch)]
+        tok = GridTokenizer(groups=groups, grid=padded, patch=patch, dim=size.dim,
                             scalars=[f"{s}@t+1" for s in self.scalar_forcings], condition_on_scalars=True)
         self.backbone = Backbone(tok, size)
         H = grid[0]
@@ -55,10 +59,12 @@ class ClimateNet(nn.Module):
         # Heads predict one-step tendencies in units of their standard deviation (GraphCast style).
         rs = torch.tensor(list(residual_scale) if residual_scale is not None else [1.0] * len(self.variables))
         self.register_buffer("residual_scale", rs.float()[None, :, None, None], persistent=False)
-        # Monthly climatology of the training years (normalised), saved with the weights: a step
-        # starts from x_t plus the climatological change of the month, so an untrained head is
+        # Climatology of the training years (normalised) in ``phases`` bins of the year (12 months
+        # for monthly data, days of year for daily, 1 for annual), saved with the weights: a step
+        # starts from x_t plus the climatological change of its bin, so an untrained head is
         # the anomaly-persistence forecast and the network learns what differs from it.
-        self.register_buffer("climatology", torch.zeros(12, len(self.variables), *grid))
+        self.phases = int(phases)
+        self.register_buffer("climatology", torch.zeros(self.phases, len(self.variables), *grid))
         # Lag-1 regression of anomalies on the training years (damped anomaly persistence): the
         # skip path decays an anomaly towards climatology at the rate the data shows, so the
         # untrained forecaster already beats climatology wherever anomalies persist at all.
@@ -89,7 +95,7 @@ class ClimateNet(nn.Module):
                 state_dict[prefix + name] = torch.zeros_like(getattr(self, name))
 
     def set_climatology(self, clim: torch.Tensor) -> None:
-        """Set the (12, V, H, W) normalised monthly climatology of the training years."""
+        """Set the (P, V, H, W) normalised climatology of the training years (P bins of the year)."""
         if tuple(clim.shape) != tuple(self.climatology.shape):
             raise ValueError(f"climatology shape {tuple(clim.shape)}, expected {tuple(self.climatology.shape)}")
         self.climatology.copy_(clim)
@@ -121,30 +127,48 @@ class ClimateNet(nn.Module):
         self.set_damping(lim.residual_damping)
         self.set_forcing_response(torch.zeros_like(self.forcing_response), lim.ref)
 
-    def skip(self, inputs: torch.Tensor, month: torch.Tensor, scalars: torch.Tensor | None = None) -> torch.Tensor:
-        """The statistical forecast the network corrects, (B, V, H, W): clim[m+1] plus the anomaly
-        x_t - clim[m] stepped by the linear inverse model (``lim_modes`` > 0) or per cell as
-        a anom + b (s_t+1 - s_ref); ``month`` (B,) is that of t+1, ``scalars`` (B, S) the forcing at t+1."""
-        anom = inputs[:, -1] - self.climatology[(month - 1) % 12]
+    def skip(self, inputs: torch.Tensor, phase: torch.Tensor, scalars: torch.Tensor | None = None) -> torch.Tensor:
+        """The statistical forecast the network corrects, (B, V, H, W): clim[p+1] plus the anomaly
+        x_t - clim[p] stepped by the linear inverse model (``lim_modes`` > 0) or per cell as
+        a anom + b (s_t+1 - s_ref); ``phase`` (B,) is the climatological bin of t+1 (its month for
+        monthly data), ``scalars`` (B, S) the forcing at t+1."""
+        anom = inputs[:, -1] - self.climatology[(phase - 1) % self.phases]
         forced = scalars is not None and bool(self.scalar_forcings)
         ds = (scalars - self.forcing_ref).to(anom.dtype) if forced else None  # (B, S)
         if self.lim_modes:
-            return self.climatology[month] + lim_step(anom, ds, self.lim_project, self.lim_reconstruct,
+            return self.climatology[phase] + lim_step(anom, ds, self.lim_project, self.lim_reconstruct,
                                                       self.lim_operator, self.lim_forcing, self.damping)
-        out = self.climatology[month] + self.damping * anom
+        out = self.climatology[phase] + self.damping * anom
         if ds is not None:
             out = out + torch.einsum("bs,svhw->bvhw", ds, self.forcing_response)
         return out
 
-    def next_state(self, inputs: torch.Tensor, delta: dict[str, torch.Tensor], month: torch.Tensor,
+    def next_state(self, inputs: torch.Tensor, delta: dict[str, torch.Tensor], phase: torch.Tensor,
                    scalars: torch.Tensor | None = None) -> torch.Tensor:
         """The skip path (see :meth:`skip`) + scale * Δ -> (B, V, H, W)."""
-        return self.skip(inputs, month, scalars) + self.residual_scale * torch.stack([delta[v] for v in self.variables],
+        return self.skip(inputs, phase, scalars) + self.residual_scale * torch.stack([delta[v] for v in self.variables],
                                                                                      dim=1)
 
     @property
     def tokenizer(self) -> GridTokenizer:
         return self.backbone.tokenizer
+
+    def pad(self, x: torch.Tensor, fill: float | None = None) -> torch.Tensor:
+        """(..., H, W) -> the tokenizer's (..., H', W'): longitude wrapped around, the last
+        latitude row repeated (or ``fill`` in the new cells, e.g. 0 for loss weights)."""
+        H, W = self.grid
+        Hp, Wp = self.tokenizer.grid
+        if (Hp, Wp) == (H, W):
+            return x
+        if fill is not None:
+            return torch.nn.functional.pad(x, (0, Wp - W, 0, Hp - H), value=fill)
+        x = torch.cat([x, x[..., : Wp - W]], dim=-1) if Wp > W else x
+        return torch.cat([x, x[..., -1:, :].expand(*x.shape[:-2], Hp - H, x.shape[-1])], dim=-2) if Hp > H else x
+
+    def crop(self, fields: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Fields on the tokenizer's (padded) grid back on the data's grid."""
+        H, W = self.grid
+        return {k: v[..., :H, :W] for k, v in fields.items()}
 
     def tokenize(self, inputs: torch.Tensor, forcing: torch.Tensor, scalars: torch.Tensor) -> TokenBatch:
         """``inputs`` (B, C, V, H, W), ``forcing`` (B, F, H, W), ``scalars`` (B, S)."""
@@ -152,9 +176,9 @@ class ClimateNet(nn.Module):
         fields = {}
         for c in range(C):  # inputs[:, -1] is time t (lag 0)
             for vi, v in enumerate(self.variables):
-                fields[state_group(v, C - 1 - c)] = inputs[:, c, vi]
+                fields[state_group(v, C - 1 - c)] = self.pad(inputs[:, c, vi])
         for fi, f in enumerate(self.field_forcings):
-            fields[f"{f}@t+1"] = forcing[:, fi]
+            fields[f"{f}@t+1"] = self.pad(forcing[:, fi])
         sc = {f"{s}@t+1": scalars[:, si] for si, s in enumerate(self.scalar_forcings)}
         return self.tokenizer(fields, sc)
 
@@ -179,23 +203,23 @@ class ClimateForecaster(ClimateNet):
                               grid=tok.grid, patch=tok.patch, hidden=head_hidden)
 
     def step(self, inputs: torch.Tensor, forcing: torch.Tensor, scalars: torch.Tensor,
-             mask: torch.Tensor, month: torch.Tensor) -> torch.Tensor:
+             mask: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
         """One step: (B, C, V, H, W) context -> (B, V, H, W) next state (0 where undefined)."""
         tb = self.tokenize(inputs, forcing, scalars)
         z = self.backbone.encode(tb)
-        delta = self.head(z, tb)
-        return self.next_state(inputs, delta, month, scalars) * mask
+        delta = self.crop(self.head(z, tb))
+        return self.next_state(inputs, delta, phase, scalars) * mask
 
     def rollout(self, inputs: torch.Tensor, forcing: torch.Tensor, scalars: torch.Tensor,
-                mask: torch.Tensor, month: torch.Tensor, steps: int | None = None,
+                mask: torch.Tensor, phase: torch.Tensor, steps: int | None = None,
                 network: bool = True) -> torch.Tensor:
-        """Autoregressive rollout: forcing (B, K, F, H, W), scalars (B, K, S), ``month`` (B,) of
+        """Autoregressive rollout: forcing (B, K, F, H, W), scalars (B, K, S), ``phase`` (B,) of
         the first predicted step -> (B, K, V, H, W). ``network=False`` rolls out the statistical
         skip path alone (what the network's corrections are measured against)."""
         K = steps or forcing.shape[1]
         ctx, outs = inputs, []
         for k in range(K):
-            m = (month + k) % 12
+            m = (phase + k) % self.phases
             if network:
                 nxt = self.step(ctx, forcing[:, k], scalars[:, k], mask, m)
             else:
@@ -205,7 +229,7 @@ class ClimateForecaster(ClimateNet):
         return torch.stack(outs, dim=1)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        pred = self.rollout(batch["inputs"], batch["forcing"], batch["scalars"], batch["mask"], batch["month"])
+        pred = self.rollout(batch["inputs"], batch["forcing"], batch["scalars"], batch["mask"], batch["phase"])
         K = pred.shape[1]
         mask = batch["mask"]
         loss = sum(self.weighted_mse(pred[:, k], batch["target"][:, k], mask) for k in range(K)) / K
@@ -238,12 +262,12 @@ class ClimatePretrainer(ClimateNet):
         for c in range(C):
             for vi, v in enumerate(self.variables):
                 s, e = tb.layout[state_group(v, C - 1 - c)]
-                tgt[:, s:e] = tok.patchify(inputs[:, c, vi])
-                wts[:, s:e] = tok.patchify(mask[:, vi] * self.lat_weight)
+                tgt[:, s:e] = tok.patchify(self.pad(inputs[:, c, vi]))
+                wts[:, s:e] = tok.patchify(self.pad(mask[:, vi] * self.lat_weight, fill=0.0))  # padding: no weight
         for fi, f in enumerate(self.field_forcings):
             s, e = tb.layout[f"{f}@t+1"]
-            tgt[:, s:e] = tok.patchify(forcing[:, fi])
-            wts[:, s:e] = tok.patchify(self.lat_weight.expand_as(forcing[:, fi]))
+            tgt[:, s:e] = tok.patchify(self.pad(forcing[:, fi]))
+            wts[:, s:e] = tok.patchify(self.pad(self.lat_weight.expand_as(forcing[:, fi]), fill=0.0))
         return tgt, wts
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -257,8 +281,8 @@ class ClimatePretrainer(ClimateNet):
         mae_loss, _, _ = mae_forward(self.backbone, self.decoder, tb, tgt, wts,
                                      mask_ratio=self.mask_ratio, strategy=strategy)
         z = self.backbone.encode(tb)
-        delta = self.head(z, tb)
-        pred = self.next_state(inputs, delta, batch["month"], scalars)
+        delta = self.crop(self.head(z, tb))
+        pred = self.next_state(inputs, delta, batch["phase"], scalars)
         next_loss = self.weighted_mse(pred, batch["target"][:, 0], mask)
         with torch.no_grad():  # reference: the next-step loss of persistence (x_t+1 = x_t)
             persistence = self.weighted_mse(inputs[:, -1], batch["target"][:, 0], mask)

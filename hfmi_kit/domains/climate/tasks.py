@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -47,22 +46,32 @@ def _card(data: cdata.ClimateData, summary: str, extra: list[dict[str, Any]] | N
 def _model_kwargs(data: cdata.ClimateData, *, context: int, patch: tuple[int, int]) -> dict[str, Any]:
     return {"variables": data.state_vars, "field_forcings": list(data.forcing),
             "scalar_forcings": list(data.scalars), "grid": [int(data.lat.size), int(data.lon.size)],
-            "patch": list(patch), "context": context, "lat": [float(x) for x in data.lat]}
+            "patch": list(patch), "context": context, "lat": [float(x) for x in data.lat],
+            "phases": data.step.phases}
+
+
+def _longest_run(index: np.ndarray) -> int:
+    """The length of the longest run of consecutive steps in ``index``."""
+    idx = np.unique(np.asarray(index))
+    if idx.size == 0:
+        return 0
+    breaks = np.flatnonzero(np.diff(idx) != 1)
+    return int(np.diff(np.r_[-1, breaks, idx.size - 1]).max())
 
 
 def _patch_for(grid: tuple[int, int], patch: tuple[int, int] | None) -> tuple[int, int]:
+    """The patch given, else the largest of 4, 3, 2 that divides the grid, else 4 (the model pads
+    the grid to a multiple: a 29 x 49 grid is 8 x 13 patches, not 1,421 one-cell tokens per field)."""
     if patch is not None:
-        if grid[0] % patch[0] or grid[1] % patch[1]:
-            raise ConfigError(f"patch {patch} does not divide the grid {grid}")
         return patch
-    for p in (4, 3, 2, 1):
+    for p in (4, 3, 2):
         if grid[0] % p == 0 and grid[1] % p == 0:
             return (p, p)
-    return (1, 1)
+    return (min(4, grid[0]), min(4, grid[1]))
 
 
-Context = Annotated[int, opt.Opt("months of history the model sees", low=1)]
-Leads = Annotated[int, opt.Opt("monthly lead times forecast and scored", low=1)]
+Context = Annotated[int, opt.Opt("time steps of history the model sees (months for monthly data)", low=1)]
+Leads = Annotated[int, opt.Opt("lead times forecast and scored, in the data's steps", low=1)]
 Levels = Annotated[Sequence[float] | None, opt.Opt("vertical levels to keep, e.g. 500,850 (hPa for pressure, m for "
                                                    "depth and height; None: every level of the data)")]
 
@@ -116,7 +125,7 @@ def pretrain(*, data: opt.Data, out: opt.Out, config: opt.Size = "tiny", steps: 
     val = cdata.ForecastWindows(tens, split.val, context=context)
     mk = _model_kwargs(d, context=context, patch=_patch_for((d.lat.size, d.lon.size), patch))
     mk["residual_scale"] = cdata.residual_scale(tens, split.train)
-    clim = cdata.monthly_climatology(tens, split.train)
+    clim = cdata.climatology(tens, split.train)
     lim = _fit_lim(tens, split, clim, lim_modes)
     mk["lim_modes"] = lim.modes if lim is not None else 0
     model = recipe.build(f"climate_pretrainer.{config}", mk, seed=seed,
@@ -274,8 +283,9 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
              mode: opt.Mode = "full",
              config: opt.ParentSize = None, batch_size: opt.BatchSize = 16, lr: opt.FinetuneRate = None,
              leads: Leads = 6, levels: Levels = None,
-             rollout_train: Annotated[int, opt.Opt("lead times of the autoregressive rollout the loss averages",
-                                               low=1)] = 6,
+             rollout_train: Annotated[int | None, opt.Opt("lead times of the autoregressive rollout the loss "
+                                                      "averages (None: 6, or as many as the validation and "
+                                                      "labelled years hold)", low=1)] = None,
              layer_decay: opt.LayerDecay = None, precision: opt.Precision = "auto",
              device: opt.Device = "auto", progress: opt.Progress = True) -> dict[str, float]:
     """Fine-tune a forecaster (``task='forecast'``) or sea-ice extent model (``'seaice'``).
@@ -284,7 +294,8 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
     (``config`` gives the size; the data's statistics are computed here). Defaults follow
     common fine-tuning practice: a pretrained backbone gets LR 5e-4 with layer-wise decay 0.8,
     a model from scratch LR 1e-3 without decay. The forecast loss averages the first
-    ``rollout_train`` lead times of an autoregressive rollout (default 6, the evaluated leads:
+    ``rollout_train`` lead times of an autoregressive rollout (default 6, the evaluated leads, or
+    fewer when the validation or labelled years hold no run that long, as with annual steps:
     with 2 the rollout drifted above climatology from lead 4 on).
     Writes ``out/model`` (checkpoint), ``out/metrics.json`` and, for forecasts,
     ``out/forecast.nc`` (CF). Returns the metrics.
@@ -315,7 +326,7 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
     tens = cdata.to_tensors(d, norm)
     if "residual_scale" not in mk:
         mk["residual_scale"] = cdata.residual_scale(tens, split.train)
-    clim = cdata.monthly_climatology(tens, split.train)
+    clim = cdata.climatology(tens, split.train)
     # the pretrained model's skip path (same data, same fit) or, from scratch, one chosen here
     lim = _fit_lim(tens, split, clim, mk.get("lim_modes", 0) if ckpt is not None else None)
     mk["lim_modes"] = lim.modes if lim is not None else 0
@@ -327,6 +338,8 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
     model = recipe.build(f"{family}.{size}", {**mk, "head_hidden": hidden}, seed=seed, ckpt=ckpt,
                          before_transfer=lambda m: _skip_path(m, tens, split, clim, lim))
     report = getattr(model, "hfmi_load_report", None)
+    if rollout_train is None:
+        rollout_train = max(1, min(6, _longest_run(split.val) - ctx, _longest_run(sub) - ctx))
     horizon = rollout_train if task == "forecast" else 1
     train = cdata.ForecastWindows(tens, sub, context=ctx, horizon=horizon)
     val = cdata.ForecastWindows(tens, split.val, context=ctx, horizon=horizon)
@@ -384,7 +397,7 @@ def evaluate_forecast(model: ClimateForecaster, d: cdata.ClimateData, tens: cdat
     win = cdata.ForecastWindows(tens, eval_idx, context=context, horizon=leads)
     preds, skips = [], []
     for b in batches(win, batch_size=batch_size, device=model_device(model)):
-        args = (b["inputs"], b["forcing"], b["scalars"], b["mask"], b["month"])
+        args = (b["inputs"], b["forcing"], b["scalars"], b["mask"], b["phase"])
         preds.append(model.rollout(*args).cpu())
         skips.append(model.rollout(*args, network=False).cpu())
     pred_n = torch.cat(preds).numpy()  # (N, K, V, H, W) normalised
@@ -392,15 +405,13 @@ def evaluate_forecast(model: ClimateForecaster, d: cdata.ClimateData, tens: cdat
     # classical damped anomaly persistence: the plain lag-1 coefficient (invariant to normalisation)
     damping = cdata.anomaly_damping(tens, clim_idx, model.climatology.cpu()).numpy()
     t0 = np.asarray(win.times)
-    months = d.months
+    ph, phase = d.phase, torch.from_numpy(d.phase)
     metrics: dict[str, float] = {}
     fields: dict[str, np.ndarray] = {}
     for vi, v in enumerate(d.state_vars):
         valid = d.valid[v]
         truth_all = d.state[v]
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN land cells of ocean variables
-            clim = np.stack([np.nanmean(truth_all[clim_idx][months[clim_idx] == m], axis=0) for m in range(12)])
+        clim = cdata.phase_means(torch.from_numpy(truth_all), phase, d.step, clim_idx).numpy()  # NaN on land
         pred_phys = norm.denorm(v, pred_n[:, :, vi]).astype(np.float32)
         pred_phys = np.where(valid, pred_phys, np.nan)
         if d.attrs[v].get("standard_name") == "sea_ice_area_fraction":
@@ -408,10 +419,10 @@ def evaluate_forecast(model: ClimateForecaster, d: cdata.ClimateData, tens: cdat
         fields[v] = pred_phys
         skip_phys = np.where(valid, norm.denorm(v, skip_n[:, :, vi]), np.nan)
         a = damping[vi]
-        anom0 = truth_all[t0] - clim[months[t0]]
+        anom0 = truth_all[t0] - clim[ph[t0]]
         for k in range(1, leads + 1):
             tgt = truth_all[t0 + k]
-            cl = clim[months[t0 + k]]
+            cl = clim[ph[t0 + k]]
             p = pred_phys[:, k - 1]
             metrics[f"rmse_{v}_lead{k}"] = M.rmse(p, tgt, d.lat, valid)
             metrics[f"rmse_persistence_{v}_lead{k}"] = M.rmse(truth_all[t0], tgt, d.lat, valid)
@@ -436,11 +447,11 @@ def evaluate_forecast(model: ClimateForecaster, d: cdata.ClimateData, tens: cdat
         ext_true = M.sea_ice_extent(d.state[si][t0 + 1], d.lat, d.valid[si])
         ext_pred = M.sea_ice_extent(fields[si][:, 0], d.lat, d.valid[si])
         ext_pers = M.sea_ice_extent(d.state[si][t0], d.lat, d.valid[si])
-        clim_ext = M.sea_ice_extent(d.state[si][clim_idx], d.lat, d.valid[si])
-        ce = np.array([clim_ext[months[clim_idx] == m].mean() for m in range(12)])
+        ce = cdata.phase_means(torch.from_numpy(M.sea_ice_extent(d.state[si], d.lat, d.valid[si])), phase, d.step,
+                               clim_idx).numpy()
         metrics["seaice_extent_mae"] = float(np.abs(ext_pred - ext_true).mean())
         metrics["seaice_extent_mae_persistence"] = float(np.abs(ext_pers - ext_true).mean())
-        metrics["seaice_extent_mae_climatology"] = float(np.abs(ce[months[t0 + 1]] - ext_true).mean())
+        metrics["seaice_extent_mae_climatology"] = float(np.abs(ce[ph[t0 + 1]] - ext_true).mean())
     metrics["eval_samples"] = float(len(t0))
     return metrics, forecast_dataset(d, fields, t0, leads)
 
@@ -463,7 +474,7 @@ def forecast_dataset(d: cdata.ClimateData, fields: dict[str, np.ndarray], t0: np
             "init_time": ("init_time", init, {"standard_name": "forecast_reference_time",
                                               "long_name": "forecast initialisation time"}),
             "lead": ("lead", np.arange(1, leads + 1, dtype=np.int32),
-                     {"long_name": "forecast lead in months", "units": "1"}),
+                     {"long_name": f"forecast lead in steps of {d.step.label}", "units": "1"}),
             "valid_time": (("init_time", "lead"), valid_time, {"standard_name": "time",
                                                                "long_name": "validity time"}),
             "lat": ("lat", d.lat, {"standard_name": "latitude", "units": "degrees_north", "axis": "Y",
@@ -480,7 +491,7 @@ def forecast_dataset(d: cdata.ClimateData, fields: dict[str, np.ndarray], t0: np
         ds[v].encoding["_FillValue"] = np.float32(1e20)
     ds = cdata.gather_levels(ds, d.levels)
     for c in ("init_time", "valid_time"):
-        ds[c].encoding.update({"units": "days since 1970-01-01", "calendar": "standard"})
+        ds[c].encoding.update({"units": "days since 1970-01-01", "calendar": d.step.calendar})
     return ds
 
 
@@ -499,12 +510,13 @@ def evaluate_seaice(model: SeaIceExtent, d: cdata.ClimateData, tens: cdata.Tenso
     pred = pred * ext_stats["std"] + ext_stats["mean"]
     t0 = np.asarray(win.times)
     truth = ext[t0 + 1]
-    months = d.months
-    ce = np.array([ext[clim_idx][months[clim_idx] == m].mean() for m in range(12)])
+    ph = d.phase
+    ce = cdata.phase_means(torch.from_numpy(np.asarray(ext, dtype=np.float64)), torch.from_numpy(ph), d.step,
+                           clim_idx).numpy()
     return {
         "extent_mae": float(np.abs(pred - truth).mean()),
         "extent_mae_persistence": float(np.abs(ext[t0] - truth).mean()),
-        "extent_mae_climatology": float(np.abs(ce[months[t0 + 1]] - truth).mean()),
+        "extent_mae_climatology": float(np.abs(ce[ph[t0 + 1]] - truth).mean()),
         "eval_samples": float(len(t0)),
     }
 
@@ -589,10 +601,11 @@ def whatif(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out,
     split = cdata.split_years(d)
     ctx = int(cfg["model_kwargs"]["context"])
     t0 = int(split.test[ctx - 1])
-    mo = d.months
-    # forcing for the rollout: seasonal insolation by month of year, CO2 held at its t0 value
-    f_by_month = torch.stack([tens.forcing[torch.from_numpy(mo == m)].mean(0) for m in range(12)])
-    steps_mo = (mo[t0] + 1 + np.arange(months)) % 12
+    mo = d.phase
+    # forcing for the rollout: seasonal insolation by climatological bin (month of year), CO2 held
+    # at its t0 value
+    f_by_month = cdata.phase_means(tens.forcing, tens.phase, d.step, np.arange(d.time.size))
+    steps_mo = (mo[t0] + 1 + np.arange(months)) % d.step.phases
     forcing = f_by_month[torch.from_numpy(steps_mo)][None]  # (1, K, F, H, W)
     sc_names = list(d.scalars)
     if not sc_names:
@@ -684,7 +697,7 @@ def _generator_response(gcfg: dict[str, Any], d: cdata.ClimateData, t0: int, mon
     co2 = 280.0 * np.exp(d.scalars[list(d.scalars)[0]].astype(np.float64) / 5.35)
     _, states = G.generate(cfg, co2_ppm=co2, return_states=True)
     start = states[t0 + 1]
-    start_month = int(d.months[t0 + 1])
+    start_month = int(d.phase[t0 + 1])  # generator data are monthly: the bin is the month of year
     acc: dict[str, list[np.ndarray]] = {}
     for m in range(members):
         b = G.branch(cfg, start, np.full(months, base_ppm), start_month, seed=10_000 + seed * 100 + m)
