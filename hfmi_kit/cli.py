@@ -140,13 +140,14 @@ def _task_flags(args: argparse.Namespace, extra: Sequence[str]) -> dict[str, Any
     """
     from hfmi_kit.config import check_options, takes_list
 
-    if args.cmd not in _TASK_COMMANDS:
+    command = args.cmd if args.cmd in _TASK_COMMANDS else getattr(args, "action", None) if args.cmd == "data" else None
+    if command not in (*_TASK_COMMANDS, "prepare"):
         raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
     try:
         dom = _domain(args.domain)
     except HfmiError as e:
         raise UsageError(str(e)) from None
-    opts = dom.options(args.cmd)
+    opts = dom.options(command)
     given: dict[str, Any] = {}
     i = 0
     while i < len(extra):
@@ -161,10 +162,11 @@ def _task_flags(args: argparse.Namespace, extra: Sequence[str]) -> dict[str, Any
         else:
             raise UsageError(f"{flag} needs a value")
         value = parse_param(text)  # as a notebook's -p value
-        given[name] = [value] if name in opts and takes_list(opts[name].type) and not isinstance(value, list) \
-            else value  # --levels 500: a list of one
+        if name in opts and takes_list(opts[name].type) and not isinstance(value, list):
+            value = value.split(",") if isinstance(value, str) else [value]  # --variables tas,ta; --levels 500
+        given[name] = value
     try:
-        return check_options(opts, given, what=f"{dom.name} {args.cmd}")
+        return check_options(opts, given, what=f"{dom.name} {command}")
     except ConfigError as e:
         raise UsageError(str(e)) from None
 
@@ -217,6 +219,39 @@ def cmd_whatif(a: argparse.Namespace) -> None:
                    average_from=a.months // 2 if a.average_from is None else a.average_from)
     print(f"what-if: {out / 'whatif.nc'}")
     _print_metrics(m, out)
+
+
+def cmd_data(a: argparse.Namespace) -> None:
+    if a.action == "prepare":
+        dom = _domain(a.domain)
+        kw = _domain_options(dom, "prepare", a, sources=a.sources, out=a.out)
+        store = dom.prepare(**kw)
+        print(f"store: {store}")
+    else:
+        store = Path(a.store)
+        dom = _domain(_store_domain(store))
+    print("\n".join(dom.inspect_store(store)))
+
+
+def _store_domain(store: Path) -> str:
+    """The domain that wrote ``store`` (``hfmi data prepare``), from its root attributes."""
+    from hfmi_kit.data.cf import is_zarr
+    from hfmi_kit.data.safety import check_zarr
+
+    if not store.exists():
+        raise HfmiError(f"{store}: no such file or directory")
+    if not is_zarr(store):
+        raise HfmiError(f"{store}: not a Zarr store; `hfmi data inspect` reads the stores `hfmi data prepare` writes")
+    check_zarr(store)
+    import zarr
+
+    mark = zarr.open_group(str(store), mode="r").attrs.get("hfmi_store")
+    if not mark:
+        raise HfmiError(f"{store}: not a store written by `hfmi data prepare` (no hfmi_store attribute)")
+    try:
+        return str(json.loads(mark)["domain"])
+    except (ValueError, KeyError, TypeError):
+        raise HfmiError(f"{store}: its hfmi_store attribute is not the JSON `hfmi data prepare` writes") from None
 
 
 def cmd_options(a: argparse.Namespace) -> None:
@@ -629,10 +664,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_whatif)
 
+    sp = sub.add_parser("data", help="prepare raw files of a field into one training store; inspect a store")
+    data_sub = sp.add_subparsers(dest="action", required=True, metavar="ACTION")
+    dp = data_sub.add_parser("prepare", help="join files (one per year or variable, folders of them) into one "
+                                             "checked, regridded, chunked store with statistics and provenance",
+                             epilog="The domain's prepare options are flags too (climate: --variables ta,tas "
+                                    "--levels 500,850 --grid 1.0 --time-chunk 1): `hfmi options DOMAIN prepare` "
+                                    "lists them.")
+    dp.add_argument("domain", help=f"one of the registered domains: {domains}")
+    dp.add_argument("sources", nargs="+", help="NetCDF files, Zarr stores or folders of them")
+    dp.add_argument("--out", required=True, help="the store to write (STORE.zarr)")
+    dp.set_defaults(fn=cmd_data)
+    dp = data_sub.add_parser("inspect", help="what a store holds: variables, levels, grid, time span, chunking, "
+                                             "statistics, size, sources")
+    dp.add_argument("store")
+    dp.set_defaults(fn=cmd_data)
+
     sp = sub.add_parser("options", help="a domain's typed task options: flag, type, default, help, range (what "
                                         "its notebooks' parameters and the CLI's domain flags are checked against)")
     sp.add_argument("domain", help=f"one of the registered domains: {', '.join(list_domains())}")
-    sp.add_argument("command", nargs="?", default="finetune", choices=("pretrain", "finetune", "evaluate", "whatif"))
+    sp.add_argument("command", nargs="?", default="finetune",
+                    choices=("pretrain", "finetune", "evaluate", "whatif", "prepare"))
     sp.set_defaults(fn=cmd_options)
 
     sp = sub.add_parser("info", help="a checkpoint in short: what it is, its data, its headline metrics "

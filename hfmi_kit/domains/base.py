@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
@@ -46,7 +47,8 @@ class Domain(ABC):
         label_key: the ``metrics.json`` key that holds how many labels (or what fraction) a run used.
         baselines: names a run's metrics carry as ``{primary_metric}_{baseline}`` (``dice_unet``).
         tasks_module: the module whose ``pretrain``, ``finetune``, ``evaluate`` (and optional
-            ``whatif``) functions the commands call, with the keyword arguments shown below.
+            ``whatif``, ``prepare`` and ``inspect_store``) functions the commands call, with the
+            keyword arguments shown below.
     """
 
     name: ClassVar[str]
@@ -99,6 +101,16 @@ class Domain(ABC):
     def whatif(self, *, ckpt: str | Path, data: str | Path, out: str | Path, **kw: Any) -> dict[str, float]:
         """Counterfactual experiment (change an input, roll the model out); optional per domain."""
         return self._task("whatif", "what-if experiments")(ckpt=ckpt, data=data, out=out, **kw)
+
+    def prepare(self, *, sources: Sequence[str | Path], out: str | Path, **kw: Any) -> Path:
+        """``hfmi data prepare``: join raw files of the field into one training store at ``out``
+        (checked, regridded or resampled, chunked, with statistics and provenance); optional per
+        domain (``prepare`` of the tasks module)."""
+        return self._task("prepare", "data stores")(sources=sources, out=out, **kw)
+
+    def inspect_store(self, store: str | Path) -> list[str]:
+        """``hfmi data inspect``: what a store of :meth:`prepare` holds, one line each."""
+        return self._task("inspect_store", "data stores")(store)
 
     def predictor(self, model: Any, config: dict[str, Any]) -> Any:
         """The :class:`hfmi_kit.train.infer.Predictor` for a model of this domain loaded from a

@@ -72,7 +72,9 @@ def sha256(path: str | Path) -> str:
     files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
     for f in files:
         h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
-        h.update(f.read_bytes())
+        with open(f, "rb") as fh:  # in blocks: a year of hourly ERA5 is tens of GB
+            for block in iter(lambda: fh.read(2**20), b""):
+                h.update(block)
     return h.hexdigest()
 
 

@@ -19,6 +19,7 @@ from hfmi_kit.data.cf import write_cf
 from hfmi_kit.domains.climate import data as cdata
 from hfmi_kit.domains.climate import metrics as M
 from hfmi_kit.domains.climate.model import ClimateForecaster, SeaIceExtent
+from hfmi_kit.domains.climate.prepare import inspect_store, prepare  # noqa: F401 (the domain's data commands)
 from hfmi_kit.errors import CheckpointError, ConfigError, DataError
 from hfmi_kit.models import get_size
 from hfmi_kit.train import load_pretrained, read_config, recipe
