@@ -199,3 +199,20 @@ def test_a_360_day_calendar_runs_and_is_written_back_on_its_calendar(tmp_path):
     assert read_config(tmp_path / "ft" / "model")["geometry"]["calendar"] == "360_day"
     fc = xr.open_dataset(tmp_path / "ft" / "forecast.nc", use_cftime=True)
     assert fc["valid_time"].values.ravel()[0].calendar == "360_day"
+
+
+def test_the_windowed_layout_pretrains_and_its_fine_tuning_keeps_it(tmp_path, capsys):
+    data = write_dataset(generate(GeneratorConfig(years=3, spinup_years=1, seed=6)), tmp_path / "c.nc")
+    pre, ft = tmp_path / "pre", tmp_path / "ft"
+    assert main(["pretrain", "climate", "--data", str(data), "--out", str(pre), "--steps", "3", "--layout", "windowed",
+                 "--window", "2,4"]) == 0
+    mk = read_config(pre / "model")["model_kwargs"]
+    assert (mk["layout"], mk["window"], mk["periodic"]) == ("windowed", [2, 4], True)
+    assert main(["finetune", "climate", "--from", str(pre / "model"), "--out", str(ft), "--steps", "3",
+                 "--leads", "2", "--layout", "groups", "--window", "4,4"]) == 1
+    assert "keeps the layout it was pretrained with" in capsys.readouterr().err
+    assert main(["finetune", "climate", "--from", str(pre / "model"), "--out", str(ft), "--steps", "3",
+                 "--leads", "2"]) == 0
+    m = json.loads((ft / "metrics.json").read_text())
+    assert m["transferred_tensors"] > 10 and np.isfinite(m["rmse_tas_lead2"])
+    assert read_config(ft / "model")["model_kwargs"]["layout"] == "windowed"

@@ -27,6 +27,7 @@ from hfmi_kit.models import (
     make_decoder,
     register_model,
 )
+from hfmi_kit.models.windowed import GridBackbone, PatchEmbed, PatchHead
 
 
 def state_group(var: str, lag: int) -> str:
@@ -39,7 +40,8 @@ class ClimateNet(nn.Module):
     def __init__(self, *, size: EncoderConfig, variables: Sequence[str], field_forcings: Sequence[str],
                  scalar_forcings: Sequence[str], grid: Sequence[int], patch: Sequence[int] = (4, 4),
                  context: int = 2, lat: Sequence[float] | None = None,
-                 residual_scale: Sequence[float] | None = None, lim_modes: int = 0, phases: int = 12) -> None:
+                 residual_scale: Sequence[float] | None = None, lim_modes: int = 0, phases: int = 12,
+                 layout: str = "groups", window: Sequence[int] = (8, 8), periodic: bool = True) -> None:
         super().__init__()
         self.variables, self.field_forcings = list(variables), list(field_forcings)
         self.scalar_forcings, self.context = list(scalar_forcings), context
@@ -48,10 +50,22 @@ class ClimateNet(nn.Module):
         # a grid the patch does not divide is padded (periodic in longitude, the edge row
         # repeated in latitude) to the next multiple, and outputs are cropped back
         self.grid = (int(grid[0]), int(grid[1]))
+        self.periodic = bool(periodic)  # the longitudes go round the globe (a regional grid does not)
         padded = [-(-g // int(p)) * int(p) for g, p in zip(self.grid, patch)]
-        tok = GridTokenizer(groups=groups, grid=padded, patch=patch, dim=size.dim,
-                            scalars=[f"{s}@t+1" for s in self.scalar_forcings], condition_on_scalars=True)
-        self.backbone = Backbone(tok, size)
+        # layout "groups": a token per (variable, context step, patch), global attention (the
+        # checkpoints before session 12); "windowed": a token per patch holding every variable,
+        # attention in shifted local windows periodic in longitude (cost linear in the grid)
+        if layout not in ("groups", "windowed"):
+            raise ValueError(f"layout must be 'groups' or 'windowed', got {layout!r}")
+        self.layout = layout
+        if layout == "windowed":
+            emb = PatchEmbed(len(groups), tuple(patch), tuple(padded), size.dim,  # type: ignore[arg-type]
+                             scalars=len(self.scalar_forcings))
+            self.backbone: Any = GridBackbone(emb, size, (int(window[0]), int(window[1])), periodic=self.periodic)
+        else:
+            tok = GridTokenizer(groups=groups, grid=padded, patch=patch, dim=size.dim,
+                                scalars=[f"{s}@t+1" for s in self.scalar_forcings], condition_on_scalars=True)
+            self.backbone = Backbone(tok, size)
         H = grid[0]
         lat_t = torch.tensor(lat if lat is not None else [(-90 + 180 * (i + 0.5) / H) for i in range(H)])
         w = torch.cos(torch.deg2rad(lat_t.float())).clamp_min(0)
@@ -150,19 +164,43 @@ class ClimateNet(nn.Module):
                                                                                      dim=1)
 
     @property
-    def tokenizer(self) -> GridTokenizer:
+    def tokenizer(self) -> Any:
+        """The :class:`GridTokenizer` (layout ``groups``) or :class:`PatchEmbed` (``windowed``)."""
         return self.backbone.tokenizer
 
+    def channels(self, inputs: torch.Tensor, forcing: torch.Tensor) -> torch.Tensor:
+        """(B, C, V, H, W) context and (B, F, H, W) forcing -> (B, C*V + F, H', W') on the padded
+        grid: the channels of a windowed layout's patches, in the order of the token groups."""
+        B, C = inputs.shape[:2]
+        return self.pad(torch.cat([inputs.reshape(B, C * inputs.shape[2], *inputs.shape[3:]), forcing], dim=1))
+
+    def encode_step(self, inputs: torch.Tensor, forcing: torch.Tensor, scalars: torch.Tensor) -> tuple[Any, Any]:
+        """The encoder's output for one step and what the head needs with it: (z, token batch)
+        for layout ``groups``, (z, None) for ``windowed``."""
+        if self.layout == "windowed":
+            return self.backbone.encode(self.tokenizer(self.channels(inputs, forcing), scalars)), None
+        tb = self.tokenize(inputs, forcing, scalars)
+        return self.backbone.encode(tb), tb
+
+    def delta(self, z: torch.Tensor, tb: Any) -> dict[str, torch.Tensor]:
+        """The head's normalised tendencies per variable on the data's grid."""
+        if self.layout == "windowed":
+            out = self.head(z)  # (B, V, H', W')
+            return self.crop({v: out[:, i] for i, v in enumerate(self.variables)})
+        return self.crop(self.head(z, tb))
+
     def pad(self, x: torch.Tensor, fill: float | None = None) -> torch.Tensor:
-        """(..., H, W) -> the tokenizer's (..., H', W'): longitude wrapped around, the last
-        latitude row repeated (or ``fill`` in the new cells, e.g. 0 for loss weights)."""
+        """(..., H, W) -> the tokenizer's (..., H', W'): longitude wrapped around (the last column
+        repeated on a regional grid), the last latitude row repeated (or ``fill`` in the new
+        cells, e.g. 0 for loss weights)."""
         H, W = self.grid
         Hp, Wp = self.tokenizer.grid
         if (Hp, Wp) == (H, W):
             return x
         if fill is not None:
             return torch.nn.functional.pad(x, (0, Wp - W, 0, Hp - H), value=fill)
-        x = torch.cat([x, x[..., : Wp - W]], dim=-1) if Wp > W else x
+        if Wp > W:
+            x = torch.cat([x, x[..., : Wp - W] if self.periodic else x[..., -1:].expand(*x.shape[:-1], Wp - W)], -1)
         return torch.cat([x, x[..., -1:, :].expand(*x.shape[:-2], Hp - H, x.shape[-1])], dim=-2) if Hp > H else x
 
     def crop(self, fields: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -182,6 +220,15 @@ class ClimateNet(nn.Module):
         sc = {f"{s}@t+1": scalars[:, si] for si, s in enumerate(self.scalar_forcings)}
         return self.tokenizer(fields, sc)
 
+    def _dense_head(self, hidden: int) -> nn.Module:
+        """The next-state head: a :class:`DenseHead` per variable (``groups``) or one
+        :class:`PatchHead` for every variable (``windowed``); named ``head`` in both."""
+        tok = self.tokenizer
+        if self.layout == "windowed":
+            return PatchHead(self.backbone.cfg.dim, len(self.variables), tok.patch, tok.patch_grid, hidden)
+        return DenseHead(dim=self.backbone.cfg.dim, outputs={v: state_group(v, 0) for v in self.variables},
+                         grid=tok.grid, patch=tok.patch, hidden=hidden)
+
     def weighted_mse(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Latitude- and validity-weighted MSE in units of each variable's one-step tendency std.
 
@@ -198,17 +245,13 @@ class ClimateForecaster(ClimateNet):
 
     def __init__(self, *, head_hidden: int = 0, **kw: Any) -> None:
         super().__init__(**kw)
-        tok = self.tokenizer
-        self.head = DenseHead(dim=self.backbone.cfg.dim, outputs={v: state_group(v, 0) for v in self.variables},
-                              grid=tok.grid, patch=tok.patch, hidden=head_hidden)
+        self.head = self._dense_head(head_hidden)
 
     def step(self, inputs: torch.Tensor, forcing: torch.Tensor, scalars: torch.Tensor,
              mask: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
         """One step: (B, C, V, H, W) context -> (B, V, H, W) next state (0 where undefined)."""
-        tb = self.tokenize(inputs, forcing, scalars)
-        z = self.backbone.encode(tb)
-        delta = self.crop(self.head(z, tb))
-        return self.next_state(inputs, delta, phase, scalars) * mask
+        z, tb = self.encode_step(inputs, forcing, scalars)
+        return self.next_state(inputs, self.delta(z, tb), phase, scalars) * mask
 
     def rollout(self, inputs: torch.Tensor, forcing: torch.Tensor, scalars: torch.Tensor,
                 mask: torch.Tensor, phase: torch.Tensor, steps: int | None = None,
@@ -244,12 +287,43 @@ class ClimatePretrainer(ClimateNet):
         super().__init__(**kw)
         tok = self.tokenizer
         head_hidden = self.backbone.cfg.dim if head_hidden is None else head_hidden
-        self.decoder = make_decoder(self.backbone, num_groups=len(tok.groups) + len(tok.scalars),
-                                    num_positions=tok.num_patches, patch_numel=tok.patch_numel)
+        if self.layout == "windowed":
+            # masked patches (every channel of a patch hidden at once) are replaced by a learned
+            # token and reconstructed from the windows around them (SimMIM, Xie et al. 2022: MAE's
+            # dropping of tokens does not fit windowed attention)
+            self.mask_token = nn.Parameter(torch.zeros(self.backbone.cfg.dim))
+            self.decoder: nn.Module = PatchHead(self.backbone.cfg.dim, self._channels, tok.patch, tok.patch_grid)
+        else:
+            self.decoder = make_decoder(self.backbone, num_groups=len(tok.groups) + len(tok.scalars),
+                                        num_positions=tok.num_patches, patch_numel=tok.patch_numel)
         # Named like the forecaster's head so next-step skill transfers with the backbone.
-        self.head = DenseHead(dim=self.backbone.cfg.dim, outputs={v: state_group(v, 0) for v in self.variables},
-                              grid=tok.grid, patch=tok.patch, hidden=head_hidden)
+        self.head = self._dense_head(head_hidden)
         self.mask_ratio, self.mask_strategy, self.next_step_weight = mask_ratio, mask_strategy, next_step_weight
+
+    @property
+    def _channels(self) -> int:
+        return self.context * len(self.variables) + len(self.field_forcings)
+
+    def _masked_patches(self, inputs: torch.Tensor, forcing: torch.Tensor, scalars: torch.Tensor,
+                        mask: torch.Tensor) -> torch.Tensor:
+        """The windowed layout's reconstruction loss: ``mask_ratio`` of the patches hidden, every
+        channel of them rebuilt, squared error weighted by validity and latitude on hidden cells."""
+        x = self.channels(inputs, forcing)  # (B, K, H', W')
+        B, K = x.shape[:2]
+        t = self.tokenizer(x, scalars)  # (B, T, D)
+        T = t.shape[1]
+        hide = torch.rand(B, T, device=x.device).argsort(1) < max(1, int(round(self.mask_ratio * T)))
+        t = torch.where(hide[..., None], self.mask_token.to(t.dtype) + self.tokenizer.pos_embed, t)
+        rec = self.decoder(self.backbone.encode(t))  # (B, K, H', W')
+        C, V = inputs.shape[1], inputs.shape[2]
+        w = torch.cat([mask[:, None].expand(B, C, V, *mask.shape[-2:]).reshape(B, C * V, *mask.shape[-2:]),
+                       torch.ones(B, K - C * V, *mask.shape[-2:], device=x.device)], dim=1) * self.lat_weight
+        w = self.pad(w, fill=0.0)
+        gh, gw = self.tokenizer.patch_grid
+        ph, pw = self.tokenizer.patch
+        cell_hidden = hide.reshape(B, gh, 1, gw, 1).expand(B, gh, ph, gw, pw).reshape(B, 1, gh * ph, gw * pw)
+        w = w * cell_hidden
+        return ((rec - x) ** 2 * w).sum() / w.sum().clamp_min(1.0)
 
     def _targets(self, tb: TokenBatch, inputs: torch.Tensor, forcing: torch.Tensor,
                  mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,16 +347,18 @@ class ClimatePretrainer(ClimateNet):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         inputs, forcing, scalars = batch["inputs"], batch["forcing"][:, 0], batch["scalars"][:, 0]
         mask = batch["mask"]
-        tb = self.tokenize(inputs, forcing, scalars)
-        tgt, wts = self._targets(tb, inputs, forcing, mask)
-        strategy = self.mask_strategy
-        if strategy == "mixed":  # alternate structured and random masking between steps
-            strategy = ("random", "block", "group")[int(torch.randint(0, 3, ()).item())]
-        mae_loss, _, _ = mae_forward(self.backbone, self.decoder, tb, tgt, wts,
-                                     mask_ratio=self.mask_ratio, strategy=strategy)
-        z = self.backbone.encode(tb)
-        delta = self.crop(self.head(z, tb))
-        pred = self.next_state(inputs, delta, batch["phase"], scalars)
+        if self.layout == "windowed":
+            mae_loss = self._masked_patches(inputs, forcing, scalars, mask)
+        else:
+            tb = self.tokenize(inputs, forcing, scalars)
+            tgt, wts = self._targets(tb, inputs, forcing, mask)
+            strategy = self.mask_strategy
+            if strategy == "mixed":  # alternate structured and random masking between steps
+                strategy = ("random", "block", "group")[int(torch.randint(0, 3, ()).item())]
+            mae_loss, _, _ = mae_forward(self.backbone, self.decoder, tb, tgt, wts,
+                                         mask_ratio=self.mask_ratio, strategy=strategy)
+        z, tb = self.encode_step(inputs, forcing, scalars)
+        pred = self.next_state(inputs, self.delta(z, tb), batch["phase"], scalars)
         next_loss = self.weighted_mse(pred, batch["target"][:, 0], mask)
         with torch.no_grad():  # reference: the next-step loss of persistence (x_t+1 = x_t)
             persistence = self.weighted_mse(inputs[:, -1], batch["target"][:, 0], mask)
@@ -298,8 +374,10 @@ class SeaIceExtent(ClimateNet):
         self.head = PooledHead(dim=self.backbone.cfg.dim, out_dim=1, hidden=head_hidden)
 
     def predict(self, inputs: torch.Tensor, forcing: torch.Tensor, scalars: torch.Tensor) -> torch.Tensor:
-        tb = self.tokenize(inputs, forcing, scalars)
-        return self.head(self.backbone.encode(tb), tb)[:, 0]  # (B,)
+        z, tb = self.encode_step(inputs, forcing, scalars)
+        if tb is None:  # windowed: every token is a patch of the grid
+            return self.head.net(self.head.norm(z.mean(dim=1)))[:, 0]
+        return self.head(z, tb)[:, 0]  # (B,)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         pred = self.predict(batch["inputs"], batch["forcing"][:, 0], batch["scalars"][:, 0])

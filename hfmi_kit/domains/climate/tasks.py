@@ -44,11 +44,23 @@ def _card(data: cdata.ClimateData, summary: str, extra: list[dict[str, Any]] | N
     }
 
 
-def _model_kwargs(data: cdata.ClimateData, *, context: int, patch: tuple[int, int]) -> dict[str, Any]:
-    return {"variables": data.state_vars, "field_forcings": list(data.forcing),
-            "scalar_forcings": list(data.scalars), "grid": [int(data.lat.size), int(data.lon.size)],
-            "patch": list(patch), "context": context, "lat": [float(x) for x in data.lat],
-            "phases": data.step.phases}
+def _model_kwargs(data: cdata.ClimateData, *, context: int, patch: tuple[int, int],
+                  layout: str = "groups", window: tuple[int, int] = (8, 8)) -> dict[str, Any]:
+    mk = {"variables": data.state_vars, "field_forcings": list(data.forcing),
+          "scalar_forcings": list(data.scalars), "grid": [int(data.lat.size), int(data.lon.size)],
+          "patch": list(patch), "context": context, "lat": [float(x) for x in data.lat],
+          "phases": data.step.phases, "periodic": _periodic(data.lon)}
+    if layout != "groups":
+        mk.update(layout=layout, window=list(window))
+    return mk
+
+
+def _periodic(lon: np.ndarray) -> bool:
+    """Whether regularly spaced longitudes go round the globe (a regional grid does not)."""
+    if lon.size < 2:
+        return False
+    step = float(np.median(np.diff(np.sort(lon % 360.0))))
+    return abs(step * lon.size - 360.0) < 0.5 * step
 
 
 def _longest_run(index: np.ndarray) -> int:
@@ -73,6 +85,10 @@ def _patch_for(grid: tuple[int, int], patch: tuple[int, int] | None) -> tuple[in
 
 Context = Annotated[int, opt.Opt("time steps of history the model sees (months for monthly data)", low=1)]
 Leads = Annotated[int, opt.Opt("lead times forecast and scored, in the data's steps", low=1)]
+Layout = Annotated[str, opt.Opt("groups: a token per variable and patch, global attention; windowed: a token per "
+                                "patch holding every variable, attention in shifted local windows periodic in "
+                                "longitude (cost linear in the grid)", choices=("groups", "windowed"))]
+Window = Annotated[tuple[int, int], opt.Opt("windowed layout: attention window in (lat, lon) patches")]
 Levels = Annotated[Sequence[float] | None, opt.Opt("vertical levels to keep, e.g. 500,850 (hPa for pressure, m for "
                                                    "depth and height; None: every level of the data)")]
 
@@ -103,7 +119,7 @@ def _val_loss(ds: cdata.ForecastWindows, batch_size: int = 32) -> Any:
 @recorded("climate", "pretrain")
 def pretrain(*, data: opt.Data, out: opt.Out, config: opt.Size = "tiny", steps: opt.Steps = 300, seed: opt.Seed = 0,
              resume: opt.Resume = False, variables: opt.Variables = None, levels: Levels = None,
-             batch_size: opt.BatchSize = 16,
+             layout: Layout = "groups", window: Window = (8, 8), batch_size: opt.BatchSize = 16,
              lr: opt.LearningRate = 1e-3, context: Context = 2,
              patch: Annotated[tuple[int, int] | None,
                               opt.Opt("patch size in (lat, lon) cells (None: from the grid)")] = None,
@@ -124,7 +140,8 @@ def pretrain(*, data: opt.Data, out: opt.Out, config: opt.Size = "tiny", steps: 
     tens = cdata.to_tensors(d, norm)
     train = cdata.ForecastWindows(tens, split.train, context=context)
     val = cdata.ForecastWindows(tens, split.val, context=context)
-    mk = _model_kwargs(d, context=context, patch=_patch_for((d.lat.size, d.lon.size), patch))
+    mk = _model_kwargs(d, context=context, patch=_patch_for((d.lat.size, d.lon.size), patch), layout=layout,
+                       window=window)
     mk["residual_scale"] = cdata.residual_scale(tens, split.train)
     clim = cdata.climatology(tens, split.train)
     lim = _fit_lim(tens, split, clim, lim_modes)
@@ -283,7 +300,7 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
              label_fraction: opt.LabelFraction = 1.0, steps: opt.Steps = 300, seed: opt.Seed = 0,
              mode: opt.Mode = "full",
              config: opt.ParentSize = None, batch_size: opt.BatchSize = 16, lr: opt.FinetuneRate = None,
-             leads: Leads = 6, levels: Levels = None,
+             leads: Leads = 6, levels: Levels = None, layout: Layout = "groups", window: Window = (8, 8),
              rollout_train: Annotated[int | None, opt.Opt("lead times of the autoregressive rollout the loss "
                                                       "averages (None: 6, or as many as the validation and "
                                                       "labelled years hold)", low=1)] = None,
@@ -307,6 +324,9 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
     if ckpt is not None and levels is not None:
         raise ConfigError("--levels chooses the levels of a model trained from scratch; one fine-tuned from "
                           f"{ckpt} reads the levels it was pretrained on")
+    if ckpt is not None and (layout, tuple(window)) != ("groups", (8, 8)):
+        raise ConfigError(f"--layout and --window choose the layout of a model trained from scratch; one "
+                          f"fine-tuned from {ckpt} keeps the layout it was pretrained with")
     if ckpt is not None:
         pcfg, d = load_with_geometry(ckpt, data)
         geom, stats = pcfg["geometry"], pcfg["processors"]["normalisation"]
@@ -322,7 +342,8 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
         geom, stats = d.geometry(), cdata.compute_stats(data, d, time_index=split.train)
         geom["split"] = {"train_years": split.train_years, "val_years": split.val_years,
                          "test_years": split.test_years}
-        mk = _model_kwargs(d, context=2, patch=_patch_for((d.lat.size, d.lon.size), None))
+        mk = _model_kwargs(d, context=2, patch=_patch_for((d.lat.size, d.lon.size), None), layout=layout,
+                           window=window)
     norm = cdata.Normaliser(stats)
     tens = cdata.to_tensors(d, norm)
     if "residual_scale" not in mk:
