@@ -579,6 +579,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log progress at INFO level; show the traceback of an error")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
+    def task_parser(cmd: str, help: str) -> argparse.ArgumentParser:
+        """A task command's parser: its DOMAIN argument and a --help that adds the domain's flags."""
+        sp = sub.add_parser(cmd, help=help, epilog=TASK_FLAGS_EPILOG.format(cmd=cmd), add_help=False)
+        sp.add_argument("-h", "--help", action=_DomainHelp, help=DOMAIN_HELP)
+        sp.add_argument("domain", help=f"one of the registered domains: {domains}")
+        return sp
+
     def common_train(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--seed", type=int, default=0, help="the one seed of the run (default 0)")
         sp.add_argument("--batch-size", type=int, default=None,
@@ -594,10 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="multi-process training: DDP (auto) or FSDP2 sharding with sharded checkpoints "
                              "(sets HFMI_STRATEGY for the processes)")
 
-    sp = sub.add_parser("pretrain", help="pretrain a foundation model on unlabelled data",
-                        epilog=TASK_FLAGS_EPILOG.format(cmd="pretrain"), add_help=False)
-    sp.add_argument("-h", "--help", action=_DomainHelp, help=DOMAIN_HELP)
-    sp.add_argument("domain", help=f"one of the registered domains: {domains}")
+    sp = task_parser("pretrain", "pretrain a foundation model on unlabelled data")
     sp.add_argument("--out", required=True, help="output directory (checkpoints, metrics.jsonl, model/)")
     sp.add_argument("--data", help="data in the domain's format (default: generated example data)")
     sp.add_argument("--config", default="tiny", help="model size: tiny, small, base")
@@ -610,10 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     common_train(sp)
     sp.set_defaults(fn=cmd_pretrain)
 
-    sp = sub.add_parser("finetune", help="fine-tune a pretrained model on a downstream task",
-                        epilog=TASK_FLAGS_EPILOG.format(cmd="finetune"), add_help=False)
-    sp.add_argument("-h", "--help", action=_DomainHelp, help=DOMAIN_HELP)
-    sp.add_argument("domain", help=f"one of the registered domains: {domains}")
+    sp = task_parser("finetune", "fine-tune a pretrained model on a downstream task")
     sp.add_argument("--from", dest="from_", required=True, metavar="CKPT",
                     help="pretrained checkpoint directory, or 'scratch' for the same model untrained")
     sp.add_argument("--out", required=True)
@@ -641,10 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     common_train(sp)
     sp.set_defaults(fn=cmd_finetune)
 
-    sp = sub.add_parser("evaluate", help="evaluate a fine-tuned checkpoint; writes metrics.json",
-                        epilog=TASK_FLAGS_EPILOG.format(cmd="evaluate"), add_help=False)
-    sp.add_argument("-h", "--help", action=_DomainHelp, help=DOMAIN_HELP)
-    sp.add_argument("domain", help=f"one of the registered domains: {domains}")
+    sp = task_parser("evaluate", "evaluate a fine-tuned checkpoint; writes metrics.json")
     sp.add_argument("--ckpt", required=True)
     sp.add_argument("--out", required=True)
     sp.add_argument("--data")

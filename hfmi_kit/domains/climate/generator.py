@@ -268,20 +268,17 @@ def to_cf_dataset(sys_: CoupledSystem, data: dict[str, np.ndarray], co2_ppm: np.
     n = data["tas"].shape[0]
     time = month_starts(cfg.start_year, n)
     dims = ("time", "lat", "lon")
+    sea = "area: mean where sea time: mean"
     ds = xr.Dataset(
         {
-            "tas": (dims, data["tas"].astype("float32"), {
-                "standard_name": "air_temperature", "long_name": "Near-surface air temperature",
-                "units": "K", "cell_methods": "time: mean"}),
-            "tos": (dims, data["tos"].astype("float32"), {
-                "standard_name": "sea_surface_temperature", "long_name": "Ocean mixed-layer temperature",
-                "units": "K", "cell_methods": "area: mean where sea time: mean"}),
-            "siconc": (dims, data["siconc"].astype("float32"), {
-                "standard_name": "sea_ice_area_fraction", "long_name": "Sea-ice concentration",
-                "units": "1", "cell_methods": "area: mean where sea time: mean"}),
-            "rsdt": (dims, data["rsdt"].astype("float32"), {
-                "standard_name": "toa_incoming_shortwave_flux", "long_name": "TOA incident shortwave",
-                "units": "W m-2", "cell_methods": "time: mean"}),
+            **{v: (dims, data[v].astype("float32"), {"standard_name": sn, "long_name": ln, "units": u,
+                                                      "cell_methods": cm})
+               for v, (sn, ln, u, cm) in {
+                   "tas": ("air_temperature", "Near-surface air temperature", "K", "time: mean"),
+                   "tos": ("sea_surface_temperature", "Ocean mixed-layer temperature", "K", sea),
+                   "siconc": ("sea_ice_area_fraction", "Sea-ice concentration", "1", sea),
+                   "rsdt": ("toa_incoming_shortwave_flux", "TOA incident shortwave", "W m-2", "time: mean"),
+               }.items()},
             "co2": (("time",), co2_ppm.astype("float32"), {
                 "standard_name": "mole_fraction_of_carbon_dioxide_in_air", "long_name": "CO2 concentration",
                 "units": "1e-6"}),
