@@ -83,6 +83,10 @@ def test_each_bad_input_is_one_line_naming_the_file(sources, tmp_path, capsys):
     assert f"{dup / 'again_2001.nc'}: its times start at 2001-01-01" in err(files[0], files[1],
                                                                           str(dup / "again_2001.nc"))
     assert "variable(s) ['pr'] are in none of the sources" in err(str(sources), "--variables", "pr")
+    shifted = tmp_path / "shifted_2001.nc"
+    ds1 = xr.open_dataset(files[1])
+    ds1.assign_coords(lon=ds1["lon"] - 180.0).to_netcdf(shifted)  # the same size, other longitudes
+    assert f"{shifted}: its coordinate 'lon' differs from {files[0]}'s" in err(files[0], str(shifted))
     assert main(["data", "prepare", "climate", str(sources), "--out", str(tmp_path / "s.nc")]) == 1
     assert "s.nc: the store's name must end in .zarr" in capsys.readouterr().err
     link = tmp_path / "linked"

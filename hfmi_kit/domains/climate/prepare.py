@@ -85,11 +85,18 @@ def _open(path: Path) -> tuple[xr.Dataset, str]:
 
 
 def _follows(fa: Path, a: xr.Dataset, fb: Path, b: xr.Dataset) -> None:
-    """Source ``fb`` must start one step after ``fa`` ends (same variables, consecutive times).
+    """Source ``fb`` must start one step after ``fa`` ends (same variables, consecutive times)
+    and hold the same grid and levels.
 
     Raises:
-        DataError: naming ``fb``: its times overlap ``fa``'s, or a gap lies between them.
+        DataError: naming ``fb``: another grid, times that overlap ``fa``'s, or a gap between them.
     """
+    for c in a.coords:  # the same grid and levels in every file of a variable group
+        if c != "time" and a[c].ndim == 1 and c in b.coords and (
+                a[c].size != b[c].size or not np.array_equal(a[c].values, b[c].values)):
+            raise DataError(f"{fb}: its coordinate {c!r} differs from {fa}'s ({b[c].size} values "
+                            f"{b[c].values[0]} .. {b[c].values[-1]}, not {a[c].size} values "
+                            f"{a[c].values[0]} .. {a[c].values[-1]}); files of the same variables need one grid")
     (ta, cal), (tb, _) = cdata._times(a["time"]), cdata._times(b["time"])
     if tb[0] <= ta[-1]:
         raise DataError(f"{fb}: its times start at {tb[0]}, before {fa} ends ({ta[-1]}); sources of the same "
