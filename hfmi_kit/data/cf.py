@@ -172,6 +172,14 @@ class Vertical:
     def units(self) -> str:
         return VERTICAL_KINDS[self.kind]
 
+    def keep(self, levels: Sequence[float] | None) -> list[int]:
+        """Indices of the levels ``levels`` (hPa or m) keeps: those it names, or every level when
+        it is None or names none of this axis's (``500,850`` leaves ocean depths as they are)."""
+        if levels is None:
+            return list(range(len(self.values)))
+        wanted = np.asarray(levels, dtype=np.float64)
+        return [i for i, x in enumerate(self.values) if np.isclose(x, wanted).any()] or list(range(len(self.values)))
+
     def cf_attrs(self) -> dict[str, str]:
         """The CF attributes of this axis as hfmi writes it (canonical units)."""
         sn = {"pressure": "air_pressure", "depth": "depth", "height": "height"}[self.kind]

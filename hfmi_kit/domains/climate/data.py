@@ -282,8 +282,7 @@ def _level_fields(ds: xr.Dataset, names: Sequence[str], levels: Sequence[float] 
         if vert is None:
             fields[v] = da
             continue
-        keep = [i for i, x in enumerate(vert.values) if wanted is None or np.isclose(x, wanted).any()]
-        for i in keep or range(len(vert.values)):  # a variable with none of them keeps every level
+        for i in vert.keep(levels):
             name = level_name(v, float(vert.values[i]))
             if name in ds.variables or name in fields:
                 raise DataError(f"{src}: level {vert.values[i]:g} {vert.units} of {v!r} would be the field {name!r}, "

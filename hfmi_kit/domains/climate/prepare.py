@@ -209,10 +209,9 @@ def prepare(*, sources: Annotated[Sequence[str | Path], opt.Opt("NetCDF files, Z
             continue
         vert = vertical_axis(da, g, source=src)
         if vert is not None:
-            keep_lv = [i for i, x in enumerate(vert.values) if wanted is None or np.isclose(x, wanted).any()]
-            da = da.isel({vert.dim: keep_lv or slice(None)})
-            values = vert.values[keep_lv] if keep_lv else vert.values
-            da = da.assign_coords({vert.dim: xr.DataArray(values, dims=vert.dim, attrs=vert.cf_attrs())})
+            keep = vert.keep(levels)
+            da = da.isel({vert.dim: keep}).assign_coords(
+                {vert.dim: xr.DataArray(vert.values[keep], dims=vert.dim, attrs=vert.cf_attrs())})
         da, _ = cdata._convert_units(da, v, src)
         if not (da[dims[0]].size == lat.size and da[dims[1]].size == lon.size and
                 np.allclose(da[dims[0]].values, lat) and np.allclose(da[dims[1]].values, lon)):
