@@ -113,3 +113,32 @@ def test_an_option_carries_its_help_and_range_and_every_caller_is_held_to_it(tmp
     assert main(["options", "climate", "whatif"]) == 0
     assert "--members (int, default 8): ensemble members (perturbed initial states); must be an integer >= 1" \
         in capsys.readouterr().out
+
+
+def test_a_domains_dashboard_section_is_found_beside_its_module_or_is_empty(tmp_path, monkeypatch):
+    """``Domain.dashboard_section`` calls ``section`` of the ``dashboard`` module beside the
+    domain's module; a domain without one shows nothing, and an import error inside one is raised."""
+    import sys
+
+    from hfmi_kit.domains.base import Domain
+    from hfmi_kit.domains.climate import dashboard as climate_dashboard
+
+    calls: list[object] = []
+    monkeypatch.setattr(climate_dashboard, "section", lambda run: calls.append(run) or ["climate section"])
+    assert get_domain("climate").dashboard_section("RUN") == ["climate section"] and calls == ["RUN"]
+
+    pkg = tmp_path / "plainsci"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "from hfmi_kit.domains.base import Domain\n"
+        "class Plain(Domain):\n    name = 'plain'\n    tasks = ('t',)\n    data_formats = ''\n"
+        "    tasks_module = 'plainsci'\n"
+        "    def example_data(self, out_dir, **kw):\n        return out_dir\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import plainsci
+
+    assert isinstance(plainsci.Plain(), Domain) and plainsci.Plain().dashboard_section("RUN") == []
+    (pkg / "dashboard.py").write_text("import no_such_module_here\n")
+    sys.modules.pop("plainsci.dashboard", None)
+    with pytest.raises(ModuleNotFoundError, match="no_such_module_here"):
+        plainsci.Plain().dashboard_section("RUN")

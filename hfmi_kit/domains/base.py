@@ -131,8 +131,17 @@ class Domain(ABC):
     def dashboard_section(self, run: Any) -> list[Any]:
         """Panel components showing the published files of ``run`` (a
         :class:`hfmi_kit.viz.results.Run`) on its dashboard page; files are read through
-        ``run.file``, which refuses anything outside the results folder."""
-        return []
+        ``run.file``, which refuses anything outside the results folder. By default, the
+        ``section(run)`` function of the ``dashboard`` module beside the domain's own module
+        (``hfmi_kit.domains.climate.dashboard``), or nothing when there is none."""
+        package = type(self).__module__
+        try:
+            module = importlib.import_module(f"{package}.dashboard")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{package}.dashboard":  # a missing import inside it is an error
+                raise
+            return []
+        return module.section(run)
 
     def example_extras(self, root: Path, seed: int = 0) -> list[Path]:
         """Besides the scorecard's runs under ``root/runs/<name>``, what the domain's

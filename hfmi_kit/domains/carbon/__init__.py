@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from hfmi_kit.domains.base import Domain
 from hfmi_kit.domains.carbon import model as _model  # noqa: F401  (registers the model family)
 from hfmi_kit.domains.carbon.sources import DEFAULT_SOURCES, SourceSpec, open_region, target_grid
 from hfmi_kit.domains.carbon.synth import LandscapeConfig, chave_agb_kg, generate_region
 from hfmi_kit.domains.carbon.tasks import budget, evaluate, finetune, map_region, predict_map, prepare, pretrain
-
-if TYPE_CHECKING:
-    from hfmi_kit.scorecard import DomainPlan
-    from hfmi_kit.viz.results import Run
+from hfmi_kit.scorecard import DomainPlan
+from hfmi_kit.train.budget import LabelBudget
 
 
 class CarbonDomain(Domain):
@@ -38,15 +36,7 @@ class CarbonDomain(Domain):
                      years: int | None = None) -> Path:
         return generate_region(Path(out_dir) / "carbon_region", LandscapeConfig(seed=seed, size=128 if small else 256))
 
-    def dashboard_section(self, run: Run) -> list[Any]:
-        from hfmi_kit.domains.carbon.dashboard import section
-
-        return section(run)
-
     def scorecard_plan(self) -> DomainPlan:
-        from hfmi_kit.scorecard import DomainPlan
-        from hfmi_kit.train.budget import LabelBudget
-
         return DomainPlan(
             data=_scorecard_data, budgets={"small": LabelBudget.counts([10, 30]),
                                            "full": LabelBudget.counts([20, 50, 100, 150])},

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from hfmi_kit.domains.base import Domain
 from hfmi_kit.domains.climate import model as _model  # noqa: F401  (registers the model families)
 from hfmi_kit.domains.climate.data import ClimateData, ForecastWindows, load_climate, split_years
 from hfmi_kit.domains.climate.generator import GeneratorConfig, generate, write_dataset
 from hfmi_kit.domains.climate.tasks import evaluate, finetune, pretrain, whatif
-
-if TYPE_CHECKING:
-    from hfmi_kit.scorecard import DomainPlan
-    from hfmi_kit.viz.results import Run
+from hfmi_kit.scorecard import DomainPlan
+from hfmi_kit.train.budget import LabelBudget
 
 
 class ClimateDomain(Domain):
@@ -47,15 +45,7 @@ class ClimateDomain(Domain):
         whatif(ckpt=clim, data=root / "data" / "climate.zarr", out=out, months=6, members=2, average_from=2, seed=seed)
         return [out]
 
-    def dashboard_section(self, run: Run) -> list[Any]:
-        from hfmi_kit.domains.climate.dashboard import section
-
-        return section(run)
-
     def scorecard_plan(self) -> DomainPlan:
-        from hfmi_kit.scorecard import DomainPlan
-        from hfmi_kit.train.budget import LabelBudget
-
         return DomainPlan(
             data=_scorecard_data, budgets={"small": LabelBudget.fractions([0.25, 1.0]),
                      "full": LabelBudget.fractions([0.05, 0.1, 0.25, 0.5, 1.0])},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from hfmi_kit.domains.base import Domain
 from hfmi_kit.domains.materials import model as _model  # noqa: F401  (registers the model families)
@@ -12,10 +12,8 @@ from hfmi_kit.domains.materials.chem import charge_balanced, magpie_features, pa
 from hfmi_kit.domains.materials.pv import module_technologies, sq_limit
 from hfmi_kit.domains.materials.tables import bundled_path, ingest_records, load_property_csv
 from hfmi_kit.domains.materials.tasks import cross_validate, evaluate, finetune, predict_table, pretrain
-
-if TYPE_CHECKING:
-    from hfmi_kit.scorecard import DomainPlan
-    from hfmi_kit.viz.results import Run
+from hfmi_kit.scorecard import DomainPlan
+from hfmi_kit.train.budget import LabelBudget
 
 
 class MaterialsDomain(Domain):
@@ -69,15 +67,7 @@ class MaterialsDomain(Domain):
         al.save(vis / "active_learning.json")
         return [vis]
 
-    def dashboard_section(self, run: Run) -> list[Any]:
-        from hfmi_kit.domains.materials.dashboard import section
-
-        return section(run)
-
     def scorecard_plan(self) -> DomainPlan:
-        from hfmi_kit.scorecard import DomainPlan
-        from hfmi_kit.train.budget import LabelBudget
-
         return DomainPlan(
             data=_scorecard_data, budgets={"small": LabelBudget.counts([50, 150]),
                                                  "full": LabelBudget.counts([50, 100, 200, 400, 800])},

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from hfmi_kit.domains.base import Domain
 from hfmi_kit.domains.radiology import model as _model  # noqa: F401  (registers the model families)
@@ -11,10 +11,8 @@ from hfmi_kit.domains.radiology.data import Subject, discover, prepare, split_su
 from hfmi_kit.domains.radiology.io import Volume, load_dicom_series, load_nifti, load_volume, save_nifti
 from hfmi_kit.domains.radiology.synth import StudyConfig, generate_study
 from hfmi_kit.domains.radiology.tasks import evaluate, finetune, predict, pretrain
-
-if TYPE_CHECKING:
-    from hfmi_kit.scorecard import DomainPlan
-    from hfmi_kit.viz.results import Run
+from hfmi_kit.scorecard import DomainPlan
+from hfmi_kit.train.budget import LabelBudget
 
 
 class RadiologyDomain(Domain):
@@ -41,15 +39,7 @@ class RadiologyDomain(Domain):
                else StudyConfig(seed=seed))
         return generate_study(Path(out_dir) / "radiology_study", cfg)
 
-    def dashboard_section(self, run: Run) -> list[Any]:
-        from hfmi_kit.domains.radiology.dashboard import section
-
-        return section(run)
-
     def scorecard_plan(self) -> DomainPlan:
-        from hfmi_kit.scorecard import DomainPlan
-        from hfmi_kit.train.budget import LabelBudget
-
         return DomainPlan(
             data=_scorecard_data, budgets={"small": LabelBudget.counts([1, 3]),
                                            "full": LabelBudget.counts([1, 2, 4, 8, 16])},
