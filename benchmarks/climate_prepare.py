@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 
 
-def write_year(path: Path, year: int, *, grid: float, levels: int, nvars: int, seed: int) -> int:
+def write_year(path: Path, year: int, *, grid: float, levels: int, nvars: int, seed: int, noise: float = 0.0) -> int:
+    """One year of monthly fields; ``noise`` adds cell-scale white noise of that amplitude (the
+    smooth fields alone compress about 8 times, real reanalysis fields far less)."""
     import xarray as xr
 
     rng = np.random.default_rng(seed + year)
@@ -35,8 +37,11 @@ def write_year(path: Path, year: int, *, grid: float, levels: int, nvars: int, s
 
     def field(shape: tuple[int, ...]) -> np.ndarray:
         coarse = rng.normal(size=(*shape[:-2], 8, 16)).astype(np.float32)
-        return np.repeat(np.repeat(coarse, -(-lat.size // 8), -2)[..., : lat.size, :], -(-lon.size // 16),
-                         -1)[..., : lon.size] + base.astype(np.float32)
+        out = np.repeat(np.repeat(coarse, -(-lat.size // 8), -2)[..., : lat.size, :], -(-lon.size // 16),
+                        -1)[..., : lon.size] + base.astype(np.float32)
+        if noise:
+            out += noise * rng.standard_normal(out.shape, dtype=np.float32)
+        return out
 
     data = {f"v{i}": (("time", "plev", "lat", "lon"), 250 + 10 * field((12, levels, lat.size, lon.size)),
                       {"standard_name": "air_temperature" if i == 0 else f"quantity_{i}", "units": "K"})

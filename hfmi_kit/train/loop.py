@@ -24,7 +24,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -105,23 +105,43 @@ class TrainResult:
 
 
 class ResumableSampler(Sampler[int]):
-    """Seeded shuffling that can restart mid-epoch; shards across ranks for DDP."""
+    """Seeded shuffling that can restart mid-epoch; shards across ranks for DDP.
 
-    def __init__(self, n: int, *, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1) -> None:
+    With ``groups`` (a group id per sample: the storage chunk its data lies in), the shuffling
+    is chunk-aware, as streaming from a chunked store wants: the groups are shuffled, then the
+    samples within each group, and each rank takes a contiguous part of that order, so a chunk
+    is read by one rank, a few times in a row, not by every rank at random moments.
+    """
+
+    def __init__(self, n: int, *, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1,
+                 groups: Sequence[int] | None = None) -> None:
         if n < 1:
             raise ConfigError("the training set is empty")
+        if groups is not None and len(groups) != n:
+            raise ConfigError(f"{len(groups)} sample groups for {n} samples")
         self.n, self.seed, self.shuffle = n, seed, shuffle
         self.rank, self.world_size = rank, world_size
+        self.groups = None if groups is None else [int(x) for x in groups]
         self.epoch = 0
         self.offset = 0  # samples of this epoch already consumed (this rank)
 
     def _indices(self) -> list[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-            idx = torch.randperm(self.n, generator=g).tolist()
-        else:
-            idx = list(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         per = math.ceil(self.n / self.world_size)
+        if self.groups is not None:
+            members: dict[int, list[int]] = {}
+            for i, k in enumerate(self.groups):
+                members.setdefault(k, []).append(i)
+            keys = sorted(members)
+            if self.shuffle:
+                keys = [keys[j] for j in torch.randperm(len(keys), generator=g).tolist()]
+            idx = []
+            for k in keys:
+                m = members[k]
+                idx += [m[j] for j in torch.randperm(len(m), generator=g).tolist()] if self.shuffle else m
+            idx = (idx * self.world_size)[: per * self.world_size]
+            return idx[self.rank * per : (self.rank + 1) * per]  # a contiguous run of chunks per rank
+        idx = torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))
         idx = (idx * self.world_size)[: per * self.world_size]  # pad so every rank gets `per`
         return idx[self.rank :: self.world_size]
 
@@ -261,7 +281,8 @@ class Trainer:
         self.autocast, need_scaler = _autocast(self.device, self.cfg.precision)
         self.scaler = torch.amp.GradScaler("cuda") if need_scaler else None
         self.sampler = ResumableSampler(len(train_data), seed=self.cfg.seed, rank=self.dist.rank,
-                                        world_size=self.dist.world_size)
+                                        world_size=self.dist.world_size,
+                                        groups=getattr(train_data, "sample_groups", None))
         self.step = 0
         self.batches_in_epoch = 0
         self.history: list[dict[str, Any]] = []

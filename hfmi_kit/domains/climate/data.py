@@ -35,6 +35,7 @@ from hfmi_kit.data.cf import (
     check_time,
     find_axes,
     grid_dims,
+    is_zarr,
     level_name,
     open_cf,
     regrid_bilinear,
@@ -78,6 +79,21 @@ def sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+@dataclass(frozen=True)
+class StoredField:
+    """A field that ``load_climate(..., lazy=True)`` left in its Zarr store: its (T, H, W) shape;
+    :class:`~hfmi_kit.domains.climate.stream.StoreReader` reads it block by block. Turning it
+    into an array (loading it whole) is refused."""
+
+    source: str
+    name: str
+    shape: tuple[int, int, int]
+
+    def __array__(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        raise DataError(f"{self.source}: field {self.name!r} is streamed from its store, not loaded whole "
+                        "(this step needs the data in memory: run without --stream)")
+
+
 @dataclass
 class ClimateData:
     """A validated climate dataset held as numpy arrays on one lat-lon grid."""
@@ -86,8 +102,9 @@ class ClimateData:
     time: np.ndarray  # (T,) datetime64, or cftime objects on a calendar numpy lacks (360_day, noleap)
     lat: np.ndarray  # (H,)
     lon: np.ndarray  # (W,)
-    state: dict[str, np.ndarray]  # var -> (T, H, W) physical units, NaN where undefined
-    forcing: dict[str, np.ndarray]  # var -> (T, H, W)
+    # var -> (T, H, W) physical units, NaN where undefined (a StoredField when loaded lazily)
+    state: dict[str, np.ndarray]
+    forcing: dict[str, np.ndarray]  # var -> (T, H, W) (a StoredField when loaded lazily)
     scalars: dict[str, np.ndarray]  # var -> (T,) (CO2 already as radiative forcing, W m-2)
     valid: dict[str, np.ndarray]  # state var -> (H, W) bool
     attrs: dict[str, dict[str, Any]]  # var -> CF attributes (units canonical)
@@ -358,7 +375,8 @@ def _times(t: xr.DataArray) -> tuple[np.ndarray, str]:
 
 
 def load_climate(path: str | Path, *, variables: Sequence[str] | None = None,
-                 levels: Sequence[float] | None = None, expect: dict[str, Any] | None = None) -> ClimateData:
+                 levels: Sequence[float] | None = None, expect: dict[str, Any] | None = None,
+                 lazy: bool = False) -> ClimateData:
     """Read and validate a CF climate dataset.
 
     Takes every data variable with a time axis and a lat-lon grid (or those named in
@@ -375,6 +393,9 @@ def load_climate(path: str | Path, *, variables: Sequence[str] | None = None,
         variables: restrict to these variables (``ta`` for every level, ``ta_500`` for one).
         levels: keep only these levels (hPa for pressure, m for depth and height).
         expect: a checkpoint's geometry; the data must provide its variables on its grid.
+        lazy: leave the fields in a Zarr store (:class:`StoredField`), reading only their first
+            step (masks, below-floor cells); NaNs outside a mask are then caught as blocks are
+            read for training. The fields must be on one grid (``hfmi data prepare`` puts them there).
 
     Raises:
         DataError: missing/misnamed variable, no time axis, non-monotonic or duplicated times,
@@ -383,6 +404,9 @@ def load_climate(path: str | Path, *, variables: Sequence[str] | None = None,
     """
     src = str(path)
     _check_file(path)
+    if lazy and not is_zarr(path):
+        raise DataError(f"{src}: streaming reads a Zarr store; make one with "
+                        f"hfmi data prepare climate {Path(src).name} --out STORE.zarr")
     ds = open_cf(path, chunks="auto")  # read whole on-disk chunks in few dask tasks
     axes = find_axes(ds, source=src)
     _check_time_values(ds, axes.time, src)
@@ -463,8 +487,11 @@ def load_climate(path: str | Path, *, variables: Sequence[str] | None = None,
                 own = _values(src_da, v, src)
                 if (~np.isfinite(own) & ~(np.isnan(own).all(axis=0))[None]).any():
                     raise DataError(f"{src}: variable {v!r} has NaN/inf values over the ocean on its own grid")
+            if lazy:
+                raise DataError(f"{src}: variable {v!r} is on another grid than {state_names[0]!r}; streaming "
+                                "reads fields on one grid: put them there with hfmi data prepare climate --grid")
             da = regrid_bilinear(da, g[0], g[1], lat, lon)
-        arr = _values(da, v, src).astype(np.float32)
+        arr = _values(da.isel({axes.time: slice(0, 1)}) if lazy else da, v, src).astype(np.float32)
         if arr.shape[1:] != (lat.size, lon.size):
             raise DataError(f"{src}: variable {v!r} has grid {arr.shape[1:]}, expected {(lat.size, lon.size)}")
         bad = ~np.isfinite(arr)
@@ -494,10 +521,11 @@ def load_climate(path: str | Path, *, variables: Sequence[str] | None = None,
         if v in level_info:
             lv = level_info[v]
             attrs[v]["level"] = f"{lv['value']:g} {lv['units']}"
+        stored = StoredField(src, v, (int(ds.sizes[axes.time]), lat.size, lon.size)) if lazy else arr
         if v in forcing_names:
-            forcing[v] = arr
+            forcing[v] = stored
         else:
-            state[v] = arr
+            state[v] = stored
             valid[v] = ~mask_v if (where_sea and mask_v is not None) else np.ones((lat.size, lon.size), bool)
     scalars = {}
     for v in scalar_names:
@@ -553,6 +581,13 @@ def compute_stats(path: str | Path, data: ClimateData,
             mean, std = mean * s + o, std * abs(s)
         stats[v] = {"mean": mean, "std": max(std, 1e-6)}
     ds.close()
+    return {**stats, **scalar_stats(data, time_index)}
+
+
+def scalar_stats(data: ClimateData, time_index: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+    """Mean and standard deviation of each scalar forcing (its radiative forcing for CO2) over
+    ``time_index`` (every step when None)."""
+    stats = {}
     for v, arr in data.scalars.items():
         a = arr if time_index is None else arr[np.asarray(time_index)]
         stats[v] = {"mean": float(a.mean()), "std": max(float(a.std()), 1.0)}
@@ -624,8 +659,14 @@ class Tensors:
 
 
 def to_tensors(data: ClimateData, normaliser: Normaliser) -> Tensors:
-    """Normalise ``data`` into dense tensors for the models."""
+    """Normalise ``data`` into dense tensors for the models.
+
+    Raises:
+        DataError: ``data`` was loaded lazily (its fields are streamed, not held)."""
     T, H, W = data.time.size, data.lat.size, data.lon.size
+    for v in [*data.state.values(), *data.forcing.values()]:
+        if isinstance(v, StoredField):
+            np.asarray(v)  # raises, naming the field
 
     def stack(d: dict[str, np.ndarray], shape: tuple[int, ...]) -> torch.Tensor:
         if not d:
@@ -651,26 +692,47 @@ def phase_means(x: torch.Tensor, phase: torch.Tensor, step: TimeStep, index: np.
     Raises:
         DataError: a bin without data (after smoothing): the training steps do not cover the cycle.
     """
-    P = step.phases
     idx = torch.from_numpy(np.asarray(index))
-    ph = phase[idx]
-    sums = torch.zeros(P, *x.shape[1:], dtype=torch.float64).index_add_(0, ph, x[idx].double())
-    counts = torch.zeros(P, dtype=torch.float64).index_add_(0, ph, torch.ones(len(idx), dtype=torch.float64))
+    sums = torch.zeros(step.phases, *x.shape[1:], dtype=torch.float64)
+    counts = torch.zeros(step.phases, dtype=torch.float64)
+    add_phase_sums(sums, counts, x[idx], phase[idx])
+    return finish_phase_means(sums, counts, step)
+
+
+def add_phase_sums(sums: torch.Tensor, counts: torch.Tensor, x: torch.Tensor, phase: torch.Tensor) -> None:
+    """Add the steps ``x`` (N, ...) of bins ``phase`` (N,) to the per-bin ``sums`` (P, ...) and
+    ``counts`` (P,) (float64), in place: a climatology accumulated block by block."""
+    for v in range(x.shape[1]) if x.dim() > 2 else [None]:  # a variable at a time: float64 copies stay small
+        if v is None:
+            sums.index_add_(0, phase, x.double())
+        else:
+            sums[:, v].index_add_(0, phase, x[:, v].double())
+    counts.index_add_(0, phase, torch.ones(len(phase), dtype=torch.float64))
+
+
+def finish_phase_means(sums: torch.Tensor, counts: torch.Tensor, step: TimeStep) -> torch.Tensor:
+    """(P, ...) float32 means from the sums of :func:`add_phase_sums`, smoothed over +-15 days
+    for day-of-year bins (see :func:`phase_means`).
+
+    Raises:
+        DataError: a bin without data (after smoothing)."""
+    P = step.phases
+    shape = tuple(sums.shape[1:])
     w = step.smooth_bins
     if w:
         per = 24 // step.n if step.unit == "hour" else 1  # bins per day: smooth along the days
         days = P // per
-        s = sums.reshape(days, per, *x.shape[1:])
+        s = sums.reshape(days, per, *shape)
         c = counts.reshape(days, per)
         s = sum(torch.roll(s, k, dims=0) for k in range(-w, w + 1))
         c = sum(torch.roll(c, k, dims=0) for k in range(-w, w + 1))
-        sums, counts = s.reshape(P, *x.shape[1:]), c.reshape(P)
+        sums, counts = s.reshape(P, *shape), c.reshape(P)
     empty = torch.nonzero(counts == 0).flatten()
     if empty.numel():
         b = int(empty[0])
         what = f"month {b + 1}" if step.cycle == "month" else f"{step.cycle} bin {b}"
         raise DataError(f"{what} has no data in the training years; cannot form a climatology")
-    return (sums / counts.reshape(P, *([1] * (x.dim() - 1)))).float()
+    return sums.div_(counts.reshape(P, *([1] * len(shape)))).float()  # in place: no second float64 copy
 
 
 def climatology(tens: Tensors, index: np.ndarray) -> torch.Tensor:
@@ -714,32 +776,51 @@ def anomaly_regression(tens: Tensors, index: np.ndarray, clim: torch.Tensor) -> 
     if pairs.size < S + 2:
         raise DataError("too few consecutive training steps to fit the forced anomaly persistence")
     p = torch.from_numpy(pairs)
-    a0 = (tens.state[p] - clim[tens.phase[p]]).double()  # (N, V, H, W)
-    a1 = (tens.state[p + 1] - clim[tens.phase[p + 1]]).double()
     if S == 0:
         a = anomaly_damping(tens, index, clim)
         return a, torch.zeros(0, *a.shape), torch.zeros(0)
-    s1 = tens.scalars[p + 1].double()  # (N, S)
-    ref = s1.mean(0)
-    ds = s1 - ref
-    # per cell normal equations for x = [anom_t, ds_1..ds_S]: (1 + S) x (1 + S)
-    n_x = 1 + S
-    G = torch.zeros(*a0.shape[1:], n_x, n_x, dtype=torch.float64)
-    r = torch.zeros(*a0.shape[1:], n_x, dtype=torch.float64)
-    G[..., 0, 0] = (a0 * a0).sum(0)
-    r[..., 0] = (a0 * a1).sum(0)
-    for i in range(S):
-        cross = torch.einsum("n,nvhw->vhw", ds[:, i], a0)
-        G[..., 0, 1 + i] = G[..., 1 + i, 0] = cross
-        r[..., 1 + i] = torch.einsum("n,nvhw->vhw", ds[:, i], a1)
-        for j in range(S):
-            G[..., 1 + i, 1 + j] = float(ds[:, i] @ ds[:, j])
-    G = G + 1e-8 * torch.eye(n_x, dtype=torch.float64)
-    coef = torch.linalg.solve(G, r[..., None])[..., 0]  # (V, H, W, 1 + S)
-    ok = (tens.mask > 0) & (G[..., 0, 0] > 1e-8)
-    a = torch.where(ok, coef[..., 0].clamp(0.0, 1.0), torch.ones_like(coef[..., 0])).float()
-    b = torch.where(ok[None], coef[..., 1:].permute(3, 0, 1, 2), torch.zeros(())).float()
+    ref = tens.scalars[p + 1].double().mean(0)
+    sums = RegressionSums(S, tuple(tens.state.shape[1:]))
+    sums.add((tens.state[p] - clim[tens.phase[p]]).double(), (tens.state[p + 1] - clim[tens.phase[p + 1]]).double(),
+             tens.scalars[p + 1].double() - ref)
+    a, b = sums.solve(tens.mask)
     return a, b, ref.float()
+
+
+class RegressionSums:
+    """The per-cell normal equations of the forced anomaly persistence of
+    :func:`anomaly_regression`, accumulated block by block: ``add(a0, a1, ds)`` with the
+    anomalies at t and t+1 (N, V, H, W) and the scalar forcings' departures at t+1 (N, S)."""
+
+    def __init__(self, scalars: int, shape: tuple[int, ...]) -> None:
+        n_x = 1 + scalars  # x = [anom_t, ds_1..ds_S]
+        self.S = scalars
+        self.G = torch.zeros(*shape, n_x, n_x, dtype=torch.float64)
+        self.r = torch.zeros(*shape, n_x, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, a0: torch.Tensor, a1: torch.Tensor, ds: torch.Tensor) -> None:
+        G, r = self.G, self.r
+        dsa = ds.to(a0.dtype)  # float32 anomalies (a streamed span) are summed in float32, then added up in float64
+        G[..., 0, 0] += (a0 * a0).sum(0)
+        r[..., 0] += (a0 * a1).sum(0)
+        for i in range(self.S):
+            cross = torch.einsum("n,nvhw->vhw", dsa[:, i], a0)
+            G[..., 0, 1 + i] += cross
+            G[..., 1 + i, 0] += cross
+            r[..., 1 + i] += torch.einsum("n,nvhw->vhw", dsa[:, i], a1)
+            for j in range(self.S):
+                G[..., 1 + i, 1 + j] += float(ds[:, i] @ ds[:, j])
+        self.n += len(a0)
+
+    def solve(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``a`` (V, H, W) clipped to [0, 1] (1 outside ``mask``) and ``b`` (S, V, H, W) (0 outside)."""
+        G = self.G + 1e-8 * torch.eye(1 + self.S, dtype=torch.float64)
+        coef = torch.linalg.solve(G, self.r[..., None])[..., 0]  # (V, H, W, 1 + S)
+        ok = (mask > 0) & (G[..., 0, 0] > 1e-8)
+        a = torch.where(ok, coef[..., 0].clamp(0.0, 1.0), torch.ones_like(coef[..., 0])).float()
+        b = torch.where(ok[None], coef[..., 1:].permute(3, 0, 1, 2), torch.zeros(())).float()
+        return a, b
 
 
 @dataclass
@@ -961,19 +1042,27 @@ def label_subset(data: ClimateData, split: Split, fraction: float, seed: int) ->
     return np.flatnonzero(np.isin(data.years, np.asarray(chosen)))
 
 
+def window_times(indices: np.ndarray, context: int, horizon: int) -> list[int]:
+    """The times ``t`` whose context (t-C+1..t) and horizon (t+1..t+K) lie in ``indices``.
+
+    Raises:
+        DataError: none does."""
+    idx = set(int(i) for i in indices)
+    times = [t for t in sorted(idx) if all((t - c) in idx for c in range(context))
+             and all((t + k) in idx for k in range(1, horizon + 1))]
+    if not times:
+        raise DataError(f"no sample fits context={context} and horizon={horizon} in the {len(idx)} selected "
+                        "time steps")
+    return times
+
+
 class ForecastWindows(Dataset):
     """Samples at times ``t`` whose context (t-C+1..t) and horizon (t+1..t+K) lie in ``indices``."""
 
     def __init__(self, tensors: Tensors, indices: np.ndarray, *, context: int = 2, horizon: int = 1) -> None:
-        idx = set(int(i) for i in indices)
         self.t = tensors
         self.context, self.horizon = context, horizon
-        self.times = [t for t in sorted(idx) if all((t - c) in idx for c in range(context))
-                      and all((t + k) in idx for k in range(1, horizon + 1))]
-        if not self.times:
-            raise DataError(
-                f"no sample fits context={context} and horizon={horizon} in the {len(idx)} selected time steps"
-            )
+        self.times = window_times(indices, context, horizon)
 
     def __len__(self) -> int:
         return len(self.times)

@@ -18,6 +18,7 @@ from hfmi_kit.config import atomic_write_json
 from hfmi_kit.data.cf import write_cf
 from hfmi_kit.domains.climate import data as cdata
 from hfmi_kit.domains.climate import metrics as M
+from hfmi_kit.domains.climate import stream as stream_mod
 from hfmi_kit.domains.climate.model import ClimateForecaster, SeaIceExtent
 from hfmi_kit.domains.climate.prepare import inspect_store, prepare  # noqa: F401 (the domain's data commands)
 from hfmi_kit.errors import CheckpointError, ConfigError, DataError
@@ -93,6 +94,30 @@ Levels = Annotated[Sequence[float] | None, opt.Opt("vertical levels to keep, e.g
                                                    "depth and height; None: every level of the data)")]
 
 
+Stream = Annotated[bool | None, opt.Opt("read training windows from the Zarr store block by block instead of "
+                                        "loading it (None: when the store holds more than 2 GiB of values)")]
+CacheDir = Annotated[str | None, opt.Opt("streaming: copy the store to this node-local folder first "
+                                         "(e.g. $TMPDIR) and read the copy")]
+Workers = Annotated[int, opt.Opt("DataLoader worker processes reading samples (0: in the training process)",
+                                 low=0)]
+STREAM_ABOVE = 2 * 2**30  # bytes of values above which a Zarr store is streamed by default
+
+
+def _streams(data: str | Path, stream: bool | None) -> bool:
+    """Whether to stream ``data``: as asked, else when it is a Zarr store of over 2 GiB of values."""
+    if stream is not None:
+        return bool(stream)
+    from hfmi_kit.data.cf import is_zarr
+
+    if not is_zarr(data):
+        return False
+    import zarr
+
+    group = zarr.open_group(str(data), mode="r")
+    size = sum(int(np.prod(group[k].shape)) * group[k].dtype.itemsize for k in group.array_keys())
+    return size > STREAM_ABOVE
+
+
 def _fork_eval(fn: Any) -> Any:
     """Run an evaluation without touching the training RNG (keeps resume exact)."""
 
@@ -127,30 +152,65 @@ def pretrain(*, data: opt.Data, out: opt.Out, config: opt.Size = "tiny", steps: 
              checkpoint_every: opt.CheckpointEvery = 0,
              lim_modes: Annotated[int | None, opt.Opt("EOF modes of the skip path's linear inverse model (None: "
                                                   "chosen on the validation years; 0: per-cell regression)",
-                                                  low=0)] = None) -> Path:
+                                                  low=0)] = None,
+             stream: Stream = None, cache_dir: CacheDir = None, workers: Workers = 0,
+             activation_checkpointing: Annotated[bool, opt.Opt("recompute each block's activations in the "
+                                                               "backward pass (less memory, about a third "
+                                                               "more time)")] = False) -> Path:
     """Pretrain the climate backbone (masked reconstruction + next step); returns ``out/model``.
 
     ``lim_modes``: EOF modes of the skip path's linear inverse model (None: chosen by 12-month
-    rollouts on the validation years; 0: the per-cell forced regression instead)."""
+    rollouts on the validation years; 0: the per-cell forced regression instead).
+    ``stream``: read the training windows from the Zarr store block by block (see
+    :mod:`~hfmi_kit.domains.climate.stream`) instead of loading it; the skip path is then the
+    per-cell forced regression, fitted in two streaming passes."""
     out = Path(out)
-    d = cdata.load_climate(data, variables=variables, levels=levels)
+    streaming = _streams(data, stream)
+    if streaming and lim_modes:
+        raise ConfigError(f"--lim-modes {lim_modes}: the EOF linear inverse model needs the data in memory; "
+                          "a streamed pretraining uses the per-cell regression (--lim-modes 0)")
+    d = cdata.load_climate(data, variables=variables, levels=levels, lazy=streaming)
     split = cdata.split_years(d)
-    stats = cdata.compute_stats(data, d, time_index=split.train)
-    norm = cdata.Normaliser(stats)
-    tens = cdata.to_tensors(d, norm)
-    train = cdata.ForecastWindows(tens, split.train, context=context)
-    val = cdata.ForecastWindows(tens, split.val, context=context)
     mk = _model_kwargs(d, context=context, patch=_patch_for((d.lat.size, d.lon.size), patch), layout=layout,
                        window=window)
-    mk["residual_scale"] = cdata.residual_scale(tens, split.train)
-    clim = cdata.climatology(tens, split.train)
-    lim = _fit_lim(tens, split, clim, lim_modes)
-    mk["lim_modes"] = lim.modes if lim is not None else 0
-    model = recipe.build(f"climate_pretrainer.{config}", mk, seed=seed,
-                         before_transfer=lambda m: _skip_path(m, tens, split, clim, lim))
+    if activation_checkpointing:
+        mk["size_overrides"] = {"activation_checkpointing": True}
+    if streaming:
+        block = stream_mod.read_block(stream_mod.store_block(data))
+        stats = stream_mod.field_statistics(d, split.train, block=block, cache_dir=cache_dir)
+        norm = cdata.Normaliser(stats)
+        reader = stream_mod.StoreReader(d, norm, cache_dir=cache_dir)
+        train: Any = stream_mod.StoreWindows(d, reader, norm, split.train, context=context, block=block)
+        val: Any = stream_mod.StoreWindows(d, reader, norm, split.val, context=context, block=block)
+        fit = stream_mod.skip_statistics(d, reader, norm, split.train, block=block)
+        LOGGER.info("streaming %s: %d training windows in blocks of %d steps", data, len(train), block)
+        mk["residual_scale"] = fit["residual_scale"]
+        mk["lim_modes"] = 0
+
+        def skip(m: torch.nn.Module) -> None:
+            m.set_climatology(fit["climatology"])
+            m.set_damping(fit["damping"])
+            m.set_forcing_response(fit["forcing_response"], fit["forcing_ref"])
+    else:
+        stats = cdata.compute_stats(data, d, time_index=split.train)
+        norm = cdata.Normaliser(stats)
+        tens = cdata.to_tensors(d, norm)
+        train = cdata.ForecastWindows(tens, split.train, context=context)
+        val = cdata.ForecastWindows(tens, split.val, context=context)
+        mk["residual_scale"] = cdata.residual_scale(tens, split.train)
+        clim = cdata.climatology(tens, split.train)
+        lim = _fit_lim(tens, split, clim, lim_modes)
+        mk["lim_modes"] = lim.modes if lim is not None else 0
+
+        def skip(m: torch.nn.Module) -> None:
+            _skip_path(m, tens, split, clim, lim)
+    model = recipe.build(f"climate_pretrainer.{config}", mk, seed=seed, before_transfer=skip)
+    if streaming:
+        fit.clear()  # the model holds its own copy of the climatology and the regression
+        stream_mod.release_memory()
     tc = recipe.engine(ENGINE, steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision,
                        device=device, progress=progress, eval_every=max(steps // 4, 1),
-                       checkpoint_every=checkpoint_every or max(steps // 2, 1))
+                       checkpoint_every=checkpoint_every or max(steps // 2, 1), num_workers=workers)
     geometry = d.geometry()
     geometry["split"] = {"train_years": split.train_years, "val_years": split.val_years,
                          "test_years": split.test_years}
@@ -158,7 +218,9 @@ def pretrain(*, data: opt.Data, out: opt.Out, config: opt.Size = "tiny", steps: 
                      model_kwargs=mk, geometry=geometry, processors={"normalisation": stats},
                      card=_card(d, "Climate foundation model pretrained by masked reconstruction across "
                                    "variables and space-time patches plus next-step prediction."))
-    res = recipe.fit(model, train, tc, out_dir=out, config=mc, evaluate=_val_loss(val), resume=resume)
+    # a streamed validation set is scored in training-sized batches (32 windows of a 1-degree grid are GBs)
+    res = recipe.fit(model, train, tc, out_dir=out, config=mc, resume=resume,
+                     evaluate=_val_loss(val, batch_size=batch_size if streaming else 32))
     mc.training = {**dataclasses.asdict(tc), "seed": seed, "data": str(data)}
     path = recipe.finish(model, out, mc, {"train_loss": res.last_loss,
                                           **{f"best_{k}": v for k, v in res.best.items()}})
