@@ -103,7 +103,7 @@ def main() -> None:
     print(f"loader (StoreWindows, chunk-aware order, {len(ds)} samples, spans of {ds.spans.block} steps): "
           f"{loader_rate:.1f} steps/s, {loader_rate / raw_rate:.0%} of the raw rate; "
           f"{ds.spans.steps_read / covered:.2f} reads per step", flush=True)
-    for cfg in a.configs.split(","):
+    for cfg in [c for c in a.configs.split(",") if c]:  # --configs "": the loader only
         t = time.time()
         # GNU time prints the child's own peak resident set (KiB) on its last line
         r = subprocess.run(["/usr/bin/time", "-f", "%M", *hfmi, "pretrain", "climate", "--data", str(store),

@@ -63,7 +63,10 @@ def store_block(path: str | Path) -> int:
     group = zarr.open_group(str(path), mode="r")
     mark = group.attrs.get(STORE_MARK)
     if mark:
-        return int(json.loads(mark).get("time_chunk", 1))
+        try:
+            return max(int(json.loads(mark).get("time_chunk", 1)), 1)
+        except (ValueError, TypeError, AttributeError) as e:
+            raise DataError(f"{path}: its {STORE_MARK} attribute is not what hfmi data prepare writes ({e})") from e
     for name in group.array_keys():
         a = group[name]
         if a.ndim >= 3:
