@@ -156,3 +156,12 @@ def test_a_nan_outside_the_mask_is_named_when_its_block_is_read(store, tmp_path)
         reader.read(15, 20)
     with pytest.raises(DataError, match="streaming reads a Zarr store"):
         cdata.load_climate(store.parent / "src.nc", lazy=True)
+
+
+def test_a_store_is_streamed_when_asked_or_when_it_is_large(store, monkeypatch):
+    from hfmi_kit.domains.climate import tasks
+
+    assert tasks._streams(store, True) and not tasks._streams(store, False)
+    assert not tasks._streams(store, None)  # 0.4 MB of values: loaded
+    monkeypatch.setattr(tasks, "STREAM_ABOVE", 1000)
+    assert tasks._streams(store, None) and not tasks._streams(store.parent / "src.nc", None)

@@ -111,10 +111,21 @@ def _streams(data: str | Path, stream: bool | None) -> bool:
 
     if not is_zarr(data):
         return False
+    import warnings
+
     import zarr
 
-    group = zarr.open_group(str(data), mode="r")
-    size = sum(int(np.prod(group[k].shape)) * group[k].dtype.itemsize for k in group.array_keys())
+    from hfmi_kit.data.safety import check_zarr
+
+    check_zarr(data)  # what open_cf refuses (a pickle codec, an object dtype) is refused before zarr reads it
+
+    try:  # a damaged store is not measured here: loading it names what is wrong
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            group = zarr.open_group(str(data), mode="r")
+            size = sum(int(np.prod(group[k].shape)) * group[k].dtype.itemsize for k in group.array_keys())
+    except Exception:  # zarr raises many types for a damaged store
+        return False
     return size > STREAM_ABOVE
 
 
