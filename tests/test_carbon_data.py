@@ -224,3 +224,31 @@ def test_gross_losses_and_gains_are_corrected_by_the_plots_own_cell_changes(regi
     rows = {x["quantity"].split()[0]: x for x in budget(unmapped, noisy, set(test))}
     assert rows["losses"]["plots"] == 0 and "lower_90" not in rows["losses"]
     assert rows["losses"]["value"] == rows["losses"]["map_only"] and rows["net"]["plots"] == len(test)
+
+
+def test_the_budget_chart_puts_stocks_and_changes_on_axes_of_their_own():
+    """Stocks (~8,000 Mg C) and changes (~ +-500 Mg C) on one axis hid the changes: two panels,
+    each with its own range, the changes with a zero line; rows without an interval are left out."""
+    import holoviews as hv
+
+    from hfmi_kit.domains.carbon.plots import budget_plot
+
+    rows = [{"quantity": "carbon stock 2019", "value": 8000.0, "lower_90": 7600.0, "upper_90": 8400.0, "true": 8100.0},
+            {"quantity": "carbon stock 2023", "value": 7500.0, "lower_90": 7100.0, "upper_90": 7900.0, "true": 7450.0},
+            {"quantity": "net change 2019-2023", "value": -500.0, "lower_90": -700.0, "upper_90": -300.0,
+             "true": -650.0},
+            {"quantity": "losses 2019-2023", "value": -900.0, "lower_90": -1100.0, "upper_90": -700.0, "true": -950.0},
+            {"quantity": "gains 2019-2023", "value": 400.0, "lower_90": np.nan, "upper_90": np.nan}]
+    plot = budget_plot(rows)
+    assert isinstance(plot, hv.Layout) and len(plot) == 2
+    fig = hv.render(plot, backend="bokeh")
+    figs = [c[0] if isinstance(c, tuple) else c for c in fig.children]
+    figs = [f for f in figs if hasattr(f, "y_range")]
+    assert len(figs) == 2
+    titles = [f.title.text for f in figs]
+    assert titles[0].startswith("carbon stocks") and titles[1].startswith("changes")
+    (lo0, hi0), (lo1, hi1) = [(f.y_range.start, f.y_range.end) for f in figs]
+    assert lo0 > 6000 and hi1 < 0 < hi0 and lo1 < -1000  # each axis spans only its own quantities
+    assert [f.yaxis[0].axis_label for f in figs] == ["stock (Mg C)", "change (Mg C)"]
+    single = budget_plot(rows[:2])  # one epoch pair missing: the stocks alone
+    assert not isinstance(single, hv.Layout)

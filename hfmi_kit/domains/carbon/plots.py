@@ -105,16 +105,34 @@ def change_map(source: Any, maps: Sequence[np.ndarray] | None = None, carbon_fra
 
 
 def budget_plot(rows: Sequence[Mapping[str, Any]]) -> Any:
-    """Regional totals with their 90 % intervals, and the truth where known."""
+    """Regional totals with their 90 % intervals, and the truth where known: the carbon stocks
+    (thousands of Mg C) and the changes between epochs (net, losses, gains: hundreds, of either
+    sign) on panels of their own, each with its own axis."""
     hv = require_holoviews()
     rows = [r for r in rows if r.get("lower_90") is not None and np.isfinite(r.get("lower_90", np.nan))]
-    names = [r["quantity"] for r in rows]
-    est = hv.Scatter([(n, r["value"]) for n, r in zip(names, rows)], "quantity", "Mg C", label="estimate").opts(
-        size=9, color="black")
-    err = hv.ErrorBars([(n, r["value"], r["value"] - r["lower_90"], r["upper_90"] - r["value"])
-                        for n, r in zip(names, rows)], "quantity", ["Mg C", "neg", "pos"])
-    out = err * est
-    if all("true" in r for r in rows):
-        out = out * hv.Scatter([(n, r["true"]) for n, r in zip(names, rows)], "quantity", "Mg C",
-                               label="truth").opts(size=9, color="firebrick", marker="x")
-    return out.opts(width=620, height=320, title="regional carbon budget (90 % intervals)", legend_position="top_left")
+    stocks = [r for r in rows if str(r["quantity"]).startswith("carbon stock")]
+    changes = [r for r in rows if not str(r["quantity"]).startswith("carbon stock")]
+
+    def panel(part: list[Mapping[str, Any]], title: str, axis: str) -> Any:
+        names = [str(r["quantity"]) for r in part]
+        est = hv.Scatter([(n, r["value"]) for n, r in zip(names, part)], "quantity", axis,
+                         label="estimate").opts(size=9, color="black")
+        err = hv.ErrorBars([(n, r["value"], r["value"] - r["lower_90"], r["upper_90"] - r["value"])
+                            for n, r in zip(names, part)], "quantity", [axis, "neg", "pos"])
+        out = err * est
+        if all("true" in r for r in part):
+            out = out * hv.Scatter([(n, r["true"]) for n, r in zip(names, part)], "quantity", axis,
+                                   label="truth").opts(size=9, color="firebrick", marker="x")
+        if axis.startswith("change"):
+            out = out * hv.HLine(0).opts(color="grey", line_dash="dotted", line_width=1)
+        return out.opts(width=420, height=340, title=title, legend_position="top_left", xrotation=25,
+                        xlabel="", ylabel=f"{axis} (Mg C)")
+
+    parts = [panel(p, t, a) for p, t, a in ((stocks, "carbon stocks (90 % intervals)", "stock"),
+                                             (changes, "changes between epochs (90 % intervals)", "change"))
+             if p]
+    if not parts:
+        raise ValueError("no budget row has a 90 % interval")
+    if len(parts) == 1:
+        return parts[0]
+    return hv.Layout(parts).opts(shared_axes=False).cols(2)
