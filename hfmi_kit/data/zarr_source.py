@@ -66,12 +66,27 @@ class ZarrWindowSource:
     def __len__(self) -> int:
         return self.length
 
-    def read(self, t0: int, t1: int) -> np.ndarray:
-        """(t1 - t0, V, ...) float32 with fill values as NaN."""
+    def read_arrays(self, t0: int, t1: int) -> list[np.ndarray]:
+        """Each variable's ``(t1 - t0, ...)`` float32 window, fill values as NaN (variables of
+        different shapes, e.g. one on pressure levels beside a surface field).
+
+        Raises:
+            DataError: a window outside the store, or a chunk that cannot be read (naming the
+                store, the variable and the steps)."""
         if not 0 <= t0 < t1 <= self.length:
             raise DataError(f"{self.source}: window [{t0}, {t1}) outside [0, {self.length})")
-        out = np.stack([np.asarray(a[t0:t1], dtype=np.float32) for a in self.arrays], axis=1)
-        for i, f in enumerate(self.fill):
+        out = []
+        for name, a, f in zip(self.variables, self.arrays, self.fill):
+            try:
+                x = np.asarray(a[t0:t1], dtype=np.float32)
+            except Exception as e:  # the codecs raise many types for a damaged chunk
+                raise DataError(f"{self.source}: variable {name!r}, steps {t0}-{t1 - 1} cannot be read, the store "
+                                f"is corrupt or truncated ({type(e).__name__}: {e})") from e
             if f is not None and np.isfinite(f):
-                out[:, i][out[:, i] == np.float32(f)] = np.nan
+                x[x == np.float32(f)] = np.nan
+            out.append(x)
         return out
+
+    def read(self, t0: int, t1: int) -> np.ndarray:
+        """(t1 - t0, V, ...) float32 with fill values as NaN (variables of one shape)."""
+        return np.stack(self.read_arrays(t0, t1), axis=1)

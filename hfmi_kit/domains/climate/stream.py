@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from hfmi_kit.data.cf import grid_dims, open_cf
-from hfmi_kit.data.zarr_source import copy_to_local
+from hfmi_kit.data.zarr_source import ZarrWindowSource, copy_to_local
 from hfmi_kit.domains.climate import data as cdata
 from hfmi_kit.errors import DataError
 
@@ -128,21 +128,15 @@ class StoreReader:
         self.valid = np.concatenate([valid, np.ones((self.n_forcing, *self.shape), bool)])
         self.gain_t, self.bias_t = torch.from_numpy(self.gain), torch.from_numpy(self.bias)
         self.outside_t = None if self.valid.all() else torch.from_numpy(~self.valid)
-        self._arrays: dict[str, Any] | None = None
+        self._zarr: ZarrWindowSource | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers open the store themselves
-        return {**self.__dict__, "_arrays": None}
+        return {**self.__dict__, "_zarr": None}
 
-    def _open(self) -> dict[str, Any]:
-        if self._arrays is None:
-            import zarr
-
-            try:
-                group = zarr.open_group(str(self.path), mode="r")
-                self._arrays = {v: group[v] for v in self.plan}
-            except Exception as e:  # zarr raises many types for a damaged store
-                raise DataError(f"{self.source}: cannot open the store's arrays ({type(e).__name__}: {e})") from e
-        return self._arrays
+    def _open(self) -> ZarrWindowSource:
+        if self._zarr is None:
+            self._zarr = ZarrWindowSource(self.path, list(self.plan))
+        return self._zarr
 
     def read(self, t0: int, t1: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(state (n, V, H, W), forcing (n, F, H, W)) float32, normalised, 0 outside the masks.
@@ -151,17 +145,7 @@ class StoreReader:
         the block is checked with one sum (the cells outside the masks set to 0 first)."""
         # field-major, so that each field is one contiguous piece; handed out as (n, V, H, W) views
         fm = torch.empty((len(self.names), t1 - t0, *self.shape))  # torch's kernels use the trainer's threads
-        arrays = self._open()
-        for var, fields in self.plan.items():
-            arr = arrays[var]
-            try:
-                block = np.asarray(arr[t0:t1], dtype=np.float32)
-            except Exception as e:
-                raise DataError(f"{self.source}: variable {var!r}, steps {t0}-{t1 - 1} cannot be read, the store "
-                                f"is corrupt or truncated ({type(e).__name__}: {e})") from e
-            fill = arr.fill_value
-            if fill is not None and np.isfinite(fill):
-                block[block == np.float32(fill)] = np.nan
+        for fields, block in zip(self.plan.values(), self._open().read_arrays(t0, t1)):
             src = torch.from_numpy(block)
             for k, level in fields:  # copied out and normalised in one pass
                 torch.addcmul(self.bias_t[k], src if level is None else src[:, level], self.gain_t[k], out=fm[k])
