@@ -73,3 +73,20 @@ def test_bad_window_options_name_the_problem():
         grid_windows((10, 10), 4, overlap=1.0)
     with pytest.raises(ConfigError, match="window"):
         grid_windows((10, 10), (4, 4, 4))
+
+
+def test_windows_of_a_volume_not_divisible_by_the_window_match_a_whole_volume_forward():
+    from hfmi_kit.domains.radiology.model import sliding_window_labels
+
+    torch.manual_seed(0)
+    head = torch.nn.Conv3d(2, 3, 1)  # a voxel-wise model: every window must give what the whole volume gives
+    x = torch.randn(2, 37, 29, 45)
+    with torch.no_grad():
+        whole = head(x[None])[0]
+        out = blend_windows(head, lambda c: x[:, c[0]:c[0] + 16, c[1]:c[1] + 16, c[2]:c[2] + 16], (37, 29, 45), 16,
+                            channels=3, overlap=0.5, weight=centre_weight(16, 3))
+        np.testing.assert_allclose(out, whole.numpy(), rtol=1e-5, atol=1e-5)
+        lab, conf = sliding_window_labels(head, x.numpy(), window=16, background=[0.0, 0.0], overlap=0.5)
+    assert lab.shape == (37, 29, 45)
+    assert np.array_equal(lab, whole.argmax(0).numpy())
+    assert np.all(conf <= whole.softmax(0).max(0).values.numpy() + 1e-6)

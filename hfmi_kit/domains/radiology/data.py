@@ -208,7 +208,7 @@ def _same_grid(a: Volume, b: Volume, tol: float = 1e-3) -> bool:
     return a.data.shape == b.data.shape and bool(np.allclose(a.affine, b.affine, atol=tol))
 
 
-def prepare(sub: Subject, modalities: Sequence[str], spacing: float, *, with_label: bool = True,
+def prepare(sub: Subject, modalities: Sequence[str], spacing: float | Sequence[float], *, with_label: bool = True,
             keep_ref: bool = False) -> Prepared:
     """Load, co-register (by world coordinates) and normalise one subject's ``modalities``."""
     missing = [m for m in modalities if m not in sub.images]
@@ -231,8 +231,12 @@ def prepare(sub: Subject, modalities: Sequence[str], spacing: float, *, with_lab
             raise DataError(f"{sub.label}: label grid (shape {lab.data.shape}) matches none of subject "
                             f"{sub.id}'s images {[v.data.shape for v in vols]}; a label must share its image's "
                             "shape and affine")
-        check_label_values(sub, np.unique(lab.data))
-        lab.data = lab.data.astype(np.uint8)
+        small = lab.data.astype(np.uint8)
+        if np.array_equal(small, lab.data):  # the usual label map: small integers, counted in one pass
+            check_label_values(sub, np.flatnonzero(np.bincount(small.ravel(), minlength=256)).astype(np.float64))
+        else:
+            check_label_values(sub, np.unique(lab.data))
+        lab.data = small
         out.label = resample(lab.data, lab.affine, grid[0], grid[1], order=0)
         out.label_ref = lab
     return out
