@@ -47,7 +47,7 @@ def main() -> None:
     rows = []
     for i, n in enumerate(budgets):
         t = time.time()
-        want = ["scratch"] + (["unet"] if i == len(budgets) - 1 else [])
+        want = ["scratch", "unet_same"] + (["unet"] if i == len(budgets) - 1 else [])
         m = finetune(ckpt=ck, data=study, out=out / f"ft_{n or 'all'}", labels=n, steps=a.finetune_steps,
                      seed=a.seed, baselines=want, progress=False)
         rows.append(m)
@@ -58,7 +58,8 @@ def main() -> None:
         print(f"N={int(m['labelled_cases']):3d} ({time.time() - t:4.0f} s)  pretrained dice {m['dice']:.3f}"
               f"+-{m['dice_std']:.3f} hd95 {m['hd95_mm']:6.1f} mm centroid {m['centroid_error_mm']:5.1f} mm | "
               f"scratch dice {m['dice_scratch']:.3f}+-{m['dice_std_scratch']:.3f} hd95 {m['hd95_mm_scratch']:6.1f}"
-              f" centroid {m['centroid_error_mm_scratch']:5.1f} | paired gain {m['paired_dice_gain']:+.3f}, better in "
+              f" centroid {m['centroid_error_mm_scratch']:5.1f} | same-N U-Net dice {m['dice_unet_same']:.3f}"
+              f"+-{m['dice_std_unet_same']:.3f} | paired gain {m['paired_dice_gain']:+.3f}, better in "
               f"{int(m['cases_pretrained_better'])}/{len(diff)} cases", flush=True)
     last = rows[-1]
     print(f"U-Net on all {int(last['unet_cases'])} cases: dice {last['dice_unet']:.3f}+-{last['dice_std_unet']:.3f} "

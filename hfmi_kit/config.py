@@ -325,6 +325,23 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def move_into_place(tmp: str | Path, path: str | Path) -> Path:
+    """Put the finished file or folder ``tmp`` at ``path`` by renames on one file system: an
+    existing ``path`` is renamed aside first and removed only once ``tmp`` is in its place."""
+    import os
+    import shutil
+
+    tmp, path = Path(tmp), Path(path)
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    else:
+        os.replace(tmp, path)
+    return path
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")

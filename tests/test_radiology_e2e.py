@@ -75,11 +75,12 @@ def test_cli_pretrain_finetune_evaluate(study: Path, tmp_path: Path, capsys):
                  "--steps", "4", "--labels", "2", "--batch-size", "2", "--baselines"]) == 0
     m = json.loads((ft / "metrics.json").read_text())
     for k in ("dice", "hd95_mm", "centroid_error_mm", "dice_scratch", "hd95_mm_scratch", "centroid_error_mm_scratch",
-              "dice_unet", "hd95_mm_unet", "centroid_error_mm_unet"):
+              "dice_unet", "hd95_mm_unet", "centroid_error_mm_unet", "dice_unet_same", "hd95_mm_unet_same"):
         assert k in m and math.isfinite(m[k]), k
         assert (0.0 <= m[k] <= 1.0) if k.startswith("dice") else m[k] >= 0.0
-    assert m["labelled_cases"] == 2 and m["test_cases"] == 2 and m["unet_cases"] == 3
+    assert m["labelled_cases"] == 2 and m["test_cases"] == 2 and m["unet_cases"] == 3 and m["unet_same_cases"] == 2
     cases = json.loads((ft / "cases.json").read_text())
+    assert set(cases["per_case"]) == {"model", "scratch", "unet_same", "unet"}
     assert sorted(cases["test"]) == sorted(test_ids) and not set(cases["train"]) & set(test_ids)
     for row in cases["per_case"]["model"]:
         assert set(row) >= {"id", "dice", "hd95_mm", "centroid_error_mm", "centroid_mm", "bbox_mm"}

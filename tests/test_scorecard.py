@@ -11,7 +11,7 @@ import pytest
 from hfmi_kit.errors import ConfigError
 from hfmi_kit.scorecard import COLUMNS, run_scorecard, summarise
 
-CLASSICAL = {"climate": "damped_persistence", "radiology": "unet_all_cases", "carbon": "rf", "materials": "rf"}
+CLASSICAL = {"climate": "damped_persistence", "radiology": "unet_same_cases", "carbon": "rf", "materials": "rf"}
 
 
 def _rows(pre: list[float], scr: list[float]) -> list[dict]:
@@ -62,5 +62,6 @@ def test_small_scorecard_of_every_domain(small_scorecard):
     runs = tmp_path / "runs" / "radiology"
     assert (runs / "pretrained_n1_s0" / "train_unet").is_dir()
     assert not (runs / "pretrained_n3_s0" / "train_unet").exists()
+    assert (runs / "pretrained_n3_s0" / "train_unet_same").is_dir()  # the same-budget U-Net: at every budget
     unet = {(r["label_budget"], r["seed"]): r["value"] for r in rows if r["method"] == "unet_all_cases"}
     assert {unet[("1", s)] for s in "012"} == {unet[("3", s)] for s in "012"}

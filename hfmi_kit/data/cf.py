@@ -7,7 +7,6 @@ naming the file, the variable and what was expected.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from hfmi_kit.config import move_into_place
 from hfmi_kit.errors import DataError
 
 _LAT_UNITS = {"degrees_north", "degree_north", "degree_n", "degrees_n", "degreen", "degreesn"}
@@ -287,13 +287,7 @@ def write_cf(ds: xr.Dataset, path: str | Path, *, time_chunk: int = 1, time_dim:
             ds.to_zarr(tmp, mode="w", consolidated=True, zarr_format=2)
         else:
             ds.to_netcdf(tmp, format="NETCDF4")
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
-        else:
-            os.replace(tmp, path)
+        move_into_place(tmp, path)
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
     return path

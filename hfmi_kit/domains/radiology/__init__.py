@@ -25,12 +25,12 @@ class RadiologyDomain(Domain):
                                    "and/or DICOM series, or a study with dataset.json")
     headline_metrics: ClassVar[tuple[str, ...]] = (
         "dice", "dice_std", "hd95_mm", "centroid_error_mm", "dice_core", "dice_scratch", "hd95_mm_scratch",
-        "dice_unet", "hd95_mm_unet", "labelled_cases", "test_cases")
+        "dice_unet_same", "dice_unet", "hd95_mm_unet", "labelled_cases", "test_cases")
     published_files: ClassVar[tuple[str, ...]] = ("cases.json", "predictions")
     primary_metric: ClassVar[str] = "dice"
     higher_is_better: ClassVar[bool] = True
     label_key: ClassVar[str] = "labelled_cases"
-    baselines: ClassVar[tuple[str, ...]] = ("scratch", "unet")
+    baselines: ClassVar[tuple[str, ...]] = ("scratch", "unet_same", "unet")
     example_outputs: ClassVar[tuple[str, ...]] = ("predictions/", "cases.json")
 
     def example_data(self, out_dir: str | Path, *, seed: int = 0, small: bool = True,
@@ -45,9 +45,11 @@ class RadiologyDomain(Domain):
                                            "full": LabelBudget.counts([1, 2, 4, 8, 16])},
             pretrain_kw={"small": {"steps": 6, "batch_size": 2, "spacing": 4.5}, "full": {"steps": 3000}},
             finetune_kw={"small": {"steps": 6, "batch_size": 2, "spacing": 4.5}, "full": {"steps": 600}},
-            baselines=("scratch", "unet"), method_names={"unet": "unet_all_cases"}, budget_independent=("unet",),
-            note="`unet_all_cases`: the U-Net reference is trained on every labelled training case, whatever the "
-                 "budget (an upper reference, not a same-budget baseline; trained once per seed).")
+            baselines=("scratch", "unet_same", "unet"),
+            method_names={"unet": "unet_all_cases", "unet_same": "unet_same_cases"}, budget_independent=("unet",),
+            note="`unet_same_cases`: the nnU-Net-style U-Net trained on the same labelled cases as the model (the "
+                 "same-budget classical baseline); `unet_all_cases`: that U-Net on every labelled training case, "
+                 "whatever the budget (an upper reference; trained once per seed).")
 
 
 def _scorecard_data(d: Path, budget: str) -> dict[str, Any]:

@@ -29,7 +29,7 @@ class RadiologyNet(nn.Module):
     """Shared 3-D patch tokenizer + modality tokens + encoder."""
 
     def __init__(self, *, size: EncoderConfig, modalities: Sequence[str], crop: int = 32, patch: int = 4,
-                 spacing: float = 3.0) -> None:
+                 spacing: float | Sequence[float] = 3.0) -> None:
         super().__init__()
         self.modalities, self.crop, self.patch, self.spacing = list(modalities), crop, patch, spacing
         tok = GridTokenizer(groups=["image"], grid=(crop,) * 3, patch=(patch,) * 3, dim=size.dim)
@@ -128,7 +128,9 @@ class SegDecoder(nn.Module):
 
 
 def seg_loss(logits: torch.Tensor, label: torch.Tensor, classes: int) -> torch.Tensor:
-    """Cross-entropy plus soft Dice over the foreground classes (batch Dice, as nnU-Net)."""
+    """Cross-entropy plus soft Dice over the foreground classes (batch Dice, as nnU-Net); ``label``
+    of any integer type (the store's crops come as uint8, a byte per voxel to move to the device)."""
+    label = label.long()
     ce = F.cross_entropy(logits.float(), label)
     prob = logits.float().softmax(1)
     onehot = F.one_hot(label, classes).permute(0, 4, 1, 2, 3).float()

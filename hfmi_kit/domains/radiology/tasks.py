@@ -18,9 +18,11 @@ from hfmi_kit import options as opt
 from hfmi_kit.config import atomic_write_json
 from hfmi_kit.domains.radiology import data as rdata
 from hfmi_kit.domains.radiology import metrics as M
+from hfmi_kit.domains.radiology import store as rstore
 from hfmi_kit.domains.radiology.geometry import to_input_grid
 from hfmi_kit.domains.radiology.io import load_volume, save_nifti, write_dicom_seg
 from hfmi_kit.domains.radiology.model import RadiologySegmenter, UNetBaseline, sliding_window_labels
+from hfmi_kit.domains.radiology.store import inspect_store, prepare  # noqa: F401 (the domain's data commands)
 from hfmi_kit.domains.radiology.synth import LABELS
 from hfmi_kit.errors import ConfigError, DataError
 from hfmi_kit.train import load_pretrained, recipe
@@ -34,9 +36,21 @@ SEGMENT_NAMES = ("oedema", "tumour core")
 ENGINE = recipe.EngineDefaults(warmup_cap=20)
 
 
-def _card(root: Path, subjects: Sequence[rdata.Subject], summary: str) -> dict[str, Any]:
+def _card(root: Path, subjects: Sequence[rdata.Subject] | Sequence[rstore.StoreCase], summary: str
+          ) -> dict[str, Any]:
     meta = root / "dataset.json"
-    entry: dict[str, Any] = {"file": root.name, "path": str(root), **rdata.describe(subjects)}
+    if subjects and isinstance(subjects[0], rstore.StoreCase):
+        mods: dict[str, int] = {}
+        for c in subjects:
+            for m in c.attrs["modalities"]:
+                mods[m] = mods.get(m, 0) + 1
+        described = {"subjects": len(subjects), "labelled": sum(1 for c in subjects if c.label), "modalities": mods}
+        source = json.loads(rstore.RadiologyStore(root).group.attrs.get("hfmi_sources", "{}"))
+        described.update({k: v for k, v in source.items() if k in ("description", "licence")})
+        described["store_of"] = source.get("path", "")
+    else:
+        described = rdata.describe(subjects)  # type: ignore[arg-type]
+    entry: dict[str, Any] = {"file": root.name, "path": str(root), **described}
     if meta.is_file():
         js = json.loads(meta.read_text(encoding="utf-8"))
         entry.update({"description": js.get("description", ""), "source": js.get("source", ""),
@@ -50,8 +64,8 @@ def _card(root: Path, subjects: Sequence[rdata.Subject], summary: str) -> dict[s
 @recorded("radiology", "pretrain")
 def pretrain(*, data: opt.Data, out: opt.Out, config: opt.Size = "tiny", steps: opt.Steps = 300, seed: opt.Seed = 0,
              resume: opt.Resume = False, batch_size: opt.BatchSize = 8, lr: opt.LearningRate = 1e-3,
-             spacing: Annotated[float, opt.Opt("isotropic voxel spacing the volumes are resampled to, in mm",
-                                           above=0)] = 3.0,
+             spacing: Annotated[float | None, opt.Opt("isotropic voxel spacing the volumes are resampled to, in "
+                                                  "mm (None: 3 mm; a store's own spacing)", above=0)] = None,
              crop: Annotated[int, opt.Opt("edge of the cubic training crops, in voxels", low=1)] = 32,
              patch: Annotated[int, opt.Opt("edge of the cubic patches (tokens), in voxels", low=1)] = 4,
              mask_ratio: opt.MaskRatio = 0.75, precision: opt.Precision = "auto", device: opt.Device = "auto",
@@ -59,40 +73,70 @@ def pretrain(*, data: opt.Data, out: opt.Out, config: opt.Size = "tiny", steps: 
              variables: opt.Variables = None) -> Path:
     """3-D masked-autoencoder pretraining on every unlabelled volume of ``data`` (all modalities).
 
-    Test subjects (see :func:`.data.split_subjects`) are left out so later scores stay honest;
-    labels are never read. ``variables`` restricts the modalities. Returns ``out/model``.
+    ``data`` is a study folder (every volume resampled to ``spacing`` and held in memory) or a
+    store of ``hfmi data prepare radiology`` (crops read from it as training goes; memory does
+    not grow with the number of cases). Test subjects (see :func:`.data.split_subjects`) are
+    left out so later scores stay honest; labels are never read. ``variables`` restricts the
+    modalities. Returns ``out/model``.
     """
     root, out = Path(data), Path(out)
-    subjects = rdata.discover(root)
-    test_ids: set[str] = set()
-    if sum(1 for s in subjects if s.label) >= 3:
-        test_ids = {s.id for s in rdata.split_subjects(subjects)[1]}
-    use = [s for s in subjects if s.id not in test_ids]
-    mods = sorted({m for s in use for m in s.images if variables is None or m in variables})
-    if not mods:
-        raise DataError(f"{root}: no images of modalities {list(variables or [])}")
-    vols = []
-    for s in use:
-        for m in s.images:
-            if m in mods:
-                p = rdata.prepare(s, [m], spacing, with_label=False)
-                vols.append((p.image[0], mods.index(m), p.background[0]))
-    LOGGER.info("pretraining on %d volumes (%s) of %d subjects", len(vols), mods, len(use))
-    ds = rdata.PretrainCrops(vols, crop=crop, seed=seed)
+    ds: Any
+    if rstore.is_store(root):
+        st = rstore.RadiologyStore(root)
+        sp: float | list[float] = _store_spacing(st, spacing)
+        test_ids = set(rstore.split(st)[1]) if st.info["labelled"] >= 3 else set()
+        ids = [c for c in st.ids if c not in test_ids]
+        mods = [m for m in st.modalities if variables is None or m in variables]
+        if not mods:
+            raise DataError(f"{root}: no images of modalities {list(variables or [])}; the store holds "
+                            f"{st.modalities}")
+        ds = rstore.StoreCrops(root, ids, crop=crop, task="pretrain", modalities=mods, seed=seed)
+        n_vols, card_of = len(ids) * len(mods), [st.case(c) for c in ids]
+        LOGGER.info("pretraining on crops of %d volumes (%s) of %d cases read from %s", n_vols, mods, len(ids), root)
+    else:
+        sp = 3.0 if spacing is None else float(spacing)
+        subjects = rdata.discover(root)
+        test_ids = set()
+        if sum(1 for s in subjects if s.label) >= 3:
+            test_ids = {s.id for s in rdata.split_subjects(subjects)[1]}
+        use = [s for s in subjects if s.id not in test_ids]
+        mods = sorted({m for s in use for m in s.images if variables is None or m in variables})
+        if not mods:
+            raise DataError(f"{root}: no images of modalities {list(variables or [])}")
+        vols = []
+        for s in use:
+            for m in s.images:
+                if m in mods:
+                    p = rdata.prepare(s, [m], sp, with_label=False)
+                    vols.append((p.image[0], mods.index(m), p.background[0]))
+        LOGGER.info("pretraining on %d volumes (%s) of %d subjects", len(vols), mods, len(use))
+        ds = rdata.PretrainCrops(vols, crop=crop, seed=seed)
+        n_vols, card_of = len(vols), use  # type: ignore[assignment]
+    spacing = sp  # type: ignore[assignment]
     mk = {"modalities": mods, "crop": crop, "patch": patch, "spacing": spacing, "mask_ratio": mask_ratio}
     model = recipe.build(f"radiology_mae.{config}", mk, seed=seed)
     tc = recipe.engine(ENGINE, steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision,
                        device=device, progress=progress, checkpoint_every=checkpoint_every or max(steps // 2, 1))
     mc = ModelConfig(domain="radiology", task="pretrain", model_type=f"radiology_mae.{config}", model_kwargs=mk,
                      geometry={"spacing_mm": spacing, "crop": crop, "modalities": mods,
-                               "excluded_test_subjects": sorted(test_ids), "volumes": len(vols)},
-                     card=_card(root, use, "3-D masked autoencoder pretrained on unlabelled CT/MR volumes "
+                               "excluded_test_subjects": sorted(test_ids), "volumes": n_vols},
+                     card=_card(root, card_of, "3-D masked autoencoder pretrained on unlabelled CT/MR volumes "
                                            "(modality tokens, shared patch embedding)."))
     res = recipe.fit(model, ds, tc, out_dir=out, config=mc, resume=resume)
     mc.training = {**dataclasses.asdict(tc), "seed": seed, "data": str(root)}
     path = recipe.finish(model, out, mc, {"train_loss": res.last_loss})
     LOGGER.info("pretrained model written to %s", path)
     return path
+
+
+def _store_spacing(st: rstore.RadiologyStore, spacing: float | Sequence[float] | None) -> list[float]:
+    """The store's spacing; a different ``spacing`` asked for is refused (the store is resampled once)."""
+    if spacing is not None and not np.allclose(np.broadcast_to(np.asarray(spacing, float), (3,)), st.spacing,
+                                               rtol=1e-4):
+        raise ConfigError(f"{st.path}: the store is on a {' x '.join(f'{x:g}' for x in st.spacing)} mm grid, not "
+                          f"{spacing} mm; leave --spacing out or prepare a store at that spacing "
+                          "(`hfmi data prepare radiology SRC --spacing ...`)")
+    return list(st.spacing)
 
 
 def _check_classes(subjects: Sequence[rdata.Subject]) -> None:
@@ -133,7 +177,7 @@ class SegmentationPredictor(Predictor):
         if "modalities" not in geom or "spacing_mm" not in geom:
             raise ConfigError("this segmenter has no checkpoint geometry (modalities, spacing_mm) to prepare "
                               "subjects with")
-        return rdata.prepare(subject, geom["modalities"], float(geom["spacing_mm"]), with_label=with_label,
+        return rdata.prepare(subject, geom["modalities"], _spacing(geom["spacing_mm"]), with_label=with_label,
                              keep_ref=True)
 
     def _label_map(self, case: rdata.Prepared) -> np.ndarray:
@@ -213,9 +257,10 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
     """Fine-tune tumour segmentation/localisation on ``labels`` cases (default all; or a fraction).
 
     ``ckpt=None`` trains the same architecture from scratch. With ``baselines`` (True, or a
-    subset of ``("scratch", "unet")``) the same split also trains the model from scratch on the
-    same cases and the nnU-Net-style U-Net on all training cases, adding ``*_scratch`` and
-    ``*_unet`` metrics. Test cases are fixed by
+    subset of ``("scratch", "unet_same", "unet")``) the same split also trains the model from
+    scratch on the same cases, the nnU-Net-style U-Net on the same cases (the same-budget
+    classical baseline) and that U-Net on every labelled training case (an upper reference),
+    adding ``*_scratch``, ``*_unet_same`` and ``*_unet`` metrics. Test cases are fixed by
     :func:`.data.split_subjects`. Every model trains with AdamW at peak LR 2e-3 (warm-up +
     cosine) on the same crops; a pretrained backbone adds layer-wise LR decay 0.8. Writes
     ``out/model``, ``out/metrics.json``,
@@ -226,31 +271,49 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
         raise ConfigError(f"unknown radiology task {task!r}; expected 'segment'")
     label_budget = LabelBudget.from_options(labels, label_fraction, pool="labelled training cases")
     root, out = Path(data), Path(out)
-    subjects = rdata.discover(root)
-    _check_classes(subjects)
-    pool, test = rdata.split_subjects(subjects)
+    st = rstore.RadiologyStore(root) if rstore.is_store(root) else None
+    subjects: Any
+    if st is not None:  # cases stay in the store: crops are read as training goes, test cases one at a time
+        subjects = st.cases()
+        _check_store_classes(st)
+        pool_ids, test_ids = rstore.split(st)
+        pool, test = [st.case(c) for c in pool_ids], [st.case(c) for c in test_ids]
+    else:
+        subjects = rdata.discover(root)
+        _check_classes(subjects)
+        pool, test = rdata.split_subjects(subjects)
     chosen = label_budget.pick(pool, seed)
     if ckpt is not None:
         pcfg = recipe.parent_config(ckpt, "radiology")
         pk = pcfg["model_kwargs"]
         size = config or recipe.size_of(pcfg)
-        mods = [m for m in rdata.modality_order(chosen + test) if m in pk["modalities"]]
+        have = st.modalities if st is not None else rdata.modality_order(chosen + test)
+        mods = [m for m in have if m in pk["modalities"]]
         if not mods:
             raise DataError(f"{root}: none of the pretrained modalities {pk['modalities']} is in every subject")
         # keep the pretrained modality ids: the segmenter's modality table is the pretrainer's
         all_mods = list(pk["modalities"])
-        crop, patch, sp = int(pk["crop"]), int(pk["patch"]), float(spacing or pk["spacing"])
+        crop, patch = int(pk["crop"]), int(pk["patch"])
+        sp: float | list[float] = _spacing(spacing or pk["spacing"]) if st is None else _store_spacing(st, spacing)
+        if st is not None and not np.allclose(np.broadcast_to(np.asarray(pk["spacing"], float), (3,)), sp, rtol=1e-3):
+            LOGGER.warning("%s was pretrained on a %s mm grid; the store is on %s mm", ckpt, pk["spacing"], sp)
     else:
         size = config or "tiny"
-        mods = rdata.modality_order(chosen + test)
+        mods = list(st.modalities) if st is not None else rdata.modality_order(chosen + test)
         all_mods = list(mods)
-        crop, patch, sp = 32, 4, float(spacing or 3.0)
+        crop, patch = 32, 4
+        sp = _spacing(spacing or 3.0) if st is None else _store_spacing(st, spacing)
     if not mods:
         raise DataError(f"{root}: no modality is present in every subject")
-    LOGGER.info("preparing %d training and %d test cases (%s)", len(chosen), len(test), mods)
-    train_cases = [rdata.prepare(s, mods, sp) for s in chosen]
-    test_cases = [rdata.prepare(s, mods, sp, keep_ref=True) for s in test]
-    _check_dicom_outputs(test_cases)  # read now, not after training: a bad series must not cost a run
+    train_cases: Any
+    if st is not None:
+        train_cases = _StoreCases(root, [c.id for c in chosen], mods)
+        test_cases: Any = rstore.LazyCases(st, [c.id for c in test], mods)
+    else:
+        LOGGER.info("preparing %d training and %d test cases (%s)", len(chosen), len(test), mods)
+        train_cases = [rdata.prepare(s, mods, sp) for s in chosen]
+        test_cases = [rdata.prepare(s, mods, sp, keep_ref=True) for s in test]
+        _check_dicom_outputs(test_cases)  # read now, not after training: a bad series must not cost a run
     mk = {"modalities": all_mods, "input_modalities": mods, "crop": crop, "patch": patch, "spacing": sp,
           "classes": len(LABELS)}
     summary = (f"3-D tumour segmenter fine-tuned ({mode}) from {ckpt or 'scratch'} on {len(chosen)} labelled "
@@ -260,25 +323,35 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
                                               batch_size=batch_size, lr=lr, layer_decay=layer_decay, mode=mode,
                                               precision=precision, device=device, progress=progress, save=True)
     all_rows = {"model": rows}
-    wanted = recipe.requested_baselines(baselines, ("scratch", "unet"))
+    wanted = recipe.requested_baselines(baselines, ("scratch", "unet_same", "unet"))
     if ckpt is None:
         wanted = [b for b in wanted if b != "scratch"]  # the model itself is from scratch
     bsteps = baseline_steps or steps
+    done: dict[str, dict[str, float]] = {}
 
     def baseline(name: str) -> dict[str, float]:
         cases = train_cases
-        if name == "unet" and len(chosen) < len(pool):  # the reference trains on every labelled training case
-            cases = [rdata.prepare(s, mods, sp) for s in pool]
+        every = len(chosen) == len(pool)  # the budget is the whole pool: both U-Nets are one
+        twin = {"unet": "unet_same", "unet_same": "unet"}.get(name)
+        if every and twin in done:
+            all_rows[name] = all_rows[twin]
+            return done[twin]
+        if name == "unet" and not every:  # the reference trains on every labelled training case
+            cases = (_StoreCases(root, [c.id for c in pool], mods) if st is not None else
+                     [rdata.prepare(s, mods, sp) for s in pool])
         *_, m_b, r_b = _fit_and_score(name, None, size, mk, cases, test_cases, out, root, subjects, summary="",
                                       steps=bsteps, seed=seed, batch_size=batch_size, lr=None, layer_decay=None,
                                       mode="full", precision=precision, device=device, progress=progress,
-                                      save=False, unet=name == "unet")
+                                      save=False, unet=name in ("unet", "unet_same"))
         all_rows[name] = r_b
+        done[name] = m_b
         return m_b
 
     metrics.update(recipe.run_baselines(wanted, {b: functools.partial(baseline, b) for b in wanted}))
     if "unet" in wanted:
         metrics["unet_cases"] = float(len(pool))
+    if "unet_same" in wanted:
+        metrics["unet_same_cases"] = float(len(chosen))
     metrics.update({"labelled_cases": float(len(chosen)), "test_cases": float(len(test)),
                     "pool_cases": float(len(pool))})
     atomic_write_json(out / "cases.json", {"train": [c.id for c in chosen], "test": [c.id for c in test],
@@ -287,9 +360,33 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
     return metrics
 
 
+@dataclasses.dataclass
+class _StoreCases:
+    """Training cases left in a store (their crops are read as training goes)."""
+
+    store: Path
+    ids: list[str]
+    modalities: list[str]
+
+
+def _spacing(value: float | Sequence[float]) -> float | list[float]:
+    """A spacing as the model config keeps it: one number (isotropic) or three (R, A, S)."""
+    if isinstance(value, int | float):
+        return float(value)
+    return [float(x) for x in value]
+
+
+def _check_store_classes(st: rstore.RadiologyStore) -> None:
+    extra = sorted(set(int(k) for k in st.info.get("classes", {})) - set(LABELS))
+    if extra:
+        names = ", ".join(f"{k} {v}" for k, v in LABELS.items())
+        raise DataError(f"{st.path}: the store declares class(es) {extra} the segmenter does not predict; "
+                        f"it predicts {names}")
+
+
 def _fit_and_score(name: str, ckpt: str | Path | None, size: str, mk: dict[str, Any],
-                   train_cases: Sequence[rdata.Prepared], test_cases: Sequence[rdata.Prepared], out: Path,
-                   root: Path, subjects: Sequence[rdata.Subject], *, summary: str, steps: int, seed: int,
+                   train_cases: Sequence[rdata.Prepared] | _StoreCases, test_cases: Sequence[rdata.Prepared],
+                   out: Path, root: Path, subjects: Sequence[Any], *, summary: str, steps: int, seed: int,
                    batch_size: int, lr: float | None, layer_decay: float | None, mode: str, precision: str,
                    device: str, progress: bool, save: bool, unet: bool = False
                    ) -> tuple[torch.nn.Module, ModelConfig, dict[str, float], list]:
@@ -307,9 +404,16 @@ def _fit_and_score(name: str, ckpt: str | Path | None, size: str, mk: dict[str, 
     tc = recipe.engine(ENGINE, steps=steps, pretrained=ckpt is not None, mode=mode, layer_decay=layer_decay,
                        batch_size=batch_size, lr=2e-3 if lr is None else lr, seed=seed, precision=precision,
                        device=device, progress=progress, weight_decay=0.01)
-    ds = rdata.SegCrops(train_cases, crop=mk["crop"], seed=seed)
+    ds: Any
+    if isinstance(train_cases, _StoreCases):
+        ds = rstore.StoreCrops(train_cases.store, train_cases.ids, crop=mk["crop"], task="segment",
+                               modalities=train_cases.modalities, seed=seed)
+        ids = list(train_cases.ids)
+    else:
+        ds = rdata.SegCrops(train_cases, crop=mk["crop"], seed=seed)
+        ids = [c.id for c in train_cases]
     recipe.fit(model, ds, tc, out_dir=out / f"train_{name}", config=mc)
-    mc.training = {**dataclasses.asdict(tc), "cases": [c.id for c in train_cases],
+    mc.training = {**dataclasses.asdict(tc), "cases": ids,
                    "from": str(ckpt) if ckpt else "scratch"}
     metrics, rows = score_cases(predictor(model, mc.to_dict()), test_cases,
                                 out_dir=out / "predictions" if save else None)
@@ -335,7 +439,8 @@ def evaluate(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out) -> dict[str,
     pred = predictor(*_load_segmenter(ckpt))
     cfg = pred.config
     root, out = Path(data), Path(out)
-    subjects = rdata.discover(root)
+    st = rstore.RadiologyStore(root) if rstore.is_store(root) else None
+    subjects: Any = st.cases() if st is not None else rdata.discover(root)
     trained_on = set(cfg.get("training", {}).get("cases", []))
     labelled = [s for s in subjects if s.label]
     if not labelled:
@@ -343,8 +448,13 @@ def evaluate(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out) -> dict[str,
     cases = [s for s in labelled if s.id not in trained_on]
     if not cases:
         raise DataError(f"{root}: every labelled subject was used for training {ckpt}")
-    prepared = [pred.prepare(s) for s in cases]
-    _check_dicom_outputs(prepared)
+    prepared: Any
+    if st is not None:
+        _store_spacing(st, cfg["geometry"]["spacing_mm"])
+        prepared = rstore.LazyCases(st, [c.id for c in cases], cfg["geometry"]["modalities"])
+    else:
+        prepared = [pred.prepare(s) for s in cases]
+        _check_dicom_outputs(prepared)
     metrics, rows = score_cases(pred, prepared, out_dir=out / "predictions")
     metrics["test_cases"] = float(len(cases))
     atomic_write_json(out / "cases.json", {"test": [c.id for c in cases], "per_case": rows})
