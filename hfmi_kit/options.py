@@ -45,3 +45,4 @@ Precision = Annotated[str, Opt("numeric precision (auto: bf16 on a GPU that has 
                                choices=("auto", "fp32", "bf16", "fp16"))]
 Device = Annotated[str, Opt("auto, cpu, cuda or cuda:N")]
 Progress = Annotated[bool, Opt("show a progress bar")]
+Workers = Annotated[int, Opt("DataLoader worker processes reading samples (0: in the training process)", low=0)]

@@ -194,3 +194,16 @@ def test_a_store_that_is_not_what_it_claims_is_refused(store: Path, tmp_path: Pa
         rstore.RadiologyStore(bad)
     lines = rstore.inspect_store(store)
     assert "a radiology store of 5 cases (4 labelled)" in lines[0]
+
+
+def test_pretraining_from_a_store_in_workers_sees_the_same_crops(store: Path, tmp_path: Path):
+    from safetensors.numpy import load_file
+
+    weights = []
+    for w in (0, 2):
+        assert main(["pretrain", "radiology", "--data", str(store), "--out", str(tmp_path / f"w{w}"), "--steps", "2",
+                     "--batch-size", "2", "--crop", "16", "--workers", str(w)]) == 0
+        weights.append(load_file(tmp_path / f"w{w}" / "model" / "model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    for k in weights[0]:
+        np.testing.assert_array_equal(weights[0][k], weights[1][k], err_msg=k)

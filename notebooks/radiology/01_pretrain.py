@@ -29,6 +29,7 @@ unlabelled = 6  # subjects without labels to generate
 labelled = 8  # subjects with tumour labels to generate
 spacing_scale = 1.4  # acquisition voxel size multiplier of the generated set (>1: faster)
 config = "tiny"  # model size: tiny, small, base
+backbone = "transformer"  # transformer (3-D ViT MAE) or resenc (residual-encoder U-Net, masked-image)
 steps = 150  # optimiser steps
 spacing = 3.0  # model grid spacing [mm]
 seed = 0
@@ -62,7 +63,8 @@ case = prepare(subjects[0], sorted(subjects[0].images), spacing)
 orthoviews(case.image[0], title=f"{case.id} {case.modalities[0]}", positions=[30, 50, 70])
 
 # %%
-ckpt = pretrain(data=data_path, out=out, config=config, steps=steps, seed=seed, spacing=spacing)
+ckpt = pretrain(data=data_path, out=out, config=config, steps=steps, seed=seed, spacing=spacing,
+                backbone=backbone)
 print("checkpoint:", ckpt)
 print(json.dumps(json.loads((ckpt / "config.json").read_text())["geometry"], indent=1))
 
@@ -70,7 +72,8 @@ print(json.dumps(json.loads((ckpt / "config.json").read_text())["geometry"], ind
 loss_curve(out / "metrics.jsonl")
 
 # %% [markdown]
-# Reconstructions of masked patches (75 % of the 4x4x4-voxel patches hidden):
+# Reconstructions of masked patches (75 % of the 4x4x4-voxel patches hidden; the transformer
+# predicts hidden patches from the visible tokens, the residual encoder sees the hidden cubes as zeros):
 
 # %%
 mae = load_pretrained(ckpt).eval()

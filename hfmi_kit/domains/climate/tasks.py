@@ -98,8 +98,7 @@ Stream = Annotated[bool | None, opt.Opt("read training windows from the Zarr sto
                                         "loading it (None: when the store holds more than 2 GiB of values)")]
 CacheDir = Annotated[str | None, opt.Opt("streaming: copy the store to this node-local folder first "
                                          "(e.g. $TMPDIR) and read the copy")]
-Workers = Annotated[int, opt.Opt("DataLoader worker processes reading samples (0: in the training process)",
-                                 low=0)]
+Workers = opt.Workers
 STREAM_ABOVE = 2 * 2**30  # bytes of values above which a Zarr store is streamed by default
 
 

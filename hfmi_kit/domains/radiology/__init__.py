@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 from hfmi_kit.domains.base import Domain
 from hfmi_kit.domains.radiology import model as _model  # noqa: F401  (registers the model families)
+from hfmi_kit.domains.radiology import resenc as _resenc  # noqa: F401  (the residual-encoder families)
 from hfmi_kit.domains.radiology.data import Subject, discover, prepare, split_subjects
 from hfmi_kit.domains.radiology.io import Volume, load_dicom_series, load_nifti, load_volume, save_nifti
 from hfmi_kit.domains.radiology.synth import StudyConfig, generate_study

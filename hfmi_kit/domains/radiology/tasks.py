@@ -22,6 +22,7 @@ from hfmi_kit.domains.radiology import store as rstore
 from hfmi_kit.domains.radiology.geometry import to_input_grid
 from hfmi_kit.domains.radiology.io import load_volume, save_nifti, write_dicom_seg
 from hfmi_kit.domains.radiology.model import RadiologySegmenter, UNetBaseline, sliding_window_labels
+from hfmi_kit.domains.radiology.resenc import ResEncSegmenter
 from hfmi_kit.domains.radiology.store import inspect_store, prepare  # noqa: F401 (the domain's data commands)
 from hfmi_kit.domains.radiology.synth import LABELS
 from hfmi_kit.errors import ConfigError, DataError
@@ -34,6 +35,23 @@ from hfmi_kit.train.provenance import recorded
 LOGGER = logging.getLogger(__name__)
 SEGMENT_NAMES = ("oedema", "tumour core")
 ENGINE = recipe.EngineDefaults(warmup_cap=20)
+#: backbone -> (pretraining family, segmentation family)
+BACKBONES = {"transformer": ("radiology_mae", "radiology_segmenter"),
+             "resenc": ("radiology_resenc_mae", "radiology_resenc_segmenter")}
+Backbone = Annotated[str, opt.Opt("transformer: 3-D ViT masked autoencoder; resenc: residual-encoder U-Net with "
+                                  "masked-image pretraining (nnU-Net ResEnc / nnssl)")]
+
+
+def _families(backbone: str) -> tuple[str, str]:
+    if backbone not in BACKBONES:
+        raise ConfigError(f"--backbone must be one of {', '.join(BACKBONES)}, got {backbone!r}")
+    return BACKBONES[backbone]
+
+
+def _backbone_of(model_type: str) -> str:
+    """The backbone of a checkpoint's ``model_type`` (``radiology_resenc_mae.tiny`` -> resenc)."""
+    family = model_type.partition(".")[0]
+    return next((b for b, fams in BACKBONES.items() if family in fams), "transformer")
 
 
 def _card(root: Path, subjects: Sequence[rdata.Subject] | Sequence[rstore.StoreCase], summary: str
@@ -70,7 +88,8 @@ def pretrain(*, data: opt.Data, out: opt.Out, config: opt.Size = "tiny", steps: 
              patch: Annotated[int, opt.Opt("edge of the cubic patches (tokens), in voxels", low=1)] = 4,
              mask_ratio: opt.MaskRatio = 0.75, precision: opt.Precision = "auto", device: opt.Device = "auto",
              progress: opt.Progress = True, checkpoint_every: opt.CheckpointEvery = 0,
-             variables: opt.Variables = None) -> Path:
+             variables: opt.Variables = None, workers: opt.Workers = 0,
+             backbone: Backbone = "transformer") -> Path:
     """3-D masked-autoencoder pretraining on every unlabelled volume of ``data`` (all modalities).
 
     ``data`` is a study folder (every volume resampled to ``spacing`` and held in memory) or a
@@ -79,6 +98,7 @@ def pretrain(*, data: opt.Data, out: opt.Out, config: opt.Size = "tiny", steps: 
     left out so later scores stay honest; labels are never read. ``variables`` restricts the
     modalities. Returns ``out/model``.
     """
+    mae_family, _ = _families(backbone)
     root, out = Path(data), Path(out)
     ds: Any
     if rstore.is_store(root):
@@ -114,14 +134,17 @@ def pretrain(*, data: opt.Data, out: opt.Out, config: opt.Size = "tiny", steps: 
         n_vols, card_of = len(vols), use  # type: ignore[assignment]
     spacing = sp  # type: ignore[assignment]
     mk = {"modalities": mods, "crop": crop, "patch": patch, "spacing": spacing, "mask_ratio": mask_ratio}
-    model = recipe.build(f"radiology_mae.{config}", mk, seed=seed)
+    model = recipe.build(f"{mae_family}.{config}", mk, seed=seed)
     tc = recipe.engine(ENGINE, steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision,
-                       device=device, progress=progress, checkpoint_every=checkpoint_every or max(steps // 2, 1))
-    mc = ModelConfig(domain="radiology", task="pretrain", model_type=f"radiology_mae.{config}", model_kwargs=mk,
+                       device=device, progress=progress, checkpoint_every=checkpoint_every or max(steps // 2, 1),
+                       num_workers=workers)
+    mc = ModelConfig(domain="radiology", task="pretrain", model_type=f"{mae_family}.{config}", model_kwargs=mk,
                      geometry={"spacing_mm": spacing, "crop": crop, "modalities": mods,
                                "excluded_test_subjects": sorted(test_ids), "volumes": n_vols},
                      card=_card(root, card_of, "3-D masked autoencoder pretrained on unlabelled CT/MR volumes "
-                                           "(modality tokens, shared patch embedding)."))
+                                           "(modality tokens, shared patch embedding)." if backbone == "transformer"
+                                else "Residual-encoder U-Net pretrained by masked-image reconstruction (dense "
+                                     "masking, MSE on the hidden cubes) on unlabelled CT/MR volumes."))
     res = recipe.fit(model, ds, tc, out_dir=out, config=mc, resume=resume)
     mc.training = {**dataclasses.asdict(tc), "seed": seed, "data": str(root)}
     path = recipe.finish(model, out, mc, {"train_loss": res.last_loss})
@@ -253,7 +276,9 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
              spacing: Annotated[float | None, opt.Opt("voxel spacing in mm (None: the pretrained model's)",
                                                   above=0)] = None,
              precision: opt.Precision = "auto", device: opt.Device = "auto",
-             progress: opt.Progress = True) -> dict[str, float]:
+             progress: opt.Progress = True, workers: opt.Workers = 0,
+             backbone: Annotated[str | None, opt.Opt("transformer or resenc (None: the pretrained model's; "
+                                                     "from scratch: transformer)")] = None) -> dict[str, float]:
     """Fine-tune tumour segmentation/localisation on ``labels`` cases (default all; or a fraction).
 
     ``ckpt=None`` trains the same architecture from scratch. With ``baselines`` (True, or a
@@ -286,6 +311,11 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
     if ckpt is not None:
         pcfg = recipe.parent_config(ckpt, "radiology")
         pk = pcfg["model_kwargs"]
+        parent_backbone = _backbone_of(str(pcfg.get("model_type", "")))
+        if backbone is not None and backbone != parent_backbone:
+            raise ConfigError(f"{ckpt} is a {parent_backbone} model; --backbone {backbone} cannot fine-tune it "
+                              "(leave --backbone out, or pretrain that backbone)")
+        backbone = parent_backbone
         size = config or recipe.size_of(pcfg)
         have = st.modalities if st is not None else rdata.modality_order(chosen + test)
         mods = [m for m in have if m in pk["modalities"]]
@@ -316,12 +346,15 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
         _check_dicom_outputs(test_cases)  # read now, not after training: a bad series must not cost a run
     mk = {"modalities": all_mods, "input_modalities": mods, "crop": crop, "patch": patch, "spacing": sp,
           "classes": len(LABELS)}
-    summary = (f"3-D tumour segmenter fine-tuned ({mode}) from {ckpt or 'scratch'} on {len(chosen)} labelled "
+    summary = (f"3-D tumour segmenter ({backbone or 'transformer'} backbone) fine-tuned ({mode}) from "
+               f"{ckpt or 'scratch'} on {len(chosen)} labelled "
                f"case(s), modalities {mods}.")
+    seg_family = _families(backbone or "transformer")[1]
     model, mc, metrics, rows = _fit_and_score("segmenter", ckpt, size, mk, train_cases, test_cases, out, root,
                                               subjects, summary=summary, steps=steps, seed=seed,
                                               batch_size=batch_size, lr=lr, layer_decay=layer_decay, mode=mode,
-                                              precision=precision, device=device, progress=progress, save=True)
+                                              precision=precision, device=device, progress=progress, save=True,
+                                              workers=workers, family=seg_family)
     all_rows = {"model": rows}
     wanted = recipe.requested_baselines(baselines, ("scratch", "unet_same", "unet"))
     if ckpt is None:
@@ -342,7 +375,8 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
         *_, m_b, r_b = _fit_and_score(name, None, size, mk, cases, test_cases, out, root, subjects, summary="",
                                       steps=bsteps, seed=seed, batch_size=batch_size, lr=None, layer_decay=None,
                                       mode="full", precision=precision, device=device, progress=progress,
-                                      save=False, unet=name in ("unet", "unet_same"))
+                                      save=False, unet=name in ("unet", "unet_same"), workers=workers,
+                                      family=seg_family)  # scratch: the model's own architecture
         all_rows[name] = r_b
         done[name] = m_b
         return m_b
@@ -388,11 +422,12 @@ def _fit_and_score(name: str, ckpt: str | Path | None, size: str, mk: dict[str, 
                    train_cases: Sequence[rdata.Prepared] | _StoreCases, test_cases: Sequence[rdata.Prepared],
                    out: Path, root: Path, subjects: Sequence[Any], *, summary: str, steps: int, seed: int,
                    batch_size: int, lr: float | None, layer_decay: float | None, mode: str, precision: str,
-                   device: str, progress: bool, save: bool, unet: bool = False
+                   device: str, progress: bool, save: bool, unet: bool = False, workers: int = 0,
+                   family: str = "radiology_segmenter"
                    ) -> tuple[torch.nn.Module, ModelConfig, dict[str, float], list]:
-    """Train one segmenter (the model, or a baseline) on ``train_cases`` and score it on
-    ``test_cases`` (writing the predictions when ``save``)."""
-    family = "radiology_unet" if unet else "radiology_segmenter"
+    """Train one segmenter (the model of ``family``, or a baseline) on ``train_cases`` and score it
+    on ``test_cases`` (writing the predictions when ``save``)."""
+    family = "radiology_unet" if unet else family
     kw = dict(mk)
     if ckpt is None:  # from scratch: the modality table is just the inputs
         kw["modalities"] = list(mk["input_modalities"])
@@ -403,7 +438,7 @@ def _fit_and_score(name: str, ckpt: str | Path | None, size: str, mk: dict[str, 
                      card=_card(root, subjects, summary or f"radiology {name} baseline"))
     tc = recipe.engine(ENGINE, steps=steps, pretrained=ckpt is not None, mode=mode, layer_decay=layer_decay,
                        batch_size=batch_size, lr=2e-3 if lr is None else lr, seed=seed, precision=precision,
-                       device=device, progress=progress, weight_decay=0.01)
+                       device=device, progress=progress, weight_decay=0.01, num_workers=workers)
     ds: Any
     if isinstance(train_cases, _StoreCases):
         ds = rstore.StoreCrops(train_cases.store, train_cases.ids, crop=mk["crop"], task="segment",
@@ -423,7 +458,7 @@ def _fit_and_score(name: str, ckpt: str | Path | None, size: str, mk: dict[str, 
 def _load_segmenter(ckpt: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     cfg = recipe.parent_config(ckpt, "radiology", task="segment", what="fine-tuned radiology segmenter")
     model = load_pretrained(ckpt)
-    if not isinstance(model, RadiologySegmenter | UNetBaseline):
+    if not isinstance(model, RadiologySegmenter | UNetBaseline | ResEncSegmenter):
         raise ConfigError(f"{ckpt}: {cfg.get('model_type')} cannot segment")
     model.eval()
     return model, cfg
