@@ -141,6 +141,20 @@ def seg_loss(logits: torch.Tensor, label: torch.Tensor, classes: int) -> torch.T
     return ce + (1 - dice.mean())
 
 
+def input_channels(table: Sequence[str], inputs: Sequence[str] | None) -> tuple[list[str], list[int]]:
+    """A segmenter's image channels (``inputs``, default the whole modality ``table``) and their
+    ids in the table.
+
+    Raises:
+        ValueError: a channel that is not in the table.
+    """
+    names = list(inputs or table)
+    unknown = [m for m in names if m not in table]
+    if unknown:
+        raise ValueError(f"input modalities {unknown} are not in the modality table {list(table)}")
+    return names, [list(table).index(m) for m in names]
+
+
 class RadiologySegmenter(RadiologyNet):
     """Tumour segmentation on the pretrained backbone (``classes`` = background + tumour classes).
 
@@ -152,11 +166,7 @@ class RadiologySegmenter(RadiologyNet):
                  **kw: Any) -> None:
         super().__init__(**kw)
         self.classes = classes
-        self.input_modalities = list(input_modalities or self.modalities)
-        unknown = [m for m in self.input_modalities if m not in self.modalities]
-        if unknown:
-            raise ValueError(f"input modalities {unknown} are not in the modality table {self.modalities}")
-        self.input_ids = [self.modalities.index(m) for m in self.input_modalities]
+        self.input_modalities, self.input_ids = input_channels(self.modalities, input_modalities)
         self.seg_decoder = SegDecoder(dim=self.backbone.cfg.dim, in_channels=len(self.input_modalities),
                                       classes=classes, patch=self.patch, width=decoder_width)
 

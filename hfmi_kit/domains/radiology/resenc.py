@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hfmi_kit.domains.radiology.model import seg_loss
+from hfmi_kit.domains.radiology.model import input_channels, seg_loss
 from hfmi_kit.errors import ConfigError
 from hfmi_kit.models import EncoderConfig, register_model
 from hfmi_kit.models.config import SIZES
@@ -166,11 +166,7 @@ class ResEncSegmenter(ResEncUNet):
         kw.pop("mask_ratio", None)
         super().__init__(**kw)
         self.classes = classes
-        self.input_modalities = list(input_modalities or self.modalities)
-        unknown = [m for m in self.input_modalities if m not in self.modalities]
-        if unknown:
-            raise ConfigError(f"input modalities {unknown} are not in the modality table {self.modalities}")
-        self.input_ids = [self.modalities.index(m) for m in self.input_modalities]
+        self.input_modalities, self.input_ids = input_channels(self.modalities, input_modalities)
         self.seg_head = nn.Conv3d(self.widths[0], classes, 1)
 
     def logits(self, image: torch.Tensor) -> torch.Tensor:
