@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import copy
 import json
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +109,7 @@ def test_segment_crops_oversample_tumour_as_asked(store: Path):
 def test_crop_stream_is_a_function_of_seed_and_index(store: Path):
     st = rstore.RadiologyStore(store)
     a = rstore.StoreCrops(store, st.ids, crop=16, task="pretrain", seed=4)
-    b = pickle.loads(pickle.dumps(a))  # what a DataLoader worker receives
+    b = copy.deepcopy(a)  # through __getstate__, as a DataLoader worker receives it
     for i in (0, 7, 13, 9999):
         x, y = a[i], b[i]
         assert np.array_equal(x["inputs"], y["inputs"]) and int(x["modality"]) == int(y["modality"])
