@@ -132,14 +132,13 @@ def pretrain(*, data: opt.Data, out: opt.Out, config: opt.Size = "tiny", steps: 
         LOGGER.info("pretraining on %d volumes (%s) of %d subjects", len(vols), mods, len(use))
         ds = rdata.PretrainCrops(vols, crop=crop, seed=seed)
         n_vols, card_of = len(vols), use  # type: ignore[assignment]
-    spacing = sp  # type: ignore[assignment]
-    mk = {"modalities": mods, "crop": crop, "patch": patch, "spacing": spacing, "mask_ratio": mask_ratio}
+    mk = {"modalities": mods, "crop": crop, "patch": patch, "spacing": sp, "mask_ratio": mask_ratio}
     model = recipe.build(f"{mae_family}.{config}", mk, seed=seed)
     tc = recipe.engine(ENGINE, steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision,
                        device=device, progress=progress, checkpoint_every=checkpoint_every or max(steps // 2, 1),
                        num_workers=workers)
     mc = ModelConfig(domain="radiology", task="pretrain", model_type=f"{mae_family}.{config}", model_kwargs=mk,
-                     geometry={"spacing_mm": spacing, "crop": crop, "modalities": mods,
+                     geometry={"spacing_mm": sp, "crop": crop, "modalities": mods,
                                "excluded_test_subjects": sorted(test_ids), "volumes": n_vols},
                      card=_card(root, card_of, "3-D masked autoencoder pretrained on unlabelled CT/MR volumes "
                                            "(modality tokens, shared patch embedding)." if backbone == "transformer"
