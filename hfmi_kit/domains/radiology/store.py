@@ -309,13 +309,14 @@ class RadiologyStore:
         DataError: not such a store (naming it), a pickle codec, a case name that is not plain.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, checked: bool = False) -> None:
         import zarr
 
         self.path = Path(path)
         if not is_store(self.path):
             raise DataError(f"{self.path}: not a Zarr store")
-        check_zarr(self.path)
+        if not checked:  # a walk over every metadata file; skipped where this process checked it already
+            check_zarr(self.path)
         try:
             self.group = zarr.open_group(str(self.path), mode="r")
             mark = json.loads(self.group.attrs.get(STORE_MARK, "null") or "null")
@@ -445,8 +446,8 @@ class StoreCrops(Dataset):
         return self.length
 
     def _group(self, k: int) -> Any:
-        if self._store is None:
-            self._store = RadiologyStore(self.path)
+        if self._store is None:  # in a worker: the store was checked when the dataset was made
+            self._store = RadiologyStore(self.path, checked=True)
         return self._store.group["cases"][self.ids[k]]
 
     def _centre(self, rng: np.random.Generator, k: int) -> np.ndarray:

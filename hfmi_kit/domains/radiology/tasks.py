@@ -63,7 +63,7 @@ def _card(root: Path, subjects: Sequence[rdata.Subject] | Sequence[rstore.StoreC
             for m in c.attrs["modalities"]:
                 mods[m] = mods.get(m, 0) + 1
         described = {"subjects": len(subjects), "labelled": sum(1 for c in subjects if c.label), "modalities": mods}
-        source = json.loads(rstore.RadiologyStore(root).group.attrs.get("hfmi_sources", "{}"))
+        source = json.loads(rstore.RadiologyStore(root, checked=True).group.attrs.get("hfmi_sources", "{}"))
         described.update({k: v for k, v in source.items() if k in ("description", "licence")})
         described["store_of"] = source.get("path", "")
     else:
