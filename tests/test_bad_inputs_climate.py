@@ -36,6 +36,7 @@ class Good:
     zarr: Path
     nc: Path
     out: Path  # a real `hfmi pretrain climate` run: out/model is its checkpoint
+    ft: Path  # a fine-tuned forecaster (2 steps) from it: what `hfmi evaluate` takes
     materials_ckpt: Path  # a real checkpoint of another domain
 
 
@@ -49,12 +50,14 @@ def good(tmp_path_factory: pytest.TempPathFactory) -> Good:
     out = root / "GOOD"
     assert main(["pretrain", "climate", "--data", str(zarr), "--out", str(out), *FAST]) == 0
     assert (out / "model" / "model.safetensors").is_file()
+    assert main(["finetune", "climate", "--from", str(out / "model"), "--data", str(zarr), "--out", str(root / "FT"),
+                 *FAST]) == 0
     csv = root / "gaps.csv"
     csv.write_text("formula,target\nGaAs,1.42\nSi,1.12\nCdTe,1.5\nZnO,3.3\nGaN,3.4\nInP,1.34\n")
     mat = root / "materials"
     assert main(["pretrain", "materials", "--data", str(csv), "--out", str(mat), "--steps", "2",
                  "--batch-size", "4"]) == 0
-    return Good(ds=ds, zarr=zarr, nc=nc, out=out, materials_ckpt=mat / "model")
+    return Good(ds=ds, zarr=zarr, nc=nc, out=out, ft=root / "FT" / "model", materials_ckpt=mat / "model")
 
 
 def variant(good: Good, tmp: Path, name: str, change: Callable[[xr.Dataset], xr.Dataset]) -> Path:
@@ -275,7 +278,7 @@ def evaluate_bad_units(good: Good, tmp: Path) -> tuple[list[str], str]:
         return d
 
     data = variant(good, tmp, "kg.nc", change)
-    return ["evaluate", "climate", "--ckpt", str(good.out / "model"), "--data", str(data)], "kg.nc"
+    return ["evaluate", "climate", "--ckpt", str(good.ft), "--data", str(data)], "kg.nc"
 
 
 def whatif_co2_factor_zero(good: Good, tmp: Path) -> tuple[list[str], str]:

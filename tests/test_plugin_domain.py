@@ -67,8 +67,20 @@ def test_the_plugin_pretrains_finetunes_at_two_budgets_and_evaluates(runs):
     assert m40["mae"] < 0.8 * trivial, (m40, trivial)  # learning happened
     ev = json.loads((runs / "ev" / "metrics.json").read_text())
     assert ev["mae"] == pytest.approx(m40["mae"], rel=1e-5)  # the saved model is the scored one
+    assert ev["test_series"] == m40["test_series"]  # the bundle's count, added by the shared evaluation
+    with open(runs / "ev" / "predictions.csv", newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == ev["test_series"]  # the plugin's write_outputs
     cfg = json.loads((runs / "ft40" / "model" / "config.json").read_text())
     assert cfg["reproduce"]["entry"] == "timeseries.finetune"  # the core records the plugin's runs too
+
+
+def test_the_shared_evaluation_refuses_a_pretrained_checkpoint_of_the_plugin(env, runs, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "hfmi_kit.cli", "evaluate", "timeseries", "--ckpt",
+                        str(runs / "pre" / "model"), "--out", str(tmp_path / "ev")], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode != 0
+    assert "not a fine-tuned timeseries model" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "ev" / "metrics.json").exists()
 
 
 def test_the_plugin_is_scored_and_shown_on_the_dashboard(env, tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,6 +28,35 @@ ENTRY_POINT_GROUP = "hfmi_kit.domains"
 _BUILTIN = {"climate": "hfmi_kit.domains.climate:DOMAIN", "radiology": "hfmi_kit.domains.radiology:DOMAIN",
             "materials": "hfmi_kit.domains.materials:DOMAIN", "carbon": "hfmi_kit.domains.carbon:DOMAIN"}
 _REGISTERED: dict[str, str] = {}  # register_domain(): name -> "module:attribute"
+
+
+@dataclass
+class Bundle:
+    """What :meth:`Domain.load` read from ``--data`` to score a checkpoint on.
+
+    Attributes:
+        data: the path it was read from.
+        items: the items to score, of the domain's own type (a table of compositions, a list of
+            cases, a prepared region, fields with the indices of the held-out years).
+        size: how many of them there are; 0 when every one was used to train the checkpoint.
+        unit: what one of them is called in messages ("composition", "labelled subject").
+        meta: counts that go into ``metrics.json`` as they are (rows seen in training).
+    """
+
+    data: Path
+    items: Any
+    size: int
+    unit: str = "item"
+    meta: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Scored:
+    """What :meth:`Domain.score` returns: the metrics of ``metrics.json`` and whatever
+    :meth:`Domain.write_outputs` publishes from them (predictions, maps, a forecast)."""
+
+    metrics: dict[str, float]
+    outputs: Any = None
 
 
 class Domain(ABC):
@@ -48,7 +78,14 @@ class Domain(ABC):
         baselines: names a run's metrics carry as ``{primary_metric}_{baseline}`` (``dice_unet``).
         tasks_module: the module whose ``pretrain``, ``finetune``, ``evaluate`` (and optional
             ``whatif``, ``prepare`` and ``inspect_store``) functions the commands call, with the
-            keyword arguments shown below.
+            keyword arguments shown below, and whose ``load``, ``score`` and ``write_outputs``
+            make up an evaluation (:func:`hfmi_kit.train.recipe.evaluate`).
+
+    An evaluation is the same for every domain (:func:`hfmi_kit.train.recipe.evaluate`): the
+    checkpoint is checked to be a fine-tuned one of this domain, :meth:`load` reads what of
+    ``--data`` it did not train on, :meth:`predictor` wraps the model, :meth:`score` scores the
+    predictor on the bundle, :meth:`write_outputs` publishes what was predicted, and the recipe
+    writes ``metrics.json``.
     """
 
     name: ClassVar[str]
@@ -111,6 +148,30 @@ class Domain(ABC):
     def inspect_store(self, store: str | Path) -> list[str]:
         """``hfmi data inspect``: what a store of :meth:`prepare` holds, one line each."""
         return self._task("inspect_store", "data stores")(store)
+
+    def load(self, data: str | Path, *, ckpt: str | Path, config: dict[str, Any], **options: Any) -> Bundle:
+        """What of ``data`` to score the checkpoint ``ckpt`` (with ``config``) on: the items it
+        was not trained on (``load`` of the tasks module; ``options``: the evaluation's options
+        that concern reading, e.g. materials' ``target``).
+
+        Raises:
+            DataError: the data cannot be read or does not match the checkpoint, naming the file.
+        """
+        return self._task("load", "evaluations")(data, ckpt=ckpt, config=config, **options)
+
+    def score(self, predictor: Any, bundle: Bundle, *, out: str | Path | None = None, **options: Any) -> Scored:
+        """The metrics of ``predictor`` on ``bundle`` and the outputs to publish (``score`` of the
+        tasks module; ``options``: those of the scoring, e.g. climate's ``leads``). Predictions
+        too large to hold for every item (a whole-scan segmentation) are written under ``out``
+        as each is made; with ``out`` None nothing is written."""
+        return self._task("score", "evaluations")(predictor, bundle, out=None if out is None else Path(out),
+                                                  **options)
+
+    def write_outputs(self, scored: Scored, out: str | Path) -> list[Path]:
+        """Publish what :meth:`score` predicted into ``out`` (each file written whole or not at
+        all); the files written. ``write_outputs`` of the tasks module; nothing when it has none."""
+        fn = getattr(importlib.import_module(self.tasks_module), "write_outputs", None)
+        return list(fn(scored, Path(out)) or []) if fn is not None else []
 
     def predictor(self, model: Any, config: dict[str, Any]) -> Any:
         """The :class:`hfmi_kit.train.infer.Predictor` for a model of this domain loaded from a

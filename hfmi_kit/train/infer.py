@@ -85,7 +85,8 @@ class Predictor:
 
     ``model_fn`` defaults to calling the model; a domain passes the method that predicts (e.g.
     ``model.predict``). ``pre`` and ``post`` default to the identity. ``config`` is the
-    checkpoint's config (its ``processors`` section holds what ``post`` applies).
+    checkpoint's config (its ``processors`` section holds what ``post`` applies); ``source``
+    the checkpoint it was loaded from, where known.
     """
 
     def __init__(self, model: nn.Module, *, model_fn: Callable[..., Any] | None = None,
@@ -96,6 +97,7 @@ class Predictor:
         self.pre = pre or (lambda b: b)
         self.post = post or (lambda y: y)
         self.config = dict(config or getattr(model, "hfmi_config", {}) or {})
+        self.source: Path | None = None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, device: str | torch.device = "cpu") -> Predictor:
@@ -105,7 +107,9 @@ class Predictor:
 
         model = load_pretrained(path, device=device)
         cfg = model.hfmi_config  # type: ignore[attr-defined]
-        return get_domain(cfg["domain"]).predictor(model, cfg) if cfg.get("domain") else cls(model, config=cfg)
+        pred = get_domain(cfg["domain"]).predictor(model, cfg) if cfg.get("domain") else cls(model, config=cfg)
+        pred.source = Path(path)
+        return pred
 
     @property
     def device(self) -> torch.device:

@@ -15,7 +15,9 @@ scored); everything every domain does the same way lives here:
 - :func:`run_baselines`: the requested baselines, checked against what the domain offers, each
   scored on the same split into ``<metric>_<baseline>``;
 - :func:`finish`: ``out/model`` (weights, ``config.json`` and the model card, written once, the
-  reproduction record included) and ``out/metrics.json``.
+  reproduction record included) and ``out/metrics.json``;
+- :func:`evaluate`: a fine-tuned checkpoint scored on what of ``--data`` it did not train on,
+  through the domain's ``load``, ``predictor``, ``score`` and ``write_outputs``.
 
 The model's config is one :class:`~hfmi_kit.train.pretrained.ModelConfig`.
 """
@@ -32,7 +34,7 @@ import torch
 from torch import nn
 
 from hfmi_kit.config import atomic_write_json, from_dict
-from hfmi_kit.errors import CheckpointError, ConfigError
+from hfmi_kit.errors import CheckpointError, ConfigError, DataError
 from hfmi_kit.train.loop import TrainConfig, Trainer, TrainResult
 from hfmi_kit.train.pretrained import ModelConfig, load_pretrained, read_config, save_pretrained
 
@@ -169,3 +171,41 @@ def finish(model: nn.Module | None, out: str | Path, config: ModelConfig | None,
         path = save_pretrained(model, out / "model", config=config)
     atomic_write_json(out / "metrics.json", dict(metrics))
     return path
+
+
+def evaluate(domain: Any, *, ckpt: str | Path, data: str | Path, out: str | Path,
+             load_options: Mapping[str, Any] | None = None,
+             score_options: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """Score the fine-tuned checkpoint ``ckpt`` of ``domain`` (a
+    :class:`~hfmi_kit.domains.Domain`) on what of ``data`` it was not trained on; write the
+    domain's outputs and ``out/metrics.json``; return the metrics.
+
+    The steps, the same for every domain: the checkpoint is checked before any data is read (its
+    config: this domain, one of its fine-tuning tasks; then its weights, safetensors only, which
+    ``domain.predictor`` wraps); ``domain.load(data, ckpt=, config=, **load_options)`` gives the
+    :class:`~hfmi_kit.domains.Bundle`; ``domain.score(predictor, bundle,
+    out=out, **score_options)``, without gradients, gives the metrics (the bundle's ``meta`` counts are added; a
+    domain whose predictions are too large to hold writes each under ``out`` as it is made) and
+    ``domain.write_outputs`` publishes the rest.
+
+    Raises:
+        ConfigError: a checkpoint of another domain, or not a fine-tuned one.
+        DataError: nothing of ``data`` is left once the training items are left out.
+    """
+    cfg = parent_config(ckpt, domain.name)
+    if cfg.get("task") not in domain.tasks:
+        raise ConfigError(f"{ckpt}: not a fine-tuned {domain.name} model (task {cfg.get('task')!r}, "
+                          f"{cfg.get('model_type')}); evaluate needs a fine-tuned one (tasks {list(domain.tasks)})")
+    model = load_pretrained(ckpt).eval()  # the whole checkpoint is checked before the data is read
+    pred = domain.predictor(model, cfg)
+    pred.source = Path(ckpt)
+    bundle = domain.load(data, ckpt=ckpt, config=cfg, **dict(load_options or {}))
+    if bundle.size == 0:
+        raise DataError(f"{data}: every {bundle.unit} was used to train {ckpt}; nothing left to evaluate")
+    out = Path(out)
+    with torch.no_grad():
+        scored = domain.score(pred, bundle, out=out, **dict(score_options or {}))
+    metrics = {**scored.metrics, **{k: float(v) for k, v in bundle.meta.items()}}
+    domain.write_outputs(scored, out)
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics

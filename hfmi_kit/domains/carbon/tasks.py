@@ -16,14 +16,14 @@ import torch
 from torch.utils.data import Dataset
 
 from hfmi_kit import options as opt
-from hfmi_kit.config import atomic_write_json
 from hfmi_kit.data.windows import blend_windows
+from hfmi_kit.domains.base import Bundle, Scored, get_domain
 from hfmi_kit.domains.carbon import sources as S
 from hfmi_kit.domains.carbon.model import CarbonEnsemble, CarbonNet
 from hfmi_kit.domains.carbon.synth import CARBON_FRACTION, write_geotiff
 from hfmi_kit.errors import ConfigError, DataError
 from hfmi_kit.models import get_size
-from hfmi_kit.train import load_pretrained, read_config, recipe
+from hfmi_kit.train import load_pretrained, recipe
 from hfmi_kit.train.budget import LabelBudget
 from hfmi_kit.train.infer import Predictor
 from hfmi_kit.train.pretrained import ModelConfig
@@ -638,7 +638,7 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
     metrics.update(recipe.run_baselines(wanted, {"scratch": scratch, "rf": forest}))
     metrics.update({"labelled_plots": float(labels), "test_plots": float(len(test)), "epochs": float(len(prep.epochs))})
     rows = budget(prep, [q[-1] for q in maps], test_ids)
-    write_outputs(prep, maps, rows, out, model.quantiles)
+    write_maps(prep, maps, rows, out, model.quantiles)
     mc = ModelConfig(domain="carbon", task="biomass", model_type=f"{family}.{size}", model_kwargs=mk,
                      geometry={"grid": prep.grid.describe(), "sources": S.sources_json(prep.specs),
                                "tile": mk["tile"], "quantiles": list(model.quantiles)},
@@ -651,8 +651,8 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
     return metrics
 
 
-def write_outputs(prep: Prepared, maps: list[np.ndarray], rows: list[dict[str, Any]], out: Path,
-                  quantiles: Sequence[float]) -> None:
+def write_maps(prep: Prepared, maps: list[np.ndarray], rows: list[dict[str, Any]], out: Path,
+               quantiles: Sequence[float]) -> None:
     """Biomass / carbon / uncertainty maps as cloud-optimised GeoTIFF, one CF NetCDF, budget.csv."""
     import pandas as pd
     import xarray as xr
@@ -732,21 +732,41 @@ def map_region(ckpt: str | Path, data: str | Path) -> tuple[CarbonNet, Prepared,
     return model, prep, maps
 
 
+def load(data: str | Path, *, ckpt: str | Path, config: dict[str, Any]) -> Bundle:
+    """The region ``data`` prepared on the checkpoint's tiles and sources, and its field plots the
+    checkpoint was not trained on: on the same region (by the checksum of its ``region.json``,
+    whatever the path) its training plots are left out; on another region every plot is scored."""
+    mk = config.get("model_kwargs", {})
+    prep = prepare(data, tile=int(mk["tile"]), groups=mk["groups"])
+    same = any(d.get("sha256") == hashlib.sha256((prep.root / "region.json").read_bytes()).hexdigest()
+               for d in config.get("card", {}).get("data", []))
+    train_ids = set(config.get("training", {}).get("plots", [])) if same else set()
+    test_ids = {pid for p in prep.plots for pid in p.ids} - train_ids
+    return Bundle(Path(data), (prep, train_ids, test_ids), len(test_ids), unit="plot",
+                  meta={"test_plots": len(test_ids)})
+
+
+def score(pred: Predictor, bundle: Bundle, *, out: Path | None = None) -> Scored:
+    """Map the region (every epoch, the calibrated 90 % interval) and score the maps on the
+    held-out plots (:func:`evaluate_maps`); the outputs are the maps and the regional budget."""
+    model = pred.model
+    if not isinstance(model, CarbonNet):
+        raise ConfigError(f"{pred.source}: {pred.config.get('model_type')} is not a carbon biomass model")
+    prep, train_ids, test_ids = bundle.items
+    maps = pred.post([predict_map(model, f, prep.shape) for f in prep.fields])
+    metrics = evaluate_maps(prep, maps, train_ids, test_ids, model.quantiles)
+    rows = budget(prep, [q[-1] for q in maps], test_ids)
+    return Scored(metrics, outputs=(prep, maps, rows, model.quantiles))
+
+
+def write_outputs(scored: Scored, out: Path) -> list[Path]:
+    """The maps (COG and CF NetCDF) and ``budget.csv`` (:func:`write_maps`)."""
+    prep, maps, rows, quantiles = scored.outputs
+    write_maps(prep, maps, rows, out, quantiles)
+    return [out / "maps", out / "budget.csv"]
+
+
 @opt.typed
 def evaluate(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out) -> dict[str, float]:
     """Map a region with a fine-tuned model and score it on the plots it was not trained on."""
-    model, prep, maps = map_region(ckpt, data)
-    cfg = read_config(ckpt)
-    out = Path(out)
-    # the same region (by the checksum of its region.json, whatever the path): leave its training plots out
-    same = any(d.get("sha256") == hashlib.sha256((prep.root / "region.json").read_bytes()).hexdigest()
-               for d in cfg.get("card", {}).get("data", []))
-    train_ids = set(cfg.get("training", {}).get("plots", [])) if same else set()
-    test_ids = {pid for p in prep.plots for pid in p.ids} - train_ids
-    if not test_ids:
-        raise DataError(f"{data}: every plot was used to train {ckpt}")
-    metrics = evaluate_maps(prep, maps, train_ids, test_ids, model.quantiles)
-    metrics["test_plots"] = float(len(test_ids))
-    write_outputs(prep, maps, budget(prep, [q[-1] for q in maps], test_ids), out, model.quantiles)
-    atomic_write_json(out / "metrics.json", metrics)
-    return metrics
+    return recipe.evaluate(get_domain("carbon"), ckpt=ckpt, data=data, out=out)

@@ -16,6 +16,7 @@ import xarray as xr
 from hfmi_kit import options as opt
 from hfmi_kit.config import atomic_write_json
 from hfmi_kit.data.cf import write_cf
+from hfmi_kit.domains.base import Bundle, Scored, get_domain
 from hfmi_kit.domains.climate import data as cdata
 from hfmi_kit.domains.climate import metrics as M
 from hfmi_kit.domains.climate import stream as stream_mod
@@ -615,23 +616,30 @@ def evaluate_seaice(model: SeaIceExtent, d: cdata.ClimateData, tens: cdata.Tenso
     }
 
 
-@opt.typed
-def evaluate(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out, leads: Leads = 6) -> dict[str, float]:
-    """Metrics of a fine-tuned checkpoint on ``data``: the years it did not train on.
+@dataclasses.dataclass
+class Held:
+    """The items of a climate evaluation: the data on the checkpoint's geometry, the start times
+    to score (``eval_idx``) and the steps the climatology baselines are taken over (``clim_idx``)."""
+
+    data: cdata.ClimateData
+    eval_idx: np.ndarray
+    clim_idx: np.ndarray
+
+
+def load(data: str | Path, *, ckpt: str | Path, config: dict[str, Any]) -> Bundle:
+    """``data`` on the checkpoint's geometry and the years it did not train on.
 
     When ``data`` is the file the checkpoint was trained on (same sha256 as in its model card),
     evaluation covers the years outside its train and validation years and the climatology
     baseline uses the training years. An independent file is evaluated on all its years, with
     the climatology of those years (in-sample, marked by ``climatology_in_sample`` = 1).
     """
-    out = Path(out)
-    cfg, d = load_with_geometry(ckpt, data)
-    geom = cfg["geometry"]
-    pred = predictor(load_pretrained(ckpt), cfg)
-    model, norm = pred.model, pred.normaliser
-    tens = pred.pre(d)
+    _check_climate_config(config, ckpt)  # the entries the commands read, each named when missing
+    geom = config["geometry"]
+    d = cdata.load_climate(data, expect=geom)
+    cdata.check_geometry(d, geom)
     sp = geom.get("split", {})
-    trained_on = {f.get("sha256") for f in cfg.get("card", {}).get("data", [])}
+    trained_on = {f.get("sha256") for f in config.get("card", {}).get("data", [])}
     if cdata.sha256(data) in trained_on:
         seen = set(sp.get("train_years", ())) | set(sp.get("val_years", ()))
         eval_idx = np.flatnonzero(~np.isin(d.years, list(seen)))
@@ -640,21 +648,42 @@ def evaluate(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out, leads: Leads
     else:
         eval_idx = clim_idx = np.arange(d.time.size)
         in_sample = True
-    if eval_idx.size == 0:
-        raise DataError(f"{data}: every year of this file was used to train {ckpt}; nothing left to evaluate")
+    return Bundle(Path(data), Held(d, eval_idx, clim_idx), int(eval_idx.size), unit="year of this file",
+                  meta={"climatology_in_sample": float(in_sample)})
+
+
+def score(pred: ClimatePredictor, bundle: Bundle, *, out: Path | None = None, leads: int = 6) -> Scored:
+    """A forecaster: rolled out ``leads`` steps from every held-out start time and scored against
+    persistence, climatology, damped persistence and its own skip path (:func:`evaluate_forecast`;
+    the outputs are the forecast as a CF dataset). A sea-ice extent model: its error at t+1
+    against persistence and climatology (:func:`evaluate_seaice`; no outputs)."""
+    held: Held = bundle.items
+    d, cfg = held.data, pred.config
+    tens = pred.pre(d)
     ctx = int(cfg["model_kwargs"]["context"])
-    if isinstance(model, ClimateForecaster):
-        metrics, fc = evaluate_forecast(model, d, tens, norm, eval_idx=eval_idx, clim_idx=clim_idx,
-                                        leads=leads, context=ctx)
-        write_cf(fc, out / "forecast.nc")
-    elif isinstance(model, SeaIceExtent):
-        metrics = evaluate_seaice(model, d, tens, cfg.get("processors", {}).get("target_normalisation"),
-                                  eval_idx=eval_idx, clim_idx=clim_idx, context=ctx)
-    else:
-        raise ConfigError(f"{ckpt}: a {cfg.get('model_type')} checkpoint; evaluate needs a fine-tuned one")
-    metrics["climatology_in_sample"] = float(in_sample)
-    atomic_write_json(out / "metrics.json", metrics)
-    return metrics
+    if isinstance(pred.model, ClimateForecaster):
+        metrics, fc = evaluate_forecast(pred.model, d, tens, pred.normaliser, eval_idx=held.eval_idx,
+                                        clim_idx=held.clim_idx, leads=leads, context=ctx)
+        return Scored(metrics, outputs=fc)
+    if isinstance(pred.model, SeaIceExtent):
+        return Scored(evaluate_seaice(pred.model, d, tens, cfg.get("processors", {}).get("target_normalisation"),
+                                      eval_idx=held.eval_idx, clim_idx=held.clim_idx, context=ctx))
+    raise ConfigError(f"{pred.source}: a {cfg.get('model_type')} checkpoint; evaluate needs a fine-tuned one")
+
+
+def write_outputs(scored: Scored, out: Path) -> list[Path]:
+    """``forecast.nc`` (CF-1.8) of a forecaster's evaluation; nothing for a sea-ice model."""
+    if scored.outputs is None:
+        return []
+    write_cf(scored.outputs, out / "forecast.nc")
+    return [out / "forecast.nc"]
+
+
+@opt.typed
+def evaluate(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out, leads: Leads = 6) -> dict[str, float]:
+    """Metrics of a fine-tuned checkpoint on ``data``: the years it did not train on (see
+    :func:`load`), written to ``out/metrics.json`` with the forecast (:func:`write_outputs`)."""
+    return recipe.evaluate(get_domain("climate"), ckpt=ckpt, data=data, out=out, score_options={"leads": leads})
 
 
 @opt.typed

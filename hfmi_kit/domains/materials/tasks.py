@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from hfmi_kit import options as opt
-from hfmi_kit.config import atomic_write_json
+from hfmi_kit.domains.base import Bundle, Scored, get_domain
 from hfmi_kit.domains.materials import chem
 from hfmi_kit.domains.materials.model import IGNORE, MaterialsEnsemble, MaterialsNet
 from hfmi_kit.domains.materials.pv import sq_limit
@@ -578,26 +578,41 @@ def _prediction_frame(model: MaterialsEnsemble, cfg: dict[str, Any], ckpt: str |
                          "model_code_version": cfg.get("code_version", "")})
 
 
+def load(data: str | Path, *, ckpt: str | Path, config: dict[str, Any], target: str | None = None) -> Bundle:
+    """The compositions of the CSV ``data`` the checkpoint was not trained on (its card's
+    training formulas left out, and counted); rejected rows are kept for ``rejected_rows.csv``."""
+    table = load_property_csv(data, target=target)
+    test = table.without(set(config.get("training", {}).get("formulas", [])))
+    return Bundle(Path(data), (table, test), len(test), unit="composition",
+                  meta={"rows": len(test), "rows_seen_in_training": len(table) - len(test),
+                        "rows_rejected": len(table.rejected)})
+
+
+def score(pred: Predictor, bundle: Bundle, *, out: Path | None = None) -> Scored:
+    """MAE, RMSE, R2 and the calibration of the uncertainty of the ensemble on the held-out
+    compositions; the outputs are the prediction table (with the measured values) and the table
+    whose rejected rows are written beside it (both by :func:`write_outputs`; ``out`` is unused)."""
+    table, test = bundle.items
+    if not isinstance(pred.model, MaterialsEnsemble):
+        raise ConfigError(f"{pred.source}: {pred.config.get('model_type')} is not an ensemble")
+    frame = _prediction_frame(pred.model, pred.config, pred.source or "", test, None)
+    frame.insert(2, "target_ev", test.y)
+    y, mu, sd = test.y, frame["prediction_ev"].to_numpy(), frame["uncertainty_ev"].to_numpy()
+    return Scored({**_metrics(y, mu), **_uncertainty_metrics(y, mu, sd)}, outputs=(table, frame))
+
+
+def write_outputs(scored: Scored, out: Path) -> list[Path]:
+    """``predictions.csv`` and, when rows were rejected, ``rejected_rows.csv``."""
+    table, frame = scored.outputs
+    _write_rejections(table, out)
+    return [_write_table(frame, out / "predictions.csv")]
+
+
 @opt.typed
 def evaluate(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out, target: Target = None) -> dict[str, float]:
     """Score a fine-tuned ensemble on a CSV of measured values; compositions it was trained on are
     left out (and counted). Writes ``metrics.json`` and ``predictions.csv``."""
-    out = Path(out)
-    model, cfg = load_ensemble(ckpt)
-    table = load_property_csv(data, target=target)
-    seen = set(cfg.get("training", {}).get("formulas", []))
-    test = table.without(seen)
-    if not len(test):
-        raise DataError(f"{data}: every composition was used to train {ckpt}; nothing left to evaluate")
-    _write_rejections(table, out)
-    frame = _prediction_frame(model, cfg, ckpt, test, None)
-    frame.insert(2, "target_ev", test.y)
-    y, mu, sd = test.y, frame["prediction_ev"].to_numpy(), frame["uncertainty_ev"].to_numpy()
-    metrics = {**_metrics(y, mu), **_uncertainty_metrics(y, mu, sd), "rows": float(len(test)),
-               "rows_seen_in_training": float(len(table) - len(test)), "rows_rejected": float(len(table.rejected))}
-    _write_table(frame, out / "predictions.csv")
-    atomic_write_json(out / "metrics.json", metrics)
-    return metrics
+    return recipe.evaluate(get_domain("materials"), ckpt=ckpt, data=data, out=out, load_options={"target": target})
 
 
 def curve_rows(metrics: dict[str, float], *, pretrained: bool = True) -> list[dict[str, Any]]:

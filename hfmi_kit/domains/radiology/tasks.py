@@ -16,6 +16,7 @@ import torch
 
 from hfmi_kit import options as opt
 from hfmi_kit.config import atomic_write_json
+from hfmi_kit.domains.base import Bundle, Scored, get_domain
 from hfmi_kit.domains.radiology import data as rdata
 from hfmi_kit.domains.radiology import metrics as M
 from hfmi_kit.domains.radiology import store as rstore
@@ -463,6 +464,45 @@ def _load_segmenter(ckpt: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     return model, cfg
 
 
+def load(data: str | Path, *, ckpt: str | Path, config: dict[str, Any]) -> Bundle:
+    """The labelled subjects of ``data`` (a study folder or a prepared store) the checkpoint was
+    not trained on: when ``data`` is the study it was fine-tuned on, its test split; on another
+    study every labelled subject. Cases of a store are read one at a time as they are scored."""
+    root = Path(data)
+    st = rstore.RadiologyStore(root) if rstore.is_store(root) else None
+    subjects: Any = st.cases() if st is not None else rdata.discover(root)
+    labelled = [s for s in subjects if s.label]
+    if not labelled:
+        raise DataError(f"{root}: no labelled subjects to evaluate on")
+    trained_on = set(config.get("training", {}).get("cases", []))
+    cases = [s for s in labelled if s.id not in trained_on]
+    if cases and st is not None:
+        _store_spacing(st, config["geometry"]["spacing_mm"])
+        cases = rstore.LazyCases(st, [c.id for c in cases], config["geometry"]["modalities"])
+    return Bundle(root, cases, len(cases), unit="labelled subject", meta={"test_cases": len(cases)})
+
+
+def score(pred: SegmentationPredictor, bundle: Bundle, *, out: Path | None = None) -> Scored:
+    """Dice, HD95 and the lesion's localisation per case on its input grid (mean and std over
+    cases); with ``out``, each case's prediction is written under ``out/predictions`` as it is
+    made (NIfTI, and DICOM-SEG for a DICOM input). The outputs are the per-case rows."""
+    if not isinstance(pred.model, RadiologySegmenter | UNetBaseline | ResEncSegmenter):
+        raise ConfigError(f"{pred.source}: {pred.config.get('model_type')} cannot segment")
+    cases = bundle.items
+    if not isinstance(cases, rstore.LazyCases):
+        cases = [pred.prepare(s) for s in cases]
+        _check_dicom_outputs(cases)
+    metrics, rows = score_cases(pred, cases, out_dir=None if out is None else out / "predictions")
+    return Scored(metrics, outputs=rows)
+
+
+def write_outputs(scored: Scored, out: Path) -> list[Path]:
+    """``cases.json``: the test case ids and the per-case metrics."""
+    rows = scored.outputs
+    atomic_write_json(out / "cases.json", {"test": [r["id"] for r in rows], "per_case": rows})
+    return [out / "cases.json"]
+
+
 @opt.typed
 def evaluate(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out) -> dict[str, float]:
     """Score a fine-tuned segmenter on the labelled test subjects of ``data``; writes predictions too.
@@ -470,30 +510,7 @@ def evaluate(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out) -> dict[str,
     When ``data`` is the study it was trained on, the test split is the same as in fine-tuning;
     on another study every labelled subject is scored.
     """
-    pred = predictor(*_load_segmenter(ckpt))
-    cfg = pred.config
-    root, out = Path(data), Path(out)
-    st = rstore.RadiologyStore(root) if rstore.is_store(root) else None
-    subjects: Any = st.cases() if st is not None else rdata.discover(root)
-    trained_on = set(cfg.get("training", {}).get("cases", []))
-    labelled = [s for s in subjects if s.label]
-    if not labelled:
-        raise DataError(f"{root}: no labelled subjects to evaluate on")
-    cases = [s for s in labelled if s.id not in trained_on]
-    if not cases:
-        raise DataError(f"{root}: every labelled subject was used for training {ckpt}")
-    prepared: Any
-    if st is not None:
-        _store_spacing(st, cfg["geometry"]["spacing_mm"])
-        prepared = rstore.LazyCases(st, [c.id for c in cases], cfg["geometry"]["modalities"])
-    else:
-        prepared = [pred.prepare(s) for s in cases]
-        _check_dicom_outputs(prepared)
-    metrics, rows = score_cases(pred, prepared, out_dir=out / "predictions")
-    metrics["test_cases"] = float(len(cases))
-    atomic_write_json(out / "cases.json", {"test": [c.id for c in cases], "per_case": rows})
-    atomic_write_json(out / "metrics.json", metrics)
-    return metrics
+    return recipe.evaluate(get_domain("radiology"), ckpt=ckpt, data=data, out=out)
 
 
 def predict(*, ckpt: str | Path, images: dict[str, str | Path], out: str | Path) -> list[Path]:

@@ -12,10 +12,12 @@ import torch
 from torch.utils.data import Dataset
 
 from hfmi_kit import options as opt
-from hfmi_kit.config import atomic_write_json, atomic_write_text
-from hfmi_kit.errors import ConfigError, DataError
-from hfmi_kit.train import load_pretrained, recipe
+from hfmi_kit.config import atomic_write_text
+from hfmi_kit.domains import Bundle, Scored, get_domain
+from hfmi_kit.errors import DataError
+from hfmi_kit.train import recipe
 from hfmi_kit.train.budget import LabelBudget
+from hfmi_kit.train.infer import Predictor
 from hfmi_kit.train.pretrained import ModelConfig
 from hfmi_kit.train.provenance import recorded
 
@@ -168,18 +170,27 @@ def _write_predictions(path: Path, ids: list[str], truth: np.ndarray, pred: np.n
                                                               for i, t, p in zip(ids, truth, pred)))
 
 
+def load(data: str | Path, *, ckpt: str | Path, config: dict) -> Bundle:
+    """The fixed test series of ``data``."""
+    ids, x, y = read_series(data)
+    _, test = _split(y)
+    return Bundle(Path(data), ([ids[i] for i in test], x[test], y[test]), len(test), unit="test series",
+                  meta={"test_series": len(test)})
+
+
+def score(pred: Predictor, bundle: Bundle, *, out: Path | None = None) -> Scored:
+    """The mean absolute error of the predicted frequencies."""
+    ids, x, y = bundle.items
+    p = pred.model.predict(torch.from_numpy(x)).numpy()
+    return Scored({"mae": float(np.abs(p - y).mean())}, outputs=(ids, y, p))
+
+
+def write_outputs(scored: Scored, out: Path) -> list[Path]:
+    _write_predictions(out / "predictions.csv", *scored.outputs)
+    return [out / "predictions.csv"]
+
+
 @opt.typed
 def evaluate(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out) -> dict:
     """Score a fine-tuned checkpoint on the test series of ``data``."""
-    out = Path(out)
-    ids, x, y = read_series(data)
-    _, test = _split(y)
-    model = load_pretrained(ckpt).eval()
-    if model.hfmi_config.get("task") != "frequency":
-        raise ConfigError(f"{ckpt}: not a fine-tuned timeseries model")
-    with torch.no_grad():
-        pred = model.predict(torch.from_numpy(x[test])).numpy()
-    m = {"mae": float(np.abs(pred - y[test]).mean()), "test_series": float(len(test))}
-    _write_predictions(out / "predictions.csv", [ids[i] for i in test], y[test], pred)
-    atomic_write_json(out / "metrics.json", m)
-    return m
+    return recipe.evaluate(get_domain("timeseries"), ckpt=ckpt, data=data, out=out)
