@@ -17,6 +17,12 @@ def test_randomization_check_itself():
     a = np.arange(20.0)
     assert not randomization_check(a, a + 0.1).passed  # unchanged ranking: the method ignores the model
     assert randomization_check(a, np.random.default_rng(0).permutation(a)).passed
+    # several randomised copies: the mean |rho| is tested, so one copy ranking alike by chance
+    # does not fail a method, and a method that ignores the model fails with every copy alike
+    perms = [np.random.default_rng(i).permutation(a) for i in range(3)]
+    assert not randomization_check(a, [a + 0.1, a * 2, a - 1]).passed
+    assert randomization_check(a, perms).passed
+    assert not randomization_check(a, [a, a, perms[0]]).passed  # two copies of three rank exactly alike
     net = __import__("torch").nn.Linear(4, 2)
     rnd = randomized_copy(net)
     assert not np.allclose(net.weight.detach().numpy(), rnd.weight.detach().numpy())

@@ -59,16 +59,20 @@ def source_attributions(model: Any, batch: dict[str, torch.Tensor]) -> dict[str,
     return out
 
 
-def checks(model: Any, batch: dict[str, torch.Tensor], *, k: int = 2, seed: int = 0) -> list[CheckResult]:
-    """Randomisation check on the band attributions; deletion of the ``k`` bands with the
-    largest |attribution| per tile against ``k`` random bands."""
+def checks(model: Any, batch: dict[str, torch.Tensor], *, k: int = 2, seed: int = 0,
+           copies: int = 3) -> list[CheckResult]:
+    """Randomisation check on the band attributions (against ``copies`` randomised models: a
+    tile's few bands rank alike under one random draw by chance); deletion of the ``k`` bands
+    with the largest |attribution| per tile against ``k`` random bands."""
     _, attr = band_attributions(model, batch)
-    rnd_model = randomized_copy(model, seed)
-    g = torch.Generator().manual_seed(seed)
-    for m in rnd_model.modules():  # a forest head is learned too: its leaf values shuffled
-        if getattr(m, "has_forest", False):
-            m.forest_value = m.forest_value[torch.randperm(m.forest_value.numel(), generator=g)]
-    _, rnd = band_attributions(rnd_model, batch)
+    rnd = []
+    for s in range(seed, seed + copies):
+        rnd_model = randomized_copy(model, s)
+        g = torch.Generator().manual_seed(s)
+        for m in rnd_model.modules():  # a forest head is learned too: its leaf values shuffled
+            if getattr(m, "has_forest", False):
+                m.forest_value = m.forest_value[torch.randperm(m.forest_value.numel(), generator=g)]
+        rnd.append(band_attributions(rnd_model, batch)[1])
     base = _mean_biomass(model, batch)
 
     def drop_by(score: np.ndarray) -> np.ndarray:
