@@ -66,14 +66,13 @@ def randomization_check(attributions: np.ndarray, random_attributions: np.ndarra
     above ``threshold`` (NaN, a constant map, counts as changed). ``random_attributions``: those
     of one randomised copy, or a list of several, whose mean |rho| is tested (a single random
     draw of a small model can rank a few inputs like the trained one by chance)."""
-    many = isinstance(random_attributions, list | tuple)
-    rhos = [rank_correlation(attributions, r) for r in (random_attributions if many else [random_attributions])]
-    finite = [abs(r) for r in rhos if not np.isnan(r)]
-    rho = float(np.mean(finite)) if finite else float("nan")
-    if not many:
-        rho = rhos[0]
+    if isinstance(random_attributions, list | tuple):
+        finite = [abs(r) for r in (rank_correlation(attributions, x) for x in random_attributions) if not np.isnan(r)]
+        rho = float(np.mean(finite)) if finite else float("nan")
+        what = f"mean |Spearman rho| over {len(random_attributions)} randomised copies"
+    else:
+        rho, what = rank_correlation(attributions, random_attributions), "Spearman rho"
     ok = bool(np.isnan(rho) or abs(rho) < threshold)
-    what = f"mean |Spearman rho| over {len(rhos)} randomised copies" if many else "Spearman rho"
     return CheckResult("model randomisation", ok, rho, f"{what} {rho:.3f} (pass: |rho| < {threshold})")
 
 
