@@ -728,8 +728,13 @@ def map_region(ckpt: str | Path, data: str | Path) -> tuple[CarbonNet, Prepared,
     if not isinstance(model, CarbonNet):
         raise ConfigError(f"{ckpt}: {cfg.get('model_type')} is not a carbon biomass model")
     prep = prepare(data, tile=model.tile, groups=model.groups)
-    maps = predictor(model, cfg).post([predict_map(model, f, prep.shape) for f in prep.fields])
-    return model, prep, maps
+    return model, prep, map_epochs(predictor(model, cfg), prep)
+
+
+def map_epochs(pred: Predictor, prep: Prepared) -> list[np.ndarray]:
+    """The (Q + 1, H, W) maps of every epoch of ``prep`` by the model of ``pred``, its calibrated
+    interval applied (``pred.post``)."""
+    return pred.post([predict_map(pred.model, f, prep.shape) for f in prep.fields])
 
 
 def load(data: str | Path, *, ckpt: str | Path, config: dict[str, Any]) -> Bundle:
@@ -753,7 +758,7 @@ def score(pred: Predictor, bundle: Bundle, *, out: Path | None = None) -> Scored
     if not isinstance(model, CarbonNet):
         raise ConfigError(f"{pred.source}: {pred.config.get('model_type')} is not a carbon biomass model")
     prep, train_ids, test_ids = bundle.items
-    maps = pred.post([predict_map(model, f, prep.shape) for f in prep.fields])
+    maps = map_epochs(pred, prep)
     metrics = evaluate_maps(prep, maps, train_ids, test_ids, model.quantiles)
     rows = budget(prep, [q[-1] for q in maps], test_ids)
     return Scored(metrics, outputs=(prep, maps, rows, model.quantiles))
