@@ -211,6 +211,29 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     _print_metrics(m, out, dom.headline_metrics)
 
 
+def cmd_explain(a: argparse.Namespace) -> None:
+    from hfmi_kit.train import recipe
+
+    dom = _domain(a.domain)
+    out = Path(a.out)
+    load = {}
+    if a.target:
+        load = _domain_options(dom, "evaluate", a, target=a.target)  # read as the evaluation reads it
+    data = a.data or dom.bundled_data.get("evaluate") or _ckpt_data(a.ckpt)
+    ex = recipe.explain(dom, ckpt=a.ckpt, data=data, out=out, examples=a.examples, seed=a.seed, load_options=load,
+                        explain_options={"variable": a.variable} if a.variable else None)
+    print(f"{ex.question}; {ex.method}; {ex.examples} {ex.unit}(s)")
+    for name, share in sorted(ex.importance.items(), key=lambda kv: -kv[1])[:10]:
+        print(f"  {name}: {share:.3f}")
+    if len(ex.importance) > 10:
+        print(f"  ... {len(ex.importance) - 10} more in {out / 'importance.csv'}")
+    for c in ex.checks:
+        print(f"{c.name}: {'passed' if c.passed else 'FAILED'} ({c.detail or f'{c.value:.3g}'})")
+    if not ex.passed:
+        print("warning: a check failed: these attributions do not show what the model uses", file=sys.stderr)
+    print(f"explanation: {out / 'explanation.json'}")
+
+
 def cmd_whatif(a: argparse.Namespace) -> None:
     dom = _domain(a.domain)
     out = Path(a.out)
@@ -648,6 +671,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data")
     sp.add_argument("--target", help=TARGET_HELP)
     sp.set_defaults(fn=cmd_evaluate)
+
+    sp = sub.add_parser("explain", help="which inputs drive a fine-tuned checkpoint's predictions on held-out data, "
+                        "with the model-randomisation and deletion checks; writes explanation.json")
+    sp.add_argument("domain", help=f"one of the registered domains: {domains}")
+    sp.add_argument("--ckpt", required=True, help="fine-tuned checkpoint")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--data", help="data (default: the data recorded in the checkpoint; its training items are "
+                                   "left out)")
+    sp.add_argument("--examples", type=int, help="held-out examples to explain (default: the domain's choice)")
+    sp.add_argument("--seed", type=int, default=0, help="which examples, and the randomised models of the checks")
+    sp.add_argument("--target", help=TARGET_HELP)
+    sp.add_argument("--variable", help="climate: the variable whose forecast is explained (default tas, or the "
+                                       "model's first)")
+    sp.set_defaults(fn=cmd_explain)
 
     sp = sub.add_parser("whatif", help="climate: ensemble what-if rollouts under a changed CO2 forcing")
     sp.add_argument("domain", help=f"one of the registered domains: {domains}")

@@ -81,6 +81,12 @@ def test_the_shared_evaluation_refuses_a_pretrained_checkpoint_of_the_plugin(env
     assert r.returncode != 0
     assert "not a fine-tuned timeseries model" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "ev" / "metrics.json").exists()
+    # a domain without an attribution method: the shared explanation says so in one line
+    r = subprocess.run([sys.executable, "-m", "hfmi_kit.cli", "explain", "timeseries", "--ckpt",
+                        str(runs / "ft40" / "model"), "--out", str(tmp_path / "ex")], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1 and "the timeseries domain has no explanation method" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "ex").exists()
 
 
 def test_the_plugin_is_scored_and_shown_on_the_dashboard(env, tmp_path):

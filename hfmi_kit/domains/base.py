@@ -14,6 +14,7 @@ notebooks).
 from __future__ import annotations
 
 import importlib
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -59,6 +60,47 @@ class Scored:
     outputs: Any = None
 
 
+@dataclass
+class Explanation:
+    """What :meth:`Domain.explain` found: which inputs drive the model's prediction on held-out
+    examples, and whether the attribution method passed the checks every explanation is held to
+    (:mod:`hfmi_kit.explain`: model randomisation, deletion).
+
+    Attributes:
+        question: what is explained, in the field's words ("which sources drive the biomass
+            estimate of a tile").
+        method: how ("leave-one-band-out ablation", "integrated gradients (captum)").
+        importance: input name -> share of the attribution magnitude (the shares sum to 1).
+        checks: the :class:`~hfmi_kit.explain.CheckResult` of each check, with its figure.
+        examples: how many held-out examples were explained.
+        unit: what one example is ("tile", "composition").
+        detail: further figures of the field, as they are (attribution in Mg/ha per source,
+            share of the attribution inside the tumour).
+    """
+
+    question: str
+    method: str
+    importance: dict[str, float]
+    checks: list[Any]
+    examples: int
+    unit: str = "example"
+    detail: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        """Whether every check passed (an explanation that fails one shows the input or
+        chance, not the model)."""
+        return all(c.passed for c in self.checks)
+
+    def to_json(self) -> dict[str, Any]:
+        """The explanation as ``explanation.json`` holds it."""
+        return {"question": self.question, "method": self.method, "examples": self.examples, "unit": self.unit,
+                "passed": self.passed, "importance": {k: float(v) for k, v in self.importance.items()},
+                "checks": [{"name": c.name, "passed": bool(c.passed), "value": float(c.value), "detail": c.detail}
+                           for c in self.checks],
+                "detail": {k: float(v) for k, v in self.detail.items()}}
+
+
 class Domain(ABC):
     """What a science module provides to the CLI, the notebooks and the dashboards.
 
@@ -85,7 +127,9 @@ class Domain(ABC):
     checkpoint is checked to be a fine-tuned one of this domain, :meth:`load` reads what of
     ``--data`` it did not train on, :meth:`predictor` wraps the model, :meth:`score` scores the
     predictor on the bundle, :meth:`write_outputs` publishes what was predicted, and the recipe
-    writes ``metrics.json``.
+    writes ``metrics.json``. An explanation (:func:`hfmi_kit.train.recipe.explain`) reads the
+    same held-out bundle and asks :meth:`explain` which inputs drive the predictions, with the
+    sanity checks.
     """
 
     name: ClassVar[str]
@@ -173,6 +217,26 @@ class Domain(ABC):
         fn = getattr(importlib.import_module(self.tasks_module), "write_outputs", None)
         return list(fn(scored, Path(out)) or []) if fn is not None else []
 
+    def explain(self, predictor: Any, bundle: Bundle, *, examples: int | None = None, seed: int = 0,
+                **options: Any) -> Explanation:
+        """Which inputs drive ``predictor``'s prediction on (up to ``examples`` of) the held-out
+        items of ``bundle`` (what :meth:`load` gave), with the randomisation and deletion checks
+        (:func:`hfmi_kit.train.recipe.explain` runs it). By default, the ``explain`` function of
+        the ``explain`` module beside the domain's own module (``hfmi_kit.domains.carbon.explain``).
+
+        Raises:
+            ConfigError: the domain has no explanation method.
+        """
+        fn = getattr(self._sibling("explain"), "explain", None)
+        if fn is None:
+            raise ConfigError(f"the {self.name} domain has no explanation method "
+                              f"({type(self).__module__}.explain.explain)")
+        takes = inspect.signature(fn).parameters
+        for name in options:
+            if name not in takes:
+                raise ConfigError(f"{name} is not an option of the {self.name} explanation")
+        return fn(predictor, bundle, examples=examples, seed=seed, **options)
+
     def predictor(self, model: Any, config: dict[str, Any]) -> Any:
         """The :class:`hfmi_kit.train.infer.Predictor` for a model of this domain loaded from a
         checkpoint with ``config``: what it predicts with and what of the config's
@@ -195,14 +259,19 @@ class Domain(ABC):
         ``run.file``, which refuses anything outside the results folder. By default, the
         ``section(run)`` function of the ``dashboard`` module beside the domain's own module
         (``hfmi_kit.domains.climate.dashboard``), or nothing when there is none."""
+        module = self._sibling("dashboard")
+        return [] if module is None else module.section(run)
+
+    def _sibling(self, name: str) -> Any:
+        """The module ``name`` beside the domain's own (``hfmi_kit.domains.carbon.dashboard``), or
+        None when there is none (a missing import inside it is an error)."""
         package = type(self).__module__
         try:
-            module = importlib.import_module(f"{package}.dashboard")
+            return importlib.import_module(f"{package}.{name}")
         except ModuleNotFoundError as exc:
-            if exc.name != f"{package}.dashboard":  # a missing import inside it is an error
+            if exc.name != f"{package}.{name}":
                 raise
-            return []
-        return module.section(run)
+            return None
 
     def example_extras(self, root: Path, seed: int = 0) -> list[Path]:
         """Besides the scorecard's runs under ``root/runs/<name>``, what the domain's

@@ -17,7 +17,9 @@ scored); everything every domain does the same way lives here:
 - :func:`finish`: ``out/model`` (weights, ``config.json`` and the model card, written once, the
   reproduction record included) and ``out/metrics.json``;
 - :func:`evaluate`: a fine-tuned checkpoint scored on what of ``--data`` it did not train on,
-  through the domain's ``load``, ``predictor``, ``score`` and ``write_outputs``.
+  through the domain's ``load``, ``predictor``, ``score`` and ``write_outputs``;
+- :func:`explain`: which inputs drive that checkpoint on the same held-out items (the domain's
+  ``explain``), with the model-randomisation and deletion checks.
 
 The model's config is one :class:`~hfmi_kit.train.pretrained.ModelConfig`.
 """
@@ -173,6 +175,25 @@ def finish(model: nn.Module | None, out: str | Path, config: ModelConfig | None,
     return path
 
 
+def _held_out(domain: Any, ckpt: str | Path, data: str | Path, load_options: Mapping[str, Any] | None,
+              command: str) -> tuple[Any, Any]:
+    """The predictor of the fine-tuned checkpoint ``ckpt`` of ``domain`` and the
+    :class:`~hfmi_kit.domains.Bundle` of what of ``data`` it did not train on: the checkpoint is
+    checked whole (its config: this domain, one of its fine-tuning tasks; then its weights,
+    safetensors only) before any data is read."""
+    cfg = parent_config(ckpt, domain.name)
+    if cfg.get("task") not in domain.tasks:
+        raise ConfigError(f"{ckpt}: not a fine-tuned {domain.name} model (task {cfg.get('task')!r}, "
+                          f"{cfg.get('model_type')}); {command} needs a fine-tuned one (tasks {list(domain.tasks)})")
+    model = load_pretrained(ckpt).eval()
+    pred = domain.predictor(model, cfg)
+    pred.source = Path(ckpt)
+    bundle = domain.load(data, ckpt=ckpt, config=cfg, **dict(load_options or {}))
+    if bundle.size == 0:
+        raise DataError(f"{data}: every {bundle.unit} was used to train {ckpt}; nothing left to {command}")
+    return pred, bundle
+
+
 def evaluate(domain: Any, *, ckpt: str | Path, data: str | Path, out: str | Path,
              load_options: Mapping[str, Any] | None = None,
              score_options: Mapping[str, Any] | None = None) -> dict[str, float]:
@@ -192,16 +213,7 @@ def evaluate(domain: Any, *, ckpt: str | Path, data: str | Path, out: str | Path
         ConfigError: a checkpoint of another domain, or not a fine-tuned one.
         DataError: nothing of ``data`` is left once the training items are left out.
     """
-    cfg = parent_config(ckpt, domain.name)
-    if cfg.get("task") not in domain.tasks:
-        raise ConfigError(f"{ckpt}: not a fine-tuned {domain.name} model (task {cfg.get('task')!r}, "
-                          f"{cfg.get('model_type')}); evaluate needs a fine-tuned one (tasks {list(domain.tasks)})")
-    model = load_pretrained(ckpt).eval()  # the whole checkpoint is checked before the data is read
-    pred = domain.predictor(model, cfg)
-    pred.source = Path(ckpt)
-    bundle = domain.load(data, ckpt=ckpt, config=cfg, **dict(load_options or {}))
-    if bundle.size == 0:
-        raise DataError(f"{data}: every {bundle.unit} was used to train {ckpt}; nothing left to evaluate")
+    pred, bundle = _held_out(domain, ckpt, data, load_options, "evaluate")
     out = Path(out)
     with torch.no_grad():
         scored = domain.score(pred, bundle, out=out, **dict(score_options or {}))
@@ -209,3 +221,42 @@ def evaluate(domain: Any, *, ckpt: str | Path, data: str | Path, out: str | Path
     domain.write_outputs(scored, out)
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def explain(domain: Any, *, ckpt: str | Path, data: str | Path, out: str | Path, examples: int | None = None,
+            seed: int = 0, load_options: Mapping[str, Any] | None = None,
+            explain_options: Mapping[str, Any] | None = None) -> Any:
+    """Which inputs drive the fine-tuned checkpoint ``ckpt`` of ``domain`` on (up to
+    ``examples`` of) the items of ``data`` it was not trained on, held to the randomisation and
+    deletion checks; writes ``out/explanation.json`` and ``out/importance.csv``; returns the
+    :class:`~hfmi_kit.domains.Explanation`.
+
+    The checkpoint and the held-out items are those an evaluation uses (:func:`evaluate`: the
+    checkpoint checked whole before the data is read, the training items left out), then
+    ``domain.explain(predictor, bundle, examples=, seed=, **explain_options)``.
+
+    Raises:
+        ConfigError: a checkpoint of another domain, not a fine-tuned one, or a domain without
+            an explanation method.
+        DataError: nothing of ``data`` is left once the training items are left out.
+    """
+    import csv
+    import io
+
+    from hfmi_kit.config import atomic_write_text
+
+    if examples is not None and examples < 1:
+        raise ConfigError(f"examples must be at least 1, got {examples}")
+    pred, bundle = _held_out(domain, ckpt, data, load_options, "explain")
+    ex = domain.explain(pred, bundle, examples=examples, seed=seed, **dict(explain_options or {}))
+    out = Path(out)
+    rec = {"domain": domain.name, "checkpoint": str(ckpt), "data": str(bundle.data), "seed": seed,
+           "held_out": int(bundle.size), "held_out_unit": bundle.unit, **ex.to_json()}
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["input", "share"])
+    for name, share in sorted(ex.importance.items(), key=lambda kv: -kv[1]):
+        w.writerow([name, f"{share:.6g}"])
+    atomic_write_text(out / "importance.csv", buf.getvalue())
+    atomic_write_json(out / "explanation.json", rec)
+    return ex

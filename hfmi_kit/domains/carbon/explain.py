@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hfmi_kit.domains.base import Explanation
 from hfmi_kit.explain import CheckResult, deletion_check, randomization_check, randomized_copy
 
 
@@ -85,14 +86,21 @@ def checks(model: Any, batch: dict[str, torch.Tensor], *, k: int = 2, seed: int 
                            lambda i: drop_by(np.random.default_rng(seed + 1 + i).random(attr.shape)))]
 
 
-def explain_region(ckpt: str, data: str, *, n: int = 12, seed: int = 0) -> dict[str, float]:
-    """Source -> importance for a fine-tuned checkpoint over ``n`` tiles of ``data``."""
-    from hfmi_kit.domains.carbon.tasks import prepare
-    from hfmi_kit.train import load_pretrained
+def explain(pred: Any, bundle: Any, *, examples: int | None = None, seed: int = 0) -> Explanation:
+    """Which sources drive the biomass estimate of ``examples`` (default 6) random tiles of the
+    region a :func:`hfmi_kit.domains.carbon.tasks.load` bundle holds: each source's share of the
+    leave-one-band-out attribution, with the randomisation and deletion checks on the bands."""
+    prep = bundle.items[0]
+    model = pred.model.eval()
+    batch = tiles(prep, model, n=examples or 6, seed=seed)
+    per_source = source_attributions(model, batch)
+    total = sum(per_source.values())
+    return Explanation(
+        question="which sources drive the tile-mean biomass estimate", method="leave-one-band-out ablation "
+        "(a band removed as where the sensor has no data), |attribution| summed per source",
+        importance={k: (v / total if total > 0 else 0.0) for k, v in per_source.items()},
+        checks=checks(model, batch, seed=seed), examples=len(next(iter(batch.values()))), unit="tile",
+        detail={f"{k}_mg_ha": v for k, v in per_source.items()})
 
-    model = load_pretrained(ckpt).eval()
-    prep = prepare(data, tile=model.tile, groups=model.groups)
-    return source_attributions(model, tiles(prep, model, n=n, seed=seed))
 
-
-__all__: Sequence[str] = ["band_attributions", "checks", "explain_region", "source_attributions", "tiles"]
+__all__: Sequence[str] = ["band_attributions", "checks", "explain", "source_attributions", "tiles"]

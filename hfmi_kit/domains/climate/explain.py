@@ -9,35 +9,56 @@ part the network learned (and the part pretraining changes).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from hfmi_kit.domains.base import Explanation
 from hfmi_kit.explain import CheckResult, zeroing_checks
 
 
-def samples(ckpt: str | Path, data: str | Path, *, n: int = 8) -> tuple[Any, dict[str, torch.Tensor]]:
-    """The model and ``n`` evaluation windows (the years it was not trained on) of ``data``."""
+def _windows(pred: Any, d: Any, idx: np.ndarray, n: int) -> dict[str, torch.Tensor]:
+    """A batch of ``n`` forecast windows spread evenly over the start times ``idx`` (all times
+    when there are too few) of climate data ``d``, normalised as ``pred`` takes them."""
     from hfmi_kit.domains.climate import data as cdata
-    from hfmi_kit.domains.climate.tasks import load_with_geometry, predictor
-    from hfmi_kit.train import load_pretrained
     from hfmi_kit.train.infer import collate
 
-    cfg, d = load_with_geometry(ckpt, data)
-    geom = cfg["geometry"]
-    pred = predictor(load_pretrained(ckpt), cfg)
-    model, tens = pred.model, pred.pre(d)
-    seen = set(geom.get("split", {}).get("train_years", ())) | set(geom.get("split", {}).get("val_years", ()))
-    idx = np.flatnonzero(~np.isin(d.years, list(seen)))
+    tens = pred.pre(d)
     win = cdata.ForecastWindows(tens, idx if idx.size > 4 else np.arange(d.time.size),
-                                context=int(cfg["model_kwargs"]["context"]))
+                                context=int(pred.config["model_kwargs"]["context"]))
     take = np.linspace(0, len(win) - 1, min(n, len(win))).round().astype(int)
     items = [win[int(i)] for i in take]
-    return model, collate(items, keys=("inputs", "forcing", "scalars", "mask", "phase"), where="explanation batch")
+    return collate(items, keys=("inputs", "forcing", "scalars", "mask", "phase"), where="explanation batch")
 
 
+def explain(pred: Any, bundle: Any, *, examples: int | None = None, seed: int = 0,
+            variable: str | None = None) -> Explanation:
+    """Which input variables drive the network's lead-1 correction of ``variable`` (default
+    ``tas`` when the model has it, else its first) on ``examples`` (default 4) windows of the
+    held-out years of a :func:`hfmi_kit.domains.climate.tasks.load` bundle: each variable's
+    share of the |integrated gradients|, with the checks. ``detail`` gives the share of the
+    attribution on the variable itself and in the tropics (|lat| < 30)."""
+    from hfmi_kit.errors import ConfigError
+
+    model = pred.model.eval()
+    names = list(model.variables)
+    var = variable or ("tas" if "tas" in names else names[0])
+    if var not in names:
+        raise ConfigError(f"{pred.source}: the model forecasts {names}, not {var!r}")
+    held = bundle.items
+    batch = _windows(pred, held.data, held.eval_idx, examples or 4)
+    share, amap = importance(model, batch, var=var)
+    lat = np.asarray(held.data.lat, dtype=float)
+    detail = {"self_share": float(share[var])}
+    if amap.shape[0] == lat.size:  # the attribution map on the data's grid
+        detail["tropics_share"] = float(amap[np.abs(lat) < 30].sum() / max(float(amap.sum()), 1e-30))
+    return Explanation(
+        question=f"which input variables drive the lead-1 forecast of {var} (the network's correction to the "
+                 "statistical skip path, latitude-weighted global mean)",
+        method="integrated gradients (captum, 16 steps, from the climatological mean)", importance=share,
+        checks=checks(model, batch, var=var, seed=seed), examples=int(batch["inputs"].shape[0]), unit="forecast window",
+        detail=detail)
 def _target(model: Any, batch: dict[str, torch.Tensor], var: str) -> Any:
     """inputs (B, C, V, H, W) -> (B,) the network's correction to ``var`` at lead 1, averaged
     over the valid cells with latitude weights, in normalised units."""
