@@ -141,3 +141,23 @@ def test_the_error_by_chemistry_plot_shows_every_baseline_of_the_table():
                       "prediction_dummy_ev": [2.0, 2.0, 2.0], "uncertainty_ev": [0.1, 0.1, 0.1]})
     bars = error_by_chemistry(f)
     assert set(bars.dimension_values("method")) == {"model", "random forest (Magpie)", "mean predictor"}
+
+
+def test_the_sq_plot_places_candidates_where_the_table_ranks_them():
+    """Points at the expected SQ efficiency (the ranking's value, as in the table), not at the SQ
+    value of the predicted gap; the gap's error bar stops at 0 eV."""
+    pytest.importorskip("holoviews")
+    import holoviews as hv
+    import pandas as pd
+
+    from hfmi_kit.domains.materials.plots import sq_curve
+
+    c = pd.DataFrame({"formula": ["NaCl", "CdTe"], "prediction_ev": [0.2, 1.4], "uncertainty_ev": [0.5, 0.3],
+                      "sq_limit_pct": [10.0, 33.0], "expected_sq_pct": [8.0, 31.0], "sq_std_pct": [3.0, 1.0]})
+    plot = sq_curve(c)
+    (pts,) = [e for e in plot if isinstance(e, hv.Scatter)]
+    assert list(pts.dimension_values(1)) == [8.0, 31.0]
+    gap_bars, sq_bars = [e for e in plot if isinstance(e, hv.ErrorBars)]
+    assert list(gap_bars.dimension_values("gap_minus")) == [0.2, 0.3]  # 0.2 eV - 0.5 eV would be below 0
+    assert list(gap_bars.dimension_values("gap_plus")) == [0.5, 0.3]
+    assert list(sq_bars.dimension_values("sq_std")) == [3.0, 1.0]

@@ -48,18 +48,27 @@ def error_by_chemistry(frame: Any, *, methods: Mapping[str, str] | None = None) 
 
 
 def sq_curve(candidates: Any | None = None, *, top: int = 15) -> Any:
-    """The Shockley–Queisser limit against band gap, with the ``top`` ranked candidates placed at
-    their predicted gap (error bars: uncertainty)."""
+    """The Shockley–Queisser limit against band gap, with the ``top`` ranked candidates at their
+    predicted gap and their expected SQ efficiency over the gap's uncertainty (the value they are
+    ranked by: below the curve where the uncertainty spans its peak). Error bars: the gap's
+    uncertainty (cut at 0 eV) and the spread of the SQ efficiency."""
     hv = require_holoviews()
     g = np.linspace(0.3, 3.5, 321)
     plot = hv.Curve((g, 100 * sq_limit(g)), "band gap [eV]", "SQ limit [%]", label="AM1.5G, 300 K")
     if candidates is not None and len(candidates):
-        c = candidates.head(top)
-        pts = hv.Scatter(c, "prediction_ev", ["sq_limit_pct", "formula", "uncertainty_ev"],
-                         label=f"top {len(c)} candidates").opts(size=7, tools=["hover"], color="firebrick")
-        err = hv.ErrorBars((c["prediction_ev"], c["sq_limit_pct"], c["uncertainty_ev"]),
-                           horizontal=True).opts(color="firebrick", alpha=0.5)
-        plot = plot * err * pts
+        c = candidates.head(top).copy()
+        y = "expected_sq_pct" if "expected_sq_pct" in c else "sq_limit_pct"  # files written before it
+        gap, unc = c["prediction_ev"].to_numpy(float), c["uncertainty_ev"].to_numpy(float)
+        pts = hv.Scatter(c, "prediction_ev", [y, "formula", "uncertainty_ev", "sq_limit_pct"],
+                         label=f"top {len(c)} candidates (expected SQ)").opts(size=7, tools=["hover"],
+                                                                              color="firebrick")
+        xerr = hv.ErrorBars((gap, c[y], np.minimum(unc, np.clip(gap, 0, None)), unc),
+                            vdims=[y, "gap_minus", "gap_plus"], horizontal=True)
+        plot = plot * xerr.opts(color="firebrick", alpha=0.5)
+        if "sq_std_pct" in c:
+            plot = plot * hv.ErrorBars((gap, c[y], c["sq_std_pct"]), vdims=[y, "sq_std"]).opts(
+                color="firebrick", alpha=0.5)
+        plot = plot * pts
     return plot.opts(width=560, height=340, title="single-junction efficiency limit")
 
 
