@@ -252,3 +252,51 @@ def test_the_budget_chart_puts_stocks_and_changes_on_axes_of_their_own():
     assert [f.yaxis[0].axis_label for f in figs] == ["stock (Mg C)", "change (Mg C)"]
     single = budget_plot(rows[:2])  # one epoch pair missing: the stocks alone
     assert not isinstance(single, hv.Layout)
+
+
+def test_maps_are_on_their_crs_with_a_scale_bar_units_and_the_field_plots():
+    """A map a forester reads: easting/northing in km with the CRS named, a scale bar of a round
+    length, the colourbar's quantity and units, the field plots where they are; a geographic
+    grid gets degree axes and no metric scale bar."""
+    from types import SimpleNamespace
+
+    import holoviews as hv
+    from rasterio.crs import CRS
+    from rasterio.transform import from_origin
+
+    from hfmi_kit.domains.carbon.plots import biomass_maps, change_map, map_set
+
+    H, W = 40, 60
+    rng = np.random.default_rng(0)
+    maps = [rng.random((4, H, W)).astype(np.float32) * 200 for _ in range(2)]
+    plots = SimpleNamespace(rows=np.array([5, 30]), cols=np.array([10, 50]))
+
+    def prep(crs: str, res: float) -> SimpleNamespace:
+        return SimpleNamespace(epochs=[2019, 2023], shape=(H, W), truth=None, plots=[plots, plots],
+                               grid=SimpleNamespace(crs=CRS.from_string(crs), transform=from_origin(500000, 5400000,
+                                                                                                   res, res)))
+
+    utm = prep("EPSG:32633", 20.0)  # 1.2 km x 0.8 km
+    ms = map_set(utm, maps)
+    assert ms.crs == "EPSG:32633" and ms.projected
+    assert np.allclose(ms.plots[0], [500210, 501010]) and np.allclose(ms.plots[1], [5399890, 5399390])
+    layout = biomass_maps(utm, maps)
+    first = layout[0]
+    img = first.get(0)
+    assert [d.name for d in img.kdims] == ["easting [km] (EPSG:32633)", "northing [km]"]
+    assert img.vdims[0].name == "AGB" and img.vdims[0].unit == "Mg/ha"
+    (pts,) = [e for e in first if isinstance(e, hv.Points)]
+    assert np.allclose(pts.dimension_values(0), [500.21, 501.01])  # plot centres, in km
+    (bar,) = [e for e in first if isinstance(e, hv.Path)]
+    (x0, x1) = bar.dimension_values(0)[[0, -1]]
+    length_m = round((x1 - x0) * 1000)
+    assert length_m == 200 and length_m <= 1200 / 5  # 1, 2 or 5 x 10^n m, about a fifth of the width
+    assert [e.text for e in first if isinstance(e, hv.Text)] == ["200 m"]
+    chg = change_map(utm, maps)[0].get(0)
+    assert chg.vdims[0].name == "carbon change" and chg.vdims[0].unit == "Mg C/ha"
+    hv.render(layout, backend="bokeh")
+
+    geo = prep("EPSG:4326", 0.001)
+    gfirst = biomass_maps(geo, maps)[0]
+    assert gfirst.get(0).kdims[0].name == "longitude [°] (EPSG:4326)"
+    assert not [e for e in gfirst if isinstance(e, hv.Path)]  # no metric scale bar on degrees
