@@ -314,3 +314,40 @@ def test_level_fields_are_written_back_on_their_vertical_coordinate(leveled, tmp
     np.testing.assert_array_equal(out["ta"].sel(plev=250.0).values, fields["ta_250"])
     assert field_names(out, ["tas", "ta"]) == ["tas", "ta_850", "ta_250"]
     np.testing.assert_array_equal(field(out, "ta_850").values, fields["ta_850"])
+
+
+@pytest.mark.parametrize("lon0", [0.0, -180.0], ids=["0-360", "-180-180"])
+def test_maps_of_the_earth_draw_the_shipped_coastline_in_the_grids_longitudes(lon0):
+    """Offline coastlines (Natural Earth 1:110m, shipped): in the grid's longitude convention,
+    through known coasts, degree axes, land (no value) grey, not white like full sea ice; none on
+    the generator's idealised planet."""
+    pytest.importorskip("holoviews")
+    import holoviews as hv
+
+    from hfmi_kit.domains.climate.plots import on_earth
+    from hfmi_kit.viz.core import LAND_COLOUR, coastline_paths, map_with_slider, single_map
+
+    lon = lon0 + np.arange(144) * 2.5
+    lat = np.linspace(-88.75, 88.75, 72)
+    paths = coastline_paths(lon, lat)
+    xy = np.concatenate(paths)
+    assert len(paths) > 100 and xy[:, 0].min() >= lon.min() - 2.5 and xy[:, 0].max() <= lon.max() + 2.5
+    assert not any(np.abs(np.diff(p[:, 0])).max() > 180 for p in paths)  # no line drawn across the map
+    cape = (18.5, -34.4)  # Cape of Good Hope, east of the prime meridian in both conventions
+    assert np.hypot(xy[:, 0] - cape[0], xy[:, 1] - cape[1]).min() < 1.5
+    florida = ((-80.2) % 360 if lon0 == 0 else -80.2, 25.8)  # Miami, west of the prime meridian
+    assert np.hypot(xy[:, 0] - florida[0], xy[:, 1] - florida[1]).min() < 1.5
+    sst = np.where(np.abs(lat)[:, None] > 60, np.nan, 290.0) * np.ones((1, lon.size))
+    da = xr.DataArray(np.stack([sst, sst]), dims=("lead", "lat", "lon"),
+                      coords={"lead": [1, 2], "lat": lat, "lon": lon}, name="tos", attrs={"units": "K"})
+    frame = map_with_slider(da, "lead")[1]
+    img, coast = frame.get(0), frame.get(1)
+    assert isinstance(coast, hv.Path) and coast.label == "coastline" and len(coast.data) == len(paths)
+    assert [d.pprint_label for d in img.kdims] == ["longitude (°E)", "latitude (°N)"]
+    assert img.vdims[0].name == "tos [K]"
+    assert hv.Store.lookup_options("bokeh", img, "plot").kwargs["clipping_colors"]["NaN"] == LAND_COLOUR
+    hv.render(frame, backend="bokeh")
+    plain = single_map(da.isel(lead=0), coast=False)
+    assert isinstance(plain, hv.Image)
+    assert on_earth(xr.Dataset(attrs={"hfmi_input_title": "ERA5 hourly data on pressure levels"}))
+    assert not on_earth(xr.Dataset(attrs={"hfmi_input_title": "hfmi_kit synthetic coupled atmosphere-ocean-sea-ice"}))

@@ -190,7 +190,8 @@ def test_display_sized_arrays():
                       name="tas")
     dm = map_with_slider(da, "lead", dynamic=True)
     assert isinstance(dm, hv.DynamicMap) and len(dm.data) == 0  # nothing computed until shown
-    img = dm[2]
+    img = dm[2].get(0)  # the map under its coastline
+    assert isinstance(img, hv.Image)
     assert max(img.data["tas"].shape if isinstance(img.data, dict) else img.dimension_values(2, flat=False).shape) \
         <= DISPLAY_PX
     vol = np.random.default_rng(1).random((60, 70, 50)).astype(np.float32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -37,12 +38,65 @@ def fit_display_da(da: xr.DataArray, x: str, y: str, max_px: int = DISPLAY_PX) -
     return da if f <= 1 else da.coarsen({x: f, y: f}, boundary="trim").mean()
 
 
+LAND_COLOUR = "#b4b4b4"  # where a field has no value (land for an ocean variable): not white, which is ice
+COASTLINE = Path(__file__).parent / "data" / "ne_110m_coastline.npz"
+
+
+@functools.cache
+def _coast_lonlat() -> np.ndarray:
+    with np.load(COASTLINE, allow_pickle=False) as z:
+        return np.asarray(z["lonlat"], dtype=np.float64)
+
+
+def coastline_paths(lon: np.ndarray, lat: np.ndarray) -> list[np.ndarray]:
+    """The shipped Natural Earth 1:110m coastline (no network needed) as (lon, lat) lines in the
+    longitude convention of ``lon`` (-180..180 or 0..360), cut where a line crosses the map's
+    edge, and only the lines that touch the box of ``lon``/``lat``."""
+    xy = _coast_lonlat().copy()
+    lon = np.asarray(lon, dtype=np.float64)
+    if lon.size and float(np.nanmax(lon)) > 180:  # a 0..360 grid (ERA5, CMIP)
+        xy[:, 0] = np.mod(xy[:, 0], 360.0)
+    breaks = np.flatnonzero(~np.isfinite(xy[:, 0]))
+    lines, start = [], 0
+    for stop in (*breaks, len(xy)):
+        seg = xy[start:stop]
+        start = stop + 1
+        if len(seg) < 2:
+            continue
+        jumps = np.flatnonzero(np.abs(np.diff(seg[:, 0])) > 180) + 1  # wrapped across the map's edge
+        lines += [part for part in np.split(seg, jumps) if len(part) > 1]
+    x0, x1, y0, y1 = np.nanmin(lon), np.nanmax(lon), np.nanmin(lat), np.nanmax(lat)
+    return [ln for ln in lines if (ln[:, 0].max() >= x0) and (ln[:, 0].min() <= x1)
+            and (ln[:, 1].max() >= y0) and (ln[:, 1].min() <= y1)]
+
+
+def _lonlat_dims(x: str, y: str) -> list[Any]:
+    hv = require_holoviews()
+    return [hv.Dimension(x, label="longitude", unit="°E"), hv.Dimension(y, label="latitude", unit="°N")]
+
+
+def _geo(img: Any, lon: np.ndarray, lat: np.ndarray, coast: bool) -> Any:
+    """``img`` (on lon/lat) with the coastline over it, held to the image's extent."""
+    hv = require_holoviews()
+    if not coast:
+        return img
+    paths = hv.Path(coastline_paths(lon, lat), kdims=img.kdims, label="coastline").opts(
+        color="black", line_width=0.7, alpha=0.8)
+    half_x = float(np.abs(np.diff(lon[:2]))[0]) / 2 if len(lon) > 1 else 0.5
+    half_y = float(np.abs(np.diff(lat[:2]))[0]) / 2 if len(lat) > 1 else 0.5
+    return (img * paths).opts(xlim=(float(np.min(lon)) - half_x, float(np.max(lon)) + half_x),
+                              ylim=(float(np.min(lat)) - half_y, float(np.max(lat)) + half_y))
+
+
 def map_with_slider(da: xr.DataArray, slider_dim: str, *, x: str = "lon", y: str = "lat",
                     cmap: str = "RdBu_r", title: str = "", symmetric: bool = False,
-                    width: int = 520, height: int = 280, dynamic: bool = False) -> Any:
-    """A map (``x``, ``y``) for each value of ``slider_dim`` with a slider widget: a HoloMap (every
-    frame computed, so a static notebook keeps its slider) or, with ``dynamic``, a DynamicMap that
-    renders (and sends to a browser) only the frame shown. Maps are reduced to display size."""
+                    width: int = 520, height: int = 280, dynamic: bool = False, coast: bool = True) -> Any:
+    """A map (``x``, ``y``: longitude and latitude in degrees) for each value of ``slider_dim``
+    with a slider widget: a HoloMap (every frame computed, so a static notebook keeps its slider)
+    or, with ``dynamic``, a DynamicMap that renders (and sends to a browser) only the frame shown.
+    Maps are reduced to display size, drawn with the coastline (``coast``), their colourbar
+    titled with the variable and its units, cells without a value (land for an ocean field) in
+    grey."""
     hv = require_holoviews()
     da = fit_display_da(da, x, y)
     vals = np.asarray(da.values, dtype=np.float64)
@@ -52,12 +106,14 @@ def map_with_slider(da: xr.DataArray, slider_dim: str, *, x: str = "lon", y: str
         lo, hi = -m, m
     units = da.attrs.get("units", "")
     label = f"{da.name or ''} [{units}]" if units else str(da.name or "")
+    lon, lat = da[x].values, da[y].values
 
     def img(v: Any) -> Any:
         sl = da.sel({slider_dim: v}).transpose(y, x)
-        return hv.Image((sl[x].values, sl[y].values, sl.values), kdims=[x, y], vdims=[label]).opts(
+        im = hv.Image((sl[x].values, sl[y].values, sl.values), kdims=_lonlat_dims(x, y), vdims=[label]).opts(
             cmap=cmap, clim=(lo, hi), colorbar=True, width=width, height=height, tools=["hover"],
-            title=title)
+            title=title, clipping_colors={"NaN": LAND_COLOUR})
+        return _geo(im, lon, lat, coast)
 
     keys = [v.item() if hasattr(v, "item") else v for v in da[slider_dim].values]
     if dynamic:
@@ -67,8 +123,9 @@ def map_with_slider(da: xr.DataArray, slider_dim: str, *, x: str = "lon", y: str
 
 def single_map(da: xr.DataArray, *, x: str = "lon", y: str = "lat", cmap: str = "RdBu_r", title: str = "",
                symmetric: bool = False, clim: tuple[float, float] | None = None, width: int = 420,
-               height: int = 240) -> Any:
-    """One lat-lon map as an ``hv.Image``."""
+               height: int = 240, coast: bool = True) -> Any:
+    """One lon-lat map as an ``hv.Image``, with the coastline over it (``coast``) and cells
+    without a value in grey (see :func:`map_with_slider`)."""
     hv = require_holoviews()
     da = fit_display_da(da, x, y)
     vals = np.asarray(da.values, dtype=np.float64)
@@ -80,9 +137,11 @@ def single_map(da: xr.DataArray, *, x: str = "lon", y: str = "lat", cmap: str = 
         clim = (float(lo), float(hi))
     sl = da.transpose(y, x)
     units = da.attrs.get("units", "")
-    return hv.Image((sl[x].values, sl[y].values, sl.values), kdims=[x, y],
-                    vdims=[f"{da.name} [{units}]" if units else str(da.name)]).opts(
-        cmap=cmap, clim=clim, colorbar=True, width=width, height=height, tools=["hover"], title=title)
+    im = hv.Image((sl[x].values, sl[y].values, sl.values), kdims=_lonlat_dims(x, y),
+                  vdims=[f"{da.name} [{units}]" if units else str(da.name)]).opts(
+        cmap=cmap, clim=clim, colorbar=True, width=width, height=height, tools=["hover"], title=title,
+        clipping_colors={"NaN": LAND_COLOUR})
+    return _geo(im, sl[x].values, sl[y].values, coast)
 
 
 def curves(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, xlabel: str, ylabel: str,

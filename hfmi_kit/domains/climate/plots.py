@@ -49,15 +49,21 @@ def field_names(ds: xr.Dataset, names: list[str], suffix: str = "") -> list[str]
     return out
 
 
+def on_earth(ds: xr.Dataset) -> bool:
+    """Whether a forecast or what-if file is of the Earth (its coastline belongs on the maps), not
+    of the generator's idealised planet (its input's title says "synthetic")."""
+    return "synthetic" not in str(ds.attrs.get("hfmi_input_title", ds.attrs.get("title", ""))).lower()
+
+
 def forecast_maps(forecast: xr.Dataset | str | Path, var: str = "tas", init_index: int = 0, *,
                   dynamic: bool = False) -> Any:
     """Forecast of ``var`` from one initialisation, with a lead-time slider (``dynamic``: frames are
-    rendered on demand, as in the dashboard)."""
+    rendered on demand, as in the dashboard); the coastline drawn on maps of the Earth."""
     ds = open_cf(forecast) if not isinstance(forecast, xr.Dataset) else forecast
     da = field(ds, var).isel(init_time=init_index).load()
     init = str(ds["init_time"].values[init_index])[:10]
     return map_with_slider(da, "lead", cmap="viridis" if var != "siconc" else "Blues_r",
-                           title=f"{var} forecast from {init}", dynamic=dynamic)
+                           title=f"{var} forecast from {init}", dynamic=dynamic, coast=on_earth(ds))
 
 
 BASELINE_NAMES = {"damped_persistence": "damped persistence", "skip": "skip path (linear inverse model)"}
@@ -92,11 +98,12 @@ def whatif_maps(whatif: xr.Dataset | str | Path, var: str = "tas") -> Any:
     m = float(abs(resp).max())
     if truth is not None:
         m = max(m, float(abs(truth).max()))
-    panels.append(single_map(resp, clim=(-m, m), title=f"{var} response (model ensemble mean)"))
+    coast = on_earth(ds)
+    panels.append(single_map(resp, clim=(-m, m), title=f"{var} response (model ensemble mean)", coast=coast))
     if truth is not None:
-        panels.append(single_map(truth, clim=(-m, m), title=f"{var} response (generator truth)"))
+        panels.append(single_map(truth, clim=(-m, m), title=f"{var} response (generator truth)", coast=coast))
     panels.append(single_map(field(ds, var, "_response_spread").load(), cmap="viridis",
-                             title=f"{var} response spread (ensemble std)"))
+                             title=f"{var} response spread (ensemble std)", coast=coast))
     import holoviews as hv
 
     return hv.Layout(panels).cols(2)

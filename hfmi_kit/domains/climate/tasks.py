@@ -580,7 +580,8 @@ def forecast_dataset(d: cdata.ClimateData, fields: dict[str, np.ndarray], t0: np
         attrs={"Conventions": "CF-1.8", "title": "hfmi_kit climate forecast",
                "institution": "hfmi_kit", "source": f"hfmi_kit {code_version()} climate_forecaster",
                "history": f"{np.datetime64('now')}: forecast from {Path(d.source).name}",
-               "references": "WeatherBench 2 metric definitions", "hfmi_input": Path(d.source).name},
+               "references": "WeatherBench 2 metric definitions", "hfmi_input": Path(d.source).name,
+               "hfmi_input_title": str(d.global_attrs.get("title", ""))},
     )
     for v in fields:
         ds[v].encoding["_FillValue"] = np.float32(1e20)
@@ -800,7 +801,8 @@ def whatif(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out,
                "institution": "hfmi_kit", "source": f"hfmi_kit {code_version()} climate_forecaster",
                "history": f"{np.datetime64('now')}: CO2 x{co2_factor} from {str(d.time[t0])[:10]}, "
                           f"{members} members, months {average_from + 1}-{months} averaged",
-               "references": "CO2 forcing 5.35 ln(C/C0), Myhre et al. 1998"},
+               "references": "CO2 forcing 5.35 ln(C/C0), Myhre et al. 1998",
+               "hfmi_input_title": str(d.global_attrs.get("title", ""))},
     )
     for v in ds.data_vars:
         ds[v].encoding["_FillValue"] = np.float32(1e20)
