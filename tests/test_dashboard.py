@@ -196,7 +196,8 @@ def test_display_sized_arrays():
         <= DISPLAY_PX
     vol = np.random.default_rng(1).random((60, 70, 50)).astype(np.float32)
     lay = orthoviews(vol, {"m": (vol > 0.99).astype(np.uint8)}, dynamic=True, positions=[40, 50, 60])
-    frame = lay[0][50]  # the sagittal panel at 50 %
+    sag, cor, ax = (d.values[1] for d in lay[0].kdims[:3])  # each plane at its middle stop, in mm
+    frame = lay[0][(sag, cor, ax, "image", "percentiles")].get(0)  # the sagittal image under its labels
     assert frame.dimension_values(2, flat=False).shape == (50, 70)  # one slice (K x J), not the volume
 
 
@@ -339,7 +340,9 @@ def _slider_changes_plot(pg: Page, label: str) -> None:
 def test_sliders_change_the_plots(browser, server: str):
     pg = Page(browser, f"{server}/?run={DOMAIN_RUNS['radiology']}")
     pg.rendered()
-    _slider_changes_plot(pg, "slice position [%]")
+    _slider_changes_plot(pg, "sagittal [mm]")  # one slider per plane, in mm
+    for widget in ("coronal [mm]", "axial [mm]", "modality", "window"):
+        pg.text(widget)
     pg.page.close()
     pg = Page(browser, f"{server}/?run={DOMAIN_RUNS['climate']}")
     pg.rendered()
@@ -418,7 +421,7 @@ def test_behind_jupyter_server_proxy(browser, results: Path, tmp_path: Path):
         pg = Page(browser, f"{base}?token=t0k&run={DOMAIN_RUNS['radiology']}")
         assert pg.rendered(timeout=120_000) < 120
         pg.text("Per-case scores")
-        _slider_changes_plot(pg, "slice position [%]")  # the websocket works through the proxy
+        _slider_changes_plot(pg, "sagittal [mm]")  # the websocket works through the proxy
         assert pg.ws_bytes > 0
         assert not pg.bad, pg.bad  # no 404 for any asset behind the proxy
         r = pg.page.request.get(f"{base}files/{DOMAIN_RUNS['radiology']}/metrics.json")

@@ -299,3 +299,52 @@ def test_dicom_series_write_is_all_or_nothing(tmp_path: Path, monkeypatch):
     d = write_dicom_series(vol, tmp_path / "new" / "series")
     with pytest.raises(DataError, match="refusing to overwrite"):
         write_dicom_series(vol, d)
+
+
+def test_the_viewer_shows_what_radiology_viewers_show():
+    """Orientation labels on every edge, positions in mm from the grid's affine, the aspect of the
+    voxel spacing, one slider per plane (live), every modality, CT window presets, a mask legend."""
+    pytest.importorskip("holoviews")
+    import holoviews as hv
+
+    from hfmi_kit.domains.radiology.plots import orthoviews, windows
+
+    rng = np.random.default_rng(0)
+    shape = (40, 50, 20)
+    ct = rng.normal(40, 30, shape).astype(np.float32)
+    ct[:4] = -1000.0  # air, in HU
+    t1 = rng.random(shape).astype(np.float32)
+    lab = np.zeros(shape, np.uint8)
+    lab[15:25, 20:30, 8:12] = 1
+    lab[18:22, 23:27, 9:11] = 2
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    affine[:3, 3] = (-16.0, -20.0, -25.0)
+    lay = orthoviews({"ct": ct, "T1w": t1}, {"true": lab}, affine=affine, positions=[25, 50, 75])
+    sag, _, cor, _, axial, axial_mask = lay  # one column per mask: image, image + mask per plane
+    assert [d.name for d in sag.kdims] == ["slice position [%]", "modality"]
+    assert set(sag.dimension_values("modality")) == {"ct", "T1w"}
+    edges = {name: {a.text for a in hv.render(panel.last, backend="bokeh").center if a.name == "orientation"}
+             for name, panel in (("sagittal", sag), ("coronal", cor), ("axial", axial))}
+    assert edges == {"sagittal": {"P", "A", "I", "S"}, "coronal": {"L", "R", "I", "S"}, "axial": {"L", "R", "P", "A"}}
+    img = cor[(50, "ct")].get(0)  # coronal: I across (40 x 0.8 mm), K up (20 x 2.5 mm)
+    left, b, r, t = img.bounds.lbrt()
+    assert (r - left, t - b) == pytest.approx((32.0, 50.0))
+    idx = round(49 * 0.5)  # the middle of J, in mm from the affine's origin and spacing
+    assert img.opts.get().kwargs["title"] == f"coronal {round(-20.0 + idx * 0.8, 1):g} mm ({idx})"
+    legend = {c for e in axial_mask.last if isinstance(e, hv.Points) for c in e.dimension_values("class")}
+    assert legend == {"1 oedema", "2 tumour core"}
+    assert windows(ct, "ct")["lung"] == (-1350.0, 150.0) and set(windows(ct, "ct")) == {
+        "soft tissue", "lung", "bone", "percentiles"}
+    assert set(windows(t1, "T1w")) == {"percentiles"}  # MR: no HU presets
+    hv.render(lay, backend="bokeh")
+
+    live = orthoviews({"ct": ct, "T1w": t1}, {"true": lab}, affine=affine, positions=[25, 50, 75], dynamic=True)
+    dims = [d.name for d in live[0].kdims]
+    assert dims == ["sagittal [mm]", "coronal [mm]", "axial [mm]", "modality", "window"]
+    s_mm, c_mm, a_mm = (d.values for d in live[0].kdims[:3])
+    key = (s_mm[1], c_mm[1], a_mm[1], "ct", "lung")
+    moved = (s_mm[1], c_mm[2], a_mm[1], "ct", "lung")  # only the coronal slider moved
+    sag_img = live[0][key].get(0).dimension_values(2)
+    assert np.array_equal(sag_img, live[0][moved].get(0).dimension_values(2))  # sagittal stays
+    assert not np.array_equal(live[2][key].get(0).dimension_values(2), live[2][moved].get(0).dimension_values(2))
+    assert live[0][key].get(0).opts.get().kwargs["clim"] == (-1350.0, 150.0)  # the lung window

@@ -60,7 +60,7 @@ describe(subjects)
 
 # %%
 case = prepare(subjects[0], sorted(subjects[0].images), spacing)
-orthoviews(case.image[0], title=f"{case.id} {case.modalities[0]}", positions=[30, 50, 70])
+orthoviews(dict(zip(case.modalities, case.image)), title=case.id, affine=case.affine, positions=[30, 50, 70])
 
 # %%
 ckpt = pretrain(data=data_path, out=out, config=config, steps=steps, seed=seed, spacing=spacing,

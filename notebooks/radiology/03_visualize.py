@@ -49,8 +49,8 @@ sub = test[case_index]
 case = prepare(sub, cfg["geometry"]["modalities"], cfg["geometry"]["spacing_mm"], keep_ref=True)
 pred = predict_case(model, case)
 centre = np.argwhere(case.label > 0).mean(0).round().astype(int) if case.label.any() else None
-orthoviews(case.image[0], {"predicted": pred, "true": case.label}, title=f"{case.id}: {case.modalities[0]}",
-           centre=centre, positions=list(range(40, 61, 5)))
+orthoviews(dict(zip(case.modalities, case.image)), {"predicted": pred, "true": case.label}, title=case.id,
+           affine=case.affine, centre=centre, positions=list(range(40, 61, 5)))
 
 # %%
 written = write_prediction(pred, case, Path(out_dir))

@@ -18,7 +18,7 @@ def _radiology_case(root: Path, run: Run, case_id: str) -> Any:
     import numpy as np
 
     from hfmi_kit.domains.radiology import discover
-    from hfmi_kit.domains.radiology.plots import orthoviews
+    from hfmi_kit.domains.radiology.plots import legend_html, orthoviews
 
     pn = panel()
 
@@ -28,31 +28,34 @@ def _radiology_case(root: Path, run: Run, case_id: str) -> Any:
     pred_file = run.file(f"predictions/{case_id}_pred.nii.gz")
     if pred_file is None:
         raise AccessRefusedError(f"refused: no prediction of {case_id!r} in the run")
-    pred = np.asarray(nifti(pred_file).dataobj).astype(np.uint8)
-    notes, image, masks = [], None, {"predicted": pred}
+    pred_img = nifti(pred_file)
+    pred = np.asarray(pred_img.dataobj).astype(np.uint8)
+    notes, images, masks = [], {}, {"predicted": pred}
     data = ((run.config or {}).get("card", {}).get("data") or [{}])[0].get("path")
     if data:
         try:
             sub = {s.id: s for s in discover(resolve_under(root, _rel(root, Path(data))))}.get(case_id)
             mods = (run.config or {}).get("geometry", {}).get("modalities") or list(sub.images if sub else [])
-            if sub is not None and mods and mods[0] in sub.images:
-                img = nifti(Path(sub.images[mods[0]]))
-                if img.shape[:3] == pred.shape:
-                    image = np.asarray(img.dataobj, dtype=np.float32)
+            if sub is not None:
+                for m in [m for m in mods if m in sub.images]:  # every modality on the prediction's grid
+                    img = nifti(Path(sub.images[m]))
+                    if img.shape[:3] == pred.shape:
+                        images[m] = np.asarray(img.dataobj, dtype=np.float32)
                 if sub.label:
                     lab = nifti(Path(sub.label))
                     if lab.shape[:3] == pred.shape:
                         masks["true"] = np.asarray(lab.dataobj).astype(np.uint8)
-                notes.append(f"image: {mods[0]} of {case_id}")
+                if images:
+                    notes.append(f"{', '.join(images)} of {case_id}")
         except AccessRefusedError:
             notes.append("the input images lie outside the results directory: the prediction is shown alone")
-    if image is None:
-        image = (pred > 0).astype(np.float32)
+    if not images:
+        images = {"prediction": (pred > 0).astype(np.float32)}
     ref = masks.get("true", pred)
     centre = np.argwhere(ref > 0).mean(0).round().astype(int) if ref.any() else None
-    plot = orthoviews(image, masks, title=case_id, centre=centre, positions=list(range(30, 71, 5)), size=220,
-                      dynamic=True)
-    return pn.Column(pn.pane.Markdown("; ".join(notes)), show(plot))
+    plot = orthoviews(images, masks, title=case_id, centre=centre, positions=list(range(30, 71, 5)), size=220,
+                      dynamic=True, affine=pred_img.affine)
+    return pn.Column(pn.pane.Markdown("; ".join(notes)), pn.pane.HTML(f"masks: {legend_html()}"), show(plot))
 
 
 def _rel(root: Path, p: Path) -> str:
