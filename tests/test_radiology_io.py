@@ -348,3 +348,17 @@ def test_the_viewer_shows_what_radiology_viewers_show():
     assert np.array_equal(sag_img, live[0][moved].get(0).dimension_values(2))  # sagittal stays
     assert not np.array_equal(live[2][key].get(0).dimension_values(2), live[2][moved].get(0).dimension_values(2))
     assert live[0][key].get(0).opts.get().kwargs["clim"] == (-1350.0, 150.0)  # the lung window
+
+
+def test_the_dashboard_holds_one_modality_volume_at_a_time():
+    """A page offers every modality; a CT is hundreds of MB as float32: the one shown is held."""
+    import nibabel as nib
+
+    from hfmi_kit.domains.radiology.dashboard import _OneAtATime
+
+    imgs = {m: nib.Nifti1Image(np.full((4, 5, 6), i, np.int16), np.eye(4)) for i, m in enumerate(("T1w", "ct"))}
+    vols = _OneAtATime(imgs)
+    assert list(vols) == ["T1w", "ct"] and vols._held == (None, None)  # nothing read before it is shown
+    assert vols["ct"].dtype == np.float32 and float(vols["ct"].max()) == 1.0
+    first = vols["T1w"]
+    assert vols._held[0] == "T1w" and vols["T1w"] is first  # the one shown, read once

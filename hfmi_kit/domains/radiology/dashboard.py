@@ -6,11 +6,35 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from hfmi_kit.viz.dashboard import guard, panel, published, show
 from hfmi_kit.viz.results import AccessRefusedError, Run, resolve_under
+
+
+class _OneAtATime(Mapping[str, Any]):
+    """Modality volumes read from their (already opened, canonical) NIfTI images when shown, one
+    held in memory at a time: a CT is hundreds of MB as float32, and a page offers every modality."""
+
+    def __init__(self, images: Mapping[str, Any]) -> None:
+        self.images = dict(images)
+        self._held: tuple[str | None, Any] = (None, None)
+
+    def __getitem__(self, name: str) -> Any:
+        import numpy as np
+
+        if self._held[0] != name:
+            self._held = (None, None)  # the previous volume goes before the next is read
+            self._held = (name, np.asarray(self.images[name].dataobj, dtype=np.float32))
+        return self._held[1]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.images)
+
+    def __len__(self) -> int:
+        return len(self.images)
 
 
 def _radiology_case(root: Path, run: Run, case_id: str) -> Any:
@@ -30,7 +54,7 @@ def _radiology_case(root: Path, run: Run, case_id: str) -> Any:
         raise AccessRefusedError(f"refused: no prediction of {case_id!r} in the run")
     pred_img = nifti(pred_file)
     pred = np.asarray(pred_img.dataobj).astype(np.uint8)
-    notes, images, masks = [], {}, {"predicted": pred}
+    notes, found, masks = [], {}, {"predicted": pred}
     data = ((run.config or {}).get("card", {}).get("data") or [{}])[0].get("path")
     if data:
         try:
@@ -39,18 +63,17 @@ def _radiology_case(root: Path, run: Run, case_id: str) -> Any:
             if sub is not None:
                 for m in [m for m in mods if m in sub.images]:  # every modality on the prediction's grid
                     img = nifti(Path(sub.images[m]))
-                    if img.shape[:3] == pred.shape:
-                        images[m] = np.asarray(img.dataobj, dtype=np.float32)
+                    if img.shape[:3] == pred.shape:  # from the header: nothing read yet
+                        found[m] = img
                 if sub.label:
                     lab = nifti(Path(sub.label))
                     if lab.shape[:3] == pred.shape:
                         masks["true"] = np.asarray(lab.dataobj).astype(np.uint8)
-                if images:
-                    notes.append(f"{', '.join(images)} of {case_id}")
+                if found:
+                    notes.append(f"{', '.join(found)} of {case_id}")
         except AccessRefusedError:
             notes.append("the input images lie outside the results directory: the prediction is shown alone")
-    if not images:
-        images = {"prediction": (pred > 0).astype(np.float32)}
+    images: Mapping[str, Any] = _OneAtATime(found) if found else {"prediction": (pred > 0).astype(np.float32)}
     ref = masks.get("true", pred)
     centre = np.argwhere(ref > 0).mean(0).round().astype(int) if ref.any() else None
     plot = orthoviews(images, masks, title=case_id, centre=centre, positions=list(range(30, 71, 5)), size=220,

@@ -67,7 +67,8 @@ def orthoviews(image: np.ndarray | Mapping[str, np.ndarray], masks: Mapping[str,
     precomputed so that a saved notebook keeps its widgets: one slider (in % of each axis) moves
     the three planes, the window is the first preset."""
     hv = require_holoviews()
-    images = dict(image) if isinstance(image, Mapping) else {"image": np.asarray(image)}
+    # a mapping is kept as given: one that reads each volume when it is asked for keeps memory low
+    images = image if isinstance(image, Mapping) else {"image": np.asarray(image)}
     masks = dict(masks or {})
     classes = dict(classes or MASK_CLASSES)
     first = next(iter(images.values()))
