@@ -51,10 +51,18 @@ def _coast_lonlat() -> np.ndarray:
 def coastline_paths(lon: np.ndarray, lat: np.ndarray) -> list[np.ndarray]:
     """The shipped Natural Earth 1:110m coastline (no network needed) as (lon, lat) lines in the
     longitude convention of ``lon`` (-180..180 or 0..360), cut where a line crosses the map's
-    edge, and only the lines that touch the box of ``lon``/``lat``."""
-    xy = _coast_lonlat().copy()
+    edge, and only the lines that touch the box of ``lon``/``lat`` (computed once per grid: every
+    frame of a map reuses it)."""
     lon = np.asarray(lon, dtype=np.float64)
-    if lon.size and float(np.nanmax(lon)) > 180:  # a 0..360 grid (ERA5, CMIP)
+    east = bool(lon.size and float(np.nanmax(lon)) > 180)  # a 0..360 grid (ERA5, CMIP)
+    box = (float(np.nanmin(lon)), float(np.nanmax(lon)), float(np.nanmin(lat)), float(np.nanmax(lat)))
+    return list(_coast_lines(east, box))
+
+
+@functools.lru_cache(maxsize=8)
+def _coast_lines(east: bool, box: tuple[float, float, float, float]) -> tuple[np.ndarray, ...]:
+    xy = _coast_lonlat().copy()
+    if east:
         xy[:, 0] = np.mod(xy[:, 0], 360.0)
     breaks = np.flatnonzero(~np.isfinite(xy[:, 0]))
     lines, start = [], 0
@@ -65,9 +73,9 @@ def coastline_paths(lon: np.ndarray, lat: np.ndarray) -> list[np.ndarray]:
             continue
         jumps = np.flatnonzero(np.abs(np.diff(seg[:, 0])) > 180) + 1  # wrapped across the map's edge
         lines += [part for part in np.split(seg, jumps) if len(part) > 1]
-    x0, x1, y0, y1 = np.nanmin(lon), np.nanmax(lon), np.nanmin(lat), np.nanmax(lat)
-    return [ln for ln in lines if (ln[:, 0].max() >= x0) and (ln[:, 0].min() <= x1)
-            and (ln[:, 1].max() >= y0) and (ln[:, 1].min() <= y1)]
+    x0, x1, y0, y1 = box
+    return tuple(ln for ln in lines if (ln[:, 0].max() >= x0) and (ln[:, 0].min() <= x1)
+                 and (ln[:, 1].max() >= y0) and (ln[:, 1].min() <= y1))
 
 
 def _lonlat_dims(x: str, y: str) -> list[Any]:
