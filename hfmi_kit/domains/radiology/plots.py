@@ -26,11 +26,17 @@ def _slice(vol: np.ndarray, axis: int, idx: int) -> np.ndarray:
     return np.take(vol, idx, axis=axis).T  # rows = second remaining axis (image "up")
 
 
+def _legend_entries(classes: Mapping[int, str] | None = None) -> list[tuple[str, str]]:
+    """(``"1 oedema"``, its overlay colour) per mask class, in label order."""
+    return [(f"{k} {name}", MASK_COLOURS[(k - 1) % len(MASK_COLOURS)])
+            for k, name in sorted(dict(classes or MASK_CLASSES).items())]
+
+
 def legend_html(classes: Mapping[int, str] | None = None) -> str:
     """The mask legend as HTML (coloured squares and class names), for a page that shows the
     live viewer (:func:`orthoviews` with ``dynamic``) and need not send it with every slice."""
-    return " ".join(f'<span style="color:{MASK_COLOURS[(k - 1) % len(MASK_COLOURS)]}">&#9632;</span> {k} {name}'
-                    for k, name in sorted(dict(classes or MASK_CLASSES).items()))
+    return " ".join(f'<span style="color:{colour}">&#9632;</span> {label}'
+                    for label, colour in _legend_entries(classes))
 
 
 def windows(image: np.ndarray, modality: str = "") -> dict[str, tuple[float, float]]:
@@ -60,8 +66,8 @@ def orthoviews(image: np.ndarray | Mapping[str, np.ndarray], masks: Mapping[str,
     ``affine``, axis-aligned RAS, when given); the aspect of the voxel spacing; window presets
     (CT in HU: soft tissue, lung, bone; otherwise percentiles); a legend of the mask's
     ``classes`` (default 1 oedema, 2 tumour core; live, :func:`legend_html` gives it to the page).
-    ``positions``: the slider's stops in % of each
-    axis (default every 5 % from 10 to 90; around ``centre``, an index per axis, when given).
+    ``positions``: the slider's stops in % of each axis (default every 5 % from 10 to 90; around
+    ``centre``, an index per axis, when given).
     ``dynamic`` makes DynamicMaps that cut (and send to a browser) only the slices shown, as the
     dashboard does, with one slider per plane and a window dropdown; otherwise every slice is
     precomputed so that a saved notebook keeps its widgets: one slider (in % of each axis) moves
@@ -137,10 +143,9 @@ def orthoviews(image: np.ndarray | Mapping[str, np.ndarray], masks: Mapping[str,
         return hv.Overlay([img])
 
     def legend() -> Any:
-        names = [f"{k} {name}" for k, name in sorted(classes.items())]  # one glyph, a legend entry per class
-        return hv.Points([(np.nan, np.nan, c) for c in names], axes_of(2), "class").opts(
-            color="class", cmap=dict(zip(names, MASK_COLOURS * len(names))), marker="square", size=9,
-            show_legend=True)
+        entries = _legend_entries(classes)  # one glyph, a legend entry per class
+        return hv.Points([(np.nan, np.nan, label) for label, _ in entries], axes_of(2), "class").opts(
+            color="class", cmap=dict(entries), marker="square", size=9, show_legend=True)
 
     def overlaid(ax: int, mname: str, pos: float, mod: str, win: str) -> Any:
         idx = at[ax][pos]
