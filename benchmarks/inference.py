@@ -121,7 +121,7 @@ def radiology(ckpt: Path, data: dict[str, Any], repeats: int) -> None:
 
 
 def carbon(ckpt: Path, data: dict[str, Any], repeats: int) -> None:
-    from hfmi_kit.domains.carbon.tasks import pixel_features, predict_map, prepare, random_forest, split_plots
+    from hfmi_kit.domains.carbon.tasks import feature_blocks, predict_map, prepare, random_forest, split_plots
     from hfmi_kit.train import load_pretrained
 
     model = load_pretrained(ckpt).eval()
@@ -130,7 +130,8 @@ def carbon(ckpt: Path, data: dict[str, Any], repeats: int) -> None:
     rf = random_forest(prep, set(pool), 0)
     n = prep.shape[0] * prep.shape[1]
     t_model = per_call(lambda: predict_map(model, prep.fields[0], prep.shape), repeats)
-    t_rf = per_call(lambda: rf.predict(pixel_features(prep, 0)), repeats)
+    x = feature_blocks(prep)(0, 0, 0, *prep.shape)
+    t_rf = per_call(lambda: rf.predict(x.reshape(x.shape[0], -1).T), repeats)
     report("carbon", "pixel", t_model / n, t_rf / n, f"random forest ({rf.n_estimators})")
 
 

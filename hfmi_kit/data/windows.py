@@ -79,18 +79,21 @@ def _slices(corner: Corner, w: tuple[int, ...]) -> tuple[slice, ...]:
 @torch.no_grad()
 def blend_windows(fn: Callable[[Any], torch.Tensor], crop: Callable[[Corner], Any], shape: Sequence[int],
                   window: int | Sequence[int], *, channels: int, overlap: float = 0.5, batch_size: int = 8,
-                  weight: torch.Tensor | None = None, device: torch.device | str = "cpu") -> np.ndarray:
+                  weight: torch.Tensor | None = None, device: torch.device | str = "cpu",
+                  corners: Sequence[Corner] | None = None) -> np.ndarray:
     """``(channels, *shape)`` float64: ``fn(batch) -> (B, channels, *window)`` over every window,
     overlaps averaged (weighted by ``weight``, one value per window cell, when given).
 
     ``crop(corner)`` returns one window's input (a tensor or a dict of tensors); windows are
-    stacked ``batch_size`` at a time and moved to ``device``.
+    stacked ``batch_size`` at a time and moved to ``device``. ``corners`` (default
+    :func:`grid_windows` of ``shape``) places the windows, e.g. the part of a larger grid's
+    lattice that covers one block of it (see :func:`lattice_block`).
     """
     w = _as_window(window, len(shape))
     acc = np.zeros((channels, *shape))
     cnt = np.zeros(tuple(shape))
     wt = None if weight is None else weight.numpy().astype(np.float64)
-    corners = grid_windows(shape, w, overlap=overlap)
+    corners = grid_windows(shape, w, overlap=overlap) if corners is None else list(corners)
     for i in range(0, len(corners), batch_size):
         chunk = corners[i:i + batch_size]
         out = fn(_stack([crop(c) for c in chunk], device)).float().cpu().numpy()
@@ -103,6 +106,24 @@ def blend_windows(fn: Callable[[Any], torch.Tensor], crop: Callable[[Corner], An
                 acc[(slice(None), *sl)] += o * wt
                 cnt[sl] += wt
     return acc / np.maximum(cnt, 1e-12 if wt is not None else 1)
+
+
+def lattice_block(shape: Sequence[int], window: int | Sequence[int], lo: Sequence[int], hi: Sequence[int], *,
+                  overlap: float = 0.5) -> tuple[tuple[int, ...], tuple[int, ...], list[Corner]]:
+    """The windows of the lattice of a grid of ``shape`` (:func:`grid_windows`) that cover any cell
+    of the block ``[lo, hi)``: ``(start, end, corners)``, the span they cover and their corners
+    relative to ``start``. Blending them over the span gives, on the block, exactly the values of
+    blending the whole grid, so a map can be made block by block with the same seams."""
+    w = _as_window(window, len(shape))
+    start, end, axes = [], [], []
+    for n, wi, a, b in zip(shape, w, lo, hi):
+        s = [x for x in window_starts(int(n), wi, max(1, int(round(wi * (1 - overlap))))) if x < b and x + wi > a]
+        if not s:
+            raise ConfigError(f"block {tuple(lo)}..{tuple(hi)} lies outside the grid {tuple(shape)}")
+        start.append(s[0])
+        end.append(s[-1] + wi)
+        axes.append([x - s[0] for x in s])
+    return tuple(start), tuple(end), list(itertools.product(*axes))
 
 
 @torch.no_grad()

@@ -18,11 +18,11 @@ def tiles(prep: Any, model: Any, *, n: int = 12, epoch: int = 0, seed: int = 0) 
     """``n`` random model-sized tiles of one epoch of a prepared region: group -> (n, t, t)."""
     rng = np.random.default_rng(seed)
     t = model.tile
-    f = prep.fields[epoch]
-    H, W = next(iter(f.values())).shape
+    H, W = prep.padded
     rc = [(int(rng.integers(0, H - t + 1)), int(rng.integers(0, W - t + 1))) for _ in range(n)]
-    return {g: torch.stack([torch.from_numpy(np.ascontiguousarray(f[g][r:r + t, c:c + t])) for r, c in rc])
-            for g in model.groups if g in f}
+    crops = [prep.window(epoch, r, c, t, t) for r, c in rc]
+    return {g: torch.stack([torch.from_numpy(np.ascontiguousarray(f[g])) for f in crops])
+            for g in model.groups if g in crops[0]}
 
 
 def _mean_biomass(model: Any, batch: dict[str, torch.Tensor], drop: np.ndarray | None = None) -> np.ndarray:

@@ -14,7 +14,6 @@ absent tokens in the model.
 from __future__ import annotations
 
 import functools
-import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from hfmi_kit.config import json_kind, read_json_object
-from hfmi_kit.data.safety import RASTER_DRIVERS, inside
+from hfmi_kit.data.safety import inside
+from hfmi_kit.domains.carbon import tiles as T
 from hfmi_kit.domains.carbon.synth import chave_agb_kg
 from hfmi_kit.errors import DataError
 
@@ -34,6 +34,79 @@ RESAMPLING = ("nearest", "bilinear", "cubic", "cubic_spline", "lanczos", "averag
 
 
 _kind = json_kind
+OPTIONAL_FIELDS = ("resampling", "sensor", "wavelengths_nm", "dn_scale", "dn_offset", "nodata")
+
+
+@dataclass(frozen=True)
+class Sensor:
+    """What a product's files do not say about themselves: band names and central wavelengths,
+    the scaling of its stored numbers to physical units (used when a file carries no GDAL band
+    scale/offset), its nodata value (when a file declares none) and a normalisation the model
+    sees (``(value - offset) / scale``: typical values over vegetated land)."""
+
+    kind: str
+    units: str
+    bands: tuple[str, ...]
+    wavelengths_nm: tuple[float, ...]
+    offset: tuple[float, ...]
+    scale: tuple[float, ...]
+    dn_scale: float | None = None
+    dn_offset: float | None = None
+    nodata: float | None = None
+    resampling: str = "average"
+    reference: str = ""
+
+
+SENSORS: dict[str, Sensor] = {
+    # Sentinel-2 Level-2A surface reflectance: DN / 10000 with BOA_ADD_OFFSET -1000 from processing
+    # baseline 04.00 (25 January 2022), nodata 0 (ESA, S2 L2A product specification)
+    "sentinel-2-l2a": Sensor(
+        "raster", "reflectance",
+        ("b01", "b02", "b03", "b04", "b05", "b06", "b07", "b08", "b8a", "b09", "b11", "b12"),
+        (442.7, 492.7, 559.8, 664.6, 704.1, 740.5, 782.8, 832.8, 864.7, 945.1, 1613.7, 2202.4),
+        (0.04, 0.05, 0.08, 0.07, 0.12, 0.22, 0.26, 0.28, 0.29, 0.09, 0.20, 0.12),
+        (0.02, 0.03, 0.04, 0.05, 0.05, 0.07, 0.08, 0.09, 0.09, 0.04, 0.07, 0.06),
+        dn_scale=1e-4, dn_offset=-0.1, nodata=0.0, reference="ESA Sentinel-2 L2A, processing baseline >= 04.00"),
+    # Landsat 8-9 Collection 2 Level-2 surface reflectance: DN x 2.75e-5 - 0.2, nodata 0 (USGS)
+    "landsat-8-9-c2-l2": Sensor(
+        "raster", "reflectance", ("sr_b1", "sr_b2", "sr_b3", "sr_b4", "sr_b5", "sr_b6", "sr_b7"),
+        (443.0, 482.0, 561.4, 654.6, 864.6, 1608.9, 2200.7),
+        (0.04, 0.05, 0.08, 0.07, 0.28, 0.20, 0.12), (0.02, 0.03, 0.04, 0.05, 0.09, 0.07, 0.06),
+        dn_scale=2.75e-5, dn_offset=-0.2, nodata=0.0, reference="USGS Landsat Collection 2 Level-2 Science Products"),
+    # Sentinel-1 GRD backscatter, terrain-corrected, in dB (VV, VH)
+    "sentinel-1-grd-db": Sensor("raster", "dB", ("vv", "vh"), (55465.8e6, 55465.8e6), (-10.0, -17.0), (2.5, 3.0),
+                                resampling="bilinear", reference="ESA Sentinel-1 GRD, C band (5.405 GHz)"),
+    # a canopy-height model from airborne lidar (metres above ground), or the point clouds themselves
+    "lidar-chm": Sensor("raster", "m", ("chm",), (), (15.0,), (10.0,), reference="canopy-height model [m]"),
+    "lidar-points": Sensor("lidar", "m", ("chm",), (), (15.0,), (10.0,), reference="LAS/LAZ, ground class 2"),
+}
+
+
+def _from_sensor(d: dict[str, Any], pre: str) -> dict[str, Any]:
+    """A source description completed from its named ``sensor``: bands (all, or the subset
+    listed, in the sensor's naming), kind, units, normalisation, wavelengths, DN scaling, nodata."""
+    name = d.get("name", "?")
+    key = d["sensor"]
+    if not isinstance(key, str) or key not in SENSORS:
+        raise DataError(f"{pre}source {name!r}: unknown sensor {key!r}; known: {sorted(SENSORS)} (or describe "
+                        "bands, units, offset and scale yourself)")
+    sen = SENSORS[key]
+    bands = d.get("bands", list(sen.bands))
+    if not isinstance(bands, list) or not bands or not all(isinstance(b, str) for b in bands):
+        raise DataError(f"{pre}source {name!r}: 'bands' must be a list of {key} band names, got {bands!r}")
+    unknown = [b for b in bands if b.lower() not in sen.bands]
+    if unknown:
+        raise DataError(f"{pre}source {name!r}: band(s) {unknown} are not {key} bands {list(sen.bands)}")
+    idx = [sen.bands.index(b.lower()) for b in bands]
+    out = {"kind": sen.kind, "units": sen.units, "bands": [sen.bands[i] for i in idx],
+           "offset": [sen.offset[i] for i in idx], "scale": [sen.scale[i] for i in idx],
+           "resampling": sen.resampling}
+    if sen.wavelengths_nm:
+        out["wavelengths_nm"] = [sen.wavelengths_nm[i] for i in idx]
+    for k in ("dn_scale", "dn_offset", "nodata"):
+        if getattr(sen, k) is not None:
+            out[k] = getattr(sen, k)
+    return {**out, **{k: v for k, v in d.items() if k != "bands"}, "bands": out["bands"]}
 
 
 @dataclass(frozen=True)
@@ -48,6 +121,11 @@ class SourceSpec:
     offset: tuple[float, ...]  # per band: model input = (value - offset) / scale
     scale: tuple[float, ...]
     resampling: str = "average"  # rasterio resampling onto the target grid
+    sensor: str | None = None  # a name of :data:`SENSORS` the description was completed from
+    wavelengths_nm: tuple[float, ...] | None = None  # per band, its central wavelength
+    dn_scale: float | None = None  # stored number -> units, when a file has no GDAL scale/offset
+    dn_offset: float | None = None
+    nodata: float | None = None  # the nodata value of files that declare none
 
     def __post_init__(self) -> None:
         if self.kind not in ("raster", "lidar"):
@@ -68,11 +146,14 @@ class SourceSpec:
         if not isinstance(d, dict):
             raise DataError(f"{pre}a source description must be a JSON object, got {_kind(d)}")
         name = d.get("name", "?")
+        if d.get("sensor") is not None:
+            d = _from_sensor(d, pre)
         missing = [k for k in SOURCE_FIELDS if k not in d]
         if missing:
             raise DataError(f"{pre}source {name!r}: missing field(s) {missing}; a source needs "
-                            f"{list(SOURCE_FIELDS)} (and optionally resampling)")
-        unknown = sorted(set(d) - set(SOURCE_FIELDS) - {"resampling"})
+                            f"{list(SOURCE_FIELDS)} (optionally {list(OPTIONAL_FIELDS)}), or a known 'sensor' "
+                            f"({', '.join(sorted(SENSORS))}) and its name and file")
+        unknown = sorted(set(d) - set(SOURCE_FIELDS) - set(OPTIONAL_FIELDS))
         if unknown:
             raise DataError(f"{pre}source {name!r}: unknown field(s) {unknown}")
         for k in ("name", "file", "kind", "units"):
@@ -88,9 +169,20 @@ class SourceSpec:
         res = d.get("resampling", "average")
         if not isinstance(res, str) or res not in RESAMPLING:
             raise DataError(f"{pre}source {name!r}: unknown resampling {res!r}; expected one of {list(RESAMPLING)}")
+        extra: dict[str, Any] = {}
+        for k in ("dn_scale", "dn_offset", "nodata"):
+            v = d.get(k)
+            if v is not None and (not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v)):
+                raise DataError(f"{pre}source {name!r}: {k!r} must be a finite number, got {v!r}")
+            extra[k] = None if v is None else float(v)
+        wl = d.get("wavelengths_nm")
+        if wl is not None and (not isinstance(wl, list) or len(wl) != len(d["bands"]) or
+                               not all(isinstance(x, int | float) and not isinstance(x, bool) for x in wl)):
+            raise DataError(f"{pre}source {name!r}: 'wavelengths_nm' must list one number per band, got {wl!r}")
         try:
             return cls(name=d["name"], file=d["file"], kind=d["kind"], bands=tuple(d["bands"]), units=d["units"],
-                       offset=tuple(map(float, d["offset"])), scale=tuple(map(float, d["scale"])), resampling=res)
+                       offset=tuple(map(float, d["offset"])), scale=tuple(map(float, d["scale"])), resampling=res,
+                       sensor=d.get("sensor"), wavelengths_nm=None if wl is None else tuple(map(float, wl)), **extra)
         except DataError as e:
             raise DataError(f"{pre}{e}") from e
 
@@ -228,55 +320,37 @@ def open_region(root: str | Path) -> Region:
     return Region(root=root, meta=meta, epochs=epochs, sources=present)
 
 
-def _rasterio() -> Any:
-    try:
-        import rasterio
-    except ImportError as e:
-        raise ImportError("the carbon domain needs rasterio; install it with `pip install hfmi_kit[carbon]`") from e
-    return rasterio
-
-
 def _open_raster(path: Path) -> Any:
-    rasterio = _rasterio()
-    if path.is_file() and path.stat().st_size == 0:
-        raise DataError(f"{path}: empty file (0 bytes); expected a GeoTIFF")
-    try:  # the GeoTIFF driver only: a VRT (or another format) naming other files or URLs is never interpreted
-        return rasterio.open(path, driver=RASTER_DRIVERS[0])
-    except rasterio.errors.RasterioIOError as e:
-        raise DataError(f"{path}: not a readable GeoTIFF, truncated or corrupt ({e})") from e
+    return T.open_raster(path)
 
 
-def _check_raster(path: Path, src: Any) -> None:
-    if src.crs is None:
-        raise DataError(f"{path}: the raster has no CRS; georeference it (e.g. gdal_edit.py -a_srs EPSG:...)")
-    if src.nodata is None and src.dtypes[0].startswith("float") and not src.tags().get("nodata_free"):
-        raise DataError(f"{path}: nodata is not declared; set it (e.g. gdal_edit.py -a_nodata -9999) so gaps "
-                        "are not read as values")
+def source_reader(region: Region, epoch_index: int, spec: SourceSpec) -> T.RasterSource | T.LidarSource | None:
+    """The reader of one source of one epoch (see :mod:`.tiles`): its file or folder of files,
+    headers checked against the description; None when that epoch has no such file."""
+    p = region.path(epoch_index, spec)
+    if not p.exists():
+        return None
+    return T.open_source(p, spec)
 
 
-def raster_bounds_geographic(path: Path) -> tuple[float, float, float, float]:
-    _rasterio()
-    from rasterio.warp import transform_bounds
-
-    with _open_raster(path) as src:
-        _check_raster(path, src)
-        return transform_bounds(src.crs, "EPSG:4326", *src.bounds)
-
-
-def target_grid(region: Region, *, crs: str | None = None, resolution: float | None = None) -> Grid:
+def target_grid(region: Region, *, crs: str | None = None, resolution: float | None = None,
+                readers: list[dict[str, Any]] | None = None) -> Grid:
     """The grid all sources are aligned onto: ``crs`` / ``resolution`` if given, else those of
     ``region.json``'s ``grid``, else the UTM zone of the region centre at 20 m. Its extent is the
-    intersection of the rasters' footprints (an error if they do not overlap)."""
-    rasterio = _rasterio()
+    intersection of the raster sources' footprints (a folder's footprint is the union of its
+    files'; an error if they do not overlap). Only the files' headers are read."""
+    rasterio = T.rasterio_module()
     from rasterio.transform import from_origin
     from rasterio.warp import transform_bounds
 
     boxes = {}
     for e in range(len(region.epochs)):
         for s in region.sources:
-            p = region.path(e, s)
-            if s.kind == "raster" and p.exists():
-                boxes[p] = raster_bounds_geographic(p)
+            r = readers[e].get(s.name) if readers is not None else source_reader(region, e, s)
+            if isinstance(r, T.RasterSource):
+                b = r.geographic_bounds()
+                boxes[region.path(e, s)] = (min(x[0] for x in b), min(x[1] for x in b), max(x[2] for x in b),
+                                            max(x[3] for x in b))
     if not boxes:
         raise DataError(f"{region.root}: no raster source to define the map extent")
     w, s_, e_, n = (max(b[0] for b in boxes.values()), max(b[1] for b in boxes.values()),
@@ -303,108 +377,18 @@ def target_grid(region: Region, *, crs: str | None = None, resolution: float | N
 
 
 def read_raster(path: Path, spec: SourceSpec, grid: Grid) -> np.ndarray:
-    """(bands, rows, cols) float32 on ``grid``; NaN where the source has nodata or no coverage."""
-    rasterio = _rasterio()
-    from rasterio.warp import Resampling, reproject
-
-    with _open_raster(path) as src:
-        _check_raster(path, src)
-        if src.count != len(spec.bands):
-            raise DataError(f"{path}: {src.count} band(s), but source {spec.name!r} describes {len(spec.bands)} "
-                            f"{list(spec.bands)}")
-        _check_units(path, spec, src)
-        out = np.full((src.count, *grid.shape), np.nan, dtype=np.float32)
-        try:
-            for b in range(src.count):
-                band = src.read(b + 1)
-                _check_values(path, spec, b, band, src.nodata)
-                reproject(band, out[b], src_transform=src.transform, src_crs=src.crs, dst_transform=grid.transform,
-                          dst_crs=grid.crs, resampling=getattr(Resampling, spec.resampling), src_nodata=src.nodata,
-                          dst_nodata=np.nan)
-        except rasterio.errors.RasterioError as e:
-            raise DataError(f"{path}: corrupt or truncated raster data ({e})") from e
-    return out
-
-
-def _norm_units(u: str) -> str:
-    return "".join(u.split()).lower()
-
-
-def _check_units(path: Path, spec: SourceSpec, src: Any) -> None:
-    """The units a raster declares (GDAL band units or ``units`` tags) must be the source's."""
-    for b in range(src.count):
-        declared = (src.units[b] if src.units and src.units[b] else "") or src.tags(b + 1).get("units") or \
-            src.tags().get("units") or ""
-        if declared and spec.units and _norm_units(declared) != _norm_units(spec.units):
-            raise DataError(f"{path}: band {b + 1} ({spec.bands[b]}) is in units {declared!r}, but region.json "
-                            f"describes source {spec.name!r} in {spec.units!r}; convert the file or fix its units")
-
-
-def _check_values(path: Path, spec: SourceSpec, b: int, band: np.ndarray, nodata: float | None) -> None:
-    """A band must hold some valid value and no infinity (nodata and NaN are gaps)."""
-    valid = ~np.isnan(band) if band.dtype.kind == "f" else np.ones(band.shape, bool)
-    if nodata is not None and not np.isnan(nodata):
-        valid &= band != nodata
-    if band.dtype.kind == "f":
-        n_inf = int(np.isinf(band[valid]).sum())
-        if n_inf:
-            raise DataError(f"{path}: band {b + 1} ({spec.bands[b]}) has {n_inf} infinite value(s); declare gaps as "
-                            "nodata instead")
-    if not valid.any():
-        raise DataError(f"{path}: band {b + 1} ({spec.bands[b]}) has no valid value (every cell is nodata or NaN)")
+    """(bands, rows, cols) float32 on ``grid``; NaN where the source has nodata or no coverage.
+    ``path`` is one GeoTIFF or a folder of them (see :mod:`.tiles`)."""
+    return T.RasterSource(spec, T.source_files(path, "raster", spec.name)).read(grid, 0, 0, *grid.shape)
 
 
 def read_lidar_chm(path: Path, grid: Grid, *, min_points: int = 3) -> np.ndarray:
-    """Canopy-height model (1, rows, cols) [m] from a LAS/LAZ file: per cell, the highest return
-    minus the mean ground return (class 2); NaN where a cell has fewer than ``min_points``
-    returns or no ground return (outside the flight strips)."""
-    import laspy
-    from pyproj import CRS, Transformer
-
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: empty file (0 bytes); expected a LAS/LAZ point cloud")
-    errors: list[type[BaseException]] = [laspy.errors.LaspyException, OSError, EOFError, ValueError]
-    try:
-        import lazrs  # the LAZ backend raises its own type on a cut file
-
-        errors.append(lazrs.LazrsError)
-    except ImportError:
-        pass
-    quiet = logging.getLogger("laspy")  # laspy logs the backend's error before raising it: one message is enough
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)
-    try:
-        las = laspy.read(str(path))
-    except tuple(errors) as e:
-        raise DataError(f"{path}: not a readable LAS/LAZ file, truncated or corrupt ({type(e).__name__}: "
-                        f"{e})") from e
-    finally:
-        quiet.setLevel(level)
-    dims = set(las.point_format.dimension_names)
-    missing = [d for d in ("X", "Y", "Z", "classification") if d not in dims]
-    if missing:
-        raise DataError(f"{path}: point records lack {missing}; a lidar source needs x, y, z and classification")
-    crs = las.header.parse_crs()
-    if crs is None:
-        raise DataError(f"{path}: the LAS header declares no CRS")
-    if not (np.asarray(las.classification) == 2).any():
-        raise DataError(f"{path}: no ground returns (classification 2); classify the points before use")
-    x, y, z = np.asarray(las.x), np.asarray(las.y), np.asarray(las.z)
-    if CRS(crs) != CRS(grid.crs.to_wkt()):
-        x, y = Transformer.from_crs(crs, grid.crs.to_wkt(), always_xy=True).transform(x, y)
-    r, c = grid.rowcol(x, y)
-    inside = (r >= 0) & (r < grid.shape[0]) & (c >= 0) & (c < grid.shape[1])
-    idx = (r * grid.shape[1] + c)[inside]
-    z, cls = z[inside], np.asarray(las.classification)[inside]
-    n = grid.shape[0] * grid.shape[1]
-    count = np.bincount(idx, minlength=n)
-    top = np.full(n, -np.inf)
-    np.maximum.at(top, idx, z)
-    g = cls == 2
-    gsum = np.bincount(idx[g], weights=z[g], minlength=n)
-    gcnt = np.bincount(idx[g], minlength=n)
-    chm = np.where((count >= min_points) & (gcnt > 0), top - gsum / np.maximum(gcnt, 1), np.nan)
-    return np.clip(chm, 0, None).reshape(1, *grid.shape).astype(np.float32)
+    """Canopy-height model (1, rows, cols) [m] from a LAS/LAZ file or a folder of tiles: per cell,
+    the highest return minus the mean ground return (class 2); NaN where a cell has fewer than
+    ``min_points`` returns or no ground return (outside the flight strips)."""
+    spec = SourceSpec("lidar", path.name, "lidar", ("chm",), "m", (0.0,), (1.0,))
+    files = T.source_files(path, "lidar", spec.name)
+    return T.LidarSource(spec, files, min_points=min_points).read(grid, 0, 0, *grid.shape)
 
 
 def read_sources(region: Region, epoch_index: int, grid: Grid) -> dict[str, np.ndarray]:
@@ -412,10 +396,9 @@ def read_sources(region: Region, epoch_index: int, grid: Grid) -> dict[str, np.n
     A source whose file is missing for this epoch is simply not in the result."""
     out = {}
     for s in region.sources:
-        p = region.path(epoch_index, s)
-        if not p.exists():
-            continue
-        out[s.name] = read_raster(p, s, grid) if s.kind == "raster" else read_lidar_chm(p, grid)
+        r = source_reader(region, epoch_index, s)
+        if r is not None:
+            out[s.name] = r.read(grid, 0, 0, *grid.shape)
     return out
 
 
@@ -635,8 +618,26 @@ def read_station(region: Region) -> Any:
 
 
 def sources_json(specs: list[SourceSpec]) -> list[dict[str, Any]]:
-    return [asdict(s) for s in specs]
+    """The descriptions as ``region.json`` and checkpoints hold them (unset optional fields left out)."""
+    return [{k: v for k, v in asdict(s).items() if v is not None or k in SOURCE_FIELDS} for s in specs]
 
 
-__all__ = ["DEFAULT_SOURCES", "Grid", "Plots", "Region", "SourceSpec", "open_region", "read_csv", "read_lidar_chm",
-           "read_plots", "read_raster", "read_sources", "read_station", "sources_json", "target_grid"]
+__all__ = [
+    "DEFAULT_SOURCES",
+    "SENSORS",
+    "Grid",
+    "Plots",
+    "Region",
+    "Sensor",
+    "SourceSpec",
+    "open_region",
+    "read_csv",
+    "read_lidar_chm",
+    "read_plots",
+    "read_raster",
+    "read_sources",
+    "read_station",
+    "source_reader",
+    "sources_json",
+    "target_grid",
+]

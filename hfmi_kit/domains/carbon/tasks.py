@@ -4,10 +4,11 @@ plots with baselines, map biomass / carbon / uncertainty, and sum a regional bud
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,11 +17,12 @@ import torch
 from torch.utils.data import Dataset
 
 from hfmi_kit import options as opt
-from hfmi_kit.data.windows import blend_windows
+from hfmi_kit.data.windows import blend_windows, lattice_block
 from hfmi_kit.domains.base import Bundle, Scored, get_domain
 from hfmi_kit.domains.carbon import sources as S
+from hfmi_kit.domains.carbon import tiles as T
 from hfmi_kit.domains.carbon.model import CarbonEnsemble, CarbonNet
-from hfmi_kit.domains.carbon.synth import CARBON_FRACTION, write_geotiff
+from hfmi_kit.domains.carbon.synth import CARBON_FRACTION
 from hfmi_kit.errors import ConfigError, DataError
 from hfmi_kit.models import get_size
 from hfmi_kit.train import load_pretrained, recipe
@@ -35,63 +37,140 @@ ENGINE = recipe.EngineDefaults(warmup_cap=30, weight_decay=0.05)
 Z90 = 1.6449  # two-sided 90 % normal interval
 
 
+IN_MEMORY_BYTES = 512 * 2**20  # a region whose fields fit in this is read whole once; larger ones window by window
+
+
 @dataclass
 class Prepared:
-    """A region on its target grid: per epoch the normalised fields (group -> (H, W), NaN where
-    absent, padded with NaN to whole tiles), the plots and, when known, the true biomass."""
+    """A region on its target grid: per epoch the readers of its sources (see :mod:`.tiles`), the
+    plots and, when known, the true biomass. :meth:`window` gives the normalised fields of any
+    window (group -> (h, w), NaN where absent and outside the map); a region whose fields fit in
+    :data:`IN_MEMORY_BYTES` is read once and held (``fields``, padded with NaN to whole tiles),
+    a larger one is read window by window from its files."""
 
     root: Path
     grid: S.Grid
     epochs: list[int]
     specs: list[S.SourceSpec]
-    fields: list[dict[str, np.ndarray]]
     plots: list[S.Plots]
-    truth: list[np.ndarray] | None
     shape: tuple[int, int]  # unpadded map shape
+    tile: int
+    readers: list[dict[str, Any]]  # per epoch: source name -> reader
+    keep: list[str] | None = None  # the groups read (None: every group of the sources)
+    truth_readers: list[Any] | None = None
+    _fields: list[dict[str, np.ndarray]] | None = None
+    _truth: list[np.ndarray] | None = None
 
     @property
     def groups(self) -> list[str]:
         return [g for s in self.specs for g in s.groups()]
 
+    @property
+    def padded(self) -> tuple[int, int]:
+        """The map shape padded to whole tiles (the lattice the model's windows lie on)."""
+        H, W = self.shape
+        return -(-H // self.tile) * self.tile, -(-W // self.tile) * self.tile
+
+    @property
+    def in_memory(self) -> bool:
+        return self._fields is not None
+
+    @property
+    def has_truth(self) -> bool:
+        return self.truth_readers is not None
+
+    def _read(self, e: int, r0: int, c0: int, h: int, w: int) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for spec in self.specs:
+            reader = self.readers[e].get(spec.name)
+            bands = [(b, g) for b, g in enumerate(spec.groups()) if self.keep is None or g in self.keep]
+            if reader is None or not bands:
+                continue
+            scale = np.asarray(spec.scale, np.float64)
+            norm = reader.read(self.grid, r0, c0, h, w, affine=(1 / scale, -np.asarray(spec.offset) / scale))
+            for b, g in bands:
+                out[g] = norm[b]
+        return out
+
+    def window(self, e: int, r0: int, c0: int, h: int, w: int) -> dict[str, np.ndarray]:
+        """The normalised fields of epoch ``e`` on the cells ``[r0, r0 + h) x [c0, c0 + w)``:
+        group -> (h, w) float32, NaN where a source has no data and outside the map."""
+        if self._fields is None:
+            return self._read(e, r0, c0, h, w)
+        Hp, Wp = self.padded
+        a0, a1, b0, b1 = max(r0, 0), min(r0 + h, Hp), max(c0, 0), min(c0 + w, Wp)
+        if (a0, a1, b0, b1) == (r0, r0 + h, c0, c0 + w):
+            return {g: v[r0:r0 + h, c0:c0 + w] for g, v in self._fields[e].items()}
+        out = {}
+        for g, v in self._fields[e].items():
+            x = np.full((h, w), np.nan, dtype=np.float32)
+            if a0 < a1 and b0 < b1:
+                x[a0 - r0:a1 - r0, b0 - c0:b1 - c0] = v[a0:a1, b0:b1]
+            out[g] = x
+        return out
+
+    @property
+    def fields(self) -> list[dict[str, np.ndarray]]:
+        """Per epoch the whole padded fields (a region held in memory only)."""
+        if self._fields is None:
+            raise DataError(f"{self.root}: a region of {self.shape[0]} x {self.shape[1]} cells is read window by "
+                            "window, not held whole; use its maps (hfmi evaluate writes them as COGs)")
+        return self._fields
+
+    def truth_window(self, e: int, r0: int, c0: int, h: int, w: int) -> np.ndarray:
+        """The true biomass [Mg/ha] of epoch ``e`` on a window (NaN outside the map)."""
+        if self.truth_readers is None:
+            raise DataError(f"{self.root}: the region declares no true biomass maps")
+        if self._truth is not None and r0 >= 0 and c0 >= 0 and r0 + h <= self.shape[0] and c0 + w <= self.shape[1]:
+            return self._truth[e][r0:r0 + h, c0:c0 + w]
+        return self.truth_readers[e].read(self.grid, r0, c0, h, w)[0]
+
+    @property
+    def truth(self) -> list[np.ndarray] | None:
+        """Per epoch the whole true biomass map (a region held in memory; None when unknown)."""
+        if self.truth_readers is None:
+            return None
+        if self._truth is None:
+            _ = self.fields  # the same refusal for a region read window by window
+        return self._truth
+
 
 def prepare(data: str | Path, *, tile: int = 32, crs: str | None = None, resolution: float | None = None,
-            groups: Sequence[str] | None = None) -> Prepared:
-    """Read every source and plot of ``data`` onto the target grid (see :func:`.sources.target_grid`)."""
+            groups: Sequence[str] | None = None, in_memory: bool | None = None) -> Prepared:
+    """Open every source and plot of ``data`` on the target grid (see :func:`.sources.target_grid`):
+    only headers and plot tables are read here. ``in_memory`` (None: when the fields fit in
+    :data:`IN_MEMORY_BYTES`) reads the fields once and holds them."""
     region = S.open_region(data)
-    grid = S.target_grid(region, crs=crs, resolution=resolution)
-    H, W = grid.shape
-    Hp, Wp = -(-H // tile) * tile, -(-W // tile) * tile
-    fields, plots = [], []
-    for e, year in enumerate(region.epochs):
-        raw = S.read_sources(region, e, grid)
-        f: dict[str, np.ndarray] = {}
-        for spec in region.sources:
-            if spec.name not in raw:
-                continue
-            for b, band in enumerate(spec.bands):
-                arr = np.full((Hp, Wp), np.nan, dtype=np.float32)
-                arr[:H, :W] = (raw[spec.name][b] - spec.offset[b]) / spec.scale[b]
-                f[f"{spec.name}:{band}"] = arr
-        if groups is not None:
-            f = {g: v for g, v in f.items() if g in groups}
-        fields.append(f)
-        plots.append(S.read_plots(region, year, grid))
-    truth = None
+    readers = [{s.name: r for s in region.sources if (r := S.source_reader(region, e, s)) is not None}
+               for e in range(len(region.epochs))]
+    grid = S.target_grid(region, crs=crs, resolution=resolution, readers=readers)
+    plots = [S.read_plots(region, year, grid) for year in region.epochs]
+    truth_readers = None
     tfiles = region.meta.get("truth", {}).get("agb")
     if tfiles:
         spec = S.SourceSpec("truth", "", "raster", ("agb",), "Mg ha-1", (0.0,), (1.0,))
-        truth = [S.read_raster(region.root / t, spec, grid)[0] for t in tfiles]
-    return Prepared(root=region.root, grid=grid, epochs=region.epochs, specs=region.sources, fields=fields,
-                    plots=plots, truth=truth, shape=(H, W))
+        truth_readers = [T.RasterSource(spec, [region.root / t]) for t in tfiles]
+    prep = Prepared(root=region.root, grid=grid, epochs=region.epochs, specs=region.sources, plots=plots,
+                    shape=grid.shape, tile=tile, readers=readers, keep=None if groups is None else list(groups),
+                    truth_readers=truth_readers)
+    Hp, Wp = prep.padded
+    n_groups = len([g for g in prep.groups if groups is None or g in groups])
+    size = 4 * Hp * Wp * len(region.epochs) * (n_groups + (1 if tfiles else 0))
+    if in_memory or (in_memory is None and size <= IN_MEMORY_BYTES):
+        prep._fields = [prep._read(e, 0, 0, Hp, Wp) for e in range(len(region.epochs))]
+        if truth_readers is not None:
+            prep._truth = [r.read(grid, 0, 0, *grid.shape)[0] for r in truth_readers]
+    return prep
 
 
-def _crop(f: dict[str, np.ndarray], r: int, c: int, tile: int) -> dict[str, torch.Tensor]:
-    return {g: torch.from_numpy(np.ascontiguousarray(v[r:r + tile, c:c + tile])) for g, v in f.items()}
+def _tensors(f: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {g: torch.from_numpy(np.ascontiguousarray(v)) for g, v in f.items()}
 
 
 class TileCrops(Dataset):
     """Random tiles of every epoch (unlabelled; pretraining), with random flips and rotations:
-    ``{"inputs": {source group: (tile, tile)}}``."""
+    ``{"inputs": {source group: (tile, tile)}}``. A tile is a function of (seed, index) alone,
+    read from the region's files when it is not held in memory."""
 
     def __init__(self, prep: Prepared, *, tile: int, length: int = 100_000, seed: int = 0) -> None:
         self.prep, self.tile, self.length, self.seed = prep, tile, length, seed
@@ -109,35 +188,29 @@ class TileCrops(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng((self.seed, i))
-        e = int(rng.integers(len(self.prep.fields)))
+        e = int(rng.integers(len(self.prep.epochs)))
         H, W = self.prep.shape
         r, c = int(rng.integers(0, max(1, H - self.tile + 1))), int(rng.integers(0, max(1, W - self.tile + 1)))
-        return {"inputs": self._augment(_crop(self.prep.fields[e], r, c, self.tile), rng)}
+        return {"inputs": self._augment(_tensors(self.prep.window(e, r, c, self.tile, self.tile)), rng)}
 
 
 class PlotCrops(TileCrops):
     """Tiles around the training plots, ``{"inputs": {...}, "target": (tile, tile), "plot_index":
     (tile, tile)}``: ``target`` holds the biomass of the cells the plots cover
     (per cell for stem-mapped plots, else the plot's biomass), NaN elsewhere. Each plot and epoch
-    is drawn equally often, the tile placed at random but covering the plot's centre."""
+    is drawn equally often, the tile placed at random but covering the plot's centre. Only the
+    plots' cells are held, never a map-sized label array."""
 
     def __init__(self, prep: Prepared, plot_ids: Sequence[str], *, tile: int, length: int = 100_000,
                  seed: int = 0) -> None:
         super().__init__(prep, tile=tile, length=length, seed=seed)
         keep = set(plot_ids)
-        self.labels = []  # per epoch (H, W) NaN except training plots
-        self.index = []  # per epoch (H, W) the plot each labelled cell belongs to, -1 elsewhere
+        self.cells = []  # per epoch (rows, cols, biomass, plot index) of the training plots' cells
         self.where = []  # (epoch, row, col) of each training plot's centre
         for e, p in enumerate(prep.plots):
-            shape = prep.fields[e][next(iter(prep.fields[e]))].shape
-            lab = np.full(shape, np.nan, dtype=np.float32)
-            idx = np.full(shape, -1, dtype=np.int64)
-            cells = p.cells(keep)
-            lab[p.pix_rows[cells], p.pix_cols[cells]] = p.pix_agb[cells]
-            idx[p.pix_rows[cells], p.pix_cols[cells]] = p.pix_plot[cells]
+            c = p.cells(keep)
+            self.cells.append((p.pix_rows[c], p.pix_cols[c], p.pix_agb[c].astype(np.float32), p.pix_plot[c]))
             self.where += [(e, int(r), int(c)) for pid, r, c in zip(p.ids, p.rows, p.cols) if pid in keep]
-            self.labels.append(lab)
-            self.index.append(idx)
         if not self.where:
             raise DataError("no training plots selected")
 
@@ -145,11 +218,17 @@ class PlotCrops(TileCrops):
         rng = np.random.default_rng((self.seed, i))
         e, r, c = self.where[int(rng.integers(len(self.where)))]
         H, W = self.prep.shape
-        r0 = int(rng.integers(max(0, r - self.tile + 1), min(r, H - self.tile) + 1))
-        c0 = int(rng.integers(max(0, c - self.tile + 1), min(c, W - self.tile) + 1))
-        item = _crop(self.prep.fields[e], r0, c0, self.tile)
-        item["target"] = torch.from_numpy(np.ascontiguousarray(self.labels[e][r0:r0 + self.tile, c0:c0 + self.tile]))
-        item["plot_index"] = torch.from_numpy(np.ascontiguousarray(self.index[e][r0:r0 + self.tile, c0:c0 + self.tile]))
+        t = self.tile
+        r0 = int(rng.integers(max(0, r - t + 1), min(r, H - t) + 1))
+        c0 = int(rng.integers(max(0, c - t + 1), min(c, W - t) + 1))
+        item = _tensors(self.prep.window(e, r0, c0, t, t))
+        rows, cols, agb, idx = self.cells[e]
+        sel = (rows >= r0) & (rows < r0 + t) & (cols >= c0) & (cols < c0 + t)
+        target = np.full((t, t), np.nan, dtype=np.float32)
+        index = np.full((t, t), -1, dtype=np.int64)
+        target[rows[sel] - r0, cols[sel] - c0] = agb[sel]
+        index[rows[sel] - r0, cols[sel] - c0] = idx[sel]
+        item["target"], item["plot_index"] = torch.from_numpy(target), torch.from_numpy(index)
         item = self._augment(item, rng)  # sources, target and plot index turned alike
         target, plot_index = item.pop("target"), item.pop("plot_index")
         return {"inputs": item, "target": target, "plot_index": plot_index}
@@ -203,62 +282,133 @@ def pretrain(*, data: opt.Data, out: opt.Out, config: opt.Size = "tiny", steps: 
     return recipe.finish(model, out, mc, {"train_loss": res.last_loss})
 
 
-def _tiled(model: CarbonNet, fields: dict[str, np.ndarray], shape: tuple[int, int], fn: Any, channels: int,
-           batch_size: int) -> np.ndarray:
-    """``fn(batch) -> (B, channels, tile, tile)`` over tiles at half-tile stride, overlaps averaged
-    (:func:`hfmi_kit.data.windows.blend_windows`)."""
+Reader = Callable[[int, int, int, int], dict[str, np.ndarray]]  # (r0, c0, h, w) -> group -> (h, w)
+BLOCK = 1024  # cells per side of a map block made at once
+PLOT_BLOCK = 512  # plots within a block of this many cells share their windows
+
+
+def _fields_reader(fields: dict[str, np.ndarray]) -> Reader:
+    return lambda r0, c0, h, w: {g: v[r0:r0 + h, c0:c0 + w] for g, v in fields.items()}
+
+
+def _blend(model: CarbonNet, read: Reader, padded: tuple[int, int], fn: Any, channels: int,
+           r0: int, c0: int, h: int, w: int, batch_size: int) -> np.ndarray:
+    """``fn(batch) -> (B, channels, tile, tile)`` on the cells ``[r0, r0 + h) x [c0, c0 + w)``:
+    the tiles of the whole map's lattice (half-tile stride) that cover them, overlaps averaged,
+    so a block equals the same cells of the whole map (:func:`~hfmi_kit.data.windows.lattice_block`)."""
     model.eval()
     t = model.tile
-    grid = next(iter(fields.values())).shape
-    out = blend_windows(fn, lambda c: _crop(fields, c[0], c[1], t), grid, t, channels=channels, overlap=0.5,
-                        batch_size=batch_size, device=next(model.parameters()).device)
-    H, W = shape
-    return out[:, :H, :W]
+    (a, b), (a1, b1), corners = lattice_block(padded, t, (r0, c0), (r0 + h, c0 + w))
+    f = read(a, b, a1 - a, b1 - b)
+    out = blend_windows(fn, lambda k: _tensors({g: v[k[0]:k[0] + t, k[1]:k[1] + t] for g, v in f.items()}),
+                        (a1 - a, b1 - b), t, channels=channels, batch_size=batch_size,
+                        device=next(model.parameters()).device, corners=corners)
+    return out[:, r0 - a:r0 - a + h, c0 - b:c0 - b + w]
+
+
+def _embedding_channels(model: CarbonNet) -> int:
+    return model.trunk[1].out_features + len(model.groups)
+
+
+def embed_block(model: CarbonNet, read: Reader, padded: tuple[int, int], r0: int, c0: int, h: int, w: int, *,
+                batch_size: int = 8) -> np.ndarray:
+    """The per-pixel embedding (F, h, w) of :meth:`.CarbonNet.embedding` on a block, tiles averaged."""
+    return _blend(model, read, padded, lambda b: model.embedding(b).permute(0, 3, 1, 2), _embedding_channels(model),
+                  r0, c0, h, w, batch_size)
+
+
+@torch.no_grad()
+def predict_block(model: CarbonNet, read: Reader, padded: tuple[int, int], r0: int, c0: int, h: int, w: int, *,
+                  batch_size: int = 8) -> np.ndarray:
+    """Biomass (Q + 1, h, w) [Mg/ha] on a block, the quantiles then the mean: tiles at half-tile
+    stride, overlaps averaged. A forest head maps the averaged embedding (the features it was
+    fitted on, see :func:`embed_block`)."""
+    Q = len(model.quantiles) + 1
+    if isinstance(model, CarbonEnsemble):  # each head as it maps alone, then averaged
+        net = _blend(model, read, padded, model.network_predict, Q, r0, c0, h, w, batch_size).clip(min=0)
+        return 0.5 * (net + predict_block(model.forest_net, read, padded, r0, c0, h, w, batch_size=batch_size))
+    if model.has_forest:
+        emb = embed_block(model, read, padded, r0, c0, h, w, batch_size=batch_size)
+        x = torch.from_numpy(emb.reshape(emb.shape[0], -1).T.copy())
+        out = torch.cat([model._forest_quantiles(x[i:i + 8192]) for i in range(0, x.shape[0], 8192)], 1)
+        return out.numpy().reshape(Q, h, w).clip(min=0)
+    return _blend(model, read, padded, model.predict, Q, r0, c0, h, w, batch_size).clip(min=0)
 
 
 def embed_map(model: CarbonNet, fields: dict[str, np.ndarray], shape: tuple[int, int], *,
               batch_size: int = 8) -> np.ndarray:
-    """The per-pixel embedding (F, H, W) of :meth:`.CarbonNet.embedding`, tiles averaged."""
-    F_ = model.trunk[1].out_features + len(model.groups)
-    return _tiled(model, fields, shape, lambda b: model.embedding(b).permute(0, 3, 1, 2), F_, batch_size)
+    """The per-pixel embedding (F, H, W) of a map held in memory (padded ``fields``)."""
+    padded = next(iter(fields.values())).shape
+    return embed_block(model, _fields_reader(fields), padded, 0, 0, *shape, batch_size=batch_size)
 
 
-@torch.no_grad()
 def predict_map(model: CarbonNet, fields: dict[str, np.ndarray], shape: tuple[int, int], *,
                 batch_size: int = 8) -> np.ndarray:
-    """Biomass maps (Q + 1, H, W) [Mg/ha], the quantiles then the mean: tiles at half-tile
-    stride, overlaps averaged. A forest head maps the averaged embedding (the features it was
-    fitted on, see :func:`embed_map`)."""
-    Q = len(model.quantiles) + 1
-    if isinstance(model, CarbonEnsemble):  # each head as it maps alone, then averaged
-        net = _tiled(model, fields, shape, model.network_predict, Q, batch_size).clip(min=0)
-        return 0.5 * (net + predict_map(model.forest_net, fields, shape, batch_size=batch_size))
-    if model.has_forest:
-        emb = embed_map(model, fields, shape, batch_size=batch_size)
-        F_, H, W = emb.shape
-        x = torch.from_numpy(emb.reshape(F_, -1).T.copy())
-        out = torch.cat([model._forest_quantiles(x[i:i + 8192]) for i in range(0, x.shape[0], 8192)], 1)
-        return out.numpy().reshape(Q, H, W).clip(min=0)
-    return _tiled(model, fields, shape, model.predict, Q, batch_size).clip(min=0)
+    """Biomass maps (Q + 1, H, W) [Mg/ha] of a map held in memory (padded ``fields``; see
+    :func:`predict_block`)."""
+    padded = next(iter(fields.values())).shape
+    return predict_block(model, _fields_reader(fields), padded, 0, 0, *shape, batch_size=batch_size)
 
 
-def pixel_features(prep: Prepared, e: int) -> np.ndarray:
-    """(H*W, bands) per-pixel source values (NaN where absent) for the random-forest baseline."""
-    H, W = prep.shape
-    return np.stack([v[:H, :W].ravel() for v in prep.fields[e].values()], axis=1)
+Block = Callable[[int, int, int, int, int], np.ndarray]  # (epoch, r0, c0, h, w) -> (channels, h, w)
+
+
+def model_blocks(model: CarbonNet, prep: Prepared, post: Callable[[list[np.ndarray]], list[np.ndarray]] | None = None,
+                 *, batch_size: int = 8) -> Block:
+    """The model's biomass on any block of any epoch of ``prep``, ``post`` (e.g. the calibrated
+    interval, pixel by pixel) applied."""
+    def block(e: int, r0: int, c0: int, h: int, w: int) -> np.ndarray:
+        q = predict_block(model, functools.partial(prep.window, e), prep.padded, r0, c0, h, w, batch_size=batch_size)
+        return post([q])[0] if post is not None else q
+    return block
+
+
+def feature_blocks(prep: Prepared) -> Block:
+    """The per-pixel source values (bands, h, w) of a block (NaN where absent), the random
+    forest's inputs, in the order of the groups read."""
+    def block(e: int, r0: int, c0: int, h: int, w: int) -> np.ndarray:
+        return np.stack(list(prep.window(e, r0, c0, h, w).values()))
+    return block
+
+
+def cell_values(prep: Prepared, block: Block, ids: set[str] | None = None) -> list[np.ndarray]:
+    """Per epoch the (channels, n) values of ``block`` at the cells of the plots in ``ids`` (all
+    plots if None), in the order of ``plots[e].cells(ids)``: only the windows around the plots
+    are made (plots within :data:`PLOT_BLOCK` cells of each other share theirs)."""
+    out = []
+    for e, p in enumerate(prep.plots):
+        cells = p.cells(ids)
+        rows, cols = p.pix_rows[cells], p.pix_cols[cells]
+        vals = None
+        key = (rows // PLOT_BLOCK) * (prep.shape[1] // PLOT_BLOCK + 1) + cols // PLOT_BLOCK
+        for k in np.unique(key):
+            sel = np.flatnonzero(key == k)
+            r0, c0 = int(rows[sel].min()), int(cols[sel].min())
+            v = block(e, r0, c0, int(rows[sel].max()) + 1 - r0, int(cols[sel].max()) + 1 - c0)
+            if vals is None:
+                vals = np.zeros((v.shape[0], len(cells)), dtype=np.float64)
+            vals[:, sel] = v[:, rows[sel] - r0, cols[sel] - c0]
+        out.append(vals if vals is not None else np.zeros((0, 0)))
+    return out
 
 
 def random_forest(prep: Prepared, train_ids: set[str], seed: int) -> Any:
     """The classical baseline: a random forest on the per-pixel source values of the cells the
     training plots cover (every epoch; the same labels the network learns from), to be applied
-    to :func:`pixel_features`."""
-    W = prep.shape[1]
-    X, y = [], []
-    for e, p in enumerate(prep.plots):
-        cells = p.cells(train_ids)
-        X.append(pixel_features(prep, e)[p.pix_rows[cells] * W + p.pix_cols[cells]])
-        y.append(p.pix_agb[cells])
-    return _forest(seed).fit(np.concatenate(X), np.concatenate(y))
+    to :func:`feature_blocks`."""
+    X = cell_values(prep, feature_blocks(prep), train_ids)
+    y = [p.pix_agb[p.cells(train_ids)] for p in prep.plots]
+    return _forest(seed).fit(np.concatenate([x.T for x in X]), np.concatenate(y))
+
+
+def forest_blocks(rf: Any, prep: Prepared) -> Block:
+    """The random-forest baseline's biomass (1, h, w) on a block."""
+    feats = feature_blocks(prep)
+
+    def block(e: int, r0: int, c0: int, h: int, w: int) -> np.ndarray:
+        x = feats(e, r0, c0, h, w)
+        return rf.predict(x.reshape(x.shape[0], -1).T).reshape(1, h, w)
+    return block
 
 
 def _forest(seed: int) -> Any:
@@ -271,57 +421,165 @@ def _forest(seed: int) -> Any:
 
 def _fit_forest_head(base: CarbonNet, emb: list[np.ndarray], prep: Prepared, ids: set[str], seed: int) -> CarbonNet:
     """A copy of the pretrained ``base`` whose biomass head is a forest on its per-pixel
-    embedding ``emb`` (per epoch, see :func:`embed_map`) at the cells of the plots in ``ids``."""
+    embedding ``emb`` (per epoch (F, n) at the cells of every plot, see :func:`cell_values`) at
+    the cells of the plots in ``ids``."""
     import copy
 
     X, y = [], []
     for e, p in enumerate(prep.plots):
-        cells = p.cells(ids)
-        X.append(emb[e][:, p.pix_rows[cells], p.pix_cols[cells]].T)
-        y.append(p.pix_agb[cells])
+        X.append(emb[e][:, p.cells(ids)].T)
+        y.append(p.pix_agb[p.cells(ids)])
     model = copy.deepcopy(base)
     model.set_forest(_forest(seed).fit(np.concatenate(X), np.concatenate(y)))
     return model.eval()
 
 
-def _random_forest(prep: Prepared, train_ids: set[str], seed: int) -> list[np.ndarray]:
-    """The random-forest baseline's biomass map per epoch."""
-    rf = random_forest(prep, train_ids, seed)
-    return [rf.predict(pixel_features(prep, e)).reshape(prep.shape) for e in range(len(prep.plots))]
+@dataclass
+class MapStats:
+    """What the scores and the budget need from the maps of every epoch, gathered in one pass
+    over the map (:func:`map_pass`) or from maps held in memory (:meth:`from_maps`): the maps'
+    values at every plot cell, the region's sums and, where the true biomass is known, its
+    sums and the errors against it."""
+
+    cells: list[np.ndarray]  # per epoch (channels, n) at every plot cell (the order of plots[e].pix_*)
+    total: list[float]  # per epoch the sum of the mean map [Mg/ha x cells]
+    cells_count: int  # cells of the map
+    delta: dict[str, float] = field(default_factory=dict)  # last - first epoch of the mean: net, loss, gain
+    truth_total: list[float] | None = None
+    truth_delta: dict[str, float] = field(default_factory=dict)
+    truth_cells: list[np.ndarray] | None = None  # per epoch the true biomass at every plot cell
+    err: dict[str, float] = field(default_factory=dict)  # mean map vs truth over every epoch: n, sums
+    covered: list[tuple[float, float]] = field(default_factory=list)  # per epoch (inside the interval, cells)
+
+    @classmethod
+    def from_maps(cls, prep: Prepared, maps: Sequence[np.ndarray], quantiles: Sequence[float] | None = None,
+                  truth: Sequence[np.ndarray] | None = None) -> MapStats:
+        """The statistics of maps held in memory: per epoch (channels, H, W) or (H, W)."""
+        maps = [m[None] if m.ndim == 2 else m for m in maps]
+        acc = _Accumulator(prep, quantiles, truth is not None)
+        acc.add(0, 0, list(maps), None if truth is None else list(truth))
+        return acc.stats()
 
 
-def _plot_values(prep: Prepared, maps: list[np.ndarray], ids: set[str]) -> tuple[np.ndarray, np.ndarray]:
+class _Accumulator:
+    """Adds up :class:`MapStats` block by block."""
+
+    def __init__(self, prep: Prepared, quantiles: Sequence[float] | None, with_truth: bool) -> None:
+        self.prep, self.with_truth = prep, with_truth
+        self.ends = _interval_ends(quantiles) if quantiles else None
+        n = len(prep.epochs)
+        self.total = [0.0] * n
+        self.cells: list[np.ndarray | None] = [None] * n
+        self.delta = {"net": 0.0, "loss": 0.0, "gain": 0.0}
+        self.t_total, self.t_delta = [0.0] * n, {"net": 0.0, "loss": 0.0, "gain": 0.0}
+        self.t_cells = [np.full(len(p.pix_rows), np.nan) for p in prep.plots]
+        self.err = {"n": 0.0, "err": 0.0, "err2": 0.0, "obs": 0.0, "obs2": 0.0}
+        self.covered = [[0.0, 0.0] for _ in range(n)]
+
+    def add(self, r0: int, c0: int, maps: list[np.ndarray], truth: list[np.ndarray] | None) -> None:
+        h, w = maps[0].shape[1:]
+        for e, (m, p) in enumerate(zip(maps, self.prep.plots)):
+            if self.cells[e] is None:
+                self.cells[e] = np.full((m.shape[0], len(p.pix_rows)), np.nan)
+            sel = np.flatnonzero((p.pix_rows >= r0) & (p.pix_rows < r0 + h) & (p.pix_cols >= c0) &
+                                 (p.pix_cols < c0 + w))
+            self.cells[e][:, sel] = m[:, p.pix_rows[sel] - r0, p.pix_cols[sel] - c0]
+            self.total[e] += float(m[-1].sum(dtype=np.float64))
+            if truth is not None:
+                t = truth[e]
+                ok = np.isfinite(t)
+                self.t_cells[e][sel] = t[p.pix_rows[sel] - r0, p.pix_cols[sel] - c0]
+                self.t_total[e] += float(t[ok].sum(dtype=np.float64))
+                d = (m[-1] - t)[ok].astype(np.float64)
+                for k, v in (("n", ok.sum()), ("err", d.sum()), ("err2", (d * d).sum()),
+                             ("obs", t[ok].sum(dtype=np.float64)), ("obs2", (t[ok].astype(np.float64) ** 2).sum())):
+                    self.err[k] += float(v)
+                if self.ends is not None:
+                    lo, hi = self.ends
+                    self.covered[e][0] += float(((t >= m[lo]) & (t <= m[hi]) & ok).sum())
+                    self.covered[e][1] += float(ok.sum())
+        if len(maps) >= 2:
+            d = (maps[-1][-1] - maps[0][-1]).astype(np.float64)
+            self.delta["net"] += float(d.sum())
+            self.delta["loss"] += float(np.minimum(d, 0).sum())
+            self.delta["gain"] += float(np.maximum(d, 0).sum())
+            if truth is not None:
+                td = (truth[-1] - truth[0]).astype(np.float64)
+                td = td[np.isfinite(td)]
+                self.t_delta["net"] += float(td.sum())
+                self.t_delta["loss"] += float(np.minimum(td, 0).sum())
+                self.t_delta["gain"] += float(np.maximum(td, 0).sum())
+
+    def stats(self) -> MapStats:
+        H, W = self.prep.shape
+        t = self.with_truth
+        return MapStats(cells=[c if c is not None else np.zeros((1, 0)) for c in self.cells], total=self.total,
+                        cells_count=H * W, delta=self.delta if len(self.total) >= 2 else {},
+                        truth_total=self.t_total if t else None, truth_delta=self.t_delta if t else {},
+                        truth_cells=self.t_cells if t else None, err=self.err if t else {},
+                        covered=[tuple(c) for c in self.covered] if t else [])
+
+
+def map_pass(prep: Prepared, block: Block, *, quantiles: Sequence[float] | None = None, writer: Any = None,
+             truth: bool = True, size: int = BLOCK, progress: bool = False) -> MapStats:
+    """The maps of every epoch made block by block (``size`` cells a side; each block's seams are
+    those of the whole map, see :func:`_blend`), each handed to ``writer.write(r0, c0, maps)``
+    and added to the returned :class:`MapStats` (the truth's too when ``truth`` and known).
+    Memory holds one block of every epoch, whatever the region's size."""
+    from tqdm.auto import tqdm
+
+    H, W = prep.shape
+    with_truth = truth and prep.has_truth
+    acc = _Accumulator(prep, quantiles, with_truth)
+    corners = [(r, c) for r in range(0, H, size) for c in range(0, W, size)]
+    for r0, c0 in tqdm(corners, desc="map blocks", unit="block", disable=not progress or len(corners) < 2,
+                       mininterval=5):
+        h, w = min(size, H - r0), min(size, W - c0)
+        maps = [block(e, r0, c0, h, w) for e in range(len(prep.epochs))]
+        if writer is not None:
+            writer.write(r0, c0, maps)
+        tr = [prep.truth_window(e, r0, c0, h, w) for e in range(len(prep.epochs))] if with_truth else None
+        acc.add(r0, c0, maps, tr)
+    return acc.stats()
+
+
+def _as_stats(prep: Prepared, maps: MapStats | Sequence[np.ndarray]) -> MapStats:
+    return maps if isinstance(maps, MapStats) else MapStats.from_maps(prep, maps)
+
+
+def _plot_values(prep: Prepared, stats: MapStats, ids: set[str], channel: int = -1) -> tuple[np.ndarray, np.ndarray]:
     """(observed, predicted) biomass of the plots in ``ids`` over every epoch: the plot's own
     biomass against the map's mean over the cells the plot covers."""
     obs, pred = [], []
     for e, p in enumerate(prep.plots):
-        sel, mean = _plot_means(p, maps[e], ids)
+        sel, mean = _plot_means(p, stats.cells[e][channel], ids)
         obs.append(p.agb[sel])
         pred.append(mean)
     return np.concatenate(obs), np.concatenate(pred)
 
 
-def _plot_means(p: S.Plots, m: np.ndarray, ids: set[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the plots in ``ids`` and the mean of the map ``m`` over each one's cells."""
+def _plot_means(p: S.Plots, at_cells: np.ndarray, ids: set[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the plots in ``ids`` and the mean over each one's cells of a map's values
+    ``at_cells`` (at every plot cell, the order of ``p.pix_*``)."""
     cells = p.cells(ids)
     k = p.pix_plot[cells]
     n = np.bincount(k, minlength=len(p.ids))
-    sums = np.bincount(k, weights=m[p.pix_rows[cells], p.pix_cols[cells]], minlength=len(p.ids))
+    sums = np.bincount(k, weights=at_cells[cells], minlength=len(p.ids))
     sel = np.flatnonzero(n > 0)
     return sel, sums[sel] / n[sel]
 
 
-def _cell_values(prep: Prepared, maps: list[np.ndarray], ids: set[str]) -> tuple[np.ndarray, np.ndarray]:
+def _cell_values(prep: Prepared, stats: MapStats, ids: set[str], channel: int = -1) -> tuple[np.ndarray, np.ndarray]:
     """(observed, predicted) biomass of every cell the plots in ``ids`` cover, over every epoch."""
     obs, pred = [], []
     for e, p in enumerate(prep.plots):
         cells = p.cells(ids)
         obs.append(p.pix_agb[cells])
-        pred.append(maps[e][p.pix_rows[cells], p.pix_cols[cells]])
+        pred.append(stats.cells[e][channel][cells])
     return np.concatenate(obs), np.concatenate(pred)
 
 
-def _gross_residuals(prep: Prepared, maps: list[np.ndarray], ids: set[str]) -> dict[str, np.ndarray] | None:
+def _gross_residuals(prep: Prepared, stats: MapStats, ids: set[str]) -> dict[str, np.ndarray] | None:
     """Per plot in ``ids``, the mean over its cells measured at the first and last epoch of the
     true minus the mapped cell loss (``min(0, change)``) and gain (``max(0, change)``); None
     unless both epochs are stem-mapped (only then is a cell's own change known)."""
@@ -330,19 +588,39 @@ def _gross_residuals(prep: Prepared, maps: list[np.ndarray], ids: set[str]) -> d
         return None
     first = {}
     for c in p0.cells(ids):
-        first[(p0.ids[p0.pix_plot[c]], int(p0.pix_rows[c]), int(p0.pix_cols[c]))] = float(p0.pix_agb[c])
+        first[(p0.ids[p0.pix_plot[c]], int(p0.pix_rows[c]), int(p0.pix_cols[c]))] = (float(p0.pix_agb[c]),
+                                                                                     float(stats.cells[0][-1][c]))
     out: dict[str, dict[str, list[float]]] = {"losses (sources)": {}, "gains (sinks)": {}}
     for c in p1.cells(ids):
         pid, r, q = p1.ids[p1.pix_plot[c]], int(p1.pix_rows[c]), int(p1.pix_cols[c])
         if (pid, r, q) not in first:
             continue
-        true = float(p1.pix_agb[c]) - first[(pid, r, q)]
-        mapped = float(maps[-1][r, q] - maps[0][r, q])
+        true0, mapped0 = first[(pid, r, q)]
+        true = float(p1.pix_agb[c]) - true0
+        mapped = float(stats.cells[-1][-1][c]) - mapped0
         out["losses (sources)"].setdefault(pid, []).append(min(true, 0.0) - min(mapped, 0.0))
         out["gains (sinks)"].setdefault(pid, []).append(max(true, 0.0) - max(mapped, 0.0))
     if len(out["gains (sinks)"]) < 2:
         return None
     return {name: np.array([np.mean(v) for v in per.values()]) for name, per in out.items()}
+
+
+def _map_scores(st: MapStats) -> dict[str, float]:
+    """RMSE, bias and R2 of the mean map against the true map over every cell and epoch."""
+    n, err, err2, obs, obs2 = (st.err[k] for k in ("n", "err", "err2", "obs", "obs2"))
+    ss = obs2 - obs * obs / n
+    return {"rmse_mg_ha_map": float(np.sqrt(err2 / n)), "bias_mg_ha_map": float(err / n),
+            "r2_map": float(1 - err2 / ss) if ss > 0 else float("nan")}
+
+
+def baseline_scores(prep: Prepared, block: Block, test_ids: set[str]) -> dict[str, float]:
+    """A baseline's RMSE, bias and R2 on the held-out plots and, where the true biomass is known,
+    over the whole true map (one pass over the map; else only the windows around the plots)."""
+    if prep.has_truth:
+        st = map_pass(prep, block)
+        return {**_scores(*_plot_values(prep, st, test_ids)), **_map_scores(st)}
+    st = MapStats(cells=cell_values(prep, block), total=[], cells_count=0)
+    return _scores(*_plot_values(prep, st, test_ids))
 
 
 def _scores(obs: np.ndarray, pred: np.ndarray, suffix: str = "") -> dict[str, float]:
@@ -352,11 +630,12 @@ def _scores(obs: np.ndarray, pred: np.ndarray, suffix: str = "") -> dict[str, fl
             f"r2{suffix}": float(1 - (err**2).sum() / ss) if ss > 0 else float("nan")}
 
 
-def budget(prep: Prepared, maps: list[np.ndarray], test_ids: set[str]) -> list[dict[str, Any]]:
+def budget(prep: Prepared, maps: MapStats | Sequence[np.ndarray], test_ids: set[str]) -> list[dict[str, Any]]:
     """Regional carbon per epoch and its change, model-assisted (a difference estimator with the
     held-out plots as the probability sample): total = sum of the map + N x mean plot residual,
     90 % interval from the residuals' standard error. Rows: quantity, value, lower, upper, unit
-    (Mg C), and ``true`` when the region's true biomass is known.
+    (Mg C), and ``true`` when the region's true biomass is known. ``maps``: the
+    :class:`MapStats` of a map pass, or the mean maps (H, W) held in memory.
 
     The gross losses and gains are per map cell (the sum of the cells' decreases, and of their
     increases). Differencing two noisy maps inflates both (noise adds to each side), so when the
@@ -364,34 +643,37 @@ def budget(prep: Prepared, maps: list[np.ndarray], test_ids: set[str]) -> list[d
     over its cells of (true cell loss - mapped cell loss) is the residual (see
     :func:`_gross_residuals`). Without stem maps they are the maps' difference alone, with no
     interval (``plots`` 0)."""
-    N = prep.shape[0] * prep.shape[1]
+    if not isinstance(maps, MapStats) and prep.truth_readers is not None and prep.in_memory:
+        maps = MapStats.from_maps(prep, maps, truth=prep.truth)
+    st = _as_stats(prep, maps)
+    N = st.cells_count
     k = prep.grid.area_ha * CARBON_FRACTION  # Mg/ha -> Mg C per pixel
     rows, resid = [], []
     for e, year in enumerate(prep.epochs):
         p = prep.plots[e]
-        sel, mean = _plot_means(p, maps[e], test_ids)
+        sel, mean = _plot_means(p, st.cells[e][-1], test_ids)
         res = p.agb[sel] - mean
         resid.append(dict(zip([p.ids[i] for i in sel], res)))
-        total = (maps[e].sum() + N * res.mean()) * k
+        total = (st.total[e] + N * res.mean()) * k
         se = N * res.std(ddof=1) / np.sqrt(len(res)) * k
         row = {"quantity": f"carbon stock {year}", "value": total, "lower_90": total - Z90 * se,
-               "upper_90": total + Z90 * se, "unit": "Mg C", "map_only": maps[e].sum() * k, "plots": len(res)}
-        if prep.truth is not None:
-            row["true"] = float(prep.truth[e].sum() * k)
+               "upper_90": total + Z90 * se, "unit": "Mg C", "map_only": st.total[e] * k, "plots": len(res)}
+        if st.truth_total is not None:
+            row["true"] = float(st.truth_total[e] * k)
         rows.append(row)
     if len(prep.epochs) >= 2:
         a, b = resid[0], resid[-1]
         both = sorted(set(a) & set(b))
         dres = np.array([b[i] - a[i] for i in both])
-        delta = maps[-1] - maps[0]
-        change = (delta.sum() + N * dres.mean()) * k
+        change = (st.delta["net"] + N * dres.mean()) * k
         se = N * dres.std(ddof=1) / np.sqrt(len(dres)) * k
         span = f"{prep.epochs[0]}-{prep.epochs[-1]}"
         rows.append({"quantity": f"net change {span}", "value": change, "lower_90": change - Z90 * se,
-                     "upper_90": change + Z90 * se, "unit": "Mg C", "map_only": delta.sum() * k, "plots": len(dres)})
-        gross = _gross_residuals(prep, maps, test_ids)
-        for name, part in (("losses (sources)", np.minimum), ("gains (sinks)", np.maximum)):
-            mapped = float(part(delta, 0).sum() * k)
+                     "upper_90": change + Z90 * se, "unit": "Mg C", "map_only": st.delta["net"] * k,
+                     "plots": len(dres)})
+        gross = _gross_residuals(prep, st, test_ids)
+        for name, part in (("losses (sources)", "loss"), ("gains (sinks)", "gain")):
+            mapped = float(st.delta[part] * k)
             row = {"quantity": f"{name} {span}", "value": mapped, "unit": "Mg C", "map_only": mapped, "plots": 0}
             if gross is not None:  # model-assisted like the stocks, from the re-measured stem-mapped plots
                 r = gross[name]
@@ -399,11 +681,10 @@ def budget(prep: Prepared, maps: list[np.ndarray], test_ids: set[str]) -> list[d
                 se = N * r.std(ddof=1) / np.sqrt(len(r)) * k
                 row.update(value=value, lower_90=value - Z90 * se, upper_90=value + Z90 * se, plots=len(r))
             rows.append(row)
-        if prep.truth is not None:
-            td = prep.truth[-1] - prep.truth[0]
-            rows[-3]["true"] = float(td.sum() * k)
-            rows[-2]["true"] = float(np.minimum(td, 0).sum() * k)
-            rows[-1]["true"] = float(np.maximum(td, 0).sum() * k)
+        if st.truth_total is not None:
+            rows[-3]["true"] = float(st.truth_delta["net"] * k)
+            rows[-2]["true"] = float(st.truth_delta["loss"] * k)
+            rows[-1]["true"] = float(st.truth_delta["gain"] * k)
     return rows
 
 
@@ -464,9 +745,9 @@ def calibrate_interval(prep: Prepared, fit: Any, ids: Sequence[str], quantiles: 
     for k in range(folds):
         held = {ids[i] for i in order[k::folds]}
         model = fit([i for i in ids if i not in held], seed + 1000 + k)
-        maps = [predict_map(model, f, prep.shape) for f in prep.fields]
-        obs, plo = _cell_values(prep, [m[lo] for m in maps], held)
-        _, phi = _cell_values(prep, [m[hi] for m in maps], held)
+        at = cell_values(prep, model_blocks(model, prep), held)  # the held-out plots' cells only
+        obs = np.concatenate([p.pix_agb[p.cells(held)] for p in prep.plots])
+        plo, phi = np.concatenate([v[lo] for v in at]), np.concatenate([v[hi] for v in at])
         scores.append(np.maximum(plo - obs, obs - phi) / np.maximum(phi - plo, WIDTH_FLOOR))
     sc = np.sort(np.concatenate(scores))
     n = len(sc)
@@ -475,40 +756,45 @@ def calibrate_interval(prep: Prepared, fit: Any, ids: Sequence[str], quantiles: 
     return {"width_factor": factor, "folds": float(folds), "scores": float(n), "raw_coverage_90": raw}
 
 
-def evaluate_maps(prep: Prepared, maps_q: list[np.ndarray], train_ids: set[str], test_ids: set[str],
+def evaluate_maps(prep: Prepared, maps: MapStats | list[np.ndarray], train_ids: set[str], test_ids: set[str],
                   quantiles: Sequence[float]) -> dict[str, float]:
-    """Scores of the maps (quantiles, then the mean; see :func:`predict_map`): held-out plots
-    (RMSE, bias, R2 of the mean), the full true map, the 90 % interval's coverage of held-out
-    pixels, and the regional budget against the truth."""
-    med = [q[-1] for q in maps_q]  # the point estimate: the mean
-    m = _scores(*_plot_values(prep, med, test_ids))
+    """Scores of the maps (quantiles, then the mean; the :class:`MapStats` of :func:`map_pass`, or
+    the maps held in memory): held-out plots (RMSE, bias, R2 of the mean), the full true map, the
+    90 % interval's coverage of the pixels outside the training plots, and the regional budget
+    against the truth."""
+    if not isinstance(maps, MapStats):
+        maps = MapStats.from_maps(prep, maps, quantiles, truth=prep.truth if prep.has_truth else None)
+    st = maps
+    m = _scores(*_plot_values(prep, st, test_ids))
     lo, hi = _interval_ends(quantiles)
-    if prep.truth is not None:
-        H, W = prep.shape
-        m.update({f"{k}_map": v for k, v in _scores(np.concatenate([t.ravel() for t in prep.truth]),
-                                                   np.concatenate([x.ravel() for x in med])).items()})
-        held = []
-        for e, (q, t) in enumerate(zip(maps_q, prep.truth)):
-            ok = np.ones((H, W), bool)
-            p = prep.plots[e]
-            cells = p.cells(train_ids)
-            ok[p.pix_rows[cells], p.pix_cols[cells]] = False
-            held.append(((t >= q[lo]) & (t <= q[hi]))[ok])
-        m["coverage_90"] = float(np.concatenate(held).mean())
+    if st.truth_cells is not None:
+        m.update(_map_scores(st))
+        hit = total = 0.0
+        for e, p in enumerate(prep.plots):  # every cell but those of the training plots
+            inside, cells = st.covered[e]
+            c = p.cells(train_ids)
+            _, first = np.unique(np.stack([p.pix_rows[c], p.pix_cols[c]]), axis=1, return_index=True)
+            c = c[first]
+            t, q = st.truth_cells[e][c], st.cells[e][:, c]
+            ok = np.isfinite(t)
+            hit += inside - float(((t >= q[lo]) & (t <= q[hi]) & ok).sum())
+            total += cells - float(ok.sum())
+        m["coverage_90"] = hit / max(total, 1.0)
     else:
-        obs_lo, p_lo = _cell_values(prep, [q[lo] for q in maps_q], test_ids)
-        _, p_hi = _cell_values(prep, [q[hi] for q in maps_q], test_ids)
+        obs_lo, p_lo = _cell_values(prep, st, test_ids, lo)
+        _, p_hi = _cell_values(prep, st, test_ids, hi)
         m["coverage_90"] = float(((obs_lo >= p_lo) & (obs_lo <= p_hi)).mean())
-    rows = budget(prep, med, test_ids)
+    rows = budget(prep, st, test_ids)
     last = [r for r in rows if r["quantity"].startswith("carbon stock")][-1]
     m["budget_total_mg_c"] = float(last["value"])
     m["budget_interval_halfwidth_pct"] = float(100 * (last["upper_90"] - last["value"]) / abs(last["value"]))
     if "true" in last:
         m["budget_error_pct"] = float(100 * (last["value"] - last["true"]) / last["true"])
         m["budget_in_interval"] = float(last["lower_90"] <= last["true"] <= last["upper_90"])
-        ch = next(r for r in rows if r["quantity"].startswith("net change"))
-        m["change_error_mg_c"] = float(ch["value"] - ch["true"])
-        m["change_in_interval"] = float(ch["lower_90"] <= ch["true"] <= ch["upper_90"])
+        ch = next((r for r in rows if r["quantity"].startswith("net change")), None)
+        if ch is not None:
+            m["change_error_mg_c"] = float(ch["value"] - ch["true"])
+            m["change_in_interval"] = float(ch["lower_90"] <= ch["true"] <= ch["upper_90"])
         for r in rows:
             if r["quantity"].startswith(("losses", "gains")) and "lower_90" in r:
                 key = r["quantity"].split()[0]
@@ -587,9 +873,10 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
         raise ConfigError(f"a {head} head maps a pretrained embedding: it needs a checkpoint (--from PATH)")
     kw = {"steps": steps, "batch_size": batch_size, "seed": seed, "precision": precision, "device": device,
           "progress": progress}
-    if head != "network":
+    if head != "network":  # the frozen embedding at every plot cell, made once
         base = recipe.build(f"carbon_net.{size}", mk, seed=seed, ckpt=ckpt)
-        emb = [embed_map(base, f, prep.shape) for f in prep.fields]
+        emb = cell_values(prep, lambda e, r0, c0, h, w: embed_block(base, functools.partial(prep.window, e),
+                                                                    prep.padded, r0, c0, h, w))
     if head == "forest":
         mode = "frozen"  # the network is not trained at all
 
@@ -609,7 +896,6 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
     if model.has_forest or isinstance(model, CarbonEnsemble):
         fm = model.forest_net if isinstance(model, CarbonEnsemble) else model
         mk = {**mk, "forest_trees": int(fm.forest_roots.numel()), "forest_nodes": int(fm.forest_left.numel())}
-    maps = [predict_map(model, f, prep.shape) for f in prep.fields]
     calib: dict[str, float] = {}
     folds = min(calibration_folds, len(chosen) // 2)  # every fold holds >= 2 plots
     if calibration_folds and folds < 2:
@@ -617,28 +903,27 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
                        len(chosen))
     elif calibration_folds:
         calib = calibrate_interval(prep, refit, chosen, model.quantiles, folds=folds, seed=seed)
-        maps = widen(maps, calib["width_factor"], model.quantiles)
-    metrics = evaluate_maps(prep, maps, train_ids, test_ids, model.quantiles)
+    post = predictor(model, {"processors": {"calibration": calib}}).post
+    writer = MapWriter(prep, out, model.quantiles)
+    try:
+        stats = map_pass(prep, model_blocks(model, prep, post), quantiles=model.quantiles, writer=writer,
+                         progress=progress)
+    except BaseException:
+        writer.abort()
+        raise
+    metrics = evaluate_maps(prep, stats, train_ids, test_ids, model.quantiles)
     metrics.update({f"calibration_{k}": v for k, v in calib.items()})
 
     def scratch() -> dict[str, float]:
         sm = _fit(prep, None, size, mk0, chosen, lr=lr, layer_decay=1.0, mode="full", out_dir=None, **kw)
-        ms = evaluate_maps(prep, [predict_map(sm, f, prep.shape) for f in prep.fields], train_ids, test_ids,
-                           sm.quantiles)
-        return {k: v for k, v in ms.items() if k.startswith(("rmse", "bias", "r2"))}
+        return baseline_scores(prep, model_blocks(sm, prep), test_ids)
 
     def forest() -> dict[str, float]:
-        rmaps = _random_forest(prep, train_ids, seed)
-        m = _scores(*_plot_values(prep, rmaps, test_ids))
-        if prep.truth is not None:
-            m.update({f"{k}_map": v for k, v in _scores(np.concatenate([t.ravel() for t in prep.truth]),
-                                                         np.concatenate([x.ravel() for x in rmaps])).items()})
-        return m
+        return baseline_scores(prep, forest_blocks(random_forest(prep, train_ids, seed), prep), test_ids)
 
     metrics.update(recipe.run_baselines(wanted, {"scratch": scratch, "rf": forest}))
     metrics.update({"labelled_plots": float(labels), "test_plots": float(len(test)), "epochs": float(len(prep.epochs))})
-    rows = budget(prep, [q[-1] for q in maps], test_ids)
-    write_maps(prep, maps, rows, out, model.quantiles)
+    writer.close(budget(prep, stats, test_ids))
     mc = ModelConfig(domain="carbon", task="biomass", model_type=f"{family}.{size}", model_kwargs=mk,
                      geometry={"grid": prep.grid.describe(), "sources": S.sources_json(prep.specs),
                                "tile": mk["tile"], "quantiles": list(model.quantiles)},
@@ -651,59 +936,182 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
     return metrics
 
 
+NODATA = -9999.0
+
+
+def _map_names(quantiles: Sequence[float]) -> list[str]:
+    return [*(f"agb_q{int(round(100 * q)):02d}" for q in quantiles), "agb_mean"]
+
+
+class MapWriter:
+    """Biomass / carbon / uncertainty maps written block by block: per epoch ``agb_<year>.tif``
+    (the quantiles, then the mean) and ``carbon_<year>.tif``, and ``change.tif``, each a tiled
+    GeoTIFF while the blocks come, then a cloud-optimised GeoTIFF with overviews; then one CF
+    NetCDF ``carbon.nc`` read back from them chunk by chunk. Everything is made in a temporary
+    folder that becomes ``out/maps`` only when complete (:meth:`close`; :meth:`abort` removes
+    it), so an interrupted run leaves no half-written map."""
+
+    def __init__(self, prep: Prepared, out: Path, quantiles: Sequence[float]) -> None:
+        import tempfile
+
+        import rasterio
+
+        self.prep, self.out, self.quantiles = prep, Path(out), list(quantiles)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=".maps.tmp-", dir=self.out))
+        H, W = prep.shape
+        names = _map_names(quantiles)
+        self.layers: dict[str, tuple[list[str], str, str]] = {}
+        for year in prep.epochs:
+            self.layers[f"agb_{year}"] = (names, "Mg ha-1", f"above-ground biomass quantiles {year}")
+            self.layers[f"carbon_{year}"] = ([n.replace("agb", "carbon") for n in names], "Mg C ha-1",
+                                             f"carbon stock quantiles {year}")
+        if len(prep.epochs) >= 2:
+            self.layers["change"] = (["carbon_change"], "Mg C ha-1",
+                                     f"carbon change {prep.epochs[0]}-{prep.epochs[-1]}")
+        self.ds: dict[str, Any] = {}
+        try:
+            for name, (bands, _, _) in self.layers.items():
+                self.ds[name] = rasterio.open(
+                    self.tmp / f".{name}.tiled.tif", "w", driver="GTiff", width=W, height=H, count=len(bands),
+                    dtype="float32", crs=prep.grid.crs, transform=prep.grid.transform, nodata=NODATA, tiled=True,
+                    blockxsize=512, blockysize=512, compress="deflate", BIGTIFF="IF_SAFER")
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, r0: int, c0: int, maps: list[np.ndarray]) -> None:
+        """The (Q + 1, h, w) maps of every epoch on the block whose upper-left cell is (r0, c0)."""
+        from rasterio.windows import Window
+
+        h, w = maps[0].shape[1:]
+        win = Window(c0, r0, w, h)
+        for year, m in zip(self.prep.epochs, maps):
+            self.ds[f"agb_{year}"].write(m.astype(np.float32), window=win)
+            self.ds[f"carbon_{year}"].write((m * CARBON_FRACTION).astype(np.float32), window=win)
+        if "change" in self.ds:
+            self.ds["change"].write(((maps[-1][-1] - maps[0][-1]) * CARBON_FRACTION).astype(np.float32)[None],
+                                    window=win)
+
+    def close(self, rows: list[dict[str, Any]] | None = None) -> Path:
+        """Finish the COGs and the NetCDF, put them at ``out/maps`` (and ``rows`` at
+        ``out/budget.csv``); returns ``out/maps``."""
+        import rasterio
+        import rasterio.shutil
+
+        from hfmi_kit.config import move_into_place
+
+        try:
+            for name, (bands, units, description) in self.layers.items():
+                d = self.ds.pop(name)
+                for i, b in enumerate(bands, start=1):
+                    d.set_band_description(i, b)
+                    d.update_tags(i, units=units)
+                d.update_tags(DESCRIPTION=description, units=units)
+                tiled = Path(d.name)
+                d.close()
+                rasterio.shutil.copy(tiled, self.tmp / f"{name}.tif", driver="COG", COMPRESS="DEFLATE",
+                                     BLOCKSIZE="512", OVERVIEW_RESAMPLING="AVERAGE", BIGTIFF="IF_SAFER")
+                tiled.unlink()
+            self._netcdf(self.tmp / "carbon.nc")
+            maps = move_into_place(self.tmp, self.out / "maps")
+        except BaseException:
+            self.abort()
+            raise
+        if rows is not None:
+            write_budget(rows, self.out)
+        return maps
+
+    def abort(self) -> None:
+        import shutil
+
+        for d in self.ds.values():
+            d.close()
+        self.ds = {}
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _netcdf(self, path: Path) -> None:
+        import dask.array as da
+        import xarray as xr
+
+        from hfmi_kit.data.cf import write_cf
+
+        prep = self.prep
+        H, W = prep.shape
+        t = prep.grid.transform
+        names = _map_names(self.quantiles)
+        rows = max(1, min(H, (64 * 2**20) // (4 * W)))  # chunks of about 64 MB
+
+        def stack(kind: str, band: int) -> Any:
+            files = [self.tmp / f"{kind}_{y}.tif" for y in prep.epochs]
+            return da.from_array(_Bands(files, band, (H, W)), chunks=(1, rows, W), asarray=True, lock=True)
+
+        data_vars = {}
+        for qi, name in enumerate(names):
+            data_vars[name] = (("time", "y", "x"), stack("agb", qi + 1),
+                               {"long_name": (f"above-ground biomass, {self.quantiles[qi]:.0%} quantile"
+                                              if qi < len(self.quantiles) else "above-ground biomass, mean"),
+                                "units": "Mg ha-1", "grid_mapping": "spatial_ref"})
+        data_vars["carbon"] = (("time", "y", "x"), stack("carbon", len(names)),
+                               {"long_name": "carbon stock in above-ground biomass", "units": "Mg ha-1",
+                                "grid_mapping": "spatial_ref"})
+        ds = xr.Dataset(data_vars, coords={
+            "time": ("time", np.array([np.datetime64(f"{y_}-07-01", "ns") for y_ in prep.epochs]),
+                     {"standard_name": "time"}),
+            "y": ("y", t.f + t.e * (np.arange(H) + 0.5), {"standard_name": "projection_y_coordinate", "units": "m",
+                                                          "axis": "Y"}),
+            "x": ("x", t.c + t.a * (np.arange(W) + 0.5), {"standard_name": "projection_x_coordinate", "units": "m",
+                                                          "axis": "X"})},
+            attrs={"Conventions": "CF-1.8", "title": "hfmi_kit biomass and carbon maps", "institution": "hfmi_kit",
+                   "source": "hfmi_kit carbon_net", "history": f"{np.datetime64('now')}: predicted",
+                   "references": "Chave et al. 2014 allometry; carbon fraction 0.47 (IPCC)"})
+        ds["spatial_ref"] = xr.DataArray(np.int32(0), attrs={"crs_wkt": prep.grid.crs.to_wkt(),
+                                                             "spatial_ref": prep.grid.crs.to_wkt(),
+                                                             "GeoTransform": " ".join(map(str, list(t)[:6]))})
+        for v in [*names, "carbon"]:
+            ds[v].encoding.update(_FillValue=np.float32(NODATA), chunksizes=(1, min(rows, 512), min(W, 512)),
+                                  zlib=True, complevel=1)
+        write_cf(ds, path)
+
+
+class _Bands:
+    """One band of a GeoTIFF per epoch as a lazy (time, y, x) array, read window by window."""
+
+    def __init__(self, files: list[Path], band: int, shape: tuple[int, int]) -> None:
+        self.files, self.band = files, band
+        self.shape, self.dtype, self.ndim = (len(files), *shape), np.dtype("float32"), 3
+
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+        from rasterio.windows import Window
+
+        ts, ys, xs = (k.indices(n) for k, n in zip(key, self.shape))
+        out = []
+        for i in range(*ts):
+            with T.open_raster(self.files[i]) as src:
+                out.append(src.read(self.band, window=Window(xs[0], ys[0], xs[1] - xs[0], ys[1] - ys[0])))
+        return np.stack(out) if out else np.zeros((0, ys[1] - ys[0], xs[1] - xs[0]), np.float32)
+
+
+def write_budget(rows: list[dict[str, Any]], out: Path) -> Path:
+    """The regional budget's rows as ``out/budget.csv``, atomically."""
+    import pandas as pd
+
+    tmp = out / ".budget.csv.tmp"
+    pd.DataFrame(rows).to_csv(tmp, index=False, float_format="%.6g")
+    return tmp.replace(out / "budget.csv")
+
+
 def write_maps(prep: Prepared, maps: list[np.ndarray], rows: list[dict[str, Any]], out: Path,
                quantiles: Sequence[float]) -> None:
-    """Biomass / carbon / uncertainty maps as cloud-optimised GeoTIFF, one CF NetCDF, budget.csv."""
-    import pandas as pd
-    import xarray as xr
-
-    from hfmi_kit.data.cf import write_cf
-
-    mdir = out / "maps"
-    names = [*(f"agb_q{int(round(100 * q)):02d}" for q in quantiles), "agb_mean"]
-    mid = len(names) - 1  # the mean
-    for year, q in zip(prep.epochs, maps):
-        write_geotiff(mdir / f"agb_{year}.tif", q, crs=prep.grid.crs, transform=prep.grid.transform, nodata=-9999.0,
-                      band_names=names, units="Mg ha-1", description=f"above-ground biomass quantiles {year}", cog=True)
-        write_geotiff(mdir / f"carbon_{year}.tif", q * CARBON_FRACTION, crs=prep.grid.crs,
-                      transform=prep.grid.transform, nodata=-9999.0,
-                      band_names=[n.replace("agb", "carbon") for n in names], units="Mg C ha-1",
-                      description=f"carbon stock quantiles {year}", cog=True)
-    if len(maps) >= 2:
-        write_geotiff(mdir / "change.tif", (maps[-1][mid] - maps[0][mid]) * CARBON_FRACTION, crs=prep.grid.crs,
-                      transform=prep.grid.transform, nodata=-9999.0, band_names=["carbon_change"], units="Mg C ha-1",
-                      description=f"carbon change {prep.epochs[0]}-{prep.epochs[-1]}", cog=True)
-    H, W = prep.shape
-    t = prep.grid.transform
-    x = t.c + t.a * (np.arange(W) + 0.5)
-    y = t.f + t.e * (np.arange(H) + 0.5)
-    data_vars = {}
-    for qi, name in enumerate(names):
-        data_vars[name] = (("time", "y", "x"), np.stack([m[qi] for m in maps]).astype(np.float32),
-                           {"long_name": (f"above-ground biomass, {quantiles[qi]:.0%} quantile"
-                                          if qi < len(quantiles) else "above-ground biomass, mean"), "units": "Mg ha-1",
-                            "grid_mapping": "spatial_ref"})
-    data_vars["carbon"] = (("time", "y", "x"), np.stack([m[mid] for m in maps]).astype(np.float32) * CARBON_FRACTION,
-                           {"long_name": "carbon stock in above-ground biomass", "units": "Mg ha-1",
-                            "grid_mapping": "spatial_ref"})
-    ds = xr.Dataset(data_vars, coords={
-        "time": ("time", np.array([np.datetime64(f"{y_}-07-01", "ns") for y_ in prep.epochs]),
-                 {"standard_name": "time"}),
-        "y": ("y", y, {"standard_name": "projection_y_coordinate", "units": "m", "axis": "Y"}),
-        "x": ("x", x, {"standard_name": "projection_x_coordinate", "units": "m", "axis": "X"})},
-        attrs={"Conventions": "CF-1.8", "title": "hfmi_kit biomass and carbon maps", "institution": "hfmi_kit",
-               "source": "hfmi_kit carbon_net", "history": f"{np.datetime64('now')}: predicted",
-               "references": "Chave et al. 2014 allometry; carbon fraction 0.47 (IPCC)"})
-    ds["spatial_ref"] = xr.DataArray(np.int32(0), attrs={"crs_wkt": prep.grid.crs.to_wkt(),
-                                                         "spatial_ref": prep.grid.crs.to_wkt(),
-                                                         "GeoTransform": " ".join(map(str, list(t)[:6]))})
-    for v in [*names, "carbon"]:
-        ds[v].encoding["_FillValue"] = np.float32(-9999.0)
-    write_cf(ds, mdir / "carbon.nc")
-    frame = pd.DataFrame(rows)
-    tmp = out / ".budget.csv.tmp"
-    frame.to_csv(tmp, index=False, float_format="%.6g")
-    tmp.replace(out / "budget.csv")
+    """Maps held in memory (per epoch (Q + 1, H, W)) as :class:`MapWriter` writes them, and
+    ``budget.csv``."""
+    w = MapWriter(prep, out, quantiles)
+    try:
+        w.write(0, 0, maps)
+    except BaseException:
+        w.abort()
+        raise
+    w.close(rows)
 
 
 def predictor(model: CarbonNet, config: dict[str, Any] | None = None) -> Predictor:
@@ -732,8 +1140,8 @@ def map_region(ckpt: str | Path, data: str | Path) -> tuple[CarbonNet, Prepared,
 
 
 def map_epochs(pred: Predictor, prep: Prepared) -> list[np.ndarray]:
-    """The (Q + 1, H, W) maps of every epoch of ``prep`` by the model of ``pred``, its calibrated
-    interval applied (``pred.post``)."""
+    """The (Q + 1, H, W) maps of every epoch of ``prep`` (a region held in memory) by the model
+    of ``pred``, its calibrated interval applied (``pred.post``)."""
     return pred.post([predict_map(pred.model, f, prep.shape) for f in prep.fields])
 
 
@@ -752,22 +1160,30 @@ def load(data: str | Path, *, ckpt: str | Path, config: dict[str, Any]) -> Bundl
 
 
 def score(pred: Predictor, bundle: Bundle, *, out: Path | None = None) -> Scored:
-    """Map the region (every epoch, the calibrated 90 % interval) and score the maps on the
-    held-out plots (:func:`evaluate_maps`); the outputs are the maps and the regional budget."""
+    """Map the region block by block (every epoch, the calibrated 90 % interval; written under
+    ``out/maps`` as they are made when ``out`` is given) and score the maps on the held-out plots
+    (:func:`evaluate_maps`); the outputs are the regional budget's rows."""
     model = pred.model
     if not isinstance(model, CarbonNet):
         raise ConfigError(f"{pred.source}: {pred.config.get('model_type')} is not a carbon biomass model")
     prep, train_ids, test_ids = bundle.items
-    maps = map_epochs(pred, prep)
-    metrics = evaluate_maps(prep, maps, train_ids, test_ids, model.quantiles)
-    rows = budget(prep, [q[-1] for q in maps], test_ids)
-    return Scored(metrics, outputs=(prep, maps, rows, model.quantiles))
+    writer = MapWriter(prep, out, model.quantiles) if out is not None else None
+    try:
+        stats = map_pass(prep, model_blocks(model, prep, pred.post), quantiles=model.quantiles, writer=writer,
+                         progress=True)
+        rows = budget(prep, stats, test_ids)
+        if writer is not None:
+            writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    return Scored(evaluate_maps(prep, stats, train_ids, test_ids, model.quantiles), outputs=rows)
 
 
 def write_outputs(scored: Scored, out: Path) -> list[Path]:
-    """The maps (COG and CF NetCDF) and ``budget.csv`` (:func:`write_maps`)."""
-    prep, maps, rows, quantiles = scored.outputs
-    write_maps(prep, maps, rows, out, quantiles)
+    """``budget.csv`` (the maps, COG and CF NetCDF, were written by :func:`score` as they were made)."""
+    write_budget(scored.outputs, out)
     return [out / "maps", out / "budget.csv"]
 
 
