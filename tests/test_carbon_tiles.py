@@ -358,3 +358,41 @@ def test_a_sensor_description_that_does_not_fit_gets_one_line(region, tmp_path, 
     with pytest.raises(DataError, match="region.json") as e:
         open_region(r)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_pretraining_on_a_folder_of_regions_draws_tiles_from_each_and_its_model_fine_tunes_on_another(
+        region, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    generate_region(corpus / "a-beech", LandscapeConfig(size=96, plots=10, seed=11))
+    generate_region(corpus / "b-spruce", LandscapeConfig(size=64, plots=10, seed=12))
+    meta = json.loads((corpus / "b-spruce" / "region.json").read_text())
+    meta["sources"] = [s for s in meta["sources"] if s["name"] != "radar"]  # a region without radar
+    (corpus / "b-spruce" / "region.json").write_text(json.dumps(meta))
+    (corpus / ".cache").mkdir()  # hidden folders and links out of the corpus are not regions
+    (corpus / "outside").symlink_to(region, target_is_directory=True)
+    assert [p.name for p in C.region_folders(corpus)] == ["a-beech", "b-spruce"]
+
+    preps = [C.prepare(p) for p in C.region_folders(corpus)]
+    assert not any(g.startswith("radar") for g in preps[1].groups)
+    crops = C.TileCrops(preps, tile=16, length=400, seed=0)
+    seen = [crops[i]["inputs"] for i in range(400)]
+    assert all(x.keys() == seen[0].keys() for x in seen)
+    no_radar = sum(bool(torch.isnan(x["radar:vv"]).all()) for x in seen)
+    expected = 64 * 64 * 2 / (64 * 64 * 2 + 96 * 96 * 2)  # cells x epochs
+    assert abs(no_radar / 400 - expected) < 0.05, (no_radar, expected)
+    assert C.TileCrops(preps[0], tile=16, length=4, seed=0)[3]["inputs"].keys() == \
+        C.TileCrops([preps[0]], tile=16, length=4, seed=0)[3]["inputs"].keys()
+
+    model = C.pretrain(data=corpus, out=tmp_path / "pre", steps=4, batch_size=4, tile=16, progress=False)
+    cfg = json.loads((model / "config.json").read_text())
+    assert cfg["geometry"]["regions"] == ["a-beech", "b-spruce"]
+    assert set(cfg["model_kwargs"]["groups"]) == set(preps[0].groups)  # the union: b-spruce adds nothing
+    assert [d["file"] for d in cfg["card"]["data"]] == ["a-beech", "b-spruce"]
+    ft = C.finetune(ckpt=model, data=region, out=tmp_path / "ft", steps=4, batch_size=4, calibration_folds=0,
+                    progress=False)
+    assert np.isfinite(json.loads((tmp_path / "pre" / "metrics.json").read_text())["train_loss"])
+    assert np.isfinite(ft["rmse_mg_ha"]) and (tmp_path / "ft" / "maps" / "carbon_2001.tif").is_file()
+
+    with pytest.raises(DataError, match="no region.json, and no folder in it holds one"):
+        C.region_folders(tmp_path / "pre")

@@ -262,6 +262,8 @@ def generate_region(out_dir: str | Path, cfg: LandscapeConfig | None = None) -> 
     cfg = cfg or LandscapeConfig()
     if cfg.size % 32 or cfg.size < 64:
         raise ConfigError(f"LandscapeConfig.size must be a multiple of 32 and >= 64, got {cfg.size}")
+    if len(cfg.epochs) != 2 or cfg.epochs[1] <= cfg.epochs[0]:
+        raise ConfigError(f"LandscapeConfig.epochs must be two increasing years, got {cfg.epochs}")
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)

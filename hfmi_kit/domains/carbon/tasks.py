@@ -163,6 +163,23 @@ def prepare(data: str | Path, *, tile: int = 32, crs: str | None = None, resolut
     return prep
 
 
+def region_folders(data: str | Path) -> list[Path]:
+    """``data`` itself when it is a region (it holds ``region.json``), else the region folders in
+    it, in name order: a corpus of regions to pretrain on (different forests, seasons, sensors'
+    scenes). Hidden folders and links leading out of ``data`` are not regions. Neither is one line
+    naming the folder."""
+    root = Path(data)
+    if (root / "region.json").is_file() or not root.is_dir():
+        return [root]
+    base = root.resolve()
+    found = sorted(p for p in root.iterdir() if not p.name.startswith(".") and p.is_dir()
+                   and p.resolve().is_relative_to(base) and (p / "region.json").is_file())
+    if not found:
+        raise DataError(f"{root}: no region.json, and no folder in it holds one (expected a region folder or a "
+                        "folder of region folders)")
+    return found
+
+
 def _tensors(f: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {g: torch.from_numpy(np.ascontiguousarray(v)) for g, v in f.items()}
 
@@ -170,10 +187,17 @@ def _tensors(f: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 class TileCrops(Dataset):
     """Random tiles of every epoch (unlabelled; pretraining), with random flips and rotations:
     ``{"inputs": {source group: (tile, tile)}}``. A tile is a function of (seed, index) alone,
-    read from the region's files when it is not held in memory."""
+    read from the region's files when it is not held in memory. ``prep`` may be several regions
+    (a corpus): a tile's region is drawn in proportion to its cells x epochs, and a group a region
+    lacks is all NaN in its tiles (absent tokens, as outside the map)."""
 
-    def __init__(self, prep: Prepared, *, tile: int, length: int = 100_000, seed: int = 0) -> None:
-        self.prep, self.tile, self.length, self.seed = prep, tile, length, seed
+    def __init__(self, prep: Prepared | Sequence[Prepared], *, tile: int, length: int = 100_000,
+                 seed: int = 0) -> None:
+        self.preps = [prep] if isinstance(prep, Prepared) else list(prep)
+        self.prep, self.tile, self.length, self.seed = self.preps[0], tile, length, seed
+        w = np.array([p.shape[0] * p.shape[1] * len(p.epochs) for p in self.preps], dtype=float)
+        self.weights = w / w.sum()
+        self.groups = list(dict.fromkeys(g for p in self.preps for g in p.groups if p.keep is None or g in p.keep))
 
     def __len__(self) -> int:
         return self.length
@@ -188,10 +212,14 @@ class TileCrops(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng((self.seed, i))
-        e = int(rng.integers(len(self.prep.epochs)))
-        H, W = self.prep.shape
+        prep = self.preps[int(rng.choice(len(self.preps), p=self.weights))] if len(self.preps) > 1 else self.prep
+        e = int(rng.integers(len(prep.epochs)))
+        H, W = prep.shape
         r, c = int(rng.integers(0, max(1, H - self.tile + 1))), int(rng.integers(0, max(1, W - self.tile + 1)))
-        return {"inputs": self._augment(_tensors(self.prep.window(e, r, c, self.tile, self.tile)), rng)}
+        x = prep.window(e, r, c, self.tile, self.tile)
+        if len(self.preps) > 1:  # a group this region lacks: all NaN, i.e. absent tokens
+            x = {g: x[g] if g in x else np.full((self.tile, self.tile), np.nan, np.float32) for g in self.groups}
+        return {"inputs": self._augment(_tensors(x), rng)}
 
 
 class PlotCrops(TileCrops):
@@ -241,14 +269,17 @@ def split_plots(prep: Prepared) -> tuple[list[str], list[str]]:
     return [i for i in ids if i not in set(test)], test
 
 
-def _card(prep: Prepared, summary: str) -> dict[str, Any]:
-    meta = S.open_region(prep.root).meta
-    return {"summary": summary, "licence": "Apache-2.0 (weights and code)",
-            "data": [{"file": prep.root.name, "path": str(prep.root), "licence": meta.get("licence", "unknown"),
-                      "description": meta.get("description", ""),
-                      "sha256": hashlib.sha256((prep.root / "region.json").read_bytes()).hexdigest()}],
+def _card(prep: Prepared | Sequence[Prepared], summary: str) -> dict[str, Any]:
+    preps = [prep] if isinstance(prep, Prepared) else list(prep)
+    data = []
+    for p in preps:
+        meta = S.open_region(p.root).meta
+        data.append({"file": p.root.name, "path": str(p.root), "licence": meta.get("licence", "unknown"),
+                     "description": meta.get("description", ""),
+                     "sha256": hashlib.sha256((p.root / "region.json").read_bytes()).hexdigest()})
+    return {"summary": summary, "licence": "Apache-2.0 (weights and code)", "data": data,
             "intended_use": "research on multi-source biomass mapping and carbon budgets",
-            "limitations": "trained on one region; sources must be described as in region.json"}
+            "limitations": f"trained on {len(preps)} region(s); sources must be described as in region.json"}
 
 
 @recorded("carbon", "pretrain")
@@ -262,11 +293,14 @@ def pretrain(*, data: opt.Data, out: opt.Out, config: opt.Size = "tiny", steps: 
                                                      "region's)", above=0)] = None,
              checkpoint_every: opt.CheckpointEvery = 0) -> Path:
     """Masked multi-source reconstruction on unlabelled tiles of every epoch: whole sources are
-    hidden and predicted from the others. Plots are never read as labels. Step checkpoints every
-    ``checkpoint_every`` steps (0: half-way). Returns ``out/model``."""
+    hidden and predicted from the others. Plots are never read as labels. ``data`` is a region or
+    a folder of regions (see :func:`region_folders`; the model's groups are the union of theirs).
+    Step checkpoints every ``checkpoint_every`` steps (0: half-way). Returns ``out/model``."""
     out = Path(out)
-    prep = prepare(data, tile=tile, crs=crs, resolution=resolution)
-    groups = [g for g in prep.groups if variables is None or g.split(":", 1)[0] in variables]
+    preps = [prepare(d, tile=tile, crs=crs, resolution=resolution) for d in region_folders(data)]
+    prep = preps[0]
+    union = list(dict.fromkeys(g for p in preps for g in p.groups))
+    groups = [g for g in union if variables is None or g.split(":", 1)[0] in variables]
     if not groups:
         raise DataError(f"{data}: no sources left (variables={list(variables or [])})")
     mk = {"groups": groups, "tile": tile, "patch": patch, "mask_ratio": mask_ratio}
@@ -274,10 +308,11 @@ def pretrain(*, data: opt.Data, out: opt.Out, config: opt.Size = "tiny", steps: 
     tc = recipe.engine(ENGINE, steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision,
                        device=device, progress=progress, checkpoint_every=checkpoint_every or max(steps // 2, 1))
     mc = ModelConfig(domain="carbon", task="pretrain", model_type=f"carbon_net.{config}", model_kwargs=mk,
-                     geometry={"grid": prep.grid.describe(), "sources": S.sources_json(prep.specs), "tile": tile},
-                     card=_card(prep, "Multi-source foundation model (optical, radar, lidar CHM) pretrained by "
-                                      "masked source reconstruction on unlabelled tiles."))
-    res = recipe.fit(model, TileCrops(prep, tile=tile, seed=seed), tc, out_dir=out, config=mc, resume=resume)
+                     geometry={"grid": prep.grid.describe(), "sources": S.sources_json(prep.specs), "tile": tile,
+                               **({"regions": [p.root.name for p in preps]} if len(preps) > 1 else {})},
+                     card=_card(preps, "Multi-source foundation model (optical, radar, lidar CHM) pretrained by "
+                                       "masked source reconstruction on unlabelled tiles."))
+    res = recipe.fit(model, TileCrops(preps, tile=tile, seed=seed), tc, out_dir=out, config=mc, resume=resume)
     mc.training = {**dataclasses.asdict(tc), "data": str(data)}
     return recipe.finish(model, out, mc, {"train_loss": res.last_loss})
 
