@@ -11,6 +11,13 @@ noisy measurement: every budget is repeated for ``--draws`` draws of the trainin
 
     .venv/bin/python benchmarks/carbon_skill.py --size 128 --pretrain-steps 1500 --steps 600 --draws 3
 
+Transfer to a new region: ``--corpus`` pretrains on several generated regions (forest type /
+season, each its own seed), never on the region the plots come from, which is generated with
+``--forest`` / ``--season`` and a seed of its own:
+
+    .venv/bin/python benchmarks/carbon_skill.py --corpus conifer/winter,broadleaf/summer,mixed/spring \
+        --forest broadleaf --season winter --budgets 10,20,50 --draws 3
+
 Prints a table and writes ``--out/skill.json``.
 """
 
@@ -37,16 +44,32 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/carbon_bench")
     ap.add_argument("--pretrained", help="reuse this pretrained checkpoint (of --out/region)")
+    ap.add_argument("--corpus", default="", help="pretrain on generated regions FOREST/SEASON,... instead of the "
+                    "fine-tuning region (a transfer test)")
+    ap.add_argument("--forest", default="mixed", help="forest type of the fine-tuning region")
+    ap.add_argument("--season", default="summer", help="season of the fine-tuning region")
     a = ap.parse_args()
 
     from hfmi_kit.domains.carbon import LandscapeConfig, finetune, generate_region, pretrain
 
     out = Path(a.out)
     t0 = time.time()
+    region = out / "region"
+    if not (a.pretrained and region.is_dir()):
+        region = generate_region(region, LandscapeConfig(size=a.size, plots=a.plots, seed=a.seed, forest=a.forest,
+                                                         season=a.season))
     if a.pretrained:
-        region, ckpt = out / "region", Path(a.pretrained)
+        ckpt = Path(a.pretrained)
+    elif a.corpus:
+        for k, kind in enumerate(a.corpus.split(",")):
+            forest, season = kind.split("/")
+            generate_region(out / "corpus" / f"{k}-{forest}-{season}", LandscapeConfig(
+                size=a.size, plots=10, seed=a.seed + 100 + k, forest=forest, season=season))
+        ckpt = pretrain(data=out / "corpus", out=out / "pretrain", steps=a.pretrain_steps, seed=a.seed,
+                        progress=False)
+        print(f"corpus {a.corpus} ({a.size}x{a.size} px each), pretrained {a.pretrain_steps} steps in "
+              f"{time.time() - t0:.0f} s; fine-tuning on a new {a.forest}/{a.season} region")
     else:
-        region = generate_region(out / "region", LandscapeConfig(size=a.size, plots=a.plots, seed=a.seed))
         ckpt = pretrain(data=region, out=out / "pretrain", steps=a.pretrain_steps, seed=a.seed, progress=False)
         print(f"region {a.size}x{a.size} px, pretrained {a.pretrain_steps} steps in {time.time() - t0:.0f} s")
     keys = ["rmse_mg_ha", "rmse_mg_ha_scratch", "rmse_mg_ha_rf", "bias_mg_ha", "r2", "rmse_mg_ha_map",

@@ -22,6 +22,12 @@ real ones do:
 
 Two epochs four years apart: trees grow, clear-cuts and a fire remove biomass, so the true change
 (sources and sinks) is known. Truth maps are written next to the sensors for evaluation only.
+
+A region has a forest type (``FOREST_TYPES``: the species mix, the height-diameter curve's
+asymptote, the stem density) and a season of acquisition (``SEASONS``: the share of leaves on the
+deciduous, broadleaf trees, whose bare crowns look like bark and soil to the optical sensor; the
+soil moisture the radar sees), so that regions for pretraining and for a transfer test differ the
+way real landscapes do. The defaults (mixed forest, summer) give the generator's original regions.
 """
 
 from __future__ import annotations
@@ -37,6 +43,39 @@ import numpy as np
 from hfmi_kit.errors import ConfigError
 
 CARBON_FRACTION = 0.47  # IPCC default carbon fraction of dry wood
+
+
+@dataclass(frozen=True)
+class ForestType:
+    """A forest type: ``mix_shift`` moves the conifer..broadleaf mix (logit; + broadleaf: denser
+    wood), ``height_max_m`` is the height-diameter curve's asymptote, ``density_scale`` scales the
+    stems per pixel."""
+
+    mix_shift: float = 0.0
+    height_max_m: float = 38.0
+    density_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class Season:
+    """A season of acquisition: ``leaf_on`` is the share of leaves on deciduous (broadleaf) crowns,
+    ``moisture_shift`` moves the soil moisture (logit) the radar sees."""
+
+    leaf_on: float = 1.0
+    moisture_shift: float = 0.0
+
+
+FOREST_TYPES: dict[str, ForestType] = {
+    "mixed": ForestType(),
+    "conifer": ForestType(mix_shift=-3.0, height_max_m=44.0, density_scale=1.3),  # spruce, fir: tall, light wood
+    "broadleaf": ForestType(mix_shift=3.0, height_max_m=32.0, density_scale=0.8),  # beech, oak: dense wood
+}
+SEASONS: dict[str, Season] = {
+    "summer": Season(),
+    "spring": Season(leaf_on=0.5, moisture_shift=0.5),
+    "winter": Season(leaf_on=0.05, moisture_shift=1.0),
+}
+_BARK = np.array([0.04, 0.06, 0.18, 0.22])  # blue, red, NIR, SWIR of bare crowns (bark, branches)
 
 
 def chave_agb_kg(d_cm: Any, h_m: Any, rho: Any) -> np.ndarray:
@@ -59,6 +98,8 @@ class LandscapeConfig:
     lidar_strips: int = 2  # flight strips (each ~18 % of the width)
     lidar_density: float = 0.08  # lidar returns per m2
     seed: int = 0
+    forest: str = "mixed"  # a key of FOREST_TYPES
+    season: str = "summer"  # a key of SEASONS
 
 
 def _smooth_field(rng: np.random.Generator, n: int, sigma: float) -> np.ndarray:
@@ -91,17 +132,18 @@ class Trees:
 
 def simulate_trees(cfg: LandscapeConfig, rng: np.random.Generator) -> tuple[Trees, dict[str, np.ndarray]]:
     """Epoch-1 trees and the stand fields (forest mask, age, species mix, terrain)."""
-    n = cfg.size
+    n, ft = cfg.size, FOREST_TYPES[cfg.forest]
     age = 1 / (1 + np.exp(-1.5 * _smooth_field(rng, n, 6)))  # 0..1 stand development
     forest = _smooth_field(rng, n, 10) > -0.6  # ~70 % forest, fields and clearings elsewhere
-    density = np.where(forest, np.clip(6 + 3 * _smooth_field(rng, n, 4) + 10 * (1 - age), 1, 25), 0.0)
-    mix = 1 / (1 + np.exp(-_smooth_field(rng, n, 8)))  # conifer (light) .. broadleaf (dense wood)
+    density = np.where(forest, np.clip(6 + 3 * _smooth_field(rng, n, 4) + 10 * (1 - age), 1, 25)
+                       * ft.density_scale, 0.0)
+    mix = 1 / (1 + np.exp(-(_smooth_field(rng, n, 8) + ft.mix_shift)))  # conifer (light) .. broadleaf (dense wood)
     terrain = 300 + 40 * _smooth_field(rng, n, 20)
     counts = rng.poisson(density).ravel()
     pixel = np.repeat(np.arange(n * n), counts)
     a = age.ravel()[pixel]
     d = np.exp(rng.normal(np.log(8 + 32 * a), 0.25))
-    h = 1.3 + 38 * (1 - np.exp(-0.045 * d)) * np.exp(rng.normal(0, 0.1, d.size))
+    h = 1.3 + ft.height_max_m * (1 - np.exp(-0.045 * d)) * np.exp(rng.normal(0, 0.1, d.size))
     rho = np.clip(rng.normal(0.42 + 0.25 * mix.ravel()[pixel], 0.05), 0.25, 0.9)
     return Trees(pixel, d, h, rho), {"forest": forest, "age": age, "mix": mix, "terrain": terrain}
 
@@ -160,10 +202,12 @@ def write_geotiff(path: Path, data: np.ndarray, *, crs: Any, transform: Any, nod
     return path
 
 
-def _optical(agb: np.ndarray, rng: np.random.Generator, cfg: LandscapeConfig) -> np.ndarray:
+def _optical(agb: np.ndarray, rng: np.random.Generator, cfg: LandscapeConfig, mix: np.ndarray) -> np.ndarray:
     fc = 1 - np.exp(-agb / 80.0)  # canopy fraction
     soil = np.array([0.08, 0.12, 0.25, 0.30])[:, None, None]
     leaf = np.array([0.02, 0.03, 0.45, 0.12])[:, None, None]
+    bare = (1 - SEASONS[cfg.season].leaf_on) * mix[None]  # deciduous crowns without leaves
+    leaf = leaf * (1 - bare) + _BARK[:, None, None] * bare
     refl = soil * (1 - fc) + leaf * fc + rng.normal(0, 0.008, (4, *agb.shape))
     clouds = _smooth_field(rng, cfg.size, 5) > np.quantile(_smooth_field(rng, cfg.size, 5), 1 - cfg.cloud_fraction)
     return np.where(clouds[None], -9999.0, np.clip(refl, 0.001, 1.0))
@@ -264,6 +308,9 @@ def generate_region(out_dir: str | Path, cfg: LandscapeConfig | None = None) -> 
         raise ConfigError(f"LandscapeConfig.size must be a multiple of 32 and >= 64, got {cfg.size}")
     if len(cfg.epochs) != 2 or cfg.epochs[1] <= cfg.epochs[0]:
         raise ConfigError(f"LandscapeConfig.epochs must be two increasing years, got {cfg.epochs}")
+    for key, table in (("forest", FOREST_TYPES), ("season", SEASONS)):
+        if getattr(cfg, key) not in table:
+            raise ConfigError(f"LandscapeConfig.{key}={getattr(cfg, key)!r}: expected one of {sorted(table)}")
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
@@ -290,13 +337,13 @@ def generate_region(out_dir: str | Path, cfg: LandscapeConfig | None = None) -> 
     from pyproj import Transformer
 
     to_geo = Transformer.from_crs(cfg.epsg, 4326, always_xy=True)
-    moisture = 1 / (1 + np.exp(-_smooth_field(rng, n, 12)))
+    moisture = 1 / (1 + np.exp(-(_smooth_field(rng, n, 12) + SEASONS[cfg.season].moisture_shift)))
     res = cfg.resolution_m
     for e, (year, trees) in enumerate(zip(cfg.epochs, (trees1, trees2))):
         d = root / f"epoch{e + 1}"
         agb = trees.agb_map(n, area_ha)
         agb_maps.append(agb)
-        write_geotiff(d / "optical.tif", _optical(agb, rng, cfg), crs=crs, transform=tr, nodata=-9999.0,
+        write_geotiff(d / "optical.tif", _optical(agb, rng, cfg, fields["mix"]), crs=crs, transform=tr, nodata=-9999.0,
                       band_names=["blue", "red", "nir", "swir"], units="reflectance",
                       description=f"synthetic Sentinel-2-like surface reflectance {year}")
         radar, rt, rcrs = _to_geographic(_radar(agb, moisture, rng), cfg, 0.0005)
