@@ -34,7 +34,7 @@ RESAMPLING = ("nearest", "bilinear", "cubic", "cubic_spline", "lanczos", "averag
 
 
 _kind = json_kind
-OPTIONAL_FIELDS = ("resampling", "sensor", "wavelengths_nm", "dn_scale", "dn_offset", "nodata")
+OPTIONAL_FIELDS = ("resampling", "sensor", "wavelengths_nm", "dn_scale", "dn_offset", "nodata", "crs")
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,7 @@ class SourceSpec:
     dn_scale: float | None = None  # stored number -> units, when a file has no GDAL scale/offset
     dn_offset: float | None = None
     nodata: float | None = None  # the nodata value of files that declare none
+    crs: str | None = None  # the CRS (AUTHORITY:CODE) of files that declare none
 
     def __post_init__(self) -> None:
         if self.kind not in ("raster", "lidar"):
@@ -175,6 +176,9 @@ class SourceSpec:
             if v is not None and (not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v)):
                 raise DataError(f"{pre}source {name!r}: {k!r} must be a finite number, got {v!r}")
             extra[k] = None if v is None else float(v)
+        crs = d.get("crs")
+        if crs is not None:
+            extra["crs"] = _authority_code(crs, f"{pre}source {name!r}")
         wl = d.get("wavelengths_nm")
         if wl is not None and (not isinstance(wl, list) or len(wl) != len(d["bands"]) or
                                not all(isinstance(x, int | float) and not isinstance(x, bool) for x in wl)):
@@ -188,6 +192,23 @@ class SourceSpec:
 
     def groups(self) -> list[str]:
         return [f"{self.name}:{b}" for b in self.bands]
+
+
+def _authority_code(v: Any, where: str) -> str:
+    """A CRS named as AUTHORITY:CODE (e.g. EPSG:2994) that pyproj knows. Nothing else is taken: a
+    PROJ string or WKT may name grid files, and so read files outside the region."""
+    import re
+
+    if not isinstance(v, str) or not re.fullmatch(r"[A-Za-z]+:[0-9]+", v):
+        raise DataError(f"{where}: 'crs' must name a CRS as AUTHORITY:CODE (e.g. EPSG:2994), got {v!r}")
+    from pyproj import CRS
+    from pyproj.exceptions import CRSError
+
+    try:
+        CRS.from_user_input(v)
+    except CRSError as e:
+        raise DataError(f"{where}: 'crs' {v!r} is not a CRS pyproj knows ({e})") from e
+    return v.upper()
 
 
 DEFAULT_SOURCES: tuple[SourceSpec, ...] = (
@@ -337,22 +358,35 @@ def target_grid(region: Region, *, crs: str | None = None, resolution: float | N
                 readers: list[dict[str, Any]] | None = None) -> Grid:
     """The grid all sources are aligned onto: ``crs`` / ``resolution`` if given, else those of
     ``region.json``'s ``grid``, else the UTM zone of the region centre at 20 m. Its extent is the
-    intersection of the raster sources' footprints (a folder's footprint is the union of its
-    files'; an error if they do not overlap). Only the files' headers are read."""
+    intersection of the raster sources' footprints in the grid's CRS (a folder's footprint is
+    the union of its files'; an error if they do not overlap; a region of lidar tiles alone: their
+    footprint), its cells those of the first raster in the grid's CRS and resolution when there is
+    one. Only the files' headers are read."""
     rasterio = T.rasterio_module()
     from rasterio.transform import from_origin
-    from rasterio.warp import transform_bounds
 
-    boxes = {}
+    def union(b: list[tuple[float, float, float, float]]) -> tuple[float, float, float, float]:
+        return min(x[0] for x in b), min(x[1] for x in b), max(x[2] for x in b), max(x[3] for x in b)
+
+    boxes: dict[Path, tuple[float, float, float, float]] = {}  # geographic, per source and epoch
+    headers: list[dict[str, Any]] = []
+    footprints: list[Any] = []  # the readers whose footprints bound the map
+    lidar: dict[Path, Any] = {}
     for e in range(len(region.epochs)):
         for s in region.sources:
             r = readers[e].get(s.name) if readers is not None else source_reader(region, e, s)
             if isinstance(r, T.RasterSource):
-                b = r.geographic_bounds()
-                boxes[region.path(e, s)] = (min(x[0] for x in b), min(x[1] for x in b), max(x[2] for x in b),
-                                            max(x[3] for x in b))
+                headers += r.headers
+                footprints.append(r)
+                boxes[region.path(e, s)] = union(r.geographic_bounds())
+            elif r is not None:
+                lidar[region.path(e, s)] = r
+    if not footprints:  # a region of lidar tiles alone: the tiles' footprint
+        for p, r in lidar.items():
+            footprints.append(r)
+            boxes[p] = union(r.geographic_bounds())
     if not boxes:
-        raise DataError(f"{region.root}: no raster source to define the map extent")
+        raise DataError(f"{region.root}: no raster or lidar source to define the map extent")
     w, s_, e_, n = (max(b[0] for b in boxes.values()), max(b[1] for b in boxes.values()),
                     min(b[2] for b in boxes.values()), min(b[3] for b in boxes.values()))
     if w >= e_ or s_ >= n:
@@ -366,10 +400,24 @@ def target_grid(region: Region, *, crs: str | None = None, resolution: float | N
         crs = f"EPSG:{utm_epsg(lon0, lat0)}"
     res = float(resolution or g.get("resolution_m") or DEFAULT_RESOLUTION_M)
     dst = rasterio.crs.CRS.from_user_input(crs)
-    left, bottom, right, top = transform_bounds("EPSG:4326", dst, w, s_, e_, n)
-    # snap inwards to whole cells so every cell lies inside every raster
-    left, top = math.ceil(left / res) * res, math.floor(top / res) * res
-    right, bottom = math.floor(right / res) * res, math.ceil(bottom / res) * res
+    # the footprints intersected in the grid's CRS (exact for rasters in it, no round trip)
+    own = [r.bounds_in(dst) for r in footprints]
+    left, bottom = max(b[0] for b in own), max(b[1] for b in own)
+    right, top = min(b[2] for b in own), min(b[3] for b in own)
+    # snap inwards to whole cells so every cell lies inside every raster: onto the pixels of the
+    # first raster in the grid's CRS at its resolution (to 1e-4; its values are then read as
+    # stored), else onto multiples of the resolution
+    ax, ay = next(((h["transform"].c, h["transform"].f) for h in headers if h["crs"] == dst
+                   and not h["transform"].b and not h["transform"].d
+                   and math.isclose(h["transform"].a, res, rel_tol=1e-4)
+                   and math.isclose(-h["transform"].e, res, rel_tol=1e-4)), (0.0, 0.0))
+    if math.remainder(ax, res) == 0 and math.remainder(ay, res) == 0:
+        left, top = math.ceil(left / res) * res, math.floor(top / res) * res
+        right, bottom = math.floor(right / res) * res, math.ceil(bottom / res) * res
+    else:
+        eps = 1e-6
+        left, right = ax + math.ceil((left - ax) / res - eps) * res, ax + math.floor((right - ax) / res + eps) * res
+        top, bottom = ay - math.ceil((ay - top) / res - eps) * res, ay - math.floor((ay - bottom) / res + eps) * res
     shape = (int(round((top - bottom) / res)), int(round((right - left) / res)))
     if min(shape) < 8:
         raise DataError(f"the rasters overlap on only {shape} cells of {res} m")
@@ -499,13 +547,17 @@ def read_plots(region: Region, epoch: int, grid: Grid) -> Plots:
     and, for stem-mapped plots, x_m, y_m (east and north of the plot's south-west corner)),
     biomass by the Chave et al. 2014 allometry, per plot and per grid cell of its footprint.
 
-    Errors name the file and row: a plot (partly) outside the map, a tree size outside the
+    A region with neither file has no plots (it serves pretraining). Errors name the file and
+    row: a plot (partly) outside the map, a tree size outside the
     plausible range (1-500 cm, 1.3-120 m, 0.1-1.5 g cm-3), a tree position outside its plot,
     missing columns or unknown plot ids.
     """
     import pandas as pd
 
     fp, ft = region.root / "plots.csv", region.root / "trees.csv"
+    if not fp.exists() and not ft.exists():  # an unlabelled region: for pretraining only
+        i, f = np.zeros(0, dtype=np.int64), np.zeros(0)
+        return Plots(ids=[], rows=i, cols=i, agb=f, pix_plot=i, pix_rows=i, pix_cols=i, pix_agb=f)
     for f in (fp, ft):
         if not f.is_file():
             raise DataError(f"{f}: missing (field plots need plots.csv and trees.csv)")

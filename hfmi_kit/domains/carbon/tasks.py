@@ -265,6 +265,9 @@ class PlotCrops(TileCrops):
 def split_plots(prep: Prepared) -> tuple[list[str], list[str]]:
     """(pool, test) plot ids: a fixed 30 % of the plots (by a hash of the id) are held out."""
     ids = sorted({pid for p in prep.plots for pid in p.ids})
+    if not ids:
+        raise DataError(f"{prep.root}: no field plots (plots.csv and trees.csv); an unlabelled region serves "
+                        "pretraining only, fine-tuning and scores need plots")
     test = [i for i in ids if int(hashlib.sha256(i.encode()).hexdigest(), 16) % 10 < 3]
     return [i for i in ids if i not in set(test)], test
 

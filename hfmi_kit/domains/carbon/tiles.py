@@ -85,8 +85,9 @@ def _norm_units(u: str) -> str:
 def check_header(path: Path, spec: Any, src: Any) -> None:
     """A raster's header must match its description: a CRS, declared nodata for float data,
     one band per described band, and the described units where the file declares any."""
-    if src.crs is None:
-        raise DataError(f"{path}: the raster has no CRS; georeference it (e.g. gdal_edit.py -a_srs EPSG:...)")
+    if src.crs is None and spec.crs is None:
+        raise DataError(f"{path}: the raster has no CRS; georeference it (e.g. gdal_edit.py -a_srs EPSG:...) or "
+                        f"name it as source {spec.name!r}'s 'crs' in region.json")
     if src.nodata is None and spec.nodata is None and src.dtypes[0].startswith("float") and \
             not src.tags().get("nodata_free"):
         raise DataError(f"{path}: nodata is not declared; set it (e.g. gdal_edit.py -a_nodata -9999) so gaps "
@@ -190,7 +191,8 @@ class RasterSource(_Source):
                 if all(x == 1 for x in scales) and all(x == 0 for x in offsets) and spec.dn_scale is not None:
                     # the product's documented scaling, for files that do not carry it (see SENSORS)
                     scales, offsets = (spec.dn_scale,) * src.count, (spec.dn_offset or 0.0,) * src.count
-                self.headers.append({"crs": src.crs, "transform": src.transform, "shape": (src.height, src.width),
+                crs = src.crs if src.crs is not None else rasterio_module().crs.CRS.from_user_input(spec.crs)
+                self.headers.append({"crs": crs, "transform": src.transform, "shape": (src.height, src.width),
                                      "bounds": tuple(src.bounds),
                                      "nodata": src.nodata if src.nodata is not None else spec.nodata,
                                      "scales": scales, "offsets": offsets, "overviews": src.overviews(1)})
@@ -215,6 +217,11 @@ class RasterSource(_Source):
         from rasterio.warp import transform_bounds
 
         return [transform_bounds(h["crs"], "EPSG:4326", *h["bounds"]) for h in self.headers]
+
+    def bounds_in(self, crs: Any) -> tuple[float, float, float, float]:
+        """(left, bottom, right, top) in ``crs`` of all the files together (exact in their own CRS)."""
+        b = [self._box_in(i, crs) for i in range(len(self.headers))]
+        return min(x[0] for x in b), min(x[1] for x in b), max(x[2] for x in b), max(x[3] for x in b)
 
     def _values(self, raw: np.ndarray, i: int) -> np.ndarray:
         """Bands (bands, h, w) as float32 in their physical units (nodata -> NaN, then the file's
@@ -348,10 +355,19 @@ class LidarSource(_Source):
         super().__init__(spec, files)
         self.min_points = min_points
         self._cache: OrderedDict[tuple[Path, str], tuple[tuple[int, int, int, int], np.ndarray]] = OrderedDict()
-        self.headers = [_las_header(p) for p in files]
+        self.headers = [_las_header(p, spec.crs) for p in files]
 
     def _reset(self) -> None:
         self._cache = OrderedDict()
+
+    def geographic_bounds(self) -> list[tuple[float, float, float, float]]:
+        """(west, south, east, north) in degrees of every tile (from its header)."""
+        return [_las_box(hd, "EPSG:4326") for hd in self.headers]
+
+    def bounds_in(self, crs: Any) -> tuple[float, float, float, float]:
+        """(left, bottom, right, top) in ``crs`` of all the tiles together (from their headers)."""
+        b = [_las_box(hd, crs) for hd in self.headers]
+        return min(x[0] for x in b), min(x[1] for x in b), max(x[2] for x in b), max(x[3] for x in b)
 
     def _read(self, sub: Any, grid: Any) -> np.ndarray:
         from pyproj import CRS
@@ -367,6 +383,7 @@ class LidarSource(_Source):
             if not _overlaps(tb, box):
                 continue
             (r0, c0, r1, c1), st = self._tile(p, hd, grid)
+            st = st if hd["z_to_m"] == 1.0 else st * np.array([1.0, hd["z_to_m"], hd["z_to_m"], 1.0])[:, None, None]
             lo_r, hi_r = max(r0, a0), min(r1, a0 + sub.shape[0])
             lo_c, hi_c = max(c0, b0), min(c1, b0 + sub.shape[1])
             if lo_r >= hi_r or lo_c >= hi_c:
@@ -390,7 +407,7 @@ class LidarSource(_Source):
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        x, y, z, cls = _las_points(p, grid)
+        x, y, z, cls = _las_points(p, grid, hd["crs"])
         r, c = grid.rowcol(x, y)
         H, W = grid.shape
         ok = (r >= 0) & (r < H) & (c >= 0) & (c < W)
@@ -443,8 +460,9 @@ def _quiet_laspy() -> Any:
     return quiet()
 
 
-def _las_header(p: Path) -> dict[str, Any]:
-    """A LAS/LAZ tile's bounds and CRS from its header alone."""
+def _las_header(p: Path, fallback: str | None = None) -> dict[str, Any]:
+    """A LAS/LAZ tile's bounds and CRS from its header alone (``fallback``, the source's ``crs``,
+    for a file that declares none)."""
     import laspy
 
     if p.stat().st_size == 0:
@@ -456,19 +474,36 @@ def _las_header(p: Path) -> dict[str, Any]:
             mins, maxs = hd.mins, hd.maxs
     except _las_errors() as e:
         raise DataError(f"{p}: not a readable LAS/LAZ file, truncated or corrupt ({type(e).__name__}: {e})") from e
-    if crs is None:
-        raise DataError(f"{p}: the LAS header declares no CRS")
-    return {"crs": crs, "bounds": (float(mins[0]), float(mins[1]), float(maxs[0]), float(maxs[1]))}
+    if crs is None and fallback is None:
+        raise DataError(f"{p}: the LAS header declares no CRS; add one (e.g. pdal translate ... "
+                        "--writers.las.a_srs=EPSG:...) or name it as the lidar source's 'crs' in region.json")
+    from pyproj import CRS
+
+    crs = CRS.from_user_input(fallback) if crs is None else crs
+    return {"crs": crs, "bounds": (float(mins[0]), float(mins[1]), float(maxs[0]), float(maxs[1])),
+            "z_to_m": _z_to_metres(crs)}
 
 
-def _las_box(hd: dict[str, Any], grid: Any) -> tuple[float, float, float, float]:
+def _z_to_metres(crs: Any) -> float:
+    """Metres per unit of a point cloud's z: the vertical CRS's unit of a compound CRS, else (the
+    LAS convention) the horizontal unit of a projected CRS; metres for a geographic one."""
+    sub = getattr(crs, "sub_crs_list", None) or []
+    axes = sub[-1].axis_info if len(sub) > 1 else crs.axis_info
+    factors = [a.unit_conversion_factor for a in axes if a.unit_name not in ("degree", "radian", "grad")]
+    return float(factors[-1]) if factors else 1.0
+
+
+def _las_box(hd: dict[str, Any], to: Any) -> tuple[float, float, float, float]:
+    """A tile's header bounds in ``to`` (a grid, whose CRS is taken, or a CRS)."""
     from rasterio.warp import transform_bounds
 
-    return transform_bounds(hd["crs"].to_wkt(), grid.crs, *hd["bounds"], densify_pts=21)
+    return transform_bounds(hd["crs"].to_wkt(), getattr(to, "crs", to), *hd["bounds"], densify_pts=21)
 
 
-def _las_points(p: Path, grid: Any) -> tuple[np.ndarray, ...]:
-    """x, y (in the grid's CRS), z and classification of every point of a LAS/LAZ file."""
+def _las_points(p: Path, grid: Any, crs: Any) -> tuple[np.ndarray, ...]:
+    """x, y (in the grid's CRS), z (in the file's units) and classification of every point of a
+    LAS/LAZ file in ``crs`` (its header's, or the source's for a file that declares none), noise
+    (ASPRS classes 7, low, and 18, high) left out."""
     import laspy
     from pyproj import CRS, Transformer
 
@@ -481,13 +516,11 @@ def _las_points(p: Path, grid: Any) -> tuple[np.ndarray, ...]:
     missing = [d for d in ("X", "Y", "Z", "classification") if d not in dims]
     if missing:
         raise DataError(f"{p}: point records lack {missing}; a lidar source needs x, y, z and classification")
-    crs = las.header.parse_crs()
-    if crs is None:
-        raise DataError(f"{p}: the LAS header declares no CRS")
     cls = np.asarray(las.classification)
     if not (cls == 2).any():
         raise DataError(f"{p}: no ground returns (classification 2); classify the points before use")
-    x, y, z = np.asarray(las.x), np.asarray(las.y), np.asarray(las.z)
+    keep = (cls != 7) & (cls != 18)
+    x, y, z, cls = np.asarray(las.x)[keep], np.asarray(las.y)[keep], np.asarray(las.z)[keep], cls[keep]
     if CRS(crs) != CRS(grid.crs.to_wkt()):
         x, y = Transformer.from_crs(crs, grid.crs.to_wkt(), always_xy=True).transform(x, y)
     return x, y, z, cls
