@@ -103,7 +103,8 @@ def test_a_lidar_tile_without_a_crs_needs_the_crs_named_in_region_json(tmp_path)
     bare.x, bare.y, bare.z, bare.classification = las.x, las.y, las.z, las.classification
     bare.write(str(tmp_path / "t.las"))
     root = _region(tmp_path / "a", [LIDAR], {"tiles": tmp_path / "t.las"}, {"crs": "EPSG:32610", "resolution_m": 10.0})
-    with pytest.raises(DataError, match="t.las: the LAS header declares no CRS; .* name it as the lidar source's 'crs'"):
+    no_crs = "t.las: the LAS header declares no CRS; .* name it as the lidar source's 'crs'"
+    with pytest.raises(DataError, match=no_crs):
         C.prepare(root)
     meta = json.loads((root / "region.json").read_text())
     meta["sources"][0]["crs"] = "EPSG:2994"  # NAD83(HARN) / Oregon GIC Lambert (ft): Autzen's CRS by its code
