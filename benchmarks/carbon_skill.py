@@ -1,9 +1,9 @@
 """Carbon skill: biomass RMSE on held-out plots and on the full true map at 20 / 50 / 150 field
-plots (1 ha, stem-mapped), pretrained (a forest on the frozen pretrained embedding, the default
-head) against the network from scratch and a random forest on per-pixel source values (the same
-forest settings); coverage of the 90 % interval; the regional budget and the change against the
-generator's truth. Held-out plots are scored at plot scale: the plot's biomass against the
-map's mean over the plot.
+plots (1 ha, stem-mapped), pretrained (the default head from a checkpoint, "ensemble": the
+frozen encoder's quantile head averaged with a forest on its embedding) against the network from
+scratch and a random forest on per-pixel source values (the same forest settings); coverage of
+the 90 % interval; the regional budget and the change against the generator's truth. Held-out
+plots are scored at plot scale: the plot's biomass against the map's mean over the plot.
 
 Pixel biomass is heavy-tailed (a few big trees make a 20 m pixel), so one draw of 50 plots is a
 noisy measurement: every budget is repeated for ``--draws`` draws of the training plots (seeds
@@ -37,7 +37,8 @@ def main() -> None:
     ap.add_argument("--plots", type=int, default=300)
     ap.add_argument("--pretrain-steps", type=int, default=1500)
     ap.add_argument("--steps", type=int, default=600, help="gradient steps of a network head (scratch)")
-    ap.add_argument("--head", choices=["forest", "network"], help="head of the pretrained model (default: forest)")
+    ap.add_argument("--head", choices=["ensemble", "forest", "network"],
+                    help="head of the pretrained model (default: ensemble)")
     ap.add_argument("--draws", type=int, default=3, help="draws of the training plots per budget")
     ap.add_argument("--calibration-folds", type=int, default=5, help="cross-conformal folds of the 90%% interval")
     ap.add_argument("--budgets", default="20,50,150")
