@@ -310,8 +310,6 @@ def _walk(t: ForestTable, x: torch.Tensor) -> torch.Tensor:
             if still == 0:
                 break
             if still < 0.6 * n.numel():
-                if active is None:
-                    node = node.clone()  # n is replaced below; node keeps every pair
                 idx = keep.nonzero().squeeze(1)
                 active = idx if active is None else active.index_select(0, idx)
                 n, off = n.index_select(0, idx), off.index_select(0, idx)
