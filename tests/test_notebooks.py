@@ -43,7 +43,8 @@ def test_every_notebook_has_a_pair():
 
 def test_quickstart_runs_headless_from_the_py(tmp_path):
     out = run_notebook(REPO / "notebooks" / "00_quickstart.py",
-                       {"out_dir": str(tmp_path / "qs"), "years": 6, "pretrain_steps": 20, "finetune_steps": 20},
+                       {"out_dir": str(tmp_path / "qs"), "years": 6, "pretrain_steps": 20, "finetune_steps": 20,
+                        "batch_size": 4},
                        output=tmp_path / "qs.ipynb")
     nb = nbformat.read(out, as_version=4)
     text = json.dumps([c.get("outputs", []) for c in nb.cells])
@@ -55,11 +56,12 @@ def test_climate_notebooks_chain_through_hfmi_run(tmp_path):
     nbdir = REPO / "notebooks" / "climate"
     pre, ft = tmp_path / "pre", tmp_path / "ft"
     assert main(["run", str(nbdir / "01_pretrain.py"), "-p", "out_dir", str(pre), "-p", "steps", "20",
-                 "-p", "years", "6", "-p", "variables", "[tas, tos, siconc, rsdt]",
+                 "-p", "batch_size", "4", "-p", "years", "6", "-p", "variables", "[tas, tos, siconc, rsdt]",
                  "-o", str(tmp_path / "01.ipynb")]) == 0
     assert (pre / "model" / "model.safetensors").is_file()
     assert main(["run", str(nbdir / "02_finetune.py"), "-p", "pretrained", str(pre / "model"), "-p", "steps", "20",
-                 "-p", "out_dir", str(ft), "-p", "whatif_members", "2", "-o", str(tmp_path / "02.ipynb")]) == 0
+                 "-p", "batch_size", "4", "-p", "out_dir", str(ft), "-p", "whatif_members", "2",
+                 "-o", str(tmp_path / "02.ipynb")]) == 0
     assert json.loads((ft / "pretrained" / "metrics.json").read_text())["label_fraction"] == 0.25
     assert (ft / "scratch" / "metrics.json").is_file() and (ft / "whatif" / "whatif.nc").is_file()
     assert main(["run", str(nbdir / "03_visualize.py"), "-p", "run_dir", str(ft / "pretrained"),

@@ -26,6 +26,7 @@ data_path = ""  # CF NetCDF/Zarr; empty: generate synthetic data into out_dir
 variables = None  # list of variables to use, or None for every variable on the grid
 config = "tiny"  # model size: tiny, small, base
 steps = 150  # optimiser steps
+batch_size = 16  # windows per optimiser step
 years = 12  # years to generate when data_path is empty
 seed = 0
 out_dir = "runs/climate_pretrain"
@@ -46,7 +47,8 @@ if not data_path:
 xr.open_zarr(data_path) if data_path.endswith(".zarr") else xr.open_dataset(data_path)
 
 # %%
-ckpt = pretrain(data=data_path, out=out, config=config, steps=steps, seed=seed, variables=variables)
+ckpt = pretrain(data=data_path, out=out, config=config, steps=steps, batch_size=batch_size, seed=seed,
+                variables=variables)
 print("checkpoint:", ckpt)
 print(json.dumps(json.loads((ckpt / "config.json").read_text())["metrics"], indent=2))
 

@@ -27,6 +27,7 @@ pretrained = "runs/climate_pretrain/model"  # checkpoint from 01_pretrain
 data_path = ""  # empty: the data recorded in the checkpoint
 label_fraction = 0.25  # fraction of training years with labels
 steps = 150
+batch_size = 16  # windows per optimiser step
 mode = "full"  # full, frozen or linear_probe
 leads = 6  # forecast lead times (months)
 compare_scratch = True  # also train the same model from scratch
@@ -55,7 +56,7 @@ if compare_scratch:
 results = {}
 for name, src in runs.items():
     results[name] = finetune(ckpt=src, data=data_path, out=out / name, label_fraction=label_fraction,
-                             steps=steps, mode=mode, leads=leads, seed=seed)
+                             steps=steps, batch_size=batch_size, mode=mode, leads=leads, seed=seed)
 keys = ["rmse", "rmse_persistence", "rmse_climatology", "acc", "seaice_extent_mae"]
 pd.DataFrame({n: {k: m[k] for k in keys} for n, m in results.items()}).round(3)
 

@@ -49,8 +49,9 @@ class ClimateDomain(Domain):
         return DomainPlan(
             data=_scorecard_data, budgets={"small": LabelBudget.fractions([0.25, 1.0]),
                      "full": LabelBudget.fractions([0.05, 0.1, 0.25, 0.5, 1.0])},
-            pretrain_kw={"small": {"steps": 20}, "full": {"steps": 3000, "config": "small"}},
-            finetune_kw={"small": {"steps": 10, "rollout_train": 2, "leads": 2}, "full": {"steps": 1500}},
+            pretrain_kw={"small": {"steps": 20, "batch_size": 4}, "full": {"steps": 3000, "config": "small"}},
+            finetune_kw={"small": {"steps": 10, "rollout_train": 2, "leads": 2, "batch_size": 4},
+                         "full": {"steps": 1500}},
             scratch_separately=True, extra_methods=("damped_persistence", "persistence", "climatology"))
 
 
