@@ -14,6 +14,30 @@ def _in_kernel() -> bool:
     return shell is not None and hasattr(shell, "kernel")
 
 
+def _inline_stylesheets(viewable: Any, root: Any) -> None:
+    """Panel hook: the CDN stylesheets of a rendered plot become inline CSS from Panel's own dist.
+
+    ``pn.extension(inline=True)`` inlines them for Panel objects displayed directly, but a
+    HoloViews object displayed in a notebook goes through HoloViews' renderer, which leaves
+    them pointing at ``cdn.holoviz.org``: on an offline node every plot then asks for four CSS
+    files that never come.
+    """
+    from bokeh.models import UIElement
+    from panel.config import config
+    from panel.io.notebook import patch_inline_stylesheets
+
+    if config.inline:
+        for model in root.select({"type": UIElement}):
+            patch_inline_stylesheets(model)
+
+
+def _inline_panel_stylesheets() -> None:
+    from panel.viewable import Viewable
+
+    if _inline_stylesheets not in Viewable._preprocessing_hooks:
+        Viewable._preprocessing_hooks.append(_inline_stylesheets)
+
+
 def require_holoviews() -> Any:
     """Import holoviews with the bokeh backend, or say which extra to install.
 
@@ -32,6 +56,7 @@ def require_holoviews() -> Any:
 
             hv.extension("bokeh", logo=False, inline=True)
             pn.extension(inline=True)
+            _inline_panel_stylesheets()
         else:
             hv.extension("bokeh", logo=False)
     return hv
