@@ -193,7 +193,8 @@ def curves_html(rows: Sequence[dict[str, Any]], path: Path) -> Path:
                 if v:
                     mean_rows.append({"labels": b, "method": meth, "value": float(np.mean(v))})
         dom = get_domain(domain)
-        plots.append(label_efficiency(mean_rows, "value", xlabel=dom.label_key,
+        plots.append(label_efficiency(mean_rows, "value", xlabel=dom.label_title or dom.label_key,
+                                      ylabel=dom.metric_title or dr[0]["metric"],
                                       title=f"{domain}: {dr[0]['metric']} (mean over seeds)"))
     hv.save(hv.Layout(plots).cols(2), str(path), resources=INLINE)
     return path

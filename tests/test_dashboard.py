@@ -337,6 +337,57 @@ def _slider_changes_plot(pg: Page, label: str) -> None:
     assert lab.inner_text() != text_before
 
 
+_BOKEH_NAMES = """() => { const out = {legend: [], labels: [], axes: [], factors: []};
+  for (const d of window.Bokeh.documents) for (const m of d._all_models.values()) {
+    if (m.type === 'LegendItem' && m.label) out.legend.push(m.label.value);
+    else if (m.type === 'Label') out.labels.push(m.text);
+    else if (m.type.endsWith('Axis')) out.axes.push(m.axis_label);
+    else if (m.type === 'FactorRange') out.factors.push(...m.factors.map(f => [].concat(f).join(' / ')));
+  } return out; }"""
+
+
+def _bokeh_names(pg: Page) -> dict[str, set[str]]:
+    """Legend entries, annotation labels, axis titles and factors of every plot on the page."""
+    pg.page.wait_for_timeout(1500)
+    return {k: {str(x) for x in v} for k, v in pg.page.evaluate(_BOKEH_NAMES).items()}
+
+
+def test_plots_name_every_baseline_their_units_and_the_patients_orientation(browser, server: str, results: Path):
+    """What a reader of each page needs to trust a plot: every baseline the metrics hold is in
+    the comparison's legend (or its factors), axes carry units, maps their geography or CRS, and
+    the radiology viewer the patient's orientation."""
+    from hfmi_kit.domains import get_domain
+    from hfmi_kit.viz.core import method_name
+
+    pages = {d: f"?run={rel}" for d, rel in DOMAIN_RUNS.items()}
+    pages["materials"] = "?run=" + sorted(p.relative_to(results).as_posix()
+                                         for p in (results / "runs" / "materials").glob("pretrained_n*_s0"))[0]
+    seen = {}
+    for name, query in {**pages, "compare": "?page=compare"}.items():
+        pg = Page(browser, f"{server}/{query}")
+        pg.rendered()
+        seen[name] = _bokeh_names(pg)
+        assert not pg.bad, (name, pg.bad)
+        pg.page.close()
+    clim = seen["climate"]
+    assert {"model", "persistence", "damped persistence", "climatology"} <= clim["legend"], clim["legend"]
+    assert {"longitude (°E)", "latitude (°N)", "lead [months]"} <= clim["axes"], clim["axes"]
+    rad = seen["radiology"]
+    assert {"L", "R", "A", "P", "S", "I"} <= rad["labels"], rad["labels"]
+    assert all("[mm]" in a for a in rad["axes"] if a), rad["axes"]
+    carb = seen["carbon"]
+    assert any(a.startswith("easting [km] (EPSG:") for a in carb["axes"]), carb["axes"]
+    assert {"stock (Mg C)", "change (Mg C)"} <= carb["axes"], carb["axes"]  # stocks and changes on their own axes
+    mat = seen["materials"]
+    methods = {f.split(" / ")[-1] for f in mat["factors"]}
+    assert {"model", "from scratch", "random forest (Magpie)", "mean predictor"} <= methods, methods
+    assert "MAE [eV]" in mat["axes"]
+    comp = seen["compare"]
+    for dom in map(get_domain, ("climate", "radiology", "materials", "carbon")):
+        assert {method_name(b) for b in dom.baselines if b != "scratch"} | {"pretrained"} <= comp["legend"], dom.name
+        assert {dom.metric_title, dom.label_title} <= comp["axes"], (dom.name, comp["axes"])
+
+
 def test_sliders_change_the_plots(browser, server: str):
     pg = Page(browser, f"{server}/?run={DOMAIN_RUNS['radiology']}")
     pg.rendered()

@@ -117,6 +117,8 @@ class Domain(ABC):
         primary_metric: the field's headline score in ``metrics.json`` (the label-efficiency axis).
         higher_is_better: whether a larger ``primary_metric`` is better.
         label_key: the ``metrics.json`` key that holds how many labels (or what fraction) a run used.
+        metric_title: ``primary_metric`` as an axis title, with its unit (``MAE [eV]``).
+        label_title: ``label_key`` as an axis title (``labelled cases``).
         baselines: names a run's metrics carry as ``{primary_metric}_{baseline}`` (``dice_unet``).
         tasks_module: the module whose ``pretrain``, ``finetune``, ``evaluate`` (and optional
             ``whatif``, ``prepare`` and ``inspect_store``) functions the commands call, with the
@@ -142,6 +144,8 @@ class Domain(ABC):
     primary_metric: ClassVar[str] = ""
     higher_is_better: ClassVar[bool] = False
     label_key: ClassVar[str] = ""
+    metric_title: ClassVar[str] = ""
+    label_title: ClassVar[str] = ""
     baselines: ClassVar[tuple[str, ...]] = ()
     tasks_module: ClassVar[str]
 

@@ -183,13 +183,24 @@ def loss_curve(metrics_jsonl: str | Path | Mapping[str, str | Path], keys: Seque
     return curves(series, xlabel="optimiser step", ylabel="loss", title="Training loss", width=560)
 
 
+# how a method or baseline of ``metrics.json`` (``rmse_damped_persistence``) is named in a legend
+METHOD_NAMES = {"scratch": "from scratch", "rf": "random forest", "dummy": "mean predictor",
+                "unet": "U-Net, all labelled cases", "unet_same": "U-Net, same cases"}
+
+
+def method_name(method: str) -> str:
+    """The legend name of a method or baseline key (``unet_same`` -> ``U-Net, same cases``)."""
+    return METHOD_NAMES.get(method, method.replace("_", " "))
+
+
 def label_efficiency(rows: Sequence[Mapping[str, Any]], metric: str, *, xlabel: str = "labelled cases",
-                     title: str | None = None) -> Any:
+                     ylabel: str | None = None, title: str | None = None) -> Any:
     """``metric`` against the number of labels (log axis), one curve per ``method`` of ``rows``
-    (dicts with ``labels``, ``method`` and the metric)."""
+    (dicts with ``labels``, ``method`` and the metric); ``ylabel`` names the metric with its unit."""
     series: dict[str, tuple[list[float], list[float]]] = {}
     for r in sorted(rows, key=lambda r: r["labels"]):
-        xs, ys = series.setdefault(str(r["method"]), ([], []))
+        xs, ys = series.setdefault(method_name(str(r["method"])), ([], []))
         xs.append(float(r["labels"]))
         ys.append(float(r[metric]))
-    return curves(series, xlabel=xlabel, ylabel=metric, title=title or f"label efficiency ({metric})", logx=True)
+    return curves(series, xlabel=xlabel, ylabel=ylabel or metric, title=title or f"label efficiency ({metric})",
+                  logx=True)

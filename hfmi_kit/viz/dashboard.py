@@ -271,7 +271,8 @@ def compare_page(runs: list[Run]) -> Any:
             dr = [r for r in rows if r["domain"] == dom_name]
             arrow = "higher is better" if dom.higher_is_better else "lower is better"
             items += [f"### Label efficiency: {dom_name} ({dom.primary_metric}, {arrow})",
-                      show(label_efficiency(dr, dom.primary_metric, xlabel=dom.label_key))]
+                      show(label_efficiency(dr, dom.primary_metric, xlabel=dom.label_title or dom.label_key,
+                                            ylabel=dom.metric_title or dom.primary_metric))]
         return pn.Column(*items)
 
     return pn.Column("## Compare runs", choose, pn.bind(view, choose), sizing_mode="stretch_width")

@@ -35,6 +35,8 @@ class CarbonDomain(Domain):
     primary_metric: ClassVar[str] = "rmse_mg_ha"
     higher_is_better: ClassVar[bool] = False
     label_key: ClassVar[str] = "labelled_plots"
+    metric_title: ClassVar[str] = "held-out plot RMSE [Mg/ha]"
+    label_title: ClassVar[str] = "labelled field plots"
     baselines: ClassVar[tuple[str, ...]] = ("scratch", "rf")
     example_outputs: ClassVar[tuple[str, ...]] = ("maps/", "budget.csv")
 

@@ -28,6 +28,8 @@ class ClimateDomain(Domain):
     primary_metric: ClassVar[str] = "rmse"
     higher_is_better: ClassVar[bool] = False
     label_key: ClassVar[str] = "label_fraction"
+    metric_title: ClassVar[str] = "lead-1 latitude-weighted RMSE [units of the variable]"
+    label_title: ClassVar[str] = "fraction of the training years labelled"
     baselines: ClassVar[tuple[str, ...]] = ("persistence", "climatology", "damped_persistence")
     example_outputs: ClassVar[tuple[str, ...]] = ("forecast.nc",)
 

@@ -32,6 +32,8 @@ class MaterialsDomain(Domain):
     primary_metric: ClassVar[str] = "mae_ev"
     higher_is_better: ClassVar[bool] = False
     label_key: ClassVar[str] = "labels_per_fold"
+    metric_title: ClassVar[str] = "out-of-fold MAE [eV]"
+    label_title: ClassVar[str] = "labelled compositions per fold"
     baselines: ClassVar[tuple[str, ...]] = ("scratch", "rf", "dummy")
     example_outputs: ClassVar[tuple[str, ...]] = ("cv_predictions.csv",)
     bundled_data: ClassVar[dict[str, str]] = {"pretrain": "mp_gap", "finetune": "expt_gap", "evaluate": "expt_gap"}

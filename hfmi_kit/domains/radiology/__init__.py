@@ -31,6 +31,8 @@ class RadiologyDomain(Domain):
     primary_metric: ClassVar[str] = "dice"
     higher_is_better: ClassVar[bool] = True
     label_key: ClassVar[str] = "labelled_cases"
+    metric_title: ClassVar[str] = "whole-tumour Dice [0-1]"
+    label_title: ClassVar[str] = "labelled cases"
     baselines: ClassVar[tuple[str, ...]] = ("scratch", "unet_same", "unet")
     example_outputs: ClassVar[tuple[str, ...]] = ("predictions/", "cases.json")
 
