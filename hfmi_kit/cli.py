@@ -187,6 +187,10 @@ def cmd_finetune(a: argparse.Namespace) -> None:
     dom = _domain(a.domain)
     out = Path(a.out)
     scratch = a.from_ == "scratch"
+    if not scratch:
+        from hfmi_kit.checkpoints import resolve
+
+        a.from_ = str(resolve(a.from_))  # a shipped checkpoint's name (materials.tiny) -> its folder
     if a.task and a.task not in dom.tasks:
         raise HfmiError(f"unknown task {a.task!r} for {a.domain}; expected one of {list(dom.tasks)}")
     kw = _domain_options(dom, "finetune", a, steps=a.steps, seed=a.seed, label_fraction=a.label_fraction,
@@ -287,9 +291,17 @@ def cmd_options(a: argparse.Namespace) -> None:
 
 
 def cmd_info(a: argparse.Namespace) -> None:
+    from hfmi_kit.checkpoints import resolve, shipped
     from hfmi_kit.train.pretrained import CARD, WEIGHTS, read_config, verify_weights
     from hfmi_kit.train.sharded import is_sharded, read_metadata
 
+    if a.shipped or a.ckpt is None:
+        if a.ckpt is None and not a.shipped:
+            raise ConfigError("hfmi info needs a checkpoint folder (or --shipped to list the shipped ones)")
+        for name, path in shipped().items():
+            print(_summary(path, read_config(path)).splitlines()[0].replace(str(path), name, 1), f"  ({path})")
+        return
+    a.ckpt = str(resolve(a.ckpt))
     cfg = read_config(a.ckpt)
     if is_sharded(a.ckpt):
         read_metadata(Path(a.ckpt) / "sharded")
@@ -639,7 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = task_parser("finetune", "fine-tune a pretrained model on a downstream task")
     sp.add_argument("--from", dest="from_", required=True, metavar="CKPT",
-                    help="pretrained checkpoint directory, or 'scratch' for the same model untrained")
+                    help="pretrained checkpoint directory, the name of a shipped one (materials.tiny; "
+                         "`hfmi info --shipped` lists them), or 'scratch' for the same model untrained")
     sp.add_argument("--out", required=True)
     sp.add_argument("--data", help="data (default: the data recorded in the checkpoint; materials: expt_gap)")
     sp.add_argument("--task",
@@ -724,8 +737,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("info", help="a checkpoint in short: what it is, its data, its headline metrics "
                                      "(--full: the model card and the whole config)")
-    sp.add_argument("ckpt")
+    sp.add_argument("ckpt", nargs="?", help="a checkpoint folder or the name of a shipped one (materials.tiny)")
     sp.add_argument("--full", action="store_true", help="print the model card and the whole config.json")
+    sp.add_argument("--shipped", action="store_true", help="list the pretrained checkpoints that ship with hfmi")
     sp.set_defaults(fn=cmd_info)
 
     sp = sub.add_parser("run", help="run a notebook (.ipynb or paired .py) headless with papermill")

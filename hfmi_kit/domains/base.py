@@ -177,7 +177,9 @@ class Domain(ABC):
 
     def finetune(self, *, ckpt: str | Path | None, data: str | Path, out: str | Path, **kw: Any) -> dict[str, float]:
         """Fine-tune for a task; write ``out/metrics.json``; return the metrics."""
-        return self._task("finetune", "fine-tuning runs")(ckpt=ckpt, data=data, out=out, **kw)
+        from hfmi_kit.checkpoints import resolve
+
+        return self._task("finetune", "fine-tuning runs")(ckpt=resolve(ckpt), data=data, out=out, **kw)
 
     def evaluate(self, *, ckpt: str | Path, data: str | Path, out: str | Path, **kw: Any) -> dict[str, float]:
         """Evaluate a fine-tuned checkpoint on ``data``; write ``out/metrics.json``."""

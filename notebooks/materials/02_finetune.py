@@ -24,7 +24,7 @@
 # composition-only models ≈0.33–0.35 eV, random forest ≈0.45 eV, dummy ≈1.14 eV.
 
 # %% tags=["parameters"]
-pretrained = "runs/materials_pretrain/model"  # checkpoint from 01_pretrain
+pretrained = "materials.tiny"  # the shipped checkpoint, or your own from 01_pretrain ("runs/materials_pretrain/model")
 data_path = "expt_gap"  # bundled set or a CSV of measured values (eV)
 data = ""  # old spelling of data_path (kept so that `-p data ...` still works)
 target = ""  # value column of a CSV (empty: 'target')

@@ -26,7 +26,7 @@
 
 # %% tags=["parameters"]
 finetuned = "runs/materials_finetune/nall/model"  # fine-tuned ensemble from 02_finetune
-pretrained = "runs/materials_pretrain/model"  # its pretrained backbone (features for the loop)
+pretrained = "materials.tiny"  # its pretrained backbone (features for the loop): shipped, or from 01_pretrain
 measured = "expt_gap"  # the measured set (bundled name or CSV)
 kappa = 0.0  # rank by expected SQ + kappa * its std (> 0 favours uncertain candidates)
 al_budget = 300  # measurements in the simulated loop

@@ -175,11 +175,12 @@ class ALResult:
 def discovery_features(pretrained: str | Path, table: PropertyTable) -> dict[str, np.ndarray]:
     """Features for :func:`active_learning`: the pretrained model's embedding plus its DFT-gap
     prediction (``foundation``; it never saw the measurements) and Magpie descriptors."""
+    from hfmi_kit.checkpoints import resolve
     from hfmi_kit.domains.materials.tasks import embed_arrays, predict_arrays
     from hfmi_kit.train import load_pretrained
 
     arrays = chem.encode(table.parsed)
-    net = load_pretrained(pretrained)
+    net = load_pretrained(resolve(pretrained))  # a folder, or a shipped checkpoint's name
     return {"foundation": np.concatenate([embed_arrays(net, arrays), predict_arrays(net, arrays)[0].T], axis=1),
             "magpie": chem.magpie_features(table.parsed)}
 

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from hfmi_kit import options as opt
+from hfmi_kit.checkpoints import resolve as resolve_checkpoint
 from hfmi_kit.domains.base import Bundle, Scored, get_domain
 from hfmi_kit.domains.materials import chem
 from hfmi_kit.domains.materials.model import IGNORE, MaterialsEnsemble, MaterialsNet
@@ -110,7 +111,7 @@ def _train_net(model: MaterialsNet, ds: Dataset, *, steps: int, batch_size: int,
 
 
 @recorded("materials", "pretrain")
-def pretrain(*, data: opt.Data = "mp_gap", out: opt.Out, config: opt.Size = "tiny", steps: opt.Steps = 300,
+def pretrain(*, data: opt.Data = "mp_gap", out: opt.Out, config: opt.Size = "tiny", steps: opt.Steps = 3000,
              supervised_steps: Annotated[int | None, opt.Opt("steps of the supervised second stage (None: --steps; "
                                                          "0 skips it)", low=0)] = None,
              target: Target = None,
@@ -123,6 +124,8 @@ def pretrain(*, data: opt.Data = "mp_gap", out: opt.Out, config: opt.Size = "tin
              variables: opt.Variables = None,
              checkpoint_every: opt.CheckpointEvery = 0) -> Path:
     """Two-stage pretraining on a large computed set (default: the bundled 106k DFT band gaps).
+
+    The defaults are the recipe of the shipped ``materials.tiny`` checkpoint (3000 + 3000 steps).
 
     Stage 1, ``steps`` of masked-element prediction on every composition; stage 2,
     ``supervised_steps`` (default ``steps``; 0 skips it) of regression on the set's values with
@@ -475,6 +478,7 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data = "expt_gap", out: opt.Out,
             "--baselines are scored on its folds (give --folds 2 or more)" if baselines
             else "with --final false nothing would be trained"))
     out = Path(out)
+    ckpt = resolve_checkpoint(ckpt)  # a shipped checkpoint's name (materials.tiny) -> its folder
     pcfg = _materials_checkpoint_config(ckpt) if ckpt is not None else None
     table = load_property_csv(data, target=target)
     min_train = check_rows_for_cv(table, folds, data) if folds else _check_rows_to_train(table, data)
