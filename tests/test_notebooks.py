@@ -102,18 +102,21 @@ def test_failing_cell_and_dead_kernel_are_reported(tmp_path):
 def test_materials_notebooks_chain_through_hfmi_run(tmp_path):
     pytest.importorskip("pymatgen")
     pytest.importorskip("pvlib")
+    # 02 and 03 start from their default, the shipped materials.tiny; 01_pretrain runs live in
+    # JupyterLab (test_jupyterlab.py)
     nbdir = REPO / "notebooks" / "materials"
-    pre, ft, vis = tmp_path / "pre", tmp_path / "ft", tmp_path / "vis"
-    assert main(["run", str(nbdir / "01_pretrain.py"), "-p", "out_dir", str(pre), "-p", "steps", "20",
-                 "-p", "supervised_steps", "20", "-p", "max_rows", "3000", "-o", str(tmp_path / "01.ipynb")]) == 0
-    assert (pre / "model" / "model.safetensors").is_file()
-    assert main(["run", str(nbdir / "02_finetune.py"), "-p", "pretrained", str(pre / "model"), "-p", "steps", "20",
+    ft, vis = tmp_path / "ft", tmp_path / "vis"
+    assert main(["run", str(nbdir / "02_finetune.py"), "-p", "steps", "20",
                  "-p", "budgets", "[50]", "-p", "folds", "2", "-p", "members", "2", "-p", "out_dir", str(ft),
                  "-o", str(tmp_path / "02.ipynb")]) == 0
     m = json.loads((ft / "n50" / "metrics.json").read_text())
     assert {"mae_ev", "mae_ev_scratch", "mae_ev_rf", "mae_ev_dummy"} <= set(m) and m["labels_per_fold"] == 50
+    from hfmi_kit.checkpoints import shipped
+    from hfmi_kit.train import read_config
+
+    assert read_config(ft / "n50" / "model")["training"]["from"] == str(shipped()["materials.tiny"])
     assert main(["run", str(nbdir / "03_visualize.py"), "-p", "finetuned", str(ft / "n50" / "model"),
-                 "-p", "pretrained", str(pre / "model"), "-p", "al_budget", "30", "-p", "al_repeats", "1",
+                 "-p", "al_budget", "30", "-p", "al_repeats", "1",
                  "-p", "out_dir", str(vis), "-o", str(tmp_path / "03.ipynb")]) == 0
     cands = pd.read_parquet(vis / "candidates.parquet")
     assert {"formula", "prediction_ev", "uncertainty_ev", "sq_limit_pct", "provenance"} <= set(cands.columns)
