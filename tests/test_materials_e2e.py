@@ -151,6 +151,34 @@ def test_a_cross_validated_finetune_says_where_it_is(sets, tmp_path, capsys):
     assert "materials finetune: done, 6 part(s)" in err
 
 
+def _timed_run(cmd: list[str], timeout: float = 600) -> tuple[int, str, list[float]]:
+    """Run ``cmd``; return its exit code, its stderr and the gaps (s) between pieces of its output
+    (the first gap counts from the start), stdout and stderr both."""
+    import os
+    import selectors
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    sel = selectors.DefaultSelector()
+    for stream in (proc.stdout, proc.stderr):
+        sel.register(stream, selectors.EVENT_READ)
+    err, gaps, last, t0 = bytearray(), [], time.monotonic(), time.monotonic()
+    while sel.get_map() and time.monotonic() - t0 < timeout:
+        for key, _ in sel.select(timeout=1.0):
+            chunk = os.read(key.fileobj.fileno(), 65536)
+            if not chunk:
+                sel.unregister(key.fileobj)
+                continue
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+            if key.fileobj is proc.stderr:
+                err += chunk
+    code = proc.wait(timeout=max(1.0, timeout - (time.monotonic() - t0)))
+    gaps.append(time.monotonic() - last)
+    return code, err.decode("utf-8", "replace"), gaps
+
+
 def test_the_shipped_checkpoint_is_found_by_name_fine_tunes_and_evaluates(sets, tmp_path):
     """``materials.tiny`` ships with the package: listed, loaded strictly, fine-tuned from by name
     (it must carry what pretraining learnt: after 150 steps on 200 labels the held-out MAE is
@@ -167,10 +195,14 @@ def test_the_shipped_checkpoint_is_found_by_name_fine_tunes_and_evaluates(sets, 
     cli = [sys.executable, "-m", "hfmi_kit.cli"]
     r = subprocess.run([*cli, "info", "--shipped"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.startswith("materials.tiny: materials"), r.stdout + r.stderr
-    r = subprocess.run([*cli, "finetune", "materials", "--from", "materials.tiny", "--data", str(sets / "expt.csv"),
-                        "--out", str(tmp_path / "ft"), "--labels", "200", "--folds", "0", "--members", "1",
-                        "--steps", "150"], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
+    # no silent minutes: the command's output, timed as it arrives, never pauses for more than the
+    # status line's 10 s beat (plus slack for a loaded machine)
+    code, err, gaps = _timed_run([*cli, "finetune", "materials", "--from", "materials.tiny", "--data",
+                                  str(sets / "expt.csv"), "--out", str(tmp_path / "ft"), "--labels", "200",
+                                  "--folds", "2", "--members", "1", "--steps", "150"])
+    assert code == 0, err
+    assert max(gaps) < 11.5, f"silent for {max(gaps):.1f} s: {err[-2000:]}"
+    assert "materials finetune: done, 3 part(s)" in err
     assert read_config(tmp_path / "ft" / "model")["training"]["from"] == str(ckpt)
     r = subprocess.run([*cli, "evaluate", "materials", "--ckpt", str(tmp_path / "ft" / "model"), "--data",
                         str(sets / "heldout.csv"), "--target", "eg", "--out", str(tmp_path / "ev")],
