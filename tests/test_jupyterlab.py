@@ -307,3 +307,17 @@ def test_quickstart_runs_live_and_a_notebook_executed_by_hfmi_run_renders_when_o
         assert not list(lab.root.glob("climate_03_executed.py")), "opening it wrote a paired .py"
     finally:
         pg.close()
+    # a progress bar in an executed notebook shows where it ended, not the "0%" it started from
+    src = lab.root / "bar.py"
+    src.write_text("# %% tags=[\"parameters\"]\nn = 30\n\n# %%\nfrom tqdm.auto import tqdm\n"
+                   "for i in tqdm(range(n), desc='train'):\n    pass\n")
+    assert main(["run", str(src), "-o", str(lab.root / "bar_executed.ipynb")]) == 0
+    pg = NotebookPage(browser, lab, "bar_executed.ipynb")
+    try:
+        widget = pg.page.locator(".jp-OutputArea-output").filter(has_text="train")
+        widget.first.wait_for(timeout=30_000)
+        text = widget.first.inner_text()
+        assert "100%" in text and "30/30" in text, text
+        assert not pg.errors, pg.errors
+    finally:
+        pg.close()
