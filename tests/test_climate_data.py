@@ -351,3 +351,44 @@ def test_maps_of_the_earth_draw_the_shipped_coastline_in_the_grids_longitudes(lo
     assert isinstance(plain, hv.Image)
     assert on_earth(xr.Dataset(attrs={"hfmi_input_title": "ERA5 hourly data on pressure levels"}))
     assert not on_earth(xr.Dataset(attrs={"hfmi_input_title": "hfmi_kit synthetic coupled atmosphere-ocean-sea-ice"}))
+
+
+@pytest.mark.parametrize("projection", ["robinson", "mollweide", "north-polar", "south-polar"])
+def test_maps_in_a_projection_sample_the_right_cells(projection):
+    """A projected map takes each pixel's value from the grid cell under it (on a 0..360 grid
+    running north to south, as ERA5's), leaves cells without a value grey over a white space off
+    the globe, and draws the coastline and a graticule in the projection."""
+    pytest.importorskip("holoviews")
+    pytest.importorskip("pyproj")
+    import holoviews as hv
+
+    from hfmi_kit.viz.core import LAND_COLOUR, map_with_slider
+    from hfmi_kit.viz.projection import PROJECTIONS, forward, lookup
+
+    lat, lon = np.arange(90.0, -90.1, -2.5), np.arange(0.0, 360.0, 2.5)
+    LON, LAT = np.meshgrid(lon, lat)
+    lk = lookup(projection, lon, lat)
+    at_lat, at_lon = lk.sample(LAT), lk.sample(LON)  # each pixel's cell, by its coordinates
+    edge = PROJECTIONS[projection][1]
+    for plon, plat in [(10.0, 45.0), (-80.0, 25.0), (150.0, -35.0), (0.0, 88.0), (100.0, -70.0)]:
+        if edge is not None and (plat < edge if edge > 0 else plat > edge):
+            continue
+        x, y = forward(projection, np.array([plon]), np.array([plat]))
+        iy, ix = np.argmin(abs(lk.y - y[0])), np.argmin(abs(lk.x - x[0]))
+        assert abs(at_lat[iy, ix] - plat) <= 2.5, (plon, plat, at_lat[iy, ix])
+        if abs(plat) < 80:  # near a pole a pixel spans many longitudes
+            assert abs((at_lon[iy, ix] - plon % 360 + 180) % 360 - 180) <= 2.5, (plon, plat, at_lon[iy, ix])
+    assert 0.6 < lk.globe.mean() < 0.95  # the corners are off the globe (white), the globe fills the rest
+    assert (lk.cell[~lk.globe] == -1).all()
+    sst = np.where(np.abs(LAT) > 75, np.nan, 290.0)
+    da = xr.DataArray(np.stack([sst, sst]), dims=("lead", "lat", "lon"),
+                      coords={"lead": [1, 2], "lat": lat, "lon": lon}, name="tos", attrs={"units": "K"})
+    frame = map_with_slider(da, "lead", projection=projection)[1]
+    globe, img = frame.get(0), frame.get(1)
+    labels = {el.label for el in frame}
+    assert {"graticule", "coastline"} <= labels
+    assert img.vdims[0].name == "tos [K]"
+    assert hv.Store.lookup_options("bokeh", globe, "style").kwargs["cmap"] == ["white", LAND_COLOUR]
+    hv.render(frame, backend="bokeh")
+    with pytest.raises(Exception, match="projection 'mercator' is not one of plate-carree, robinson"):
+        map_with_slider(da, "lead", projection="mercator")

@@ -96,16 +96,44 @@ def _geo(img: Any, lon: np.ndarray, lat: np.ndarray, coast: bool) -> Any:
                               ylim=(float(np.min(lat)) - half_y, float(np.max(lat)) + half_y))
 
 
+def _projected(values: np.ndarray, lon: np.ndarray, lat: np.ndarray, projection: str, *, label: str, cmap: str,
+               clim: tuple[float, float], width: int, title: str, coast: bool) -> Any:
+    """One (lat, lon) field drawn in ``projection`` (see :mod:`hfmi_kit.viz.projection`): the globe
+    grey under the field (so cells without a value read as land), white off it, a graticule and
+    the coastline (``coast``) over it."""
+    from hfmi_kit.viz import projection as proj
+
+    hv = require_holoviews()
+    lk = proj.lookup(projection, lon, lat)
+    kd = [hv.Dimension("x", label=f"x ({projection})", unit="km"),
+          hv.Dimension("y", label=f"y ({projection})", unit="km")]
+    globe = hv.Image((lk.x, lk.y, lk.globe.astype(np.float64)), kdims=kd, vdims=["globe"]).opts(
+        cmap=["white", LAND_COLOUR], clim=(0, 1), colorbar=False, tools=[])
+    field = hv.Image((lk.x, lk.y, lk.sample(values)), kdims=kd, vdims=[label]).opts(
+        cmap=cmap, clim=clim, colorbar=True, tools=["hover"], clipping_colors={"NaN": "transparent"})
+    layers = globe * field * hv.Path(list(proj.graticule(projection)), kdims=kd, label="graticule").opts(
+        color="#777777", line_width=0.4, alpha=0.7)
+    if coast:
+        lines = proj.project_lines(projection, list(_coast_lines(False, (-180.0, 180.0, -90.0, 90.0))))
+        layers = layers * hv.Path(lines, kdims=kd, label="coastline").opts(color="black", line_width=0.7, alpha=0.8)
+    return layers.opts(title=title, xaxis=None, yaxis=None, data_aspect=1, frame_width=max(200, width - 120))
+
+
 def map_with_slider(da: xr.DataArray, slider_dim: str, *, x: str = "lon", y: str = "lat",
                     cmap: str = "RdBu_r", title: str = "", symmetric: bool = False,
-                    width: int = 520, height: int = 280, dynamic: bool = False, coast: bool = True) -> Any:
+                    width: int = 520, height: int = 280, dynamic: bool = False, coast: bool = True,
+                    projection: str = "plate-carree") -> Any:
     """A map (``x``, ``y``: longitude and latitude in degrees) for each value of ``slider_dim``
     with a slider widget: a HoloMap (every frame computed, so a static notebook keeps its slider)
     or, with ``dynamic``, a DynamicMap that renders (and sends to a browser) only the frame shown.
     Maps are reduced to display size, drawn with the coastline (``coast``), their colourbar
     titled with the variable and its units, cells without a value (land for an ocean field) in
-    grey."""
+    grey. ``projection`` (:data:`hfmi_kit.viz.projection.PROJECTIONS`: plate-carree, robinson,
+    mollweide, north-polar, south-polar) draws the maps in that projection."""
+    from hfmi_kit.viz.projection import check_projection
+
     hv = require_holoviews()
+    check_projection(projection)
     da = fit_display_da(da, x, y)
     vals = np.asarray(da.values, dtype=np.float64)
     lo, hi = np.nanmin(vals), np.nanmax(vals)
@@ -118,6 +146,9 @@ def map_with_slider(da: xr.DataArray, slider_dim: str, *, x: str = "lon", y: str
 
     def img(v: Any) -> Any:
         sl = da.sel({slider_dim: v}).transpose(y, x)
+        if projection != "plate-carree":
+            return _projected(sl.values, lon, lat, projection, label=label, cmap=cmap, clim=(lo, hi), width=width,
+                              title=title, coast=coast)
         im = hv.Image((sl[x].values, sl[y].values, sl.values), kdims=_lonlat_dims(x, y), vdims=[label]).opts(
             cmap=cmap, clim=(lo, hi), colorbar=True, width=width, height=height, tools=["hover"],
             title=title, clipping_colors={"NaN": LAND_COLOUR})
@@ -131,10 +162,13 @@ def map_with_slider(da: xr.DataArray, slider_dim: str, *, x: str = "lon", y: str
 
 def single_map(da: xr.DataArray, *, x: str = "lon", y: str = "lat", cmap: str = "RdBu_r", title: str = "",
                symmetric: bool = False, clim: tuple[float, float] | None = None, width: int = 420,
-               height: int = 240, coast: bool = True) -> Any:
+               height: int = 240, coast: bool = True, projection: str = "plate-carree") -> Any:
     """One lon-lat map as an ``hv.Image``, with the coastline over it (``coast``) and cells
-    without a value in grey (see :func:`map_with_slider`)."""
+    without a value in grey, in ``projection`` (see :func:`map_with_slider`)."""
+    from hfmi_kit.viz.projection import check_projection
+
     hv = require_holoviews()
+    check_projection(projection)
     da = fit_display_da(da, x, y)
     vals = np.asarray(da.values, dtype=np.float64)
     if clim is None:
@@ -145,6 +179,10 @@ def single_map(da: xr.DataArray, *, x: str = "lon", y: str = "lat", cmap: str = 
         clim = (float(lo), float(hi))
     sl = da.transpose(y, x)
     units = da.attrs.get("units", "")
+    if projection != "plate-carree":
+        return _projected(sl.values, sl[x].values, sl[y].values, projection,
+                          label=f"{da.name} [{units}]" if units else str(da.name), cmap=cmap, clim=clim,
+                          width=width, title=title, coast=coast)
     im = hv.Image((sl[x].values, sl[y].values, sl.values), kdims=_lonlat_dims(x, y),
                   vdims=[f"{da.name} [{units}]" if units else str(da.name)]).opts(
         cmap=cmap, clim=clim, colorbar=True, width=width, height=height, tools=["hover"], title=title,

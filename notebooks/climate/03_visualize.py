@@ -23,6 +23,7 @@
 run_dir = "runs/climate_finetune/pretrained"  # a fine-tuning output directory
 whatif_dir = "runs/climate_finetune/whatif"  # a what-if output directory ("" to skip)
 variable = "tas"
+projection = "plate-carree"  # maps: plate-carree, robinson, mollweide, north-polar, south-polar (sea ice)
 
 # %%
 import json
@@ -41,7 +42,7 @@ fc
 # ## Forecast maps (move the lead-time slider)
 
 # %%
-forecast_maps(fc, variable)
+forecast_maps(fc, variable, projection=projection)
 
 # %% [markdown]
 # ## Skill against lead time: model vs persistence and climatology
@@ -53,4 +54,4 @@ skill_vs_lead(metrics, variable, "rmse") + skill_vs_lead(metrics, variable, "acc
 # ## What-if response and its spread
 
 # %%
-whatif_maps(Path(whatif_dir) / "whatif.nc", variable) if whatif_dir else None
+whatif_maps(Path(whatif_dir) / "whatif.nc", variable, projection=projection) if whatif_dir else None

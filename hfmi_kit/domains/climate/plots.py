@@ -56,14 +56,16 @@ def on_earth(ds: xr.Dataset) -> bool:
 
 
 def forecast_maps(forecast: xr.Dataset | str | Path, var: str = "tas", init_index: int = 0, *,
-                  dynamic: bool = False) -> Any:
+                  dynamic: bool = False, projection: str = "plate-carree") -> Any:
     """Forecast of ``var`` from one initialisation, with a lead-time slider (``dynamic``: frames are
-    rendered on demand, as in the dashboard); the coastline drawn on maps of the Earth."""
+    rendered on demand, as in the dashboard); the coastline drawn on maps of the Earth; in
+    ``projection`` (plate-carree, robinson, mollweide, north-polar, south-polar)."""
     ds = open_cf(forecast) if not isinstance(forecast, xr.Dataset) else forecast
     da = field(ds, var).isel(init_time=init_index).load()
     init = str(ds["init_time"].values[init_index])[:10]
     return map_with_slider(da, "lead", cmap="viridis" if var != "siconc" else "Blues_r",
-                           title=f"{var} forecast from {init}", dynamic=dynamic, coast=on_earth(ds))
+                           title=f"{var} forecast from {init}", dynamic=dynamic, coast=on_earth(ds),
+                           projection=projection)
 
 
 BASELINE_NAMES = {"damped_persistence": "damped persistence", "skip": "skip path (linear inverse model)"}
@@ -86,8 +88,9 @@ def skill_vs_lead(metrics: Mapping[str, float] | str | Path, var: str = "tas", m
     return curves(series, xlabel="lead [months]", ylabel=label, title=f"{var}: {label} vs lead")
 
 
-def whatif_maps(whatif: xr.Dataset | str | Path, var: str = "tas") -> Any:
-    """Predicted ensemble-mean response, its spread and (when known) the true response."""
+def whatif_maps(whatif: xr.Dataset | str | Path, var: str = "tas", *, projection: str = "plate-carree") -> Any:
+    """Predicted ensemble-mean response, its spread and (when known) the true response, in
+    ``projection`` (see :func:`forecast_maps`)."""
     ds = open_cf(whatif) if not isinstance(whatif, xr.Dataset) else whatif
     resp = field(ds, var, "_response").load()
     try:
@@ -99,11 +102,13 @@ def whatif_maps(whatif: xr.Dataset | str | Path, var: str = "tas") -> Any:
     if truth is not None:
         m = max(m, float(abs(truth).max()))
     coast = on_earth(ds)
-    panels.append(single_map(resp, clim=(-m, m), title=f"{var} response (model ensemble mean)", coast=coast))
+    panels.append(single_map(resp, clim=(-m, m), title=f"{var} response (model ensemble mean)", coast=coast,
+                             projection=projection))
     if truth is not None:
-        panels.append(single_map(truth, clim=(-m, m), title=f"{var} response (generator truth)", coast=coast))
+        panels.append(single_map(truth, clim=(-m, m), title=f"{var} response (generator truth)", coast=coast,
+                                 projection=projection))
     panels.append(single_map(field(ds, var, "_response_spread").load(), cmap="viridis",
-                             title=f"{var} response spread (ensemble std)", coast=coast))
+                             title=f"{var} response spread (ensemble std)", coast=coast, projection=projection))
     import holoviews as hv
 
     return hv.Layout(panels).cols(2)
