@@ -369,6 +369,16 @@ def test_plots_name_every_baseline_their_units_and_the_patients_orientation(brow
         seen[name] = _bokeh_names(pg)
         assert not pg.bad, (name, pg.bad)
         pg.page.close()
+    # the forecast maps in another projection: the graticule appears, the degree axes go
+    pg = Page(browser, f"{server}/{pages['climate']}")
+    pg.rendered()
+    has_graticule = ("() => [...window.Bokeh.documents].some(d => [...d._all_models.values()].some("
+                     "m => m.type === 'GlyphRenderer' && m.glyph.type === 'MultiLine'))")
+    assert not pg.page.evaluate(has_graticule)
+    pg.page.locator("select:has(option[value='robinson'])").first.select_option("robinson")
+    pg.page.wait_for_function(has_graticule, timeout=60_000)
+    assert not pg.bad, pg.bad
+    pg.page.close()
     clim = seen["climate"]
     assert {"model", "persistence", "damped persistence", "climatology"} <= clim["legend"], clim["legend"]
     assert {"longitude (°E)", "latitude (°N)", "lead [months]"} <= clim["axes"], clim["axes"]

@@ -15,8 +15,13 @@ def section(run: Run) -> list[Any]:
     """Forecast maps with a lead slider, skill against lead, and what-if response maps."""
 
     from hfmi_kit.domains.climate.plots import field_names, forecast_maps, skill_vs_lead, whatif_maps
+    from hfmi_kit.viz.projection import PROJECTIONS
 
     pn = panel()
+
+    def projection() -> Any:
+        return pn.widgets.Select(name="projection", options=list(PROJECTIONS), value="plate-carree")
+
     out: list[Any] = []
     fc_path = published(run, "forecast.nc", out)
     if fc_path is not None:
@@ -26,9 +31,10 @@ def section(run: Run) -> list[Any]:
             if not names:
                 raise ConfigError(f"{fc_path.name}: no variable with init_time and lead dimensions")
             var = pn.widgets.Select(name="variable", options=names, value="tas" if "tas" in names else names[0])
+            proj = projection()
 
-            def maps(v: str) -> Any:
-                return show(forecast_maps(ds, v, dynamic=True))
+            def maps(v: str, p: str) -> Any:
+                return show(forecast_maps(ds, v, dynamic=True, projection=p))
 
             def skill(v: str) -> Any:
                 plots = [skill_vs_lead(run.metrics, v, m) for m in ("rmse", "acc")
@@ -36,7 +42,8 @@ def section(run: Run) -> list[Any]:
                 return pn.Row(*[show(p) for p in plots]) if plots else pn.pane.Markdown(
                     f"*no per-lead scores of {v} in metrics.json*")
 
-            return pn.Column(f"### Forecast ({fc_path.name})", var, pn.bind(maps, var), "### Skill against lead",
+            return pn.Column(f"### Forecast ({fc_path.name})", pn.Row(var, proj), pn.bind(maps, var, proj),
+                             "### Skill against lead",
                              pn.bind(skill, var))
         out.append(guard(fc_path.name, forecast))
     wi_path = published(run, "whatif.nc", out)
@@ -49,7 +56,8 @@ def section(run: Run) -> list[Any]:
                 raise ConfigError(f"{wi_path.name}: no <variable>_response in the file")
             var = pn.widgets.Select(name="variable", options=names, value="tas" if "tas" in names else names[0])
             text = ds.attrs.get("title", "") or ds.attrs.get("comment", "")
-            return pn.Column(f"### What-if response ({wi_path.name})", pn.pane.Markdown(text), var,
-                             pn.bind(lambda v: show(whatif_maps(ds, v)), var))
+            proj = projection()
+            return pn.Column(f"### What-if response ({wi_path.name})", pn.pane.Markdown(text), pn.Row(var, proj),
+                             pn.bind(lambda v, p: show(whatif_maps(ds, v, projection=p)), var, proj))
         out.append(guard(wi_path.name, whatif))
     return out
