@@ -369,16 +369,31 @@ def test_plots_name_every_baseline_their_units_and_the_patients_orientation(brow
         seen[name] = _bokeh_names(pg)
         assert not pg.bad, (name, pg.bad)
         pg.page.close()
-    # the forecast maps in another projection: the graticule appears, the degree axes go
+    # the forecast maps in another projection: the graticule appears
     pg = Page(browser, f"{server}/{pages['climate']}")
     pg.rendered()
-    has_graticule = ("() => [...window.Bokeh.documents].some(d => [...d._all_models.values()].some("
-                     "m => m.type === 'GlyphRenderer' && m.glyph.type === 'MultiLine'))")
-    assert not pg.page.evaluate(has_graticule)
+    lines = ("() => [...window.Bokeh.documents].some(d => [...d._all_models.values()].some("
+             "m => m.type === 'GlyphRenderer' && m.glyph.type === 'MultiLine'))")
+    assert not pg.page.evaluate(lines)  # the generator's idealised planet: no coastline
     pg.page.locator("select:has(option[value='robinson'])").first.select_option("robinson")
-    pg.page.wait_for_function(has_graticule, timeout=60_000)
+    pg.page.wait_for_function(lines, timeout=60_000)
     assert not pg.bad, pg.bad
     pg.page.close()
+    # a forecast of the Earth (its input named as such) gets the shipped coastline
+    import xarray as xr
+
+    earth = results / "runs" / "climate" / "earth_view"
+    shutil.copytree(results / DOMAIN_RUNS["climate"], earth, ignore=shutil.ignore_patterns("checkpoints", "model"))
+    with xr.open_dataset(earth / "forecast.nc") as ds:
+        fc = ds.load()
+    fc.attrs["hfmi_input_title"] = "ERA5 monthly averaged data on single levels"
+    fc.to_netcdf(earth / "forecast.nc")
+    pg = Page(browser, f"{server}/?run={earth.relative_to(results).as_posix()}")
+    pg.rendered()
+    pg.page.wait_for_function(lines, timeout=60_000)  # plate-carree draws no graticule: this is the coastline
+    assert not pg.bad, pg.bad
+    pg.page.close()
+    shutil.rmtree(earth)
     clim = seen["climate"]
     assert {"model", "persistence", "damped persistence", "climatology"} <= clim["legend"], clim["legend"]
     assert {"longitude (°E)", "latitude (°N)", "lead [months]"} <= clim["axes"], clim["axes"]
