@@ -246,3 +246,14 @@ def test_an_executed_notebooks_plots_render_with_the_network_blocked(tmp_path):
     # nbconvert's own HTML template asks cdnjs for require.js and MathJax; nothing else may leave:
     # neither BokehJS nor Panel's stylesheets come from a CDN
     assert not [u for u in refused if not u.startswith("https://cdnjs.cloudflare.com/ajax/libs/")], refused
+
+
+def test_hfmi_run_says_which_cell_runs_at_least_every_10_s(tmp_path):
+    """No silent minutes: a long cell is named on stderr while it runs."""
+    nb = tmp_path / "slow.py"
+    nb.write_text("# %% tags=[\"parameters\"]\nn = 1\n\n# %%\nimport time\ntime.sleep(11)\n")
+    r = subprocess.run([sys.executable, "-m", "hfmi_kit.cli", "run", str(nb), "-p", "n", "2",
+                        "-o", str(tmp_path / "slow.ipynb")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "hfmi run slow.py: part 3/3, cell 2 ('import time')" in r.stderr, r.stderr
+    assert "hfmi run slow.py: done, 3 part(s)" in r.stderr

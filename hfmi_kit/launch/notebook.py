@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +87,50 @@ def _running_cell(output: Path) -> str:
     return f"cell {started[-1]} ({first[:60]!r})"
 
 
+def _cells_done(output: Path) -> tuple[int, str] | None:
+    """How many cells papermill has finished in ``output``, and the one it started last."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(output, as_version=4)
+    except Exception:  # not written yet, or caught mid-write
+        return None
+    meta = [c.get("metadata", {}).get("papermill", {}) for c in nb.cells]
+    started = [i for i, m in enumerate(meta) if m.get("start_time")]
+    done = sum(1 for m in meta if m.get("end_time"))
+    if not started:
+        return done, ""
+    src = nb.cells[started[-1]].source.strip()
+    return done, f"cell {started[-1]} ({(src.splitlines()[0] if src else '')[:50]!r})"
+
+
+@contextlib.contextmanager
+def _watch(src: Path, out: Path, cells: int, enabled: bool) -> Iterator[None]:
+    """A status line at least every 10 s while the notebook runs: the cell running, the time
+    elapsed and an estimate of the time left (from the cells done), read from the executed copy
+    papermill saves as it goes."""
+    from hfmi_kit.train.progress import Status
+
+    with Status(f"hfmi run {src.name}", total=cells, enabled=enabled) as st:
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.wait(2.0):
+                got = _cells_done(out)
+                if got is not None:
+                    st.finished, st.label = min(got[0], cells - 1), got[1]
+
+        t = threading.Thread(target=poll, name=f"watch {src.name}", daemon=True)
+        if enabled:
+            t.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            if enabled:
+                t.join()
+
+
 def _private_kernel_manager(folder: Path) -> type | None:
     """A kernel manager whose kernel talks over Unix sockets inside ``folder``.
 
@@ -109,13 +155,14 @@ def _private_kernel_manager(folder: Path) -> type | None:
 
 def run_notebook(path: str | Path, parameters: Mapping[str, Any] | None = None, *,
                  output: str | Path | None = None, cwd: str | Path | None = None,
-                 kernel_name: str = "python3", timeout: int | None = None) -> Path:
+                 kernel_name: str = "python3", timeout: int | None = None, status: bool = True) -> Path:
     """Execute a notebook with papermill and return the executed ``.ipynb``.
 
     The notebook runs in ``cwd`` (default: the caller's working directory, so that relative paths
     given as parameters mean what they mean to the caller). The executed copy is a plain
     ``.ipynb`` (no jupytext pairing: opening it does not write a paired ``.py`` beside it) and is
-    signed as trusted for this user, who ran it, so that its outputs render when opened.
+    signed as trusted for this user, who ran it, so that its outputs render when opened. With
+    ``status``, a line on stderr at least every 10 s says which cell runs (no silent minutes).
 
     Raises:
         NotebookError: a cell raised (with the cell and error), or the kernel died (with the
@@ -138,10 +185,12 @@ def run_notebook(path: str | Path, parameters: Mapping[str, Any] | None = None, 
         nbformat.write(nb, inp)
         manager = _private_kernel_manager(Path(tmp))
         engine = {"kernel_manager_class": manager} if manager else {}
+        cells = sum(1 for c in nb.cells if c.cell_type == "code") + bool(params)  # + papermill's injected cell
         try:
-            pm.execute_notebook(str(inp), str(out), parameters=params, kernel_name=kernel_name,
-                                cwd=str(cwd or Path.cwd()), progress_bar=False, log_output=False,
-                                execution_timeout=timeout, **engine)
+            with _watch(src, out, max(cells, 1), status):
+                pm.execute_notebook(str(inp), str(out), parameters=params, kernel_name=kernel_name,
+                                    cwd=str(cwd or Path.cwd()), progress_bar=False, log_output=False,
+                                    execution_timeout=timeout, **engine)
         except PapermillExecutionError as e:
             raise NotebookError(
                 f"{src}: cell {e.exec_count} raised {e.ename}: {e.evalue} (executed notebook: {out})"
