@@ -96,6 +96,14 @@ def _geo(img: Any, lon: np.ndarray, lat: np.ndarray, coast: bool) -> Any:
                               ylim=(float(np.min(lat)) - half_y, float(np.max(lat)) + half_y))
 
 
+@functools.cache
+def _projected_coast(projection: str) -> tuple[np.ndarray, ...]:
+    """The shipped coastline in ``projection`` (km), computed once: every frame of a map reuses it."""
+    from hfmi_kit.viz import projection as proj
+
+    return tuple(proj.project_lines(projection, list(_coast_lines(False, (-180.0, 180.0, -90.0, 90.0)))))
+
+
 def _projected(values: np.ndarray, lon: np.ndarray, lat: np.ndarray, projection: str, *, label: str, cmap: str,
                clim: tuple[float, float], width: int, title: str, coast: bool) -> Any:
     """One (lat, lon) field drawn in ``projection`` (see :mod:`hfmi_kit.viz.projection`): the globe
@@ -114,8 +122,8 @@ def _projected(values: np.ndarray, lon: np.ndarray, lat: np.ndarray, projection:
     layers = globe * field * hv.Path(list(proj.graticule(projection)), kdims=kd, label="graticule").opts(
         color="#777777", line_width=0.4, alpha=0.7)
     if coast:
-        lines = proj.project_lines(projection, list(_coast_lines(False, (-180.0, 180.0, -90.0, 90.0))))
-        layers = layers * hv.Path(lines, kdims=kd, label="coastline").opts(color="black", line_width=0.7, alpha=0.8)
+        layers = layers * hv.Path(list(_projected_coast(projection)), kdims=kd, label="coastline").opts(
+            color="black", line_width=0.7, alpha=0.8)
     return layers.opts(title=title, xaxis=None, yaxis=None, data_aspect=1, frame_width=max(200, width - 120))
 
 
