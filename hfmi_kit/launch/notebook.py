@@ -115,10 +115,17 @@ def _watch(src: Path, out: Path, cells: int, enabled: bool) -> Iterator[None]:
         stop = threading.Event()
 
         def poll() -> None:
-            while not stop.wait(2.0):
+            seen = None
+            while not stop.wait(3.0):
+                try:
+                    stamp = out.stat().st_mtime_ns
+                except OSError:
+                    continue
+                if stamp == seen:  # re-read (it holds every output so far) only when papermill saved it
+                    continue
                 got = _cells_done(out)
-                if got is not None:
-                    st.finished, st.label = min(got[0], cells - 1), got[1]
+                if got is not None:  # else caught mid-write: read it again next time
+                    seen, st.finished, st.label = stamp, min(got[0], cells - 1), got[1]
 
         t = threading.Thread(target=poll, name=f"watch {src.name}", daemon=True)
         if enabled:
