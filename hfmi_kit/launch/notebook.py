@@ -72,19 +72,9 @@ def check_parameters(nb: Any, parameters: Mapping[str, Any], *, source: str | Pa
 
 
 def _running_cell(output: Path) -> str:
-    import nbformat
-
-    try:
-        nb = nbformat.read(output, as_version=4)
-    except Exception:
-        return "unknown cell"
-    # papermill closes the dying cell as "completed"; the last cell it started is the one
-    started = [i for i, c in enumerate(nb.cells) if c.get("metadata", {}).get("papermill", {}).get("start_time")]
-    if not started:
-        return "unknown cell"
-    c = nb.cells[started[-1]]
-    first = c.source.strip().splitlines()[0] if c.source.strip() else ""
-    return f"cell {started[-1]} ({first[:60]!r})"
+    """The cell papermill started last in ``output`` (it closes a dying cell as "completed")."""
+    got = _cells_done(output)
+    return got[1] if got is not None and got[1] else "unknown cell"
 
 
 def _cells_done(output: Path) -> tuple[int, str] | None:
@@ -101,7 +91,7 @@ def _cells_done(output: Path) -> tuple[int, str] | None:
     if not started:
         return done, ""
     src = nb.cells[started[-1]].source.strip()
-    return done, f"cell {started[-1]} ({(src.splitlines()[0] if src else '')[:50]!r})"
+    return done, f"cell {started[-1]} ({(src.splitlines()[0] if src else '')[:60]!r})"
 
 
 @contextlib.contextmanager
