@@ -13,7 +13,7 @@ from typing import Any
 import xarray as xr
 
 from hfmi_kit.data.cf import open_cf
-from hfmi_kit.viz.core import curves, map_with_slider, single_map
+from hfmi_kit.viz.core import curves, map_with_slider, method_name, single_map
 
 
 def _vertical_dim(da: xr.DataArray) -> str | None:
@@ -68,7 +68,7 @@ def forecast_maps(forecast: xr.Dataset | str | Path, var: str = "tas", init_inde
                            projection=projection)
 
 
-BASELINE_NAMES = {"damped_persistence": "damped persistence", "skip": "skip path (linear inverse model)"}
+BASELINE_NAMES = {"skip": "skip path (linear inverse model)"}  # the others: viz.core.method_name
 
 
 def skill_vs_lead(metrics: Mapping[str, float] | str | Path, var: str = "tas", metric: str = "rmse") -> Any:
@@ -83,7 +83,8 @@ def skill_vs_lead(metrics: Mapping[str, float] | str | Path, var: str = "tas", m
                     if suffix and k.startswith(f"{metric}_") and k.endswith(suffix) and k != f"{metric}{suffix}"})
     for base in bases:
         if all(f"{metric}_{base}_{var}_lead{k}" in m for k in leads):
-            series[BASELINE_NAMES.get(base, base)] = (leads, [m[f"{metric}_{base}_{var}_lead{k}"] for k in leads])
+            name = BASELINE_NAMES.get(base) or method_name(base)
+            series[name] = (leads, [m[f"{metric}_{base}_{var}_lead{k}"] for k in leads])
     label = "latitude-weighted RMSE" if metric == "rmse" else "anomaly correlation"
     return curves(series, xlabel="lead [months]", ylabel=label, title=f"{var}: {label} vs lead")
 

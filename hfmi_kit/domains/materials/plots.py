@@ -10,9 +10,9 @@ import numpy as np
 
 from hfmi_kit.domains.materials.pv import sq_limit
 from hfmi_kit.viz import require_holoviews
-from hfmi_kit.viz.core import curves
+from hfmi_kit.viz.core import curves, method_name
 
-BASELINE_NAMES = {"rf": "random forest (Magpie)", "scratch": "from scratch", "dummy": "mean predictor"}
+BASELINE_NAMES = {"rf": "random forest (Magpie)"}  # the others: viz.core.method_name
 
 
 def parity(frame: Any, *, pred: str = "prediction_ev", title: str = "", size: int = 360) -> Any:
@@ -36,7 +36,7 @@ def error_by_chemistry(frame: Any, *, methods: Mapping[str, str] | None = None) 
         for col in frame.columns:
             if col.startswith("prediction_") and col.endswith("_ev") and col != "prediction_ev":
                 base = col[len("prediction_"):-len("_ev")]
-                methods[BASELINE_NAMES.get(base, base)] = col
+                methods[BASELINE_NAMES.get(base) or method_name(base)] = col
     methods = dict(methods)
     rows = []
     for fam, g in frame.groupby("chemistry"):
