@@ -100,6 +100,11 @@ def test_cli_pretrain_finetune_evaluate(study: Path, tmp_path: Path, capsys):
     assert main(["evaluate", "radiology", "--ckpt", str(ft / "model"), "--data", str(study), "--out", str(ev)]) == 0
     me = json.loads((ev / "metrics.json").read_text())
     assert me["test_cases"] == 3  # every labelled subject not used for training (2 test + 1 unused pool case)
+    # the scoring on the training run's test cases is the checkpoint's: the same blend, the same figures
+    assert json.loads((ft / "model" / "config.json").read_text())["processors"]["window_blend"] == "gaussian"
+    again = {r["id"]: r["dice"] for r in json.loads((ev / "cases.json").read_text())["per_case"]}
+    for row in cases["per_case"]["model"]:
+        assert again[row["id"]] == pytest.approx(row["dice"], abs=1e-9)
 
 
 def test_bad_inputs(study: Path, tmp_path: Path, capsys):

@@ -90,3 +90,53 @@ def test_windows_of_a_volume_not_divisible_by_the_window_match_a_whole_volume_fo
     assert lab.shape == (37, 29, 45)
     assert np.array_equal(lab, whole.argmax(0).numpy())
     assert np.all(conf <= whole.softmax(0).max(0).values.numpy() + 1e-6)
+
+
+@pytest.mark.parametrize("average", ["logits", "probabilities"])
+@pytest.mark.parametrize("axis", [None, 0, 1, 2])
+def test_the_streamed_gaussian_blend_equals_blending_the_whole_volume_at_once(axis, average):
+    """The slab-by-slab blend gives exactly the labels and probabilities of blending every
+    window's logits (or softmax) over the whole grid at once, along any streaming axis."""
+    from hfmi_kit.data.windows import blend_argmax_windows
+
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv3d(4, 4, 3, padding=1))
+    x = torch.randn(1, 37, 29, 45)
+    shape, w = (37, 29, 45), (16, 12, 16)
+
+    def crop(c):
+        return x[:, c[0]:c[0] + w[0], c[1]:c[1] + w[1], c[2]:c[2] + w[2]]
+
+    weight = centre_weight(w, 3)
+    with torch.no_grad():
+        out = (lambda b: net(b).softmax(1)) if average == "probabilities" else net
+        ref = blend_windows(out, crop, shape, w, channels=4, overlap=0.5, weight=weight)
+        if average == "logits":
+            ref = torch.from_numpy(ref).softmax(0).numpy()
+        lab, conf = blend_argmax_windows(net, crop, shape, w, overlap=0.5, weight=weight, batch_size=3, axis=axis,
+                                         average=average)
+    assert lab.dtype == np.uint8 and conf.dtype == np.float32
+    # a convolution with zero padding differs at window edges: the blend is not the whole-volume forward
+    assert len(np.unique(lab)) > 1
+    np.testing.assert_array_equal(lab, ref.argmax(0))
+    np.testing.assert_allclose(conf, ref.max(0), rtol=1e-5, atol=1e-6)
+
+
+def test_the_streamed_blend_refuses_a_grid_smaller_than_its_window():
+    from hfmi_kit.data.windows import blend_argmax_windows
+
+    with pytest.raises(ConfigError, match="smaller than the window"):
+        blend_argmax_windows(lambda b: b, lambda c: torch.zeros(1, 8, 8), (6, 9), 8)
+    with pytest.raises(ConfigError, match="average must be"):
+        blend_argmax_windows(lambda b: b, lambda c: torch.zeros(1, 8, 8), (8, 9), 8, average="max")
+
+
+def test_a_segmenter_checkpoint_keeps_its_window_blend_and_older_ones_keep_the_argmax():
+    from hfmi_kit.domains.radiology.model import sliding_window_labels
+    from hfmi_kit.domains.radiology.tasks import SegmentationPredictor
+
+    net = torch.nn.Conv3d(1, 3, 1)
+    assert SegmentationPredictor(net, {}).blend == "argmax"  # scored so before the choice existed
+    assert SegmentationPredictor(net, {"processors": {"window_blend": "gaussian"}}).blend == "gaussian"
+    with pytest.raises(ConfigError, match="window blend must be one of gaussian, argmax"):
+        sliding_window_labels(net, np.zeros((1, 8, 8, 8), np.float32), window=8, background=[0.0], blend="mean")

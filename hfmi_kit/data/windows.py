@@ -4,8 +4,11 @@ A model sees fixed-size windows (a carbon tile, a CT crop); a field or a volume 
 :func:`grid_windows` places windows at a stride of ``window * (1 - overlap)`` with the last one
 flush with the end, so every cell is covered; :func:`blend_windows` averages overlapping
 outputs (optionally weighted towards each window's centre) into a ``(channels, *shape)``
-array; :func:`argmax_windows` keeps, per cell, the class of the window most confident about
-it, with one float and one byte per cell whatever the number of classes.
+array; :func:`blend_argmax_windows` blends the windows' class probabilities with weights (a
+Gaussian, as nnU-Net does) and keeps the label, streaming the blend along one axis so that only a
+slab one window deep is ever accumulated: one byte (label) and one float (probability) per cell
+of the output, whatever the number of classes; :func:`argmax_windows` is its cheaper, approximate
+sibling: a cell keeps the class of the window most confident about it.
 
 Windows are read through ``crop(corner)``, so a caller can cut them from an in-memory array, a
 dict of source layers or a memory-mapped file; only ``batch_size`` windows are in memory at a
@@ -151,3 +154,76 @@ def argmax_windows(fn: Callable[[Any], torch.Tensor], crop: Callable[[Corner], A
             best[sl] = torch.where(upd, cf, best[sl])
             lab[sl] = torch.where(upd, cl.to(torch.uint8), lab[sl])
     return lab.numpy(), best.numpy()
+
+
+def _along(axis: int, ndim: int, sl: slice, rest: Sequence[slice] | None = None) -> tuple[slice, ...]:
+    """A slice tuple that is ``sl`` on ``axis`` and ``rest`` (default: everything) elsewhere."""
+    out = [slice(None)] * ndim if rest is None else list(rest)
+    out[axis] = sl
+    return tuple(out)
+
+
+@torch.no_grad()
+def blend_argmax_windows(fn: Callable[[Any], torch.Tensor], crop: Callable[[Corner], Any], shape: Sequence[int],
+                         window: int | Sequence[int], *, overlap: float = 0.5, batch_size: int = 4,
+                         weight: torch.Tensor | None = None, device: torch.device | str = "cpu",
+                         axis: int | None = None, average: str = "logits") -> tuple[np.ndarray, np.ndarray]:
+    """Label map (uint8) and probability of that label (float32) over a grid of ``shape``:
+    ``fn(batch)`` gives logits ``(B, classes, *window)``; the windows' logits (``average="logits"``,
+    as nnU-Net blends them) or softmax probabilities (``"probabilities"``) are averaged with
+    ``weight`` (one value per window cell; e.g. :func:`centre_weight`), exactly as
+    :func:`blend_windows` would, and each cell takes the most probable class (the probability is
+    the softmax of the averaged logits, or the averaged probability).
+
+    The windows are visited in order along ``axis`` (default: the axis where a window is the
+    smallest fraction of the grid). A cell is final once no later window can reach it, so only a
+    slab ``window`` deep across the other axes is accumulated, ``classes + 1`` floats per slab
+    cell; the output is 5 bytes per cell.
+    """
+    if average not in ("logits", "probabilities"):
+        raise ConfigError(f"average must be 'logits' or 'probabilities', got {average!r}")
+    ndim = len(shape)
+    w = _as_window(window, ndim)
+    if any(n < wi for n, wi in zip(shape, w)):
+        raise ConfigError(f"grid {tuple(shape)} is smaller than the window {w}: pad it first")
+    ax = int(np.argmin([wi / n for wi, n in zip(w, shape)])) if axis is None else int(axis)
+    corners = sorted(grid_windows(shape, w, overlap=overlap), key=lambda c: c[ax])
+    wt = torch.ones(w) if weight is None else weight.float().cpu()
+    depth = w[ax]
+    slab = tuple(depth if i == ax else int(n) for i, n in enumerate(shape))
+    lab = np.zeros(tuple(shape), dtype=np.uint8)
+    conf = np.zeros(tuple(shape), dtype=np.float32)
+    state: dict[str, Any] = {"lo": 0, "acc": None, "cnt": torch.zeros(slab)}
+
+    def flush(upto: int) -> None:
+        """Finalise rows [lo, upto) along the axis and shift the slab past them."""
+        lo, acc, cnt = state["lo"], state["acc"], state["cnt"]
+        n = upto - lo
+        if n <= 0:
+            return
+        head = _along(ax, ndim, slice(0, n))
+        p = acc[(slice(None), *head)] / cnt[head].clamp_min(1e-12)
+        best, cls = (p.softmax(0) if average == "logits" else p).max(0)
+        out = _along(ax, ndim, slice(lo, upto))
+        lab[out] = cls.to(torch.uint8).numpy()
+        conf[out] = best.numpy()
+        keep, tail = _along(ax, ndim, slice(n, depth)), _along(ax, ndim, slice(0, depth - n))
+        cnt[tail] = cnt[keep].clone()
+        acc[(slice(None), *tail)] = acc[(slice(None), *keep)].clone()
+        cnt[_along(ax, ndim, slice(depth - n, depth))] = 0
+        acc[(slice(None), *_along(ax, ndim, slice(depth - n, depth)))] = 0
+        state["lo"] = upto
+
+    for i in range(0, len(corners), batch_size):
+        chunk = corners[i:i + batch_size]
+        prob = fn(_stack([crop(c) for c in chunk], device)).float()
+        prob = (prob.softmax(1) if average == "probabilities" else prob).cpu()
+        if state["acc"] is None:
+            state["acc"] = torch.zeros((prob.shape[1], *slab))
+        for c, pr in zip(chunk, prob):
+            flush(c[ax])
+            sl = _along(ax, ndim, slice(0, depth), _slices(c, w))
+            state["acc"][(slice(None), *sl)] += pr * wt
+            state["cnt"][sl] += wt
+    flush(int(shape[ax]))
+    return lab, conf

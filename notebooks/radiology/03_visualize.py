@@ -37,7 +37,7 @@ import numpy as np
 from hfmi_kit.domains.radiology import discover, prepare
 from hfmi_kit.domains.radiology.data import split_subjects
 from hfmi_kit.domains.radiology.plots import orthoviews
-from hfmi_kit.domains.radiology.tasks import predict_case, write_prediction
+from hfmi_kit.domains.radiology.tasks import predictor, write_prediction
 from hfmi_kit.train import load_pretrained, read_config
 
 cfg = read_config(finetuned)
@@ -47,7 +47,7 @@ model = load_pretrained(finetuned).eval()
 _, test = split_subjects(discover(data_path))
 sub = test[case_index]
 case = prepare(sub, cfg["geometry"]["modalities"], cfg["geometry"]["spacing_mm"], keep_ref=True)
-pred = predict_case(model, case)
+pred = predictor(model, cfg)(case)  # sliding windows, blended as the checkpoint says
 centre = np.argwhere(case.label > 0).mean(0).round().astype(int) if case.label.any() else None
 orthoviews(dict(zip(case.modalities, case.image)), {"predicted": pred, "true": case.label}, title=case.id,
            affine=case.affine, centre=centre, positions=list(range(40, 61, 5)))

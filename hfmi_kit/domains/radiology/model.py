@@ -6,8 +6,9 @@ contrast it sees. The pretrainer sees one volume of any modality per sample; the
 sees all of a subject's modalities at once (their tokens concatenated, so attention can
 combine contrasts), averages the encoder outputs of each patch over modalities and decodes
 them to voxels with a small convolutional decoder that also takes the full-resolution image
-(UNETR-style). Inference runs over whole volumes with :func:`sliding_window_labels`, which
-keeps one confidence and one label per voxel instead of a float buffer per class.
+(UNETR-style). Inference runs over whole volumes with :func:`sliding_window_labels`: the windows'
+logits are blended with a Gaussian weight, one window-deep slab at a time, so a volume costs one
+label and one probability per voxel plus a slab of class buffers.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hfmi_kit.errors import ConfigError
 from hfmi_kit.models import Backbone, EncoderConfig, GridTokenizer, TokenBatch, register_model
 from hfmi_kit.models.mae import mae_forward, make_decoder
 
@@ -209,16 +211,27 @@ class UNetBaseline(nn.Module):
         return {"loss": seg_loss(self.logits(batch["inputs"]), batch["target"], self.classes)}
 
 
+WINDOW_BLENDS = ("gaussian", "argmax")  # how overlapping windows combine at inference
+
+
 @torch.no_grad()
 def sliding_window_labels(logits_fn: Callable[[torch.Tensor], torch.Tensor], image: np.ndarray, *, window: int,
                           background: Sequence[float], overlap: float = 0.5, batch_size: int = 4,
-                          device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Label map and confidence of a whole volume ``image`` (M, I, J, K) by overlapping windows
-    (:func:`hfmi_kit.data.windows.argmax_windows`, weighted towards each window's centre): a
-    voxel keeps the label of the window most confident about it. Returns (labels uint8,
-    confidence float32) on the input grid.
+                          device: str | torch.device = "cpu", blend: str = "gaussian"
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """Label map and confidence of a whole volume ``image`` (M, I, J, K) by overlapping windows.
+
+    ``blend="gaussian"``: the windows' logits are averaged with a Gaussian weight (nnU-Net's
+    sliding-window inference), streamed one window-deep slab at a time
+    (:func:`hfmi_kit.data.windows.blend_argmax_windows`); ``"argmax"``: a voxel keeps the label
+    of the window most confident about it, centre-weighted
+    (:func:`hfmi_kit.data.windows.argmax_windows`). Returns (labels uint8, probability of the
+    label float32) on the input grid.
     """
-    from hfmi_kit.data.windows import argmax_windows, centre_weight
+    from hfmi_kit.data.windows import argmax_windows, blend_argmax_windows, centre_weight
+
+    if blend not in WINDOW_BLENDS:
+        raise ConfigError(f"window blend must be one of {', '.join(WINDOW_BLENDS)}, got {blend!r}")
     from hfmi_kit.domains.radiology.data import pad_to
 
     img, pads = pad_to(image, window, list(background))
@@ -228,8 +241,9 @@ def sliding_window_labels(logits_fn: Callable[[torch.Tensor], torch.Tensor], ima
     def crop(c: tuple[int, ...]) -> torch.Tensor:
         return x[:, c[0]:c[0] + window, c[1]:c[1] + window, c[2]:c[2] + window]
 
-    lab, best = argmax_windows(logits_fn, crop, shape, window, overlap=overlap, batch_size=batch_size,
-                               weight=centre_weight(window, 3), device=device)
+    way = blend_argmax_windows if blend == "gaussian" else argmax_windows
+    lab, best = way(logits_fn, crop, shape, window, overlap=overlap, batch_size=batch_size,
+                    weight=centre_weight(window, 3), device=device)
     inner = tuple(slice(p0, n - p1) for (p0, p1), n in zip(pads, shape))
     return lab[inner], best[inner]
 

@@ -22,7 +22,7 @@ from hfmi_kit.domains.radiology import metrics as M
 from hfmi_kit.domains.radiology import store as rstore
 from hfmi_kit.domains.radiology.geometry import to_input_grid
 from hfmi_kit.domains.radiology.io import load_volume, save_nifti, write_dicom_seg
-from hfmi_kit.domains.radiology.model import RadiologySegmenter, UNetBaseline, sliding_window_labels
+from hfmi_kit.domains.radiology.model import WINDOW_BLENDS, RadiologySegmenter, UNetBaseline, sliding_window_labels
 from hfmi_kit.domains.radiology.resenc import ResEncSegmenter
 from hfmi_kit.domains.radiology.store import inspect_store, prepare  # noqa: F401 (the domain's data commands)
 from hfmi_kit.domains.radiology.synth import LABELS
@@ -185,14 +185,17 @@ class SegmentationPredictor(Predictor):
     :meth:`prepare` loads a subject's images onto the model grid (the checkpoint's modalities
     and voxel spacing; intensities normalised as in training); calling the predictor on the
     prepared case gives its label map on that grid: sliding windows of the model's crop with
-    ``overlap``, centre-weighted blending kept as a running argmax (one float and one byte per
-    voxel, :func:`hfmi_kit.data.windows.argmax_windows`).
+    ``overlap``, combined as the checkpoint's ``processors.window_blend`` says (``gaussian``:
+    nnU-Net's Gaussian-weighted average of the logits; ``argmax``: the most confident window per
+    voxel, what checkpoints written before the choice existed were scored with); see
+    :func:`.model.sliding_window_labels`.
     """
 
     def __init__(self, model: torch.nn.Module, config: dict[str, Any] | None = None, *, overlap: float = 0.5,
-                 batch_size: int = 4) -> None:
+                 batch_size: int = 4, blend: str | None = None) -> None:
         super().__init__(model, model_fn=self._label_map, config=config)
         self.overlap, self.batch_size = overlap, batch_size
+        self.blend = blend or str((self.config.get("processors") or {}).get("window_blend", "argmax"))
 
     def prepare(self, subject: rdata.Subject, *, with_label: bool = True) -> rdata.Prepared:
         """``subject`` on the model grid (its reference grids kept, to write predictions back)."""
@@ -206,7 +209,8 @@ class SegmentationPredictor(Predictor):
     def _label_map(self, case: rdata.Prepared) -> np.ndarray:
         model: Any = self.model
         lab, _ = sliding_window_labels(model.logits, case.image, window=model.crop, background=case.background,
-                                       overlap=self.overlap, batch_size=self.batch_size, device=self.device)
+                                       overlap=self.overlap, batch_size=self.batch_size, device=self.device,
+                                       blend=self.blend)
         return lab
 
 
@@ -216,9 +220,9 @@ def predictor(model: torch.nn.Module, config: dict[str, Any] | None = None) -> S
 
 
 def predict_case(model: torch.nn.Module, case: rdata.Prepared, *, overlap: float = 0.5,
-                 batch_size: int = 4) -> np.ndarray:
+                 batch_size: int = 4, blend: str = "gaussian") -> np.ndarray:
     """Label map of one prepared case on its model grid (:class:`SegmentationPredictor`)."""
-    return SegmentationPredictor(model, overlap=overlap, batch_size=batch_size)(case)
+    return SegmentationPredictor(model, overlap=overlap, batch_size=batch_size, blend=blend)(case)
 
 
 def score_cases(model: torch.nn.Module | SegmentationPredictor, cases: Sequence[rdata.Prepared], *,
@@ -278,7 +282,11 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
              precision: opt.Precision = "auto", device: opt.Device = "auto",
              progress: opt.Progress = True, workers: opt.Workers = 0,
              backbone: Annotated[str | None, opt.Opt("transformer or resenc (None: the pretrained model's; "
-                                                     "from scratch: transformer)")] = None) -> dict[str, float]:
+                                                     "from scratch: transformer)")] = None,
+             window_blend: Annotated[str, opt.Opt("how overlapping windows combine at inference: gaussian "
+                                                  "(nnU-Net's Gaussian-weighted average of the logits) or argmax "
+                                                  "(the most confident window per voxel)",
+                                                  choices=WINDOW_BLENDS)] = "gaussian") -> dict[str, float]:
     """Fine-tune tumour segmentation/localisation on ``labels`` cases (default all; or a fraction).
 
     ``ckpt=None`` trains the same architecture from scratch. With ``baselines`` (True, or a
@@ -290,7 +298,8 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
     cosine) on the same crops; a pretrained backbone adds layer-wise LR decay 0.8. Writes
     ``out/model``, ``out/metrics.json``,
     ``out/cases.json`` and ``out/predictions/`` (NIfTI on each input's grid, DICOM-SEG for
-    DICOM inputs).
+    DICOM inputs). Every model and baseline is scored with the same ``window_blend``, which the
+    checkpoint keeps for ``evaluate`` and ``predict``.
     """
     if task not in ("segment",):
         raise ConfigError(f"unknown radiology task {task!r}; expected 'segment'")
@@ -354,7 +363,7 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
                                               subjects, summary=summary, steps=steps, seed=seed,
                                               batch_size=batch_size, lr=lr, layer_decay=layer_decay, mode=mode,
                                               precision=precision, device=device, progress=progress, save=True,
-                                              workers=workers, family=seg_family)
+                                              workers=workers, family=seg_family, blend=window_blend)
     all_rows = {"model": rows}
     wanted = recipe.requested_baselines(baselines, ("scratch", "unet_same", "unet"))
     if ckpt is None:
@@ -376,7 +385,7 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
                                       steps=bsteps, seed=seed, batch_size=batch_size, lr=None, layer_decay=None,
                                       mode="full", precision=precision, device=device, progress=progress,
                                       save=False, unet=name in ("unet", "unet_same"), workers=workers,
-                                      family=seg_family)  # scratch: the model's own architecture
+                                      family=seg_family, blend=window_blend)  # scratch: the model's own architecture
         all_rows[name] = r_b
         done[name] = m_b
         return m_b
@@ -423,7 +432,7 @@ def _fit_and_score(name: str, ckpt: str | Path | None, size: str, mk: dict[str, 
                    out: Path, root: Path, subjects: Sequence[Any], *, summary: str, steps: int, seed: int,
                    batch_size: int, lr: float | None, layer_decay: float | None, mode: str, precision: str,
                    device: str, progress: bool, save: bool, unet: bool = False, workers: int = 0,
-                   family: str = "radiology_segmenter"
+                   family: str = "radiology_segmenter", blend: str = "gaussian"
                    ) -> tuple[torch.nn.Module, ModelConfig, dict[str, float], list]:
     """Train one segmenter (the model of ``family``, or a baseline) on ``train_cases`` and score it
     on ``test_cases`` (writing the predictions when ``save``)."""
@@ -435,6 +444,7 @@ def _fit_and_score(name: str, ckpt: str | Path | None, size: str, mk: dict[str, 
     mc = ModelConfig(domain="radiology", task="segment", model_type=f"{family}.{size}", model_kwargs=kw,
                      geometry={"spacing_mm": mk["spacing"], "crop": mk["crop"], "modalities": mk["input_modalities"],
                                "labels": {str(k): v for k, v in LABELS.items()}},
+                     processors={"window_blend": blend},
                      card=_card(root, subjects, summary or f"radiology {name} baseline"))
     tc = recipe.engine(ENGINE, steps=steps, pretrained=ckpt is not None, mode=mode, layer_decay=layer_decay,
                        batch_size=batch_size, lr=2e-3 if lr is None else lr, seed=seed, precision=precision,
