@@ -104,3 +104,18 @@ def test_sigkill_of_a_two_process_run_then_resume_on_two_processes_is_bit_exact(
     common = ["pretrain", "climate", "--data", str(climate_zarr), "--config", "tiny", "--steps", str(steps),
               "--batch-size", "8", "--checkpoint-every", str(every), "--seed", "5", "--nproc", "2"]
     straight_then_killed_then_resumed(common, tmp_path, every, steps)
+
+
+def test_sigkill_of_radiology_pretraining_from_a_store_in_workers_then_resume_is_bit_exact(tmp_path):
+    """The patch stream of a volume store (crops read by two DataLoader workers) resumes at the same crop."""
+    pytest.importorskip("zarr")
+    pytest.importorskip("nibabel")
+    from hfmi_kit.domains.radiology import StudyConfig, generate_study
+    from hfmi_kit.domains.radiology import store as rstore
+
+    study = generate_study(tmp_path / "study", StudyConfig(unlabelled=2, labelled=1, spacing_scale=1.8, seed=2,
+                                                            dicom_subject=None))
+    store = rstore.prepare(sources=[study], out=tmp_path / "study.zarr", chunk=16, progress=False)
+    common = ["pretrain", "radiology", "--data", str(store), "--steps", "9", "--batch-size", "2", "--crop", "16",
+              "--workers", "2", "--checkpoint-every", "6", "--seed", "4"]
+    straight_then_killed_then_resumed(common, tmp_path, 6, 9)
