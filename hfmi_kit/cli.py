@@ -242,8 +242,8 @@ def cmd_whatif(a: argparse.Namespace) -> None:
     dom = _domain(a.domain)
     out = Path(a.out)
     m = dom.whatif(ckpt=a.ckpt, data=a.data or _ckpt_data(a.ckpt), out=out, co2_factor=a.co2_factor,
-                   months=a.months, members=a.members, seed=a.seed, base_ppm=a.base_ppm,
-                   average_from=a.months // 2 if a.average_from is None else a.average_from)
+                   horizon=a.horizon, members=a.members, seed=a.seed, base_ppm=a.base_ppm,
+                   average_from=a.horizon // 2 if a.average_from is None else a.average_from)
     print(f"what-if: {out / 'whatif.nc'}")
     _print_metrics(m, out)
 
@@ -705,9 +705,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.add_argument("--data")
     sp.add_argument("--co2-factor", type=float, default=2.0)
-    sp.add_argument("--months", type=int, default=24)
+    sp.add_argument("--horizon", "--months", dest="horizon", type=int, default=24,
+                    help="steps of the data rolled out (months for monthly data; --months is its old spelling)")
     sp.add_argument("--members", type=int, default=8)
-    sp.add_argument("--average-from", type=int, help="first month of the response average (default: months/2)")
+    sp.add_argument("--average-from", type=int, help="first step of the response average (default: horizon/2)")
     sp.add_argument("--base-ppm", type=float, help="baseline CO2 [ppm] (default: the value at the start)")
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_whatif)

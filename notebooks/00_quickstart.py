@@ -33,7 +33,7 @@ seed = 0
 from pathlib import Path
 
 from hfmi_kit.domains.climate import GeneratorConfig, finetune, generate, pretrain, write_dataset
-from hfmi_kit.domains.climate.plots import forecast_maps, skill_vs_lead
+from hfmi_kit.domains.climate.plots import forecast_maps, lead_step, skill_vs_lead
 
 out = Path(out_dir)
 data = write_dataset(generate(GeneratorConfig(years=years, spinup_years=8, seed=seed)), out / "climate.zarr")
@@ -56,7 +56,7 @@ for k in ("rmse", "rmse_persistence", "rmse_climatology", "acc"):
     print(f"{k:20s} {metrics[k]:.3f}")
 
 # %%
-skill_vs_lead(metrics, "tas")
+skill_vs_lead(metrics, "tas", step=lead_step(out / "finetune" / "forecast.nc"))
 
 # %%
 forecast_maps(out / "finetune" / "forecast.nc", "tas")

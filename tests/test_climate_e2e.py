@@ -82,12 +82,14 @@ def test_evaluate_and_info(climate_runs, capsys):
 def test_whatif_writes_cf_response(climate_runs):
     out = climate_runs["root"] / "whatif"
     assert main(["whatif", "climate", "--ckpt", str(climate_runs["ft"] / "model"), "--out", str(out),
-                 "--months", "12", "--members", "3"]) == 0
+                 "--months", "12", "--members", "3"]) == 0  # --months: the old spelling of --horizon
     m = json.loads((out / "metrics.json").read_text())
     assert {"pattern_correlation", "amplitude_ratio", "tas_response_global", "tas_response_spread"} <= set(m)
     assert m["tas_response_global_true"] > 0  # the generator warms under doubled CO2
+    assert m["horizon_steps"] == 12 and m["months"] == 12  # monthly data: the old key stays true
     ds = xr.open_dataset(out / "whatif.nc")
     assert {"tas_response", "tas_response_spread", "tas_response_true"} <= set(ds.data_vars)
+    assert ds["tas_response_by_step"].dims == ("step", "lat", "lon") and ds["step"].attrs["step"] == "1 month"
     ds.close()
 
 
@@ -184,6 +186,13 @@ def test_real_reanalysis_500hpa_heights_of_annual_winters_train_end_to_end(tmp_p
     fc = xr.open_dataset(tmp_path / "ft" / "forecast.nc")
     assert fc["z"].dims == ("init_time", "lead", "pressure", "lat", "lon") and float(fc["pressure"][0]) == 500.0
     assert fc["lead"].attrs["long_name"] == "forecast lead in steps of 1 year"
+    from hfmi_kit.domains.climate.plots import lead_step, skill_vs_lead
+
+    assert lead_step(fc) == "1 year"  # the skill plot counts leads in years, not months
+    plot = skill_vs_lead(m, "z_500", step=lead_step(fc))
+    import holoviews as hv
+
+    assert set(plot.traverse(lambda c: c.kdims[0].name, [hv.Curve])) == {"lead [steps of 1 year]"}
 
 
 def test_a_360_day_calendar_runs_and_is_written_back_on_its_calendar(tmp_path):

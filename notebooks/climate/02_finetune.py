@@ -29,7 +29,7 @@ label_fraction = 0.25  # fraction of training years with labels
 steps = 150
 batch_size = 16  # windows per optimiser step
 mode = "full"  # full, frozen or linear_probe
-leads = 6  # forecast lead times (months)
+leads = 6  # forecast lead times (steps of the data: months here)
 compare_scratch = True  # also train the same model from scratch
 whatif_members = 4
 seed = 0
@@ -42,7 +42,7 @@ from pathlib import Path
 import pandas as pd
 
 from hfmi_kit.domains.climate import finetune, whatif
-from hfmi_kit.domains.climate.plots import skill_vs_lead
+from hfmi_kit.domains.climate.plots import lead_step, skill_vs_lead
 from hfmi_kit.train import read_config
 from hfmi_kit.viz.core import label_efficiency
 
@@ -61,7 +61,7 @@ keys = ["rmse", "rmse_persistence", "rmse_climatology", "acc", "seaice_extent_ma
 pd.DataFrame({n: {k: m[k] for k in keys} for n, m in results.items()}).round(3)
 
 # %%
-skill_vs_lead(results["pretrained"], "tas")
+skill_vs_lead(results["pretrained"], "tas", step=lead_step(out / "pretrained" / "forecast.nc"))
 
 # %%
 rows = [{"method": n, "labels": label_fraction, "rmse": m["rmse"]} for n, m in results.items()]
@@ -72,5 +72,5 @@ label_efficiency(rows, "rmse", xlabel="fraction of training years labelled")
 
 # %%
 w = whatif(ckpt=out / "pretrained" / "model", data=data_path, out=out / "whatif", co2_factor=2.0,
-           months=12, average_from=6, members=whatif_members, seed=seed)
+           horizon=12, average_from=6, members=whatif_members, seed=seed)
 print(json.dumps({k: round(v, 3) for k, v in w.items()}, indent=1))

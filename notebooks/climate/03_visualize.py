@@ -31,7 +31,7 @@ from pathlib import Path
 
 import xarray as xr
 
-from hfmi_kit.domains.climate.plots import forecast_maps, skill_vs_lead, whatif_maps
+from hfmi_kit.domains.climate.plots import forecast_maps, lead_step, skill_vs_lead, whatif_maps
 
 run = Path(run_dir)
 fc = xr.open_dataset(run / "forecast.nc")
@@ -48,7 +48,8 @@ forecast_maps(fc, variable, projection=projection)
 # ## Skill against lead time: model vs persistence and climatology
 
 # %%
-skill_vs_lead(metrics, variable, "rmse") + skill_vs_lead(metrics, variable, "acc")
+step = lead_step(fc)  # what a lead counts: "1 month" for monthly data
+skill_vs_lead(metrics, variable, "rmse", step=step) + skill_vs_lead(metrics, variable, "acc", step=step)
 
 # %% [markdown]
 # ## What-if response and its spread

@@ -44,7 +44,7 @@ class ClimateDomain(Domain):
         if not clim.is_dir():
             return []
         out = root / "runs" / "climate" / "whatif"
-        whatif(ckpt=clim, data=root / "data" / "climate.zarr", out=out, months=6, members=2, average_from=2, seed=seed)
+        whatif(ckpt=clim, data=root / "data" / "climate.zarr", out=out, horizon=6, members=2, average_from=2, seed=seed)
         return [out]
 
     def scorecard_plan(self) -> DomainPlan:

@@ -14,7 +14,7 @@ from hfmi_kit.viz.results import Run
 def section(run: Run) -> list[Any]:
     """Forecast maps with a lead slider, skill against lead, and what-if response maps."""
 
-    from hfmi_kit.domains.climate.plots import field_names, forecast_maps, skill_vs_lead, whatif_maps
+    from hfmi_kit.domains.climate.plots import field_names, forecast_maps, lead_step, skill_vs_lead, whatif_maps
     from hfmi_kit.viz.projection import PROJECTIONS
 
     pn = panel()
@@ -37,7 +37,7 @@ def section(run: Run) -> list[Any]:
                 return show(forecast_maps(ds, v, dynamic=True, projection=p))
 
             def skill(v: str) -> Any:
-                plots = [skill_vs_lead(run.metrics, v, m) for m in ("rmse", "acc")
+                plots = [skill_vs_lead(run.metrics, v, m, step=lead_step(ds)) for m in ("rmse", "acc")
                          if f"{m}_{v}_lead1" in run.metrics]
                 return pn.Row(*[show(p) for p in plots]) if plots else pn.pane.Markdown(
                     f"*no per-lead scores of {v} in metrics.json*")

@@ -55,6 +55,18 @@ def on_earth(ds: xr.Dataset) -> bool:
     return "synthetic" not in str(ds.attrs.get("hfmi_input_title", ds.attrs.get("title", ""))).lower()
 
 
+def lead_step(forecast: xr.Dataset | str | Path) -> str:
+    """The time step a forecast's leads count (``1 month``, ``1 year``), from its ``lead`` axis
+    (the ``step`` attribute, or the long name ``forecast lead in steps of ...`` of older files);
+    "" when the file does not say."""
+    ds = open_cf(forecast) if not isinstance(forecast, xr.Dataset) else forecast
+    attrs = ds["lead"].attrs if "lead" in ds.coords else {}
+    step = str(attrs.get("step", ""))
+    if not step and "steps of " in str(attrs.get("long_name", "")):
+        step = str(attrs["long_name"]).split("steps of ", 1)[1].strip()
+    return step
+
+
 def forecast_maps(forecast: xr.Dataset | str | Path, var: str = "tas", init_index: int = 0, *,
                   dynamic: bool = False, projection: str = "plate-carree") -> Any:
     """Forecast of ``var`` from one initialisation, with a lead-time slider (``dynamic``: frames are
@@ -71,10 +83,12 @@ def forecast_maps(forecast: xr.Dataset | str | Path, var: str = "tas", init_inde
 BASELINE_NAMES = {"skip": "skip path (linear inverse model)"}  # the others: viz.core.method_name
 
 
-def skill_vs_lead(metrics: Mapping[str, float] | str | Path, var: str = "tas", metric: str = "rmse") -> Any:
+def skill_vs_lead(metrics: Mapping[str, float] | str | Path, var: str = "tas", metric: str = "rmse", *,
+                  step: str = "") -> Any:
     """RMSE (or ACC) against lead time for the model and every baseline the metrics hold for
     ``var`` at every lead (persistence, climatology, damped persistence, the skip path): the
-    strongest one included, whichever it is."""
+    strongest one included, whichever it is. ``step`` names what a lead counts (``1 month``;
+    :func:`lead_step` of the forecast file); without it the axis says "steps"."""
     m = json.loads(Path(metrics).read_text()) if not isinstance(metrics, Mapping) else metrics
     leads = sorted(int(k.rsplit("lead", 1)[1]) for k in m if k.startswith(f"{metric}_{var}_lead"))
     series = {"model": (leads, [m[f"{metric}_{var}_lead{k}"] for k in leads])}
@@ -86,7 +100,8 @@ def skill_vs_lead(metrics: Mapping[str, float] | str | Path, var: str = "tas", m
             name = BASELINE_NAMES.get(base) or method_name(base)
             series[name] = (leads, [m[f"{metric}_{base}_{var}_lead{k}"] for k in leads])
     label = "latitude-weighted RMSE" if metric == "rmse" else "anomaly correlation"
-    return curves(series, xlabel="lead [months]", ylabel=label, title=f"{var}: {label} vs lead")
+    xlabel = f"lead [steps of {step}]" if step else "lead [steps]"
+    return curves(series, xlabel=xlabel, ylabel=label, title=f"{var}: {label} vs lead")
 
 
 def whatif_maps(whatif: xr.Dataset | str | Path, var: str = "tas", *, projection: str = "plate-carree") -> Any:

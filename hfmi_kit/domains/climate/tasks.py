@@ -569,7 +569,8 @@ def forecast_dataset(d: cdata.ClimateData, fields: dict[str, np.ndarray], t0: np
             "init_time": ("init_time", init, {"standard_name": "forecast_reference_time",
                                               "long_name": "forecast initialisation time"}),
             "lead": ("lead", np.arange(1, leads + 1, dtype=np.int32),
-                     {"long_name": f"forecast lead in steps of {d.step.label}", "units": "1"}),
+                     {"long_name": f"forecast lead in steps of {d.step.label}", "units": "1",
+                      "step": d.step.label}),
             "valid_time": (("init_time", "lead"), valid_time, {"standard_name": "time",
                                                                "long_name": "validity time"}),
             "lat": ("lat", d.lat, {"standard_name": "latitude", "units": "degrees_north", "axis": "Y",
@@ -691,9 +692,9 @@ def evaluate(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out, leads: Leads
 @torch.no_grad()
 def whatif(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out,
            co2_factor: Annotated[float, opt.Opt("CO2 of the what-if, as a multiple of the baseline's", above=0)] = 2.0,
-           months: Annotated[int, opt.Opt("months rolled out", low=1)] = 24,
+           horizon: Annotated[int, opt.Opt("steps of the data rolled out (months for monthly data)", low=1)] = 24,
            members: Annotated[int, opt.Opt("ensemble members (perturbed initial states)", low=1)] = 8,
-           average_from: Annotated[int, opt.Opt("first month of the averaged response", low=0)] = 12,
+           average_from: Annotated[int, opt.Opt("first step of the averaged response", low=0)] = 12,
            perturbation: Annotated[float, opt.Opt("initial-state noise, in standard deviations", low=0)] = 0.05,
            truth: Annotated[bool, opt.Opt("re-run the built-in generator with the same change, when the data "
                                       "came from it, and score the response against it")] = True,
@@ -706,14 +707,16 @@ def whatif(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out,
     value at that time) and the what-if at ``base_ppm * co2_factor``; each member perturbs the normalised initial state
     with Gaussian noise (``perturbation`` standard deviations). Baseline and changed runs use
     the same perturbed states and the seasonal insolation of the data. The response is the
-    mean (changed - baseline) over months ``average_from``..``months``. When the data came from
+    mean (changed - baseline) over steps ``average_from``..``horizon`` (steps of the data: months
+    for monthly data, years for annual means). When the data came from
     the built-in generator and ``truth`` is set, the generator is re-run from its saved state with
     the same change (``members`` weather realisations) and the pattern correlation and
     amplitude ratio of the response are reported. Writes ``out/whatif.nc`` and
-    ``out/metrics.json``.
+    ``out/metrics.json``; the response by step has a ``step`` axis, whose ``step`` attribute
+    names the data's step (``1 month``, ``1 year``).
     """
-    if not average_from < months:
-        raise ConfigError(f"--average-from must lie in [0, {months - 1}] (before --months {months}), "
+    if not average_from < horizon:
+        raise ConfigError(f"--average-from must lie in [0, {horizon - 1}] (before --horizon {horizon}), "
                           f"got {average_from}")
     out = Path(out)
     cfg, d = load_with_geometry(ckpt, data)
@@ -729,7 +732,7 @@ def whatif(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out,
     # forcing for the rollout: seasonal insolation by climatological bin (month of year), CO2 held
     # at its t0 value
     f_by_month = cdata.phase_means(tens.forcing, tens.phase, d.step, np.arange(d.time.size))
-    steps_mo = (mo[t0] + 1 + np.arange(months)) % d.step.phases
+    steps_mo = (mo[t0] + 1 + np.arange(horizon)) % d.step.phases
     forcing = f_by_month[torch.from_numpy(steps_mo)][None]  # (1, K, F, H, W)
     sc_names = list(d.scalars)
     if not sc_names:
@@ -742,8 +745,8 @@ def whatif(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out,
         LOGGER.warning("what-if CO2 %.0f ppm lies outside the training range %.0f-%.0f ppm: extrapolation",
                        new_ppm, seen.min(), seen.max())
     s = norm.stats[sc_names[0]]
-    base_s = torch.full((1, months, 1), (float(cdata.co2_to_forcing(base_ppm)) - s["mean"]) / s["std"])
-    new_s = torch.full((1, months, 1), (float(cdata.co2_to_forcing(new_ppm)) - s["mean"]) / s["std"])
+    base_s = torch.full((1, horizon, 1), (float(cdata.co2_to_forcing(base_ppm)) - s["mean"]) / s["std"])
+    new_s = torch.full((1, horizon, 1), (float(cdata.co2_to_forcing(new_ppm)) - s["mean"]) / s["std"])
     gen = torch.Generator().manual_seed(seed)
     x0 = tens.state[t0 - ctx + 1 : t0 + 1][None]  # (1, C, V, H, W)
     mask = tens.mask[None]
@@ -756,12 +759,14 @@ def whatif(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out,
     for v in d.state_vars:
         resp[v] = np.where(d.valid[v], changed[v] - held[v], np.nan)
     metrics: dict[str, float] = {"co2_base_ppm": base_ppm, "co2_whatif_ppm": new_ppm,
-                                 "members": float(members), "months": float(months)}
+                                 "members": float(members), "horizon_steps": float(horizon)}
+    if d.step.label == "1 month":
+        metrics["months"] = float(horizon)  # the key's old spelling, true only of monthly data
     data_vars: dict[str, Any] = {}
     true_resp: dict[str, np.ndarray] = {}
     gen_cfg = d.global_attrs.get("hfmi_generator_config")
     if truth and gen_cfg:
-        true_resp = _generator_response(json.loads(gen_cfg), d, t0, months, base_ppm, new_ppm, members, seed,
+        true_resp = _generator_response(json.loads(gen_cfg), d, t0, horizon, base_ppm, new_ppm, members, seed,
                                         average_from)
     for v, r in resp.items():
         window = r[:, average_from:].mean(axis=1)  # (M, H, W)
@@ -776,9 +781,9 @@ def whatif(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out,
                                       {**base, "long_name": f"ensemble-mean response of {v} to CO2 x{co2_factor}"})
         data_vars[f"{v}_response_spread"] = (("lat", "lon"), spread.astype(np.float32),
                                              {**base, "long_name": f"ensemble spread of the {v} response"})
-        data_vars[f"{v}_response_monthly"] = (("month", "lat", "lon"), r.mean(0).astype(np.float32),
+        data_vars[f"{v}_response_by_step"] = (("step", "lat", "lon"), r.mean(0).astype(np.float32),
                                               {"units": base["units"],
-                                               "long_name": f"ensemble-mean {v} response by month after the change"})
+                                               "long_name": f"ensemble-mean {v} response by step after the change"})
         if v in true_resp:
             tr = true_resp[v]
             pm, pt = np.nan_to_num(mean), np.nan_to_num(tr)
@@ -795,12 +800,13 @@ def whatif(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out,
         data_vars,
         coords={"lat": ("lat", d.lat, {"standard_name": "latitude", "units": "degrees_north", "axis": "Y"}),
                 "lon": ("lon", d.lon, {"standard_name": "longitude", "units": "degrees_east", "axis": "X"}),
-                "month": ("month", np.arange(1, months + 1, dtype=np.int32),
-                          {"long_name": "months after the forcing change", "units": "1"})},
+                "step": ("step", np.arange(1, horizon + 1, dtype=np.int32),
+                         {"long_name": f"steps of {d.step.label} after the forcing change", "units": "1",
+                          "step": d.step.label})},
         attrs={"Conventions": "CF-1.8", "title": "hfmi_kit what-if experiment",
                "institution": "hfmi_kit", "source": f"hfmi_kit {code_version()} climate_forecaster",
                "history": f"{np.datetime64('now')}: CO2 x{co2_factor} from {str(d.time[t0])[:10]}, "
-                          f"{members} members, months {average_from + 1}-{months} averaged",
+                          f"{members} members, steps {average_from + 1}-{horizon} of {d.step.label} averaged",
                "references": "CO2 forcing 5.35 ln(C/C0), Myhre et al. 1998",
                "hfmi_input_title": str(d.global_attrs.get("title", ""))},
     )
