@@ -670,10 +670,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mode", choices=["full", "frozen", "linear_probe"],
                     help="what is trained: everything, or the head with the pretrained encoder frozen "
                          "(default: full; carbon from a checkpoint: frozen)")
-    sp.add_argument("--head", choices=["ensemble", "forest", "network"],
+    sp.add_argument("--head", choices=["auto", "ensemble", "forest", "network"],
                     help="carbon: the network's quantile head trained by gradient (network; default from scratch), "
-                         "a random forest on the frozen pretrained embedding (forest), or the two averaged "
-                         "(ensemble; default from a checkpoint)")
+                         "a random forest on the frozen pretrained embedding (forest), the two averaged "
+                         "(ensemble), or the one of these three with the lowest plot RMSE cross-validated on the "
+                         "training plots (auto; default from a checkpoint)")
     sp.add_argument("--config", help="model size when training from scratch")
     common_train(sp)
     sp.set_defaults(fn=cmd_finetune)

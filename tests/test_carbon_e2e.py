@@ -42,11 +42,16 @@ def test_finetune_learns_biomass_and_writes_maps_and_budget(pretrained, region, 
     # (scored per cell of the held-out folds' plots: 25 cells of 20 m per 1-ha plot, two epochs)
     assert m["calibration_scores"] == 2 * 25 * 30 and np.isfinite(m["calibration_width_factor"])
     assert 0.75 <= m["coverage_90"] <= 0.99
-    # the default from a checkpoint: the frozen-encoder network head averaged with a forest on the
-    # pretrained embedding, saved as one model
-    assert read_config(tmp_path / "model")["training"]["head"] == "ensemble"
-    assert read_config(tmp_path / "model")["model_type"] == "carbon_ensemble.tiny"
-    assert read_config(tmp_path / "model")["training"]["mode"] == "frozen"
+    # the default from a checkpoint: of the frozen-encoder network head, a forest on the pretrained
+    # embedding and the two averaged, the one with the lowest plot RMSE cross-validated on the
+    # training plots (the calibration's folds), saved as one model
+    tr = read_config(tmp_path / "model")["training"]
+    cv = {h: m[f"head_cv_rmse_mg_ha_{h}"] for h in ("network", "forest", "ensemble")}
+    assert tr["head_requested"] == "auto" and tr["head"] == min(cv, key=cv.get) and tr["head_cv_rmse_mg_ha"] == cv
+    assert all(0 < v < 200 for v in cv.values())
+    family = "carbon_ensemble" if tr["head"] == "ensemble" else "carbon_net"
+    assert read_config(tmp_path / "model")["model_type"] == f"{family}.tiny"
+    assert tr["mode"] == "frozen"
     assert m["labelled_plots"] == 30 and m["test_plots"] > 15
     assert read_config(tmp_path / "model")["training"]["plots"][:1]
 
@@ -118,10 +123,10 @@ def test_finetune_bad_parameters(pretrained, region, tmp_path):
         finetune(ckpt=pretrained, data=region, out=tmp_path, labels=1000, steps=2, progress=False)
     with pytest.raises(ConfigError, match="unknown baselines"):
         finetune(ckpt=pretrained, data=region, out=tmp_path, labels=10, steps=2, baselines=["svm"], progress=False)
-    with pytest.raises(ConfigError, match="unknown head 'svm'; expected one of ensemble, forest, network"):
+    with pytest.raises(ConfigError, match="unknown head 'svm'; expected one of auto, ensemble, forest, network"):
         finetune(ckpt=pretrained, data=region, out=tmp_path, labels=10, head="svm", progress=False)
-    for head in ("forest", "ensemble"):
-        with pytest.raises(ConfigError, match=f"a {head} head .* needs a checkpoint"):
+    for head in ("forest", "ensemble", "auto"):
+        with pytest.raises(ConfigError, match=f"an? {head} head .* needs a checkpoint"):
             finetune(ckpt=None, data=region, out=tmp_path, labels=10, head=head, progress=False)
 
 

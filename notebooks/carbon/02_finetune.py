@@ -18,10 +18,11 @@
 #
 # A fixed 30 % of the plots is held out for scoring and for the model-assisted budget. The plots
 # are 1 ha with every stem mapped, so each 20 m cell they cover has its own biomass. From `N`
-# plots (each measured at both epochs) the pretrained model gets two heads, averaged: its
-# quantile head fine-tuned with the encoder frozen, and a random forest on the frozen network's
-# per-pixel embedding (the trees' spread gives its quantiles); the 90 % interval is calibrated
-# on the training plots. The same plots train the network from scratch and a random forest on
+# plots (each measured at both epochs) the pretrained model is given three candidate heads: its
+# quantile head fine-tuned with the encoder frozen, a random forest on the frozen network's
+# per-pixel embedding (the trees' spread gives its quantiles), and the two averaged; the one with
+# the lowest plot RMSE cross-validated on the training plots is kept, and the 90 % interval is
+# calibrated on the same folds. The same plots train the network from scratch and a random forest on
 # the pixel's raw source values (the same forest settings).
 # Scores on held-out plots compare each plot's biomass with the map's mean over the plot.
 

@@ -7,7 +7,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -747,6 +747,7 @@ HEADS = {"ensemble": "The network's quantile head fine-tuned with the encoder fr
                      "on the pretrained network's per-pixel embedding",
          "forest": "A random forest on the pretrained network's per-pixel embedding (the network frozen)",
          "network": "The network's quantile head trained by gradient"}
+HEAD_CHOICES = ("auto", *HEADS)  # auto: the head of the three with the lowest cross-validated plot RMSE
 WIDTH_FLOOR = 1.0  # Mg/ha: the smallest interval width a calibration score divides by
 
 
@@ -766,32 +767,53 @@ def widen(maps_q: list[np.ndarray], factor: float, quantiles: Sequence[float]) -
 
 
 def calibrate_interval(prep: Prepared, fit: Any, ids: Sequence[str], quantiles: Sequence[float], *, folds: int,
-                       seed: int) -> dict[str, float]:
+                       seed: int) -> dict[str, Any]:
     """Cross-conformal calibration of the 90 % interval (conformalised quantile regression): the
     training plots are split into ``folds`` groups (a plot's epochs stay together); a model fitted
     on the other folds scores each group by ``max(q05 - y, y - q95) / (q95 - q05)`` (the miss in
     units of the interval's own width, so a wide interval over dense forest and a narrow one over
     a field are calibrated alike); the width factor is the ``ceil(0.9 (n + 1))``-th smallest of
-    the n scores. ``fit(ids, seed)`` returns a model.
-    Held-out plots are never touched, so coverage on them stays an honest test."""
+    the n scores. The same out-of-fold maps give ``cv_rmse_mg_ha``, the plots' biomass against
+    the map's mean over each plot, as the held-out test scores it.
+
+    ``fit(ids, seed)`` returns a model, or a dict of candidate models by name (then the result is
+    a dict of these figures by name: each candidate is calibrated and cross-validated on the same
+    folds, e.g. to choose a head). Held-out plots are never touched, so coverage on them stays an
+    honest test."""
     ids = sorted(ids)
     if folds < 2 or len(ids) < 2 * folds:
         raise ConfigError(f"interval calibration needs >= 2 folds of >= 2 plots; {len(ids)} plots, {folds} folds")
     order = np.random.default_rng((seed, 17)).permutation(len(ids))
     lo, hi = _interval_ends(quantiles)
-    scores = []
+    scores: dict[str, list[np.ndarray]] = {}
+    errors: dict[str, list[np.ndarray]] = {}
+    single = True
     for k in range(folds):
         held = {ids[i] for i in order[k::folds]}
-        model = fit([i for i in ids if i not in held], seed + 1000 + k)
-        at = cell_values(prep, model_blocks(model, prep), held)  # the held-out plots' cells only
-        obs = np.concatenate([p.pix_agb[p.cells(held)] for p in prep.plots])
-        plo, phi = np.concatenate([v[lo] for v in at]), np.concatenate([v[hi] for v in at])
-        scores.append(np.maximum(plo - obs, obs - phi) / np.maximum(phi - plo, WIDTH_FLOOR))
-    sc = np.sort(np.concatenate(scores))
-    n = len(sc)
-    factor = float(sc[min(n, int(np.ceil(0.9 * (n + 1)))) - 1])  # the ceil(0.9 (n + 1))-th smallest
-    raw = float(np.mean(sc <= 0))
-    return {"width_factor": factor, "folds": float(folds), "scores": float(n), "raw_coverage_90": raw}
+        models = fit([i for i in ids if i not in held], seed + 1000 + k)
+        if isinstance(models, Mapping):
+            single = False
+        else:
+            models = {"": models}
+        for name, model in models.items():
+            at = cell_values(prep, model_blocks(model, prep), held)  # the held-out plots' cells only
+            obs = np.concatenate([p.pix_agb[p.cells(held)] for p in prep.plots])
+            plo, phi = np.concatenate([v[lo] for v in at]), np.concatenate([v[hi] for v in at])
+            scores.setdefault(name, []).append(np.maximum(plo - obs, obs - phi) / np.maximum(phi - plo, WIDTH_FLOOR))
+            for p, v in zip(prep.plots, at):  # plot-scale errors of the map's mean, as the test scores them
+                full = np.full(len(p.pix_plot), np.nan)
+                full[p.cells(held)] = v[-1]
+                sel, mean = _plot_means(p, full, held)
+                errors.setdefault(name, []).append(mean - p.agb[sel])
+    out: dict[str, Any] = {}
+    for name, sc_list in scores.items():
+        sc = np.sort(np.concatenate(sc_list))
+        n = len(sc)
+        err = np.concatenate(errors[name])
+        out[name] = {"width_factor": float(sc[min(n, int(np.ceil(0.9 * (n + 1)))) - 1]),  # the ceil(0.9 (n+1))-th
+                     "folds": float(folds), "scores": float(n), "raw_coverage_90": float(np.mean(sc <= 0)),
+                     "cv_rmse_mg_ha": float(np.sqrt(np.mean(err**2))) if err.size else float("nan")}
+    return out[""] if single else out
 
 
 def evaluate_maps(prep: Prepared, maps: MapStats | list[np.ndarray], train_ids: set[str], test_ids: set[str],
@@ -853,8 +875,9 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
              layer_decay: opt.LayerDecay = None, baselines: opt.Baselines = False,
              calibration_folds: Annotated[int, opt.Opt("cross-conformal folds calibrating the 90 % interval (0: "
                                                    "uncalibrated)", low=0)] = 5,
-             head: Annotated[str | None, opt.Opt("network, forest or ensemble (None: ensemble from a checkpoint, "
-                                             "network from scratch)")] = None,
+             head: Annotated[str | None, opt.Opt("auto, network, forest or ensemble (None: auto from a checkpoint, "
+                                             "network from scratch; auto: the one of the three with the "
+                                             "lowest cross-validated plot RMSE on the training plots)")] = None,
              precision: opt.Precision = "auto", device: opt.Device = "auto",
              progress: opt.Progress = True) -> dict[str, float]:
     """Fine-tune biomass quantiles (5 %, 50 %, 95 %) and mean on ``labels`` field plots (default: all plots
@@ -867,16 +890,19 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
     (the default from scratch: the pixel decoder and quantile head trained by gradient),
     ``forest`` (the pretrained network frozen whole and a random forest, the baseline's own
     settings, on its per-pixel embedding; the quantiles are the trees' spread; ``steps`` does
-    not apply) or ``ensemble`` (the default from a checkpoint: the two averaged). The 90 % interval is
-    calibrated by cross-conformal prediction on the training plots (``calibration_folds``
-    extra fits, fewer when there are under two plots per fold; 0 skips it; see
-    :func:`calibrate_interval`). Writes ``out/model``, maps
+    not apply), ``ensemble`` (the two averaged) or ``auto`` (the default from a checkpoint: the
+    network and the forest are fitted on the same cross-validation folds of the training plots as
+    the calibration, and the one of the three heads with the lowest out-of-fold plot RMSE is
+    kept, with its own calibration; the held-out plots play no part; with too few plots to
+    cross-validate, ``ensemble``). The 90 % interval is calibrated by cross-conformal prediction
+    on the training plots (``calibration_folds`` extra fits, fewer when there are under two plots
+    per fold; 0 skips it; see :func:`calibrate_interval`). Writes ``out/model``, maps
     (``maps/*.tif`` cloud-optimised GeoTIFF, ``maps/carbon.nc`` CF NetCDF), ``budget.csv`` and
     ``metrics.json``."""
     if task != "biomass":
         raise ConfigError(f"unknown carbon task {task!r}; expected 'biomass'")
-    if head is not None and head not in HEADS:
-        raise ConfigError(f"unknown head {head!r}; expected one of {', '.join(HEADS)} (--head)")
+    if head is not None and head not in HEAD_CHOICES:
+        raise ConfigError(f"unknown head {head!r}; expected one of {', '.join(HEAD_CHOICES)} (--head)")
     if head not in (None, "network") and ckpt is None:
         raise ConfigError(f"--head {head}: a {head} head maps a pretrained embedding: it needs a checkpoint "
                           "(--from PATH), not --from scratch")
@@ -904,42 +930,64 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
     mode = mode or ("frozen" if ckpt is not None else "full")
     if layer_decay is None:
         layer_decay = ENGINE.layer_decay if ckpt is not None and mode == "full" else 1.0
-    head = head or ("ensemble" if ckpt is not None else "network")
-    if head not in HEADS:
-        raise ConfigError(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
+    head = head or ("auto" if ckpt is not None else "network")
+    if head not in HEAD_CHOICES:
+        raise ConfigError(f"unknown head {head!r}; expected one of {', '.join(HEAD_CHOICES)}")
     if head != "network" and ckpt is None:
-        raise ConfigError(f"a {head} head maps a pretrained embedding: it needs a checkpoint (--from PATH)")
+        raise ConfigError(f"{'an' if head == 'auto' else 'a'} {head} head maps a pretrained embedding: it needs a "
+                          "checkpoint (--from PATH)")
     kw = {"steps": steps, "batch_size": batch_size, "seed": seed, "precision": precision, "device": device,
           "progress": progress}
     if head != "network":  # the frozen embedding at every plot cell, made once
         base = recipe.build(f"carbon_net.{size}", mk, seed=seed, ckpt=ckpt)
         emb = cell_values(prep, lambda e, r0, c0, h, w: embed_block(base, functools.partial(prep.window, e),
                                                                     prep.padded, r0, c0, h, w))
-    if head == "forest":
-        mode = "frozen"  # the network is not trained at all
-
     mk0 = dict(mk)  # the network's own arguments (the forest's sizes are added for the saved model)
+
+    def candidates(ids: Sequence[str], s_: int, out_dir: Path | None = None) -> dict[str, CarbonNet]:
+        """The three heads from one network fit and one forest fit on ``ids``."""
+        net = _fit(prep, ckpt, size, mk0, ids, lr=lr, layer_decay=layer_decay, mode=mode, out_dir=out_dir,
+                   **{**kw, "seed": s_, "progress": kw["progress"] and out_dir is not None})
+        fo = _fit_forest_head(base, emb, prep, set(ids), s_)
+        return {"network": net, "forest": fo, "ensemble": CarbonEnsemble.combine(net, fo, get_size(size), **mk0)}
 
     def refit(ids: Sequence[str], s_: int, out_dir: Path | None = None) -> CarbonNet:
         if head == "forest":
             return _fit_forest_head(base, emb, prep, set(ids), s_)
-        net = _fit(prep, ckpt, size, mk0, ids, lr=lr, layer_decay=layer_decay, mode=mode, out_dir=out_dir,
-                   **{**kw, "seed": s_, "progress": kw["progress"] and out_dir is not None})
         if head == "network":
-            return net
-        return CarbonEnsemble.combine(net, _fit_forest_head(base, emb, prep, set(ids), s_), get_size(size), **mk0)
+            return _fit(prep, ckpt, size, mk0, ids, lr=lr, layer_decay=layer_decay, mode=mode, out_dir=out_dir,
+                        **{**kw, "seed": s_, "progress": kw["progress"] and out_dir is not None})
+        return candidates(ids, s_, out_dir)["ensemble"]
 
-    model = refit(chosen, seed, out / "train")
+    calib: dict[str, float] = {}
+    folds = min(calibration_folds or 5 if head == "auto" else calibration_folds, len(chosen) // 2)
+    head_cv: dict[str, float] = {}
+    requested = head
+    if head == "auto":  # cross-validate the three heads on the training plots, keep the best
+        if folds < 2:
+            LOGGER.warning("%d plots are too few to cross-validate the heads (>= 4 needed); using the ensemble",
+                           len(chosen))
+            head = "ensemble"
+        else:
+            cv = calibrate_interval(prep, candidates, chosen, base.quantiles, folds=folds, seed=seed)
+            head_cv = {h: c["cv_rmse_mg_ha"] for h, c in cv.items()}
+            head = min(head_cv, key=lambda h: head_cv[h])
+            LOGGER.info("head by %d-fold cross-validation on the training plots (plot RMSE, Mg/ha): %s; kept %s",
+                        folds, ", ".join(f"{h} {v:.1f}" for h, v in head_cv.items()), head)
+            if calibration_folds:
+                calib = cv[head]
+    if head == "forest":
+        mode = "frozen"  # the network is not trained at all
+    model = refit(chosen, seed, out / "train")  # the head kept, fitted on every training plot
     family = "carbon_ensemble" if head == "ensemble" else "carbon_net"
     if model.has_forest or isinstance(model, CarbonEnsemble):
         fm = model.forest_net if isinstance(model, CarbonEnsemble) else model
         mk = {**mk, "forest_trees": int(fm.forest_roots.numel()), "forest_nodes": int(fm.forest_left.numel())}
-    calib: dict[str, float] = {}
     folds = min(calibration_folds, len(chosen) // 2)  # every fold holds >= 2 plots
     if calibration_folds and folds < 2:
         LOGGER.warning("%d plots are too few to calibrate the interval (>= 4 needed); it stays uncalibrated",
                        len(chosen))
-    elif calibration_folds:
+    elif calibration_folds and not calib:
         calib = calibrate_interval(prep, refit, chosen, model.quantiles, folds=folds, seed=seed)
     post = predictor(model, {"processors": {"calibration": calib}}).post
     writer = MapWriter(prep, out, model.quantiles)
@@ -951,6 +999,7 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
         raise
     metrics = evaluate_maps(prep, stats, train_ids, test_ids, model.quantiles)
     metrics.update({f"calibration_{k}": v for k, v in calib.items()})
+    metrics.update({f"head_cv_rmse_mg_ha_{h}": v for h, v in head_cv.items()})
 
     def scratch() -> dict[str, float]:
         sm = _fit(prep, None, size, mk0, chosen, lr=lr, layer_decay=1.0, mode="full", out_dir=None, **kw)
@@ -968,6 +1017,7 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
                      processors={"calibration": calib},
                      card=_card(prep, f"{HEADS[head]} ({ckpt or 'scratch'}), fitted on {labels} field plots."),
                      training={"plots": chosen, "from": str(ckpt) if ckpt else "scratch", "head": head,
+                               "head_requested": requested, "head_cv_rmse_mg_ha": head_cv,
                                "steps": steps if head != "forest" else 0, "lr": lr,
                                "layer_decay": layer_decay, "mode": mode, "seed": seed, "data": str(data)})
     recipe.finish(model, out, mc, metrics)
