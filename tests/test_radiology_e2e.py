@@ -105,6 +105,11 @@ def test_cli_pretrain_finetune_evaluate(study: Path, tmp_path: Path, capsys):
     again = {r["id"]: r["dice"] for r in json.loads((ev / "cases.json").read_text())["per_case"]}
     for row in cases["per_case"]["model"]:
         assert again[row["id"]] == pytest.approx(row["dice"], abs=1e-9)
+    # re-scored the other way: the same cases, other label maps
+    assert main(["evaluate", "radiology", "--ckpt", str(ft / "model"), "--data", str(study), "--out",
+                 str(tmp_path / "ev_argmax"), "--window-blend", "argmax"]) == 0
+    other = json.loads((tmp_path / "ev_argmax" / "metrics.json").read_text())
+    assert other["test_cases"] == 3 and 0.0 <= other["dice"] <= 1.0
 
 
 def test_bad_inputs(study: Path, tmp_path: Path, capsys):

@@ -492,12 +492,16 @@ def load(data: str | Path, *, ckpt: str | Path, config: dict[str, Any]) -> Bundl
     return Bundle(root, cases, len(cases), unit="labelled subject", meta={"test_cases": len(cases)})
 
 
-def score(pred: SegmentationPredictor, bundle: Bundle, *, out: Path | None = None) -> Scored:
+def score(pred: SegmentationPredictor, bundle: Bundle, *, out: Path | None = None,
+          window_blend: str | None = None) -> Scored:
     """Dice, HD95 and the lesion's localisation per case on its input grid (mean and std over
     cases); with ``out``, each case's prediction is written under ``out/predictions`` as it is
-    made (NIfTI, and DICOM-SEG for a DICOM input). The outputs are the per-case rows."""
+    made (NIfTI, and DICOM-SEG for a DICOM input). The outputs are the per-case rows.
+    ``window_blend`` overrides the checkpoint's (see :class:`SegmentationPredictor`)."""
     if not isinstance(pred.model, RadiologySegmenter | UNetBaseline | ResEncSegmenter):
         raise ConfigError(f"{pred.source}: {pred.config.get('model_type')} cannot segment")
+    if window_blend:
+        pred.blend = window_blend
     cases = bundle.items
     if not isinstance(cases, rstore.LazyCases):
         cases = [pred.prepare(s) for s in cases]
@@ -514,13 +518,18 @@ def write_outputs(scored: Scored, out: Path) -> list[Path]:
 
 
 @opt.typed
-def evaluate(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out) -> dict[str, float]:
+def evaluate(*, ckpt: opt.Checkpoint, data: opt.Data, out: opt.Out,
+             window_blend: Annotated[str | None, opt.Opt("how overlapping windows combine: gaussian or argmax "
+                                                         "(None: the checkpoint's)", choices=WINDOW_BLENDS)] = None
+             ) -> dict[str, float]:
     """Score a fine-tuned segmenter on the labelled test subjects of ``data``; writes predictions too.
 
     When ``data`` is the study it was trained on, the test split is the same as in fine-tuning;
-    on another study every labelled subject is scored.
+    on another study every labelled subject is scored. ``window_blend`` re-scores with the other
+    way of combining windows than the checkpoint's.
     """
-    return recipe.evaluate(get_domain("radiology"), ckpt=ckpt, data=data, out=out)
+    return recipe.evaluate(get_domain("radiology"), ckpt=ckpt, data=data, out=out,
+                           score_options={"window_blend": window_blend})
 
 
 def predict(*, ckpt: str | Path, images: dict[str, str | Path], out: str | Path) -> list[Path]:
