@@ -894,9 +894,9 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
     network and the forest are fitted on the same cross-validation folds of the training plots as
     the calibration (5 folds when ``calibration_folds`` is 0), and the one of the three heads with
     the lowest out-of-fold plot RMSE is kept, with its own calibration; the held-out plots play no
-    part; with too few plots to cross-validate, ``ensemble``). The 90 % interval is calibrated by cross-conformal prediction
-    on the training plots (``calibration_folds`` extra fits, fewer when there are under two plots
-    per fold; 0 skips it; see :func:`calibrate_interval`). Writes ``out/model``, maps
+    part; with too few plots to cross-validate, ``ensemble``). The 90 % interval is calibrated by
+    cross-conformal prediction on the training plots (``calibration_folds`` extra fits, fewer when
+    there are under two plots per fold; 0 skips it; see :func:`calibrate_interval`). Writes ``out/model``, maps
     (``maps/*.tif`` cloud-optimised GeoTIFF, ``maps/carbon.nc`` CF NetCDF), ``budget.csv`` and
     ``metrics.json``."""
     if task != "biomass":
