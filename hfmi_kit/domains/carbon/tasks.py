@@ -904,8 +904,8 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
     if head is not None and head not in HEAD_CHOICES:
         raise ConfigError(f"unknown head {head!r}; expected one of {', '.join(HEAD_CHOICES)} (--head)")
     if head not in (None, "network") and ckpt is None:
-        raise ConfigError(f"--head {head}: a {head} head maps a pretrained embedding: it needs a checkpoint "
-                          "(--from PATH), not --from scratch")
+        raise ConfigError(f"--head {head}: {'an' if head == 'auto' else 'a'} {head} head maps a pretrained "
+                          "embedding: it needs a checkpoint (--from PATH), not --from scratch")
     label_budget = LabelBudget.from_options(labels, label_fraction, pool="field plots outside the held-out 30 %",
                                       minimum=2)
     out = Path(out)
