@@ -396,7 +396,7 @@ def test_plots_name_every_baseline_their_units_and_the_patients_orientation(brow
     shutil.rmtree(earth)
     clim = seen["climate"]
     assert {"model", "persistence", "damped persistence", "climatology"} <= clim["legend"], clim["legend"]
-    assert {"longitude (°E)", "latitude (°N)", "lead [months]"} <= clim["axes"], clim["axes"]
+    assert {"longitude (°E)", "latitude (°N)", "lead [steps of 1 month]"} <= clim["axes"], clim["axes"]
     rad = seen["radiology"]
     assert {"L", "R", "A", "P", "S", "I"} <= rad["labels"], rad["labels"]
     assert all("[mm]" in a for a in rad["axes"] if a), rad["axes"]
