@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -246,6 +247,61 @@ def test_an_executed_notebooks_plots_render_with_the_network_blocked(tmp_path):
     # nbconvert's own HTML template asks cdnjs for require.js and MathJax; nothing else may leave:
     # neither BokehJS nor Panel's stylesheets come from a CDN
     assert not [u for u in refused if not u.startswith("https://cdnjs.cloudflare.com/ajax/libs/")], refused
+
+
+def test_a_saved_notebooks_radiology_viewer_keeps_one_slider_per_plane(tmp_path):
+    """The three-plane viewer in an executed notebook, opened offline in Chromium: one output per
+    plane, each with its own slider in mm; moving the coronal one changes the coronal row only."""
+    import io
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    exe = shutil.which("chromium")
+    if exe is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    src = tmp_path / "viewer.py"
+    src.write_text("# %% tags=[\"parameters\"]\nn = 20\n\n# %%\nimport numpy as np\n"
+                   "from hfmi_kit.domains.radiology.plots import orthoviews\n"
+                   "vol = np.random.default_rng(0).random((n, n + 4, n - 4)).astype('float32')\n"
+                   "orthoviews(vol, {'true': (vol > 0.9).astype('uint8')}, positions=[25, 50, 75], size=120,\n"
+                   "           affine=np.diag([0.8, 0.8, 2.5, 1.0]))\n")
+    out = run_notebook(src, {"n": 20}, output=tmp_path / "viewer.ipynb", cwd=tmp_path)
+    html = tmp_path / "viewer.html"
+    subprocess.run([sys.executable, "-m", "nbconvert", "--to", "html", str(out), "--output", str(html)],
+                   check=True, capture_output=True, timeout=300)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, headless=True)
+        page = b.new_page(viewport={"width": 1000, "height": 1400})
+        page.route("**/*", lambda r: r.continue_() if r.request.url.startswith("file:") else r.abort())
+        page.goto(html.as_uri())
+        page.wait_for_selector("canvas", timeout=30_000)
+        page.wait_for_timeout(1500)
+        outs = page.locator(".jp-OutputArea-output").filter(has=page.locator("canvas"))
+        assert outs.count() == 3  # sagittal, coronal, axial: each its own output
+        planes = ("sagittal", "coronal", "axial")
+        for i, plane in enumerate(planes):  # each output holds its plane's slider and no other
+            assert [outs.nth(i).get_by_text(re.compile(f"^{q} \\[mm\\]:")).count() > 0 for q in planes] == [
+                q == plane for q in planes], plane
+
+        def state() -> tuple[list[list[str]], list[np.ndarray]]:  # the slider labels and pixels of each row
+            return ([outs.nth(i).get_by_text(re.compile(r"\[mm\]:")).all_inner_texts() for i in range(3)],
+                    [np.asarray(Image.open(io.BytesIO(outs.nth(i).screenshot())).convert("L"), np.int16)
+                     for i in range(3)])
+
+        labels, before = state()
+        handle = outs.nth(1).locator(".noUi-handle").first
+        handle.focus()
+        handle.press("ArrowRight")
+        page.wait_for_timeout(1500)
+        moved, after = state()
+        b.close()
+    assert moved[1] != labels[1] and moved[0] == labels[0] and moved[2] == labels[2], (labels, moved)
+    changed = [float(np.mean(a != b_)) if a.shape == b_.shape else 1.0 for a, b_ in zip(before, after)]
+    # the coronal row shows another slice; the others keep theirs (but for a few anti-aliased pixels)
+    assert changed[1] > 0.02 and changed[0] < 0.002 and changed[2] < 0.002, changed
 
 
 def test_hfmi_run_says_which_cell_runs_at_least_every_10_s(tmp_path):

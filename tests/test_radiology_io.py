@@ -303,11 +303,12 @@ def test_dicom_series_write_is_all_or_nothing(tmp_path: Path, monkeypatch):
 
 def test_the_viewer_shows_what_radiology_viewers_show():
     """Orientation labels on every edge, positions in mm from the grid's affine, the aspect of the
-    voxel spacing, one slider per plane (live), every modality, CT window presets, a mask legend."""
+    voxel spacing, one slider per plane (live and in a saved notebook), every modality, CT window
+    presets, a mask legend."""
     pytest.importorskip("holoviews")
     import holoviews as hv
 
-    from hfmi_kit.domains.radiology.plots import orthoviews, windows
+    from hfmi_kit.domains.radiology.plots import OrthoViews, orthoviews, windows
 
     rng = np.random.default_rng(0)
     shape = (40, 50, 20)
@@ -320,23 +321,43 @@ def test_the_viewer_shows_what_radiology_viewers_show():
     affine = np.diag([0.8, 0.8, 2.5, 1.0])
     affine[:3, 3] = (-16.0, -20.0, -25.0)
     lay = orthoviews({"ct": ct, "T1w": t1}, {"true": lab}, affine=affine, positions=[25, 50, 75])
+    assert isinstance(lay, OrthoViews) and len(lay) == 6
     sag, _, cor, _, axial, axial_mask = lay  # one column per mask: image, image + mask per plane
-    assert [d.name for d in sag.kdims] == ["slice position [%]", "modality"]
+    # a saved notebook: each plane its own slider, over its own stops in mm, and the modality
+    assert [[d.name for d in p.kdims] for p in (sag, cor, axial)] == [
+        ["sagittal [mm]", "modality"], ["coronal [mm]", "modality"], ["axial [mm]", "modality"]]
     assert set(sag.dimension_values("modality")) == {"ct", "T1w"}
+    assert sorted(set(axial.dimension_values("axial [mm]"))) == [round(-25.0 + i * 2.5, 1) for i in (5, 10, 14)]
+    rows = lay.rows()  # shown as one output per plane
+    assert [[len(p) for p in r] for r in rows] == [[6, 6]] * 3
+    shown: list = []
+    import IPython.display
+
+    orig = IPython.display.display
+    IPython.display.display = shown.append
+    try:
+        lay._ipython_display_()
+    finally:
+        IPython.display.display = orig
+    assert [type(x) for x in shown] == [hv.Layout] * 3
     edges = {name: {a.text for a in hv.render(panel.last, backend="bokeh").center if a.name == "orientation"}
              for name, panel in (("sagittal", sag), ("coronal", cor), ("axial", axial))}
     assert edges == {"sagittal": {"P", "A", "I", "S"}, "coronal": {"L", "R", "I", "S"}, "axial": {"L", "R", "P", "A"}}
-    img = cor[(50, "ct")].get(0)  # coronal: I across (40 x 0.8 mm), K up (20 x 2.5 mm)
+    idx = round(49 * 0.5)  # the middle of J, in mm from the affine's origin and spacing
+    at_mm = round(-20.0 + idx * 0.8, 1)
+    img = cor[(at_mm, "ct")].get(0)  # coronal: I across (40 x 0.8 mm), K up (20 x 2.5 mm)
     left, b, r, t = img.bounds.lbrt()
     assert (r - left, t - b) == pytest.approx((32.0, 50.0))
-    idx = round(49 * 0.5)  # the middle of J, in mm from the affine's origin and spacing
-    assert img.opts.get().kwargs["title"] == f"coronal {round(-20.0 + idx * 0.8, 1):g} mm ({idx})"
+    assert img.opts.get().kwargs["title"] == f"coronal {at_mm:g} mm ({idx})"
+    other = cor[(round(-20.0 + round(49 * 0.75) * 0.8, 1), "ct")].get(0)  # the coronal slider's next stop
+    assert not np.array_equal(img.dimension_values(2), other.dimension_values(2))
     legend = {c for e in axial_mask.last if isinstance(e, hv.Points) for c in e.dimension_values("class")}
     assert legend == {"1 oedema", "2 tumour core"}
     assert windows(ct, "ct")["lung"] == (-1350.0, 150.0) and set(windows(ct, "ct")) == {
         "soft tissue", "lung", "bone", "percentiles"}
     assert set(windows(t1, "T1w")) == {"percentiles"}  # MR: no HU presets
-    hv.render(lay, backend="bokeh")
+    for row in rows:
+        hv.render(row, backend="bokeh")
 
     live = orthoviews({"ct": ct, "T1w": t1}, {"true": lab}, affine=affine, positions=[25, 50, 75], dynamic=True)
     dims = [d.name for d in live[0].kdims]

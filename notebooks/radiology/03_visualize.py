@@ -17,7 +17,8 @@
 # # Radiology 3: look at the segmentations
 #
 # Three orthogonal slices through a test case with the predicted and the true tumour masks
-# (oedema orange, core red) and one slider for the slice position; the written NIfTI
+# (oedema orange, core red), each plane with its own slider (its position in mm) and a menu of
+# the modalities; they keep working in the saved notebook. The written NIfTI
 # prediction has exactly the input's affine and shape, so it opens aligned in 3D Slicer or
 # ITK-SNAP.
 

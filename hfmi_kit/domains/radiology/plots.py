@@ -69,9 +69,11 @@ def orthoviews(image: np.ndarray | Mapping[str, np.ndarray], masks: Mapping[str,
     ``positions``: the slider's stops in % of each axis (default every 5 % from 10 to 90; around
     ``centre``, an index per axis, when given).
     ``dynamic`` makes DynamicMaps that cut (and send to a browser) only the slices shown, as the
-    dashboard does, with one slider per plane and a window dropdown; otherwise every slice is
-    precomputed so that a saved notebook keeps its widgets: one slider (in % of each axis) moves
-    the three planes, the window is the first preset."""
+    dashboard does, with one slider per plane and a window dropdown, in one layout. Otherwise every
+    slice at the stops is precomputed so that a saved notebook keeps its widgets: an
+    :class:`OrthoViews`, one row per plane, each displayed as its own output with its own slider
+    (the plane's position in mm) and modality menu; the window is the first preset (every
+    combination would multiply the notebook's size)."""
     hv = require_holoviews()
     # a mapping is kept as given: one that reads each volume when it is asked for keeps memory low
     images = image if isinstance(image, Mapping) else {"image": np.asarray(image)}
@@ -164,19 +166,44 @@ def orthoviews(image: np.ndarray | Mapping[str, np.ndarray], masks: Mapping[str,
     for ax in range(3):
         makers.append((ax, lambda pos, mod, win, ax=ax: base(ax, pos, mod, win)))
         makers.extend((ax, lambda pos, mod, win, ax=ax, m=m: overlaid(ax, m, pos, mod, win)) for m in masks)
-    panels = []
+    panels: list[Any] = []
     if dynamic:  # one slider per plane: every panel takes the three positions and shows its own
         kdims = [*pos_dims, mod_dim, win_dim]
         for ax, f in makers:
             panels.append(hv.DynamicMap(lambda s, c, a, mod, win, ax=ax, f=f: f((s, c, a)[ax], mod, win),
                                         kdims=kdims))
-    else:  # a saved notebook keeps one slider (in % of each axis) moving the three planes and the
-        # modality; the window is the first preset (every combination would multiply its size)
-        pct_dim = hv.Dimension("slice position [%]", values=pct, default=pct[len(pct) // 2])
-        for ax, f in makers:
-            panels.append(hv.HoloMap({(p, m): f(mm(ax, index(ax, p)), m, win_names[0]) for p in pct for m in images},
-                                     kdims=[pct_dim, mod_dim]))
-    return hv.Layout(panels).cols(1 + len(masks)).opts(title=title)
+        return hv.Layout(panels).cols(1 + len(masks)).opts(title=title)
+    # a saved notebook: per plane, its own slider over the plane's stops (in mm) and the modality
+    # (a HoloMap per panel, the frames of one row only: the three planes need not be combined)
+    for ax, f in makers:
+        panels.append(hv.HoloMap({(pos, m): f(pos, m, win_names[0]) for pos in at[ax] for m in images},
+                                 kdims=[pos_dims[ax], mod_dim]))
+    return OrthoViews(panels, columns=1 + len(masks), title=title)
+
+
+class OrthoViews(list):
+    """The three-plane viewer of a saved notebook: the panels (HoloMaps) in plane order (sagittal,
+    coronal, axial; per plane the image, then the image with each mask), shown as one output per
+    plane, so that each plane keeps its own slider when the notebook is saved and reopened."""
+
+    def __init__(self, panels: Sequence[Any], *, columns: int, title: str = "") -> None:
+        super().__init__(panels)
+        self.columns, self.title = columns, title
+
+    def rows(self) -> list[Any]:
+        """One HoloViews layout per plane (the first titled with the viewer's title)."""
+        hv = require_holoviews()
+        out = []
+        for i in range(0, len(self), self.columns):
+            row = hv.Layout(list(self[i:i + self.columns])).cols(self.columns)
+            out.append(row.opts(title=self.title) if i == 0 and self.title else row)
+        return out
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        for row in self.rows():
+            display(row)
 
 
 def reconstruction_panels(out: Mapping[str, np.ndarray], original: np.ndarray, *, size: int = 200) -> Any:
