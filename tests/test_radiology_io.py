@@ -126,6 +126,23 @@ def _series(tmp_path: Path, name="s") -> Path:
     return write_dicom_series(vol, tmp_path / name, modality="CT")
 
 
+def test_dicom_uids_are_random_unless_derived_from_a_given_entropy(tmp_path: Path):
+    """Real series get fresh UIDs; a generated study passes ``uid_entropy``, so making it again
+    writes the same bytes (its checksum in a checkpoint's record still matches)."""
+    import pydicom
+
+    vol = Volume(np.random.default_rng(0).normal(0, 50, (12, 10, 6)).astype(np.float32), oblique_affine())
+    a, b = (write_dicom_series(vol, tmp_path / n, modality="CT", uid_entropy="seed 0 sub-001") for n in "ab")
+    c = write_dicom_series(vol, tmp_path / "c", modality="CT")
+    files = {d.name: sorted(d.iterdir()) for d in (a, b, c)}
+    assert all(x.read_bytes() == y.read_bytes() for x, y in zip(files["a"], files["b"]))
+    ua, uc = (pydicom.dcmread(files[n][0]) for n in "ac")
+    assert ua.SOPInstanceUID != uc.SOPInstanceUID and ua.StudyInstanceUID != uc.StudyInstanceUID
+    uids = {pydicom.dcmread(f).SOPInstanceUID for f in files["a"]}
+    assert len(uids) == len(files["a"])  # one per slice
+    assert all(u.startswith("2.25.") and len(u) <= 64 and pydicom.uid.UID(u).is_valid for u in uids)
+
+
 def test_dicom_series_errors_name_the_problem(tmp_path: Path):
     d = _series(tmp_path)
     files = sorted(d.iterdir())

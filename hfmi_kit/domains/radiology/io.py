@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import gzip
+import hashlib
 import os
 import shutil
 import tempfile
@@ -316,8 +317,12 @@ class Patient:
 
 def write_dicom_series(volume: Volume, out_dir: str | Path, *, modality: str = "CT",
                        patient: Patient | None = None, series_description: str = "",
-                       uid_prefix: str | None = None) -> Path:
+                       uid_prefix: str | None = None, uid_entropy: str | None = None) -> Path:
     """Write ``volume`` as a DICOM series (one file per k-slice) with its exact geometry.
+
+    UIDs are random (``2.25.`` + a UUID, or under ``uid_prefix``) unless ``uid_entropy`` is given:
+    then they are derived from it, so that the same call writes the same files (a generated
+    study made again is byte for byte the one a checkpoint records).
 
     CT values are stored as unsigned 16-bit with RescaleIntercept -1024 (HU); MR values are
     scaled to 0..4095 with RescaleSlope. The folder is written next to ``out_dir`` and renamed
@@ -341,7 +346,15 @@ def write_dicom_series(volume: Volume, out_dir: str | Path, *, modality: str = "
         sop_class, intercept = MR_IMAGE_STORAGE, 0.0
         slope = float(max(volume.data.max(), 1e-6) / 4095.0)
     stored = np.clip(np.round((volume.data - intercept) / slope), 0, 65535).astype(np.uint16)
-    study_uid, series_uid, for_uid = (generate_uid(prefix=uid_prefix) for _ in range(3))
+    def uid(*parts: object) -> str:
+        if uid_entropy is None:
+            return generate_uid(prefix=uid_prefix)
+        if uid_prefix is not None:
+            return generate_uid(prefix=uid_prefix, entropy_srcs=[uid_entropy, *map(str, parts)])
+        key = hashlib.sha256("\0".join([uid_entropy, *map(str, parts)]).encode()).digest()[:16]
+        return f"2.25.{int.from_bytes(key, 'big')}"  # the UUID-derived root, as generate_uid(None) makes
+
+    study_uid, series_uid, for_uid = uid("study"), uid("series"), uid("frame of reference")
     now = _dt.datetime(2026, 1, 1, 12, 0, 0)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))  # same file system: atomic rename
@@ -349,7 +362,7 @@ def write_dicom_series(volume: Volume, out_dir: str | Path, *, modality: str = "
         for k in range(stored.shape[2]):
             meta = FileMetaDataset()
             meta.MediaStorageSOPClassUID = sop_class
-            meta.MediaStorageSOPInstanceUID = generate_uid(prefix=uid_prefix)
+            meta.MediaStorageSOPInstanceUID = uid("instance", k)
             meta.TransferSyntaxUID = ExplicitVRLittleEndian
             ds = FileDataset(str(tmp / f"IM{k:05d}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
             ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID

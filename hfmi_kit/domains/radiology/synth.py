@@ -244,7 +244,7 @@ def generate_study(out_dir: str | Path, config: StudyConfig | None = None, *, pr
             if cfg.dicom_subject is not None and s - cfg.unlabelled == cfg.dicom_subject % cfg.labelled:
                 write_dicom_series(Volume(img_ct["ct"], ct_grid[0]), d / "dicom_ct", modality="CT",
                                    patient=Patient(name=f"Synthetic^{sid}", patient_id=sid),
-                                   uid_prefix=None)
+                                   uid_entropy=f"hfmi_kit generated study, seed {cfg.seed}, {sid}")
                 entry["dicom"] = {"ct": f"{sid}/dicom_ct"}
         if lesion is not None:
             entry["lesion"] = {"centre_template_mm": [round(float(x), 2) for x in lesion.centre],
