@@ -74,14 +74,12 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
     print(f"checkpoint: {ck}")
 
 
-def _ckpt_data(ckpt: str) -> str:
-    from hfmi_kit.train import read_config
+def _ckpt_data(ckpt: str, out: Path) -> str:
+    """The data ``ckpt`` records (generated again under ``out/data`` for a shipped checkpoint
+    made from example data)."""
+    from hfmi_kit.checkpoints import recorded_data
 
-    cfg = read_config(ckpt)
-    data = cfg.get("training", {}).get("data")
-    if not data:
-        raise HfmiError(f"{ckpt}: no data recorded in the checkpoint; pass --data")
-    return str(data)
+    return str(recorded_data(ckpt, out / "data"))
 
 
 _TASK_COMMANDS = ("pretrain", "finetune", "evaluate")
@@ -200,7 +198,7 @@ def cmd_finetune(a: argparse.Namespace) -> None:
     if a.data or scratch or "finetune" in dom.bundled_data:
         data = _data_or_example(dom, a.data, out, a.seed, "finetune")
     else:
-        data = _ckpt_data(a.from_)
+        data = _ckpt_data(a.from_, out)
     m = dom.finetune(ckpt=None if scratch else a.from_, data=data, out=out, **kw)
     print(f"checkpoint: {out / 'model'}")
     _print_metrics(m, out, dom.headline_metrics)
@@ -210,7 +208,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     dom = _domain(a.domain)
     out = Path(a.out)
     kw = _domain_options(dom, "evaluate", a, target=a.target)
-    data = a.data or dom.bundled_data.get("evaluate") or _ckpt_data(a.ckpt)
+    data = a.data or dom.bundled_data.get("evaluate") or _ckpt_data(a.ckpt, out)
     m = dom.evaluate(ckpt=a.ckpt, data=data, out=out, **kw)
     _print_metrics(m, out, dom.headline_metrics)
 
@@ -223,7 +221,7 @@ def cmd_explain(a: argparse.Namespace) -> None:
     load = {}
     if a.target:
         load = _domain_options(dom, "evaluate", a, target=a.target)  # read as the evaluation reads it
-    data = a.data or dom.bundled_data.get("evaluate") or _ckpt_data(a.ckpt)
+    data = a.data or dom.bundled_data.get("evaluate") or _ckpt_data(a.ckpt, out)
     ex = recipe.explain(dom, ckpt=a.ckpt, data=data, out=out, examples=a.examples, seed=a.seed, load_options=load,
                         explain_options={"variable": a.variable} if a.variable else None)
     print(f"{ex.question}; {ex.method}; {ex.examples} {ex.unit}(s)")
@@ -241,7 +239,7 @@ def cmd_explain(a: argparse.Namespace) -> None:
 def cmd_whatif(a: argparse.Namespace) -> None:
     dom = _domain(a.domain)
     out = Path(a.out)
-    m = dom.whatif(ckpt=a.ckpt, data=a.data or _ckpt_data(a.ckpt), out=out, co2_factor=a.co2_factor,
+    m = dom.whatif(ckpt=a.ckpt, data=a.data or _ckpt_data(a.ckpt, out), out=out, co2_factor=a.co2_factor,
                    horizon=a.horizon, members=a.members, seed=a.seed, base_ppm=a.base_ppm,
                    average_from=a.horizon // 2 if a.average_from is None else a.average_from)
     print(f"what-if: {out / 'whatif.nc'}")
@@ -333,8 +331,12 @@ def _summary(path: Path, cfg: dict[str, Any]) -> str:
              f"(config schema {cfg.get('schema_version', '?')})"]
     if card.get("summary"):
         lines.append(f"  {card['summary']}")
-    src = tr.get("from")
-    lines.append(f"  trained on {tr.get('data', '?')}" + (f" from {src}" if src else "")
+    src, example = tr.get("from"), tr.get("example_data")
+    data = tr.get("data", "?")
+    if isinstance(example, dict):  # a shipped checkpoint: its folder is not on this machine
+        data = (f"{cfg.get('domain', '?')}'s generated example data (seed {example.get('seed')}"
+                f"{'' if example.get('small', True) else ', full size'}; made again when fine-tuned without --data)")
+    lines.append(f"  trained on {data}" + (f" from {src}" if src else "")
                  + (f", {tr['steps']} steps" if "steps" in tr else "")
                  + (f", seed {tr['seed']}" if "seed" in tr else ""))
     lines.append(f"  created {cfg.get('created', '?')} by hfmi_kit {cfg.get('code_version', '?')}")

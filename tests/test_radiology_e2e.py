@@ -124,3 +124,65 @@ def test_bad_inputs(study: Path, tmp_path: Path, capsys):
                  "--labels", "2"]) == 1
     assert "--labels is not an option of climate" in capsys.readouterr().err
 
+
+
+def test_the_shipped_checkpoint_is_found_by_name_fine_tunes_and_evaluates(study: Path, tmp_path: Path, capsys):
+    """``radiology.tiny`` ships with the package: listed, loaded strictly, fine-tuned from by name
+    (its encoder carried into the segmenter), and its fine-tuned model evaluates; made from
+    generated example data, it records how to make that data again."""
+    from safetensors.numpy import load_file
+
+    from hfmi_kit.checkpoints import shipped
+    from hfmi_kit.train import load_pretrained, read_config
+
+    ckpt = shipped()["radiology.tiny"]
+    cfg = read_config(ckpt)
+    assert cfg["domain"] == "radiology" and cfg["model_type"].endswith(".tiny")
+    assert cfg["training"]["example_data"] == {"seed": 0, "small": False}
+    assert (ckpt / "MODEL_CARD.md").is_file() and (ckpt / "SOURCES.md").is_file()
+    load_pretrained(ckpt)  # every tensor, strictly
+    assert main(["info", "radiology.tiny"]) == 0
+    assert "trained on radiology's generated example data (seed 0, full size" in capsys.readouterr().out
+    ft = tmp_path / "ft"
+    assert main(["finetune", "radiology", "--from", "radiology.tiny", "--data", str(study), "--out", str(ft),
+                 "--steps", "4", "--labels", "2", "--batch-size", "2"]) == 0
+    assert read_config(ft / "model")["training"]["from"] == str(ckpt)
+    pre, got = load_file(str(ckpt / "model.safetensors")), load_file(str(ft / "model" / "model.safetensors"))
+    shared = [k for k in pre if k in got and pre[k].shape == got[k].shape and pre[k].ndim > 1]
+    assert len(shared) >= 10, shared
+    for k in shared:  # four small steps from the shipped weights, not a fresh initialisation
+        assert np.linalg.norm(got[k] - pre[k]) < 0.2 * np.linalg.norm(pre[k]), k
+    assert main(["evaluate", "radiology", "--ckpt", str(ft / "model"), "--out", str(tmp_path / "ev")]) == 0
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert 0.0 <= ev["dice"] <= 1.0
+
+
+def test_a_checkpoint_made_from_example_data_makes_it_again_when_it_is_gone(tmp_path: Path, capsys):
+    """Fine-tuning without ``--data`` uses the data a checkpoint records; a shipped one's folder
+    is not on the user's machine, so the generated example data it records is made again (once),
+    with the same subjects and so the same held-out test cases."""
+    import shutil
+
+    from hfmi_kit.checkpoints import recorded_data, shipped
+    from hfmi_kit.errors import ConfigError
+
+    fake = tmp_path / "ckpt"
+    shutil.copytree(shipped()["radiology.tiny"], fake)
+    cfg = json.loads((fake / "config.json").read_text())
+    cfg["training"]["data"] = str(tmp_path / "gone" / "radiology_study")
+    cfg["training"]["example_data"] = {"seed": 0, "small": True}  # the quick example set, for the test
+    (fake / "config.json").write_text(json.dumps(cfg))
+    data = recorded_data(fake, tmp_path / "data")
+    assert "generating the example data ckpt was pretrained on (seed 0)" in capsys.readouterr().out
+    ref = generate_study(tmp_path / "ref" / "radiology_study", StudyConfig(unlabelled=6, labelled=8,
+                                                                           spacing_scale=1.4, seed=0))
+    a, b = sorted(p.relative_to(data) for p in data.rglob("*")), sorted(p.relative_to(ref) for p in ref.rglob("*"))
+    assert a == b and a
+    first = next(p for p in a if str(p).endswith("_T1w.nii.gz"))
+    assert np.array_equal(np.asarray(nib.load(data / first).dataobj), np.asarray(nib.load(ref / first).dataobj))
+    assert recorded_data(fake, tmp_path / "data") == data  # made once
+    assert "generating" not in capsys.readouterr().out
+    del cfg["training"]["example_data"]
+    (fake / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"the data it records \(.*gone.*\) is not on this machine; pass --data"):
+        recorded_data(fake, tmp_path / "data2")

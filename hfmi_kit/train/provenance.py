@@ -212,6 +212,8 @@ def compare_metrics(recorded_m: Mapping[str, float], new: Mapping[str, float]) -
 
 def reproduce(ckpt: str | Path, out: str | Path, *, allow_changed_inputs: bool = False) -> Reproduction:
     """Re-run the training recorded in ``ckpt`` into ``out`` and compare the metrics with its card.
+    A checkpoint made from generated example data that is gone (a shipped one) has that data made
+    again under ``out/data`` and checked against the recorded checksum.
 
     Raises:
         CheckpointError: the checkpoint has no reproduction record.
@@ -235,8 +237,14 @@ def reproduce(ckpt: str | Path, out: str | Path, *, allow_changed_inputs: bool =
             for v in inputs.values()):
         raise CheckpointError(f"{Path(ckpt) / 'config.json'}: reproduce.inputs must map names to "
                               "{'path': str, 'sha256': str}")
+    moved: dict[str, str] = {}  # argument -> the input made again (a checkpoint of generated example data)
     for name, inp in inputs.items():
         p = Path(inp["path"])
+        if not p.exists() and name == "data" and (cfg.get("training") or {}).get("example_data"):
+            from hfmi_kit.checkpoints import recorded_data
+
+            p = recorded_data(ckpt, Path(out) / "data")
+            moved[name] = str(p)
         if not p.exists():
             rep.input_changes.append(f"{name}: {p} is missing")
         elif digest(p) != inp["sha256"]:
@@ -248,6 +256,7 @@ def reproduce(ckpt: str | Path, out: str | Path, *, allow_changed_inputs: bool =
                                if env_now.get(k) != v]
     fn = entry_point(rec, where=f"{Path(ckpt) / 'config.json'}")
     kwargs = check_arguments(fn, rec.get("kwargs"), where=f"{Path(ckpt) / 'config.json'}")
+    kwargs.update(moved)
     if "resume" in kwargs:
         kwargs["resume"] = False
     result = fn(**kwargs, out=out, progress=False)

@@ -21,10 +21,15 @@
 # supervised 3-D U-Net (MONAI DynUNet in the nnU-Net manner) trained on the same cases (the
 # same-budget classical baseline) and, as an upper reference, on every training case.
 # Scores are computed on each input's own grid: Dice, HD95 in mm, centroid error in mm.
+#
+# By default it starts from `radiology.tiny`, the checkpoint that ships with hfmi_kit (pretrained
+# on a generated study of 52 subjects; `hfmi info --shipped`), and fine-tunes on that study, made
+# again here with the same test cases held out. Give `pretrained` the folder `01_pretrain`
+# wrote, or `data_path` your own study folder or store, to change either.
 
 # %% tags=["parameters"]
-pretrained = "runs/radiology_pretrain/model"  # checkpoint from 01_pretrain
-data_path = ""  # empty: the data recorded in the checkpoint
+pretrained = "radiology.tiny"  # the shipped checkpoint, or the folder 01_pretrain wrote (runs/radiology_pretrain/model)
+data_path = ""  # empty: the data recorded in the checkpoint (for radiology.tiny: its generated study, made again)
 budgets = [2, 4]  # numbers of labelled cases (None = all)
 steps = 150
 unet = True  # also train the U-Net on the same cases (every budget) and on all training cases (the last)
@@ -37,13 +42,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from hfmi_kit.checkpoints import recorded_data
 from hfmi_kit.domains.radiology import finetune
-from hfmi_kit.train import read_config
 from hfmi_kit.viz.core import label_efficiency
 
 out = Path(out_dir)
 if not data_path:
-    data_path = read_config(pretrained)["training"]["data"]
+    data_path = recorded_data(pretrained, out / "data")
 results = {}
 for n in budgets:
     want = ["scratch"] + (["unet_same"] if unet else []) + (["unet"] if unet and n == budgets[-1] else [])

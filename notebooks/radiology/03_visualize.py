@@ -26,6 +26,7 @@
 finetuned = "runs/radiology_finetune/n4/model"  # a fine-tuned segmenter
 data_path = ""  # empty: the data recorded in the checkpoint's card
 case_index = 0  # which test case
+positions = [40, 45, 50, 55, 60]  # the sliders' stops, in % of each axis around the tumour
 out_dir = "runs/radiology_visualize"
 
 # %%
@@ -51,7 +52,7 @@ case = prepare(sub, cfg["geometry"]["modalities"], cfg["geometry"]["spacing_mm"]
 pred = predictor(model, cfg)(case)  # sliding windows, blended as the checkpoint says
 centre = np.argwhere(case.label > 0).mean(0).round().astype(int) if case.label.any() else None
 orthoviews(dict(zip(case.modalities, case.image)), {"predicted": pred, "true": case.label}, title=case.id,
-           affine=case.affine, centre=centre, positions=list(range(40, 61, 5)))
+           affine=case.affine, centre=centre, positions=positions)
 
 # %%
 written = write_prediction(pred, case, Path(out_dir))

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from hfmi_kit import options as opt
+from hfmi_kit.checkpoints import resolve as resolve_checkpoint
 from hfmi_kit.config import atomic_write_json
 from hfmi_kit.domains.base import Bundle, Scored, get_domain
 from hfmi_kit.domains.radiology import data as rdata
@@ -303,6 +304,7 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
     """
     if task not in ("segment",):
         raise ConfigError(f"unknown radiology task {task!r}; expected 'segment'")
+    ckpt = resolve_checkpoint(ckpt)  # a shipped checkpoint's name (radiology.tiny) -> its folder
     label_budget = LabelBudget.from_options(labels, label_fraction, pool="labelled training cases")
     root, out = Path(data), Path(out)
     st = rstore.RadiologyStore(root) if rstore.is_store(root) else None
