@@ -217,22 +217,34 @@ def test_an_executed_notebook_is_plain_trusted_and_runs_where_the_caller_is(tmp_
     assert NotebookNotary().check_signature(nb)
 
 
-def test_an_executed_notebooks_plots_render_with_the_network_blocked(tmp_path):
-    """Compute nodes have no internet: an executed notebook's plots must not need the Bokeh or
-    HoloViz CDN. Its HTML export is opened in Chromium with every request but file:// refused."""
+def _chromium():
+    """playwright's ``sync_playwright`` and Debian's Chromium, or skip."""
     import shutil
 
     sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
     exe = shutil.which("chromium")
     if exe is None:
         pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
-    src = tmp_path / "plot.py"
-    src.write_text("# %% tags=[\"parameters\"]\nn = 3\n\n# %%\nfrom hfmi_kit.viz.core import curves\n"
-                   "curves({'a': (list(range(n)), [1.0, 3.0, 2.0])}, xlabel='step', ylabel='loss')\n")
-    out = run_notebook(src, {"n": 3}, output=tmp_path / "plot.ipynb", cwd=tmp_path)
-    html = tmp_path / "plot.html"
+    return sync_playwright, exe
+
+
+def _executed_html(tmp_path: Path, name: str, parameters: str, code: str) -> Path:
+    """A two-cell notebook (``parameters``, then ``code``) run by papermill and exported to HTML."""
+    src = tmp_path / f"{name}.py"
+    src.write_text(f"# %% tags=[\"parameters\"]\n{parameters}\n\n# %%\n{code}")
+    out = run_notebook(src, {}, output=tmp_path / f"{name}.ipynb", cwd=tmp_path)
+    html = tmp_path / f"{name}.html"
     subprocess.run([sys.executable, "-m", "nbconvert", "--to", "html", str(out), "--output", str(html)],
                    check=True, capture_output=True, timeout=300)
+    return html
+
+
+def test_an_executed_notebooks_plots_render_with_the_network_blocked(tmp_path):
+    """Compute nodes have no internet: an executed notebook's plots must not need the Bokeh or
+    HoloViz CDN. Its HTML export is opened in Chromium with every request but file:// refused."""
+    sync_playwright, exe = _chromium()
+    html = _executed_html(tmp_path, "plot", "n = 3", "from hfmi_kit.viz.core import curves\n"
+                          "curves({'a': (list(range(n)), [1.0, 3.0, 2.0])}, xlabel='step', ylabel='loss')\n")
     refused: list[str] = []
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=exe, headless=True)
@@ -258,25 +270,16 @@ def test_a_saved_notebooks_radiology_viewer_keeps_one_slider_per_plane(tmp_path)
     """The three-plane viewer in an executed notebook, opened offline in Chromium: one output per
     plane, each with its own slider in mm; moving the coronal one changes the coronal row only."""
     import io
-    import shutil
 
     import numpy as np
     from PIL import Image
 
-    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
-    exe = shutil.which("chromium")
-    if exe is None:
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
-    src = tmp_path / "viewer.py"
-    src.write_text("# %% tags=[\"parameters\"]\nn = 20\n\n# %%\nimport numpy as np\n"
-                   "from hfmi_kit.domains.radiology.plots import orthoviews\n"
-                   "vol = np.random.default_rng(0).random((n, n + 4, n - 4)).astype('float32')\n"
-                   "orthoviews(vol, {'true': (vol > 0.9).astype('uint8')}, positions=[25, 50, 75], size=120,\n"
-                   "           affine=np.diag([0.8, 0.8, 2.5, 1.0]))\n")
-    out = run_notebook(src, {"n": 20}, output=tmp_path / "viewer.ipynb", cwd=tmp_path)
-    html = tmp_path / "viewer.html"
-    subprocess.run([sys.executable, "-m", "nbconvert", "--to", "html", str(out), "--output", str(html)],
-                   check=True, capture_output=True, timeout=300)
+    sync_playwright, exe = _chromium()
+    html = _executed_html(tmp_path, "viewer", "n = 20", "import numpy as np\n"
+                          "from hfmi_kit.domains.radiology.plots import orthoviews\n"
+                          "vol = np.random.default_rng(0).random((n, n + 4, n - 4)).astype('float32')\n"
+                          "orthoviews(vol, {'true': (vol > 0.9).astype('uint8')}, positions=[25, 50, 75], size=120,\n"
+                          "           affine=np.diag([0.8, 0.8, 2.5, 1.0]))\n")
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=exe, headless=True)
         page = b.new_page(viewport={"width": 1000, "height": 1400})
