@@ -147,3 +147,30 @@ def test_cli_finetune_from_scratch(region, tmp_path):
                        timeout=300)
     assert r.returncode == 1 and "a forest head" in r.stderr and "needs a checkpoint" in r.stderr
     assert not (tmp_path / "y" / "model").exists()
+
+
+def test_the_shipped_checkpoint_fine_tunes_on_its_region_made_again_and_evaluates(tmp_path, capsys):
+    """``carbon.tiny`` ships with the package: listed, loaded strictly, and fine-tuned from by
+    name without ``--data``: the generated region it was pretrained on is made again, byte for
+    byte the one its record names (so the same plots are held out); the result evaluates."""
+    from hfmi_kit.checkpoints import shipped
+    from hfmi_kit.cli import main
+    from hfmi_kit.train import load_pretrained
+    from hfmi_kit.train.provenance import digest
+
+    ckpt = shipped()["carbon.tiny"]
+    cfg = read_config(ckpt)
+    assert cfg["domain"] == "carbon" and cfg["model_type"].endswith(".tiny")
+    assert cfg["training"]["example_data"] == {"seed": 0, "small": True}
+    assert (ckpt / "MODEL_CARD.md").is_file() and (ckpt / "SOURCES.md").is_file()
+    load_pretrained(ckpt)  # every tensor, strictly
+    ft = tmp_path / "ft"
+    assert main(["finetune", "carbon", "--from", "carbon.tiny", "--out", str(ft), "--labels", "10", "--steps", "5",
+                 "--calibration-folds", "2"]) == 0
+    assert "generating the example data carbon.tiny was pretrained on (seed 0)" in capsys.readouterr().out
+    made = ft / "data" / "carbon_region"
+    assert digest(made) == cfg["reproduce"]["inputs"]["data"]["sha256"]
+    assert read_config(ft / "model")["training"]["from"] == str(ckpt)
+    assert main(["evaluate", "carbon", "--ckpt", str(ft / "model"), "--out", str(tmp_path / "ev")]) == 0
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert np.isfinite(ev["rmse_mg_ha"]) and ev["rmse_mg_ha"] > 0

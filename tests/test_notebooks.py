@@ -138,15 +138,22 @@ def test_materials_notebooks_chain_through_hfmi_run(tmp_path):
 def test_carbon_notebooks_chain_through_hfmi_run(tmp_path):
     pytest.importorskip("rasterio")
     pytest.importorskip("laspy")
+    from hfmi_kit.checkpoints import shipped
+    from hfmi_kit.domains.carbon import LandscapeConfig, generate_region
+    from hfmi_kit.train import read_config
+
+    # 02 starts from its default, the shipped carbon.tiny, on a small region of the same sources
+    # (test_carbon_e2e.py fine-tunes it on its own region, made again); 01_pretrain runs live in
+    # JupyterLab (test_jupyterlab.py)
     nbdir = REPO / "notebooks" / "carbon"
-    pre, ft = tmp_path / "pre", tmp_path / "ft"
-    assert main(["run", str(nbdir / "01_pretrain.py"), "-p", "out_dir", str(pre), "-p", "steps", "5",
-                 "-p", "size", "64", "-p", "plots", "60", "-o", str(tmp_path / "01.ipynb")]) == 0
-    assert main(["run", str(nbdir / "02_finetune.py"), "-p", "pretrained", str(pre / "model"), "-p", "steps", "5",
+    ft = tmp_path / "ft"
+    region = generate_region(tmp_path / "region", LandscapeConfig(size=64, plots=60, seed=1))
+    assert main(["run", str(nbdir / "02_finetune.py"), "-p", "data_path", str(region), "-p", "steps", "5",
                  "-p", "budgets", "[20]", "-p", "calibration_folds", "2", "-p", "out_dir", str(ft),
                  "-o", str(tmp_path / "02.ipynb")]) == 0
     m = json.loads((ft / "n20" / "metrics.json").read_text())
     assert {"rmse_mg_ha", "rmse_mg_ha_rf", "rmse_mg_ha_scratch", "coverage_90"} <= set(m)
+    assert read_config(ft / "n20" / "model")["training"]["from"] == str(shipped()["carbon.tiny"])
     assert main(["run", str(nbdir / "03_visualize.py"), "-p", "finetuned", str(ft / "n20" / "model"),
                  "-p", "out_dir", str(tmp_path / "vis"), "-o", str(tmp_path / "03.ipynb")]) == 0
     nb = nbformat.read(tmp_path / "03.ipynb", as_version=4)

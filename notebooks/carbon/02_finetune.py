@@ -25,10 +25,15 @@
 # calibrated on the same folds. The same plots train the network from scratch and a random forest on
 # the pixel's raw source values (the same forest settings).
 # Scores on held-out plots compare each plot's biomass with the map's mean over the plot.
+#
+# By default it starts from `carbon.tiny`, the checkpoint that ships with hfmi_kit (pretrained on
+# the generated example region; `hfmi info --shipped`), and fine-tunes on that region, made again
+# here with the same plots held out. Give `pretrained` the folder `01_pretrain` wrote, or
+# `data_path` a region folder of your own, to change either.
 
 # %% tags=["parameters"]
-pretrained = "runs/carbon_pretrain/model"
-data_path = ""  # empty: the region recorded in the checkpoint
+pretrained = "carbon.tiny"  # the shipped checkpoint, or the folder 01_pretrain wrote (runs/carbon_pretrain/model)
+data_path = ""  # empty: the region recorded in the checkpoint (for carbon.tiny: its generated region, made again)
 budgets = [20, 50, 150]  # field plots
 steps = 300
 calibration_folds = 5  # cross-conformal folds calibrating the 90 % interval (0: none)
@@ -40,13 +45,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from hfmi_kit.checkpoints import recorded_data
 from hfmi_kit.domains.carbon import finetune
-from hfmi_kit.train import read_config
 from hfmi_kit.viz.core import label_efficiency
 
 out = Path(out_dir)
 if not data_path:
-    data_path = read_config(pretrained)["training"]["data"]
+    data_path = recorded_data(pretrained, out / "data")
 results = {}
 for n in budgets:
     results[n] = finetune(ckpt=pretrained, data=data_path, out=out / f"n{n}", labels=n, steps=steps, seed=seed,

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from hfmi_kit import options as opt
+from hfmi_kit.checkpoints import resolve as resolve_checkpoint
 from hfmi_kit.data.windows import blend_windows, lattice_block
 from hfmi_kit.domains.base import Bundle, Scored, get_domain
 from hfmi_kit.domains.carbon import sources as S
@@ -909,6 +910,7 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
     label_budget = LabelBudget.from_options(labels, label_fraction, pool="field plots outside the held-out 30 %",
                                       minimum=2)
     out = Path(out)
+    ckpt = resolve_checkpoint(ckpt)  # a shipped checkpoint's name (carbon.tiny) -> its folder
     if ckpt is not None:
         pcfg = recipe.parent_config(ckpt, "carbon")
         pk = pcfg["model_kwargs"]
