@@ -153,17 +153,12 @@ def test_the_shipped_checkpoint_fine_tunes_on_its_region_made_again_and_evaluate
     """``carbon.tiny`` ships with the package: listed, loaded strictly, and fine-tuned from by
     name without ``--data``: the generated region it was pretrained on is made again, byte for
     byte the one its record names (so the same plots are held out); the result evaluates."""
-    from hfmi_kit.checkpoints import shipped
+    from shipped import shipped_checkpoint
+
     from hfmi_kit.cli import main
-    from hfmi_kit.train import load_pretrained
     from hfmi_kit.train.provenance import digest
 
-    ckpt = shipped()["carbon.tiny"]
-    cfg = read_config(ckpt)
-    assert cfg["domain"] == "carbon" and cfg["model_type"].endswith(".tiny")
-    assert cfg["training"]["example_data"] == {"seed": 0, "small": True}
-    assert (ckpt / "MODEL_CARD.md").is_file() and (ckpt / "SOURCES.md").is_file()
-    load_pretrained(ckpt)  # every tensor, strictly
+    ckpt, cfg = shipped_checkpoint("carbon.tiny", {"seed": 0, "small": True})
     ft = tmp_path / "ft"
     assert main(["finetune", "carbon", "--from", "carbon.tiny", "--out", str(ft), "--labels", "10", "--steps", "5",
                  "--calibration-folds", "2"]) == 0
