@@ -225,3 +225,23 @@ def test_the_windowed_layout_pretrains_and_its_fine_tuning_keeps_it(tmp_path, ca
     m = json.loads((ft / "metrics.json").read_text())
     assert m["transferred_tensors"] > 10 and np.isfinite(m["rmse_tas_lead2"])
     assert read_config(ft / "model")["model_kwargs"]["layout"] == "windowed"
+
+
+def test_the_shipped_checkpoint_fine_tunes_on_its_run_made_again_and_evaluates(tmp_path, capsys):
+    """``climate.tiny`` ships with the package: listed, loaded strictly, and fine-tuned from by
+    name without ``--data``: the generated run it was pretrained on is made again, byte for byte
+    the one its record names (so the same years are held out); the result evaluates."""
+    from shipped import shipped_checkpoint
+
+    from hfmi_kit.train.provenance import digest
+
+    ckpt, cfg = shipped_checkpoint("climate.tiny", {"seed": 0, "small": True})
+    ft = tmp_path / "ft"
+    assert main(["finetune", "climate", "--from", "climate.tiny", "--out", str(ft), "--steps", "5",
+                 "--batch-size", "4"]) == 0
+    assert "generating the example data climate.tiny was pretrained on (seed 0)" in capsys.readouterr().out
+    assert digest(ft / "data" / "climate.zarr") == cfg["reproduce"]["inputs"]["data"]["sha256"]
+    assert read_config(ft / "model")["training"]["from"] == str(ckpt)
+    assert main(["evaluate", "climate", "--ckpt", str(ft / "model"), "--out", str(tmp_path / "ev")]) == 0
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert 0 < ev["rmse"] < ev["rmse_climatology"] * 3

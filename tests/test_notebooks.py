@@ -43,16 +43,19 @@ def test_every_notebook_has_a_pair():
 
 
 def test_climate_notebooks_chain_through_hfmi_run(tmp_path):
+    from hfmi_kit.checkpoints import shipped
+    from hfmi_kit.train import read_config
+
+    # 02 starts from its defaults: the shipped climate.tiny, on its generated run made again;
+    # 01_pretrain runs live in JupyterLab (test_jupyterlab.py)
     nbdir = REPO / "notebooks" / "climate"
-    pre, ft = tmp_path / "pre", tmp_path / "ft"
-    assert main(["run", str(nbdir / "01_pretrain.py"), "-p", "out_dir", str(pre), "-p", "steps", "20",
-                 "-p", "batch_size", "4", "-p", "years", "6", "-p", "variables", "[tas, tos, siconc, rsdt]",
-                 "-o", str(tmp_path / "01.ipynb")]) == 0
-    assert (pre / "model" / "model.safetensors").is_file()
-    assert main(["run", str(nbdir / "02_finetune.py"), "-p", "pretrained", str(pre / "model"), "-p", "steps", "20",
+    ft = tmp_path / "ft"
+    assert main(["run", str(nbdir / "02_finetune.py"), "-p", "steps", "20",
                  "-p", "batch_size", "4", "-p", "out_dir", str(ft), "-p", "whatif_members", "2",
                  "-o", str(tmp_path / "02.ipynb")]) == 0
     assert json.loads((ft / "pretrained" / "metrics.json").read_text())["label_fraction"] == 0.25
+    assert read_config(ft / "pretrained" / "model")["training"]["from"] == str(shipped()["climate.tiny"])
+    assert (ft / "data" / "example_data.json").is_file()  # the run, made again under the notebook's folder
     assert (ft / "scratch" / "metrics.json").is_file() and (ft / "whatif" / "whatif.nc").is_file()
     assert main(["run", str(nbdir / "03_visualize.py"), "-p", "run_dir", str(ft / "pretrained"),
                  "-p", "whatif_dir", str(ft / "whatif"), "-o", str(tmp_path / "03.ipynb")]) == 0

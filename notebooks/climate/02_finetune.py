@@ -21,10 +21,15 @@
 # architecture trained from scratch on the same years, persistence and climatology are the
 # baselines; all are scored on held-out years with the latitude-weighted RMSE and ACC
 # (WeatherBench 2). Then a what-if: double CO2 and roll an ensemble out.
+#
+# By default it starts from `climate.tiny`, the checkpoint that ships with hfmi_kit (pretrained on
+# the generated example run of 20 years; `hfmi info --shipped`), and fine-tunes on that run, made
+# again here with the same years held out. Give `pretrained` the folder `01_pretrain` wrote, or
+# `data_path` a CF file or store of the same variables, to change either.
 
 # %% tags=["parameters"]
-pretrained = "runs/climate_pretrain/model"  # checkpoint from 01_pretrain
-data_path = ""  # empty: the data recorded in the checkpoint
+pretrained = "climate.tiny"  # the shipped checkpoint, or the folder 01_pretrain wrote (runs/climate_pretrain/model)
+data_path = ""  # empty: the data recorded in the checkpoint (for climate.tiny: its generated run, made again)
 label_fraction = 0.25  # fraction of training years with labels
 steps = 150
 batch_size = 16  # windows per optimiser step
@@ -41,14 +46,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from hfmi_kit.checkpoints import recorded_data
 from hfmi_kit.domains.climate import finetune, whatif
 from hfmi_kit.domains.climate.plots import lead_step, skill_vs_lead
-from hfmi_kit.train import read_config
 from hfmi_kit.viz.core import label_efficiency
 
 out = Path(out_dir)
 if not data_path:
-    data_path = read_config(pretrained)["training"]["data"]
+    data_path = recorded_data(pretrained, out / "data")
 
 runs = {"pretrained": pretrained}
 if compare_scratch:

@@ -14,6 +14,7 @@ import torch
 import xarray as xr
 
 from hfmi_kit import options as opt
+from hfmi_kit.checkpoints import resolve as resolve_checkpoint
 from hfmi_kit.config import atomic_write_json
 from hfmi_kit.data.cf import write_cf
 from hfmi_kit.domains.base import Bundle, Scored, get_domain
@@ -394,6 +395,7 @@ def finetune(*, ckpt: opt.Parent, data: opt.Data, out: opt.Out,
     if task not in ("forecast", "seaice"):
         raise ConfigError(f"unknown climate task {task!r}; expected 'forecast' or 'seaice'")
     out = Path(out)
+    ckpt = resolve_checkpoint(ckpt)  # a shipped checkpoint's name (climate.tiny) -> its folder
     if ckpt is not None and levels is not None:
         raise ConfigError("--levels chooses the levels of a model trained from scratch; one fine-tuned from "
                           f"{ckpt} reads the levels it was pretrained on")
