@@ -287,7 +287,8 @@ def _card(prep: Prepared | Sequence[Prepared], summary: str) -> dict[str, Any]:
 
 
 @recorded("carbon", "pretrain")
-def pretrain(*, data: opt.Data, out: opt.Out, config: opt.Size = "tiny", steps: opt.Steps = 300, seed: opt.Seed = 0,
+def pretrain(*, data: opt.Data, out: opt.Out, config: opt.Size = "tiny", steps: opt.Steps = 1500,
+             seed: opt.Seed = 0,
              resume: opt.Resume = False, batch_size: opt.BatchSize = 16, lr: opt.LearningRate = 1e-3, tile: Tile = 32,
              patch: Annotated[int, opt.Opt("edge of the square patches (tokens), in pixels", low=1)] = 8,
              mask_ratio: opt.MaskRatio = 0.5, precision: opt.Precision = "auto", device: opt.Device = "auto",
@@ -299,7 +300,8 @@ def pretrain(*, data: opt.Data, out: opt.Out, config: opt.Size = "tiny", steps: 
     """Masked multi-source reconstruction on unlabelled tiles of every epoch: whole sources are
     hidden and predicted from the others. Plots are never read as labels. ``data`` is a region or
     a folder of regions (see :func:`region_folders`; the model's groups are the union of theirs).
-    Step checkpoints every ``checkpoint_every`` steps (0: half-way). Returns ``out/model``."""
+    Step checkpoints every ``checkpoint_every`` steps (0: half-way). Returns ``out/model``. The
+    defaults are the recipe of the shipped ``carbon.tiny`` (1500 steps)."""
     out = Path(out)
     preps = [prepare(d, tile=tile, crs=crs, resolution=resolution) for d in region_folders(data)]
     prep = preps[0]

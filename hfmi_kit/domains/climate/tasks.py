@@ -154,7 +154,8 @@ def _val_loss(ds: cdata.ForecastWindows, batch_size: int = 32) -> Any:
 
 
 @recorded("climate", "pretrain")
-def pretrain(*, data: opt.Data, out: opt.Out, config: opt.Size = "tiny", steps: opt.Steps = 300, seed: opt.Seed = 0,
+def pretrain(*, data: opt.Data, out: opt.Out, config: opt.Size = "tiny", steps: opt.Steps = 2000,
+             seed: opt.Seed = 0,
              resume: opt.Resume = False, variables: opt.Variables = None, levels: Levels = None,
              layout: Layout = "groups", window: Window = (8, 8), batch_size: opt.BatchSize = 16,
              lr: opt.LearningRate = 1e-3, context: Context = 2,
@@ -170,6 +171,7 @@ def pretrain(*, data: opt.Data, out: opt.Out, config: opt.Size = "tiny", steps: 
                                                                "backward pass (less memory, about a third "
                                                                "more time)")] = False) -> Path:
     """Pretrain the climate backbone (masked reconstruction + next step); returns ``out/model``.
+    The defaults are the recipe of the shipped ``climate.tiny`` (2000 steps).
 
     ``lim_modes``: EOF modes of the skip path's linear inverse model (None: chosen by 12-month
     rollouts on the validation years; 0: the per-cell forced regression instead).

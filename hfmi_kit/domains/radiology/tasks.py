@@ -82,7 +82,8 @@ def _card(root: Path, subjects: Sequence[rdata.Subject] | Sequence[rstore.StoreC
 
 
 @recorded("radiology", "pretrain")
-def pretrain(*, data: opt.Data, out: opt.Out, config: opt.Size = "tiny", steps: opt.Steps = 300, seed: opt.Seed = 0,
+def pretrain(*, data: opt.Data, out: opt.Out, config: opt.Size = "tiny", steps: opt.Steps = 6000,
+             seed: opt.Seed = 0,
              resume: opt.Resume = False, batch_size: opt.BatchSize = 8, lr: opt.LearningRate = 1e-3,
              spacing: Annotated[float | None, opt.Opt("isotropic voxel spacing the volumes are resampled to, in "
                                                   "mm (None: 3 mm; a store's own spacing)", above=0)] = None,
@@ -93,6 +94,7 @@ def pretrain(*, data: opt.Data, out: opt.Out, config: opt.Size = "tiny", steps: 
              variables: opt.Variables = None, workers: opt.Workers = 0,
              backbone: Backbone = "transformer") -> Path:
     """3-D masked-autoencoder pretraining on every unlabelled volume of ``data`` (all modalities).
+    The defaults are the recipe of the shipped ``radiology.tiny`` (6000 steps).
 
     ``data`` is a study folder (every volume resampled to ``spacing`` and held in memory) or a
     store of ``hfmi data prepare radiology`` (crops read from it as training goes; memory does
