@@ -194,7 +194,9 @@ def test_the_shipped_checkpoint_is_found_by_name_fine_tunes_and_evaluates(sets, 
     load_pretrained(ckpt)  # every tensor, strictly
     cli = [sys.executable, "-m", "hfmi_kit.cli"]
     r = subprocess.run([*cli, "info", "--shipped"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.startswith("materials.tiny: materials"), r.stdout + r.stderr
+    listed = {line.split(":")[0]: line for line in r.stdout.splitlines()}
+    assert r.returncode == 0 and listed["materials.tiny"].startswith("materials.tiny: materials"), r.stdout + r.stderr
+    assert set(listed) == {"climate.tiny", "materials.tiny", "radiology.tiny", "carbon.tiny"}  # one per domain
     # no silent minutes: the command's output, timed as it arrives, never pauses for more than the
     # status line's 10 s beat (plus slack for a loaded machine)
     code, err, gaps = _timed_run([*cli, "finetune", "materials", "--from", "materials.tiny", "--data",
@@ -214,5 +216,6 @@ def test_the_shipped_checkpoint_is_found_by_name_fine_tunes_and_evaluates(sets, 
     assert ev["rows"] == 200 and ev["mae_ev"] < 0.6 * mean_predictor, (ev["mae_ev"], mean_predictor)
     r = subprocess.run([*cli, "finetune", "materials", "--from", "materials.huge", "--out", str(tmp_path / "x")],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and "no shipped checkpoint of that name (shipped: materials.tiny" in r.stderr
+    assert r.returncode == 1 and ("no shipped checkpoint of that name (shipped: carbon.tiny, climate.tiny, "
+                                  "materials.tiny, radiology.tiny)") in r.stderr
     assert not (tmp_path / "x").exists()
