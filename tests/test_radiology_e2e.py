@@ -175,8 +175,13 @@ def test_a_checkpoint_made_from_example_data_makes_it_again_when_it_is_gone(tmp_
     assert a == b and a
     first = next(p for p in a if str(p).endswith("_T1w.nii.gz"))
     assert np.array_equal(np.asarray(nib.load(data / first).dataobj), np.asarray(nib.load(ref / first).dataobj))
-    assert recorded_data(fake, tmp_path / "data") == data  # made once
+    assert recorded_data(fake, tmp_path / "data") == data.resolve()  # made once
     assert "generating" not in capsys.readouterr().out
+    rec = json.loads((tmp_path / "data" / "example_data.json").read_text())
+    (tmp_path / "data" / "example_data.json").write_text(json.dumps({**rec, "path": "../ref/radiology_study"}))
+    shutil.rmtree(data)
+    assert recorded_data(fake, tmp_path / "data") == data  # a record pointing out of its folder is not followed
+    assert "generating" in capsys.readouterr().out
     del cfg["training"]["example_data"]
     (fake / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match=r"the data it records \(.*gone.*\) is not on this machine; pass --data"):

@@ -84,8 +84,10 @@ def recorded_data(ckpt: str | Path, out_dir: str | Path) -> Path:
         old = json.loads(done.read_text(encoding="utf-8")) if done.is_file() else {}
     except (OSError, ValueError):
         old = {}
-    if isinstance(old, dict) and {k: old.get(k) for k in rec} == rec and (out_dir / str(old.get("path"))).exists():
-        return out_dir / str(old["path"])
+    if isinstance(old, dict) and {k: old.get(k) for k in rec} == rec:
+        made = (out_dir / str(old.get("path"))).resolve()
+        if made.is_relative_to(out_dir.resolve()) and made.exists():  # a record never points out of its folder
+            return made
     print(f"generating the example data {folder.name} was pretrained on (seed {rec['seed']}) under {out_dir}",
           flush=True)
     path = Path(get_domain(str(rec["domain"])).example_data(out_dir, seed=rec["seed"], small=rec["small"]))
